@@ -1,0 +1,1 @@
+"""LIBERO environments for TorchRL and gymnasium (installed as ``srpo_rl.envs``)."""

@@ -1,0 +1,1 @@
+"""SRPO learning rule: group advantages, sampling filters, loss (installed as ``srpo_rl.objectives``)."""

@@ -1,0 +1,1 @@
+"""Hydra configuration files shipped with the package (used by ``srpo-libero``)."""
