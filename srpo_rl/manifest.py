@@ -1,0 +1,216 @@
+"""Task manifests: which (suite, task, init state) rows a run trains and validates on.
+
+A manifest is a parquet file with one row per prompt, i.e. per LIBERO initial state:
+
+=============  ======  ==============================================================
+column         type    meaning
+=============  ======  ==============================================================
+suite          str     canonical suite name (``libero_10`` for ``libero_long``)
+task_id        int64   task index inside the suite
+task_name      str     LIBERO task name
+instruction    str     the language instruction given to the policy
+trial_id       int64   index of the fixed init state of the task (``set_init_state``)
+prompt_id      str     ``f"{suite}_{task_id}_{trial_id}"`` (the reference's prompt id)
+split          str     ``"train"`` or ``"val"``
+=============  ======  ==============================================================
+
+The reference recipe (siiRL's ``prepare_libero_train_valid_datasets``) trains and validates on the same
+``num_trials_per_task`` init states of every task (``split_mode="shared"``); ``split_mode="holdout"`` keeps
+the last ``val_trials_per_task`` init states of every task for validation only.
+
+Example:
+    >>> from srpo_rl.manifest import ensure_manifests
+    >>> train, val = ensure_manifests("data/train.parquet", "data/val.parquet", suites=["libero_object"])
+    >>> len(train), train[0]["prompt_id"]
+    (500, 'libero_object_0_0')
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "MANIFEST_SCHEMA",
+    "SPLIT_MODES",
+    "canonical_suite",
+    "ensure_manifests",
+    "generate_manifests",
+    "load_manifest",
+    "suite_tasks",
+    "write_manifest",
+]
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("suite", pa.string()),
+        ("task_id", pa.int64()),
+        ("task_name", pa.string()),
+        ("instruction", pa.string()),
+        ("trial_id", pa.int64()),
+        ("prompt_id", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+SPLIT_MODES = ("shared", "holdout")
+SUITE_ALIASES = {"libero_long": "libero_10"}
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
+
+def canonical_suite(suite: str) -> str:
+    """Returns LIBERO's name for ``suite`` (``libero_long`` -> ``libero_10``), or raises with the valid names."""
+    name = SUITE_ALIASES.get(suite, suite)
+    if name not in SUITES:
+        raise ValueError(
+            f"unknown suite {suite!r}; choose one of libero_spatial, libero_object, libero_goal, "
+            "libero_long (libero_10), libero_90"
+        )
+    return name
+
+
+def suite_tasks(suite: str) -> list[dict]:
+    """Lists the tasks of a LIBERO suite: ``task_id``, ``task_name``, ``instruction``, ``num_init_states``."""
+    bench = _libero_benchmark(canonical_suite(suite))
+    return [
+        {
+            "task_id": task_id,
+            "task_name": bench.get_task(task_id).name,
+            "instruction": bench.get_task(task_id).language,
+            "num_init_states": len(bench.get_task_init_states(task_id)),
+        }
+        for task_id in range(bench.n_tasks)
+    ]
+
+
+def _libero_benchmark(suite: str):
+    try:
+        from libero.libero import benchmark
+    except ImportError as err:
+        raise ImportError('LIBERO is not installed; install it with: pip install "srpo-rl[libero]"') from err
+    return benchmark.get_benchmark_dict()[suite]()
+
+
+def generate_manifests(
+    suites: Sequence[str],
+    *,
+    num_trials_per_task: int = 50,
+    split_mode: str = "shared",
+    val_trials_per_task: int = 10,
+) -> tuple[list[dict], list[dict]]:
+    """Builds the train and validation rows for every task of ``suites`` x ``min(num_trials_per_task, available)``.
+
+    ``split_mode="shared"`` (the reference) puts the same rows in both; ``"holdout"`` moves the last
+    ``val_trials_per_task`` init states of each task to validation.
+    """
+    if split_mode not in SPLIT_MODES:
+        raise ValueError(f"unknown split_mode {split_mode!r}; choose one of {', '.join(SPLIT_MODES)}")
+    if num_trials_per_task < 1:
+        raise ValueError(f"num_trials_per_task must be >= 1, got {num_trials_per_task}")
+    train, val = [], []
+    for suite in suites:
+        name = canonical_suite(suite)
+        for task in suite_tasks(name):
+            trials = min(num_trials_per_task, task["num_init_states"])
+            first_val = trials if split_mode == "shared" else trials - val_trials_per_task
+            if split_mode == "holdout" and not 0 < val_trials_per_task < trials:
+                raise ValueError(
+                    f"val_trials_per_task must be in [1, {trials - 1}] for {name} task {task['task_id']} "
+                    f"with {trials} trials, got {val_trials_per_task}"
+                )
+            for trial_id in range(trials):
+                row = {
+                    "suite": name,
+                    "task_id": task["task_id"],
+                    "task_name": task["task_name"],
+                    "instruction": task["instruction"],
+                    "trial_id": trial_id,
+                    "prompt_id": f"{name}_{task['task_id']}_{trial_id}",
+                }
+                if split_mode == "shared" or trial_id < first_val:
+                    train.append({**row, "split": "train"})
+                if split_mode == "shared" or trial_id >= first_val:
+                    val.append({**row, "split": "val"})
+    return train, val
+
+
+def write_manifest(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Writes rows atomically: a temporary file in the same folder, then a rename (no half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(list(rows), schema=MANIFEST_SCHEMA)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_manifest(path: str | os.PathLike, *, check_tasks: bool = True) -> list[dict]:
+    """Reads and validates a manifest: schema, known suites, task ids and init states in range."""
+    table = pq.read_table(path)
+    missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"manifest {path} lacks columns {missing}; a manifest has columns "
+            f"{', '.join(MANIFEST_SCHEMA.names)}"
+        )
+    try:
+        table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"manifest {path} has columns of the wrong type ({err}); expected {MANIFEST_SCHEMA}") from err
+    rows = table.to_pylist()
+    if not rows:
+        raise ValueError(f"manifest {path} has no rows")
+    if check_tasks:
+        _check_rows(rows, path)
+    return rows
+
+
+def _check_rows(rows: list[dict], path) -> None:
+    tasks = {}
+    for i, row in enumerate(rows):
+        suite = canonical_suite(row["suite"])
+        if suite not in tasks:
+            tasks[suite] = suite_tasks(suite)
+        n_tasks = len(tasks[suite])
+        if not 0 <= row["task_id"] < n_tasks:
+            raise ValueError(
+                f"manifest {path} row {i}: unknown task_id {row['task_id']} for {suite}; valid ids are 0..{n_tasks - 1}"
+            )
+        n_states = tasks[suite][row["task_id"]]["num_init_states"]
+        if not 0 <= row["trial_id"] < n_states:
+            raise ValueError(
+                f"manifest {path} row {i}: trial_id {row['trial_id']} out of range for {suite} task "
+                f"{row['task_id']}; valid init states are 0..{n_states - 1}"
+            )
+        if row["split"] not in ("train", "val"):
+            raise ValueError(f"manifest {path} row {i}: split {row['split']!r} is not 'train' or 'val'")
+
+
+def ensure_manifests(
+    train_path: str | os.PathLike,
+    val_path: str | os.PathLike,
+    *,
+    suites: Sequence[str],
+    num_trials_per_task: int = 50,
+    split_mode: str = "shared",
+    val_trials_per_task: int = 10,
+) -> tuple[list[dict], list[dict]]:
+    """Loads the manifests, generating (atomically) whichever file does not exist yet."""
+    paths = (train_path, val_path)
+    if not all(os.path.exists(p) for p in paths):
+        generated = generate_manifests(
+            suites, num_trials_per_task=num_trials_per_task, split_mode=split_mode, val_trials_per_task=val_trials_per_task
+        )
+        for rows, path in zip(generated, paths):
+            if not os.path.exists(path):
+                write_manifest(rows, path)
+    return load_manifest(train_path), load_manifest(val_path)
