@@ -1,0 +1,137 @@
+"""Training checkpoints: atomic, the last ``keep`` kept, resumable from the newest complete one.
+
+Layout of ``<root>/global_step_<k>/``:
+
+- ``model/`` and ``optim/``: ``torch.distributed.checkpoint`` directories (sharded with FSDP2, one file set
+  per rank; plain files when not distributed) -- every rank writes its own shards;
+- ``trainer_rank<r>.pt``: step counter, RNG streams, sampler state (refill cache), prompt cursor, logger step
+  of rank ``r``;
+- ``COMPLETE``: written last. A folder without it is an interrupted save and is ignored (and removed).
+
+A save writes into ``global_step_<k>.tmp`` and renames it when every rank is done, so a crash never leaves
+a folder that looks complete.
+
+Example:
+    >>> manager = CheckpointManager("runs/demo/checkpoints", keep=5)
+    >>> manager.save(10, model=model, optimizer=optimizer, trainer_state={"step": 10})
+    >>> state = manager.load_latest(model=model, optimizer=optimizer)  # -> {"step": 10, ...}
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+__all__ = ["CheckpointManager", "get_rng_state", "set_rng_state"]
+
+_STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def get_rng_state() -> dict:
+    """The RNG streams of this process: python, numpy, torch CPU and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores what :func:`get_rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and restores training state under ``root``; keeps the newest ``keep`` checkpoints."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 5) -> None:
+        if keep < 1:
+            raise ValueError(f"keep (max_ckpt_keep) must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for path in self.root.iterdir():
+            match = _STEP_DIR.match(path.name)
+            if match and (path / "COMPLETE").exists():
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def path(self, step: int) -> Path:
+        return self.root / f"global_step_{step}"
+
+    def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        """Writes a checkpoint of ``step`` (collective: every rank calls it)."""
+        final = self.path(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save(model_state, checkpoint_id=tmp / "model")
+        dcp.save(optim_state, checkpoint_id=tmp / "optim")
+        torch.save({**trainer_state, "rng": get_rng_state()}, tmp / f"trainer_rank{_rank()}.pt")
+        _barrier()
+        if _rank() == 0:
+            (tmp / "COMPLETE").write_text(str(step))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for step in self.complete_steps()[: -self.keep]:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+        for path in self.root.glob("global_step_*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_latest(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Restores the newest complete checkpoint into ``model`` / ``optimizer`` and this process's RNG streams.
+
+        Returns the trainer state that was saved (with ``"checkpoint_step"``), or ``None`` when there is none.
+        """
+        steps = self.complete_steps()
+        if not steps:
+            return None
+        path = self.path(steps[-1])
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.load(model_state, checkpoint_id=path / "model")
+        dcp.load(optim_state, checkpoint_id=path / "optim")
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        trainer_file = path / f"trainer_rank{_rank()}.pt"
+        if not trainer_file.exists():
+            raise RuntimeError(
+                f"checkpoint {path} has no {trainer_file.name}: it was written by fewer ranks than this run has "
+                f"({dist.get_world_size() if dist.is_initialized() else 1}); resume with the same number of GPUs"
+            )
+        state = torch.load(trainer_file, weights_only=False)
+        set_rng_state(state.pop("rng"))
+        state["checkpoint_step"] = steps[-1]
+        return state

@@ -1,1 +1,0 @@
-"""Hydra configuration files shipped with the package (used by ``srpo-libero``)."""

@@ -1,0 +1,108 @@
+"""Metric and video logging on torchrl's loggers: console, TensorBoard, wandb.
+
+torchrl's ``TensorboardLogger.log_video`` silently drops videos with moviepy 2.x (torchrl_vla.md), so videos
+are written as mp4 files (imageio + its ffmpeg) next to the logs, sent to wandb when enabled, and shown in
+TensorBoard as a strip of frames.
+
+Example:
+    >>> logger = MetricLogger(["console", "tensorboard"], log_dir="runs/demo", experiment_name="demo")
+    >>> logger.log({"train/success_rate": 0.5}, step=1)
+    >>> logger.log_video("val/episode_0", frames_uint8_tchw, step=1)  # writes runs/demo/videos/...mp4
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import imageio.v2 as imageio
+import torch
+import torch.distributed as dist
+
+__all__ = ["MetricLogger", "write_video"]
+
+LOGGER_TYPES = ("console", "tensorboard", "wandb")
+
+
+def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: int = 20) -> Path:
+    """Writes uint8 frames ``[T, 3, H, W]`` as an H.264 mp4 and returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    imageio.mimwrite(path, list(array), fps=fps, macro_block_size=1)
+    return path
+
+
+class MetricLogger:
+    """Logs scalars and videos to the chosen backends; only rank 0 writes."""
+
+    def __init__(
+        self,
+        logger_types: Iterable[str],
+        *,
+        log_dir: str | os.PathLike,
+        experiment_name: str,
+        project_name: str = "srpo_rl",
+        config: Mapping | None = None,
+        wandb_offline: bool = False,
+    ) -> None:
+        self.types = list(logger_types)
+        unknown = [t for t in self.types if t not in LOGGER_TYPES]
+        if unknown:
+            raise ValueError(f"unknown logger {unknown[0]!r}; choose from {', '.join(LOGGER_TYPES)}")
+        self.log_dir = Path(log_dir)
+        self.enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.backends = []
+        if not self.enabled:
+            return
+        if "tensorboard" in self.types:
+            from torchrl.record.loggers import TensorboardLogger
+
+            self.backends.append(TensorboardLogger(exp_name=experiment_name, log_dir=str(self.log_dir / "tensorboard")))
+        if "wandb" in self.types:
+            from torchrl.record.loggers import WandbLogger
+
+            self.backends.append(
+                WandbLogger(
+                    exp_name=experiment_name,
+                    project=project_name,
+                    save_dir=str(self.log_dir),
+                    offline=wandb_offline,
+                    config=dict(config) if config else None,
+                )
+            )
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Logs scalars; with ``console`` prints one compact line."""
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            for backend in self.backends:
+                backend.log_scalar(name, float(value), step=step)
+        if "console" in self.types and metrics:
+            shown = " ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
+            print(f"[step {step}] {shown}", flush=True)
+
+    def log_video(self, name: str, frames: torch.Tensor, step: int, fps: int = 20) -> Path | None:
+        """Writes ``frames`` (uint8 ``[T, 3, H, W]``) as an mp4 and logs it; returns the file."""
+        if not self.enabled:
+            return None
+        path = write_video(self.log_dir / "videos" / f"{name.replace('/', '_')}_step{step}.mp4", frames, fps)
+        strip = frames[:: max(1, len(frames) // 8)][:8]
+        for backend in self.backends:
+            if type(backend).__name__ == "TensorboardLogger":
+                backend.experiment.add_images(name, strip, global_step=step, dataformats="NCHW")
+            elif type(backend).__name__ == "WandbLogger":
+                import wandb
+
+                backend.experiment.log({name: wandb.Video(str(path), fps=fps, format="mp4")}, step=step)
+        return path
+
+    def close(self) -> None:
+        for backend in self.backends:
+            experiment = getattr(backend, "experiment", None)
+            if hasattr(experiment, "close"):
+                experiment.close()
+            elif hasattr(experiment, "finish"):
+                experiment.finish()
