@@ -32,11 +32,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
     "MANIFEST_SCHEMA",
+    "PromptStream",
     "SPLIT_MODES",
     "canonical_suite",
     "ensure_manifests",
@@ -214,3 +216,50 @@ def ensure_manifests(
             if not os.path.exists(path):
                 write_manifest(rows, path)
     return load_manifest(train_path), load_manifest(val_path)
+
+
+class PromptStream:
+    """Yields batches of manifest rows epoch after epoch, reshuffled each epoch with ``seed`` (drop_last).
+
+    Its :meth:`state_dict` (epoch and position) goes into checkpoints so a resumed run continues with the
+    same next prompts.
+
+    Example:
+        >>> stream = PromptStream(rows, seed=0)
+        >>> batch = stream.next(64)  # 64 rows; a new shuffled epoch starts when fewer than 64 are left
+    """
+
+    def __init__(self, rows: Sequence[dict], *, seed: int = 0, shuffle: bool = True) -> None:
+        if not rows:
+            raise ValueError("PromptStream needs at least one manifest row")
+        self.rows = list(rows)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.rows)))
+        generator = np.random.default_rng([self.seed, self.epoch])
+        return generator.permutation(len(self.rows)).tolist()
+
+    def next(self, count: int) -> list[dict]:
+        """The next ``count`` rows; rows never repeat inside an epoch. ``count`` may exceed one epoch."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        out = []
+        while len(out) < count:
+            take = min(count - len(out), len(self.rows))
+            if self.position + take > len(self.rows):
+                self.epoch, self.position = self.epoch + 1, 0
+            order = self._order()
+            out += [self.rows[i] for i in order[self.position : self.position + take]]
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -8,6 +8,7 @@ import pytest
 
 from srpo_rl.manifest import (
     MANIFEST_SCHEMA,
+    PromptStream,
     canonical_suite,
     ensure_manifests,
     generate_manifests,
@@ -88,3 +89,19 @@ def test_bad_arguments():
         generate_manifests(["libero_goal"], num_trials_per_task=0)
     with pytest.raises(ValueError, match="val_trials_per_task must be in"):
         generate_manifests(["libero_goal"], num_trials_per_task=3, split_mode="holdout", val_trials_per_task=3)
+
+
+def test_prompt_stream_epochs_and_resume():
+    rows = [{"prompt_id": str(i)} for i in range(10)]
+    stream = PromptStream(rows, seed=3)
+    first = [r["prompt_id"] for r in stream.next(4) + stream.next(4)]
+    assert len(set(first)) == 8  # no repeat inside an epoch
+    state = stream.state_dict()
+    third = [r["prompt_id"] for r in stream.next(4)]  # only 2 left: drop_last starts epoch 1
+    assert stream.state_dict() == {"epoch": 1, "position": 4}
+    resumed = PromptStream(rows, seed=3)
+    resumed.load_state_dict(state)
+    assert [r["prompt_id"] for r in resumed.next(4)] == third
+    assert sorted(int(r["prompt_id"]) for r in PromptStream(rows, seed=3).next(10)) == list(range(10))
+    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
+        stream.next(0)

@@ -1,0 +1,100 @@
+"""Process groups and FSDP2 for the actor, on torch.distributed (launch with ``torchrun``).
+
+One process per GPU: ``torchrun --nproc_per_node=8 examples/srpo_libero.py ...`` on one node; several nodes
+with torchrun's rendezvous (``--nnodes``, ``--rdzv-endpoint``). Without torchrun's variables the run is a
+single process. CPU runs use gloo (two CPU processes give the same update as one: tests/test_trainer.py).
+
+Example:
+    >>> info = init_distributed("auto")
+    >>> model = shard_actor(model, info, mixed_precision="bf16", param_offload=False)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+__all__ = ["DistInfo", "all_reduce_sum", "init_distributed", "shard_actor"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Joins the torchrun process group if there is one (NCCL on GPUs, gloo on CPUs) and picks the device."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose one of auto, cpu, cuda")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def shard_actor(
+    model: torch.nn.Module,
+    info: DistInfo,
+    *,
+    mixed_precision: str = "bf16",
+    param_offload: bool = False,
+    forward_methods: tuple[str, ...] = ("action_logits",),
+) -> torch.nn.Module:
+    """Wraps ``model`` with FSDP2 (``fully_shard``) block by block, then the root.
+
+    ``model.fsdp_blocks()`` names the repeated blocks (decoder layers, vision blocks). Parameters stay fp32
+    (the optimizer's master copy); compute runs in ``mixed_precision``; gradients are reduced in fp32.
+    ``param_offload`` keeps parameters, gradients and optimizer states on the CPU (FSDP2's CPUOffloadPolicy).
+    On a single CPU process the model is returned as it is: there is nothing to shard.
+    """
+    if mixed_precision not in DTYPES:
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; choose one of {', '.join(DTYPES)}")
+    if info.world_size == 1 and info.device.type == "cpu":
+        return model
+    model.to(info.device if not param_offload else "cpu")
+    options = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32),
+    }
+    if param_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in model.fsdp_blocks():
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    for name in forward_methods:
+        # Methods other than forward need FSDP's pre/post hooks to gather the root's parameters.
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+def all_reduce_sum(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Sums scalars over ranks (identity without a process group)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
