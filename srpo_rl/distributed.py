@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-__all__ = ["DistInfo", "all_reduce_sum", "init_distributed", "shard_actor"]
+__all__ = ["DistInfo", "all_reduce_sum", "init_distributed", "reduce_scalar", "shard_actor"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -98,3 +98,16 @@ def all_reduce_sum(values: Mapping[str, float], device: torch.device) -> dict[st
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return dict(zip(keys, tensor.tolist()))
+
+
+def reduce_scalar(value: float, op: str, device: torch.device | None = None) -> float:
+    """``min`` / ``max`` of a scalar over ranks (identity without a process group)."""
+    if not dist.is_initialized():
+        return value
+    ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"unknown op {op!r}; choose one of min, max")
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu"))
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=ops[op])
+    return tensor.item()

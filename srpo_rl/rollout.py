@@ -54,18 +54,23 @@ class RolloutRequest:
 
 
 def group_requests(
-    prompts: Iterable[tuple[int, int]], rollouts_per_group: int, *, first_group_id: int = 0
+    prompts: Iterable[tuple[int, int]],
+    rollouts_per_group: int,
+    *,
+    first_group_id: int = 0,
+    group_id_stride: int = 1,
 ) -> list[RolloutRequest]:
     """Expands ``(task_id, init_state_id)`` prompts into ``rollouts_per_group`` requests each.
 
-    Group ``g`` (``first_group_id + i`` for the i-th prompt) gets rollout ids ``g * n .. g * n + n - 1``, so
-    ids stay unique across iterations and ranks as long as the group ids do.
+    The i-th prompt becomes group ``g = first_group_id + i * group_id_stride`` with rollout ids
+    ``g * n .. g * n + n - 1``. Ranks keep ids unique with ``first_group_id = k * world_size + rank`` and
+    ``group_id_stride = world_size``.
     """
     if rollouts_per_group < 1:
         raise ValueError(f"rollouts_per_group must be >= 1, got {rollouts_per_group}")
     requests = []
     for i, (task_id, init_state_id) in enumerate(prompts):
-        group_id = first_group_id + i
+        group_id = first_group_id + i * group_id_stride
         for k in range(rollouts_per_group):
             requests.append(RolloutRequest(int(task_id), int(init_state_id), group_id * rollouts_per_group + k, group_id))
     return requests

@@ -1,0 +1,177 @@
+"""SRPO (Self-Referential Policy Optimization) of OpenVLA-OFT on LIBERO.
+
+    python examples/srpo_libero.py env=libero_long model.path=<sft checkpoint> model.vjepa_path=<vitg-384.pt>
+    torchrun --nproc_per_node=8 examples/srpo_libero.py env=libero_long ...    # one process per GPU, FSDP2
+    python examples/srpo_libero.py --config-name tiny                          # tiny random model, CPU
+    python examples/srpo_libero.py mode=eval model.path=<checkpoint>           # greedy evaluation only
+
+One iteration: prompts (task x init state) from the manifest -> n rollouts each on the env slots ->
+accuracy / truncation filter and refill to train_batch_size groups -> V-JEPA 2 progress reward ->
+GRPO advantages -> clipped token loss over mini-batches -> the rollout policy acts with the new weights.
+Installed as the ``srpo-libero`` console script.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from srpo_rl.checkpoint import CheckpointManager
+from srpo_rl.distributed import init_distributed, reduce_scalar
+from srpo_rl.evaluation import evaluate
+from srpo_rl.examples.utils_srpo import (
+    check_config,
+    log_evaluation,
+    make_advantage,
+    make_env,
+    make_logger,
+    make_loss,
+    make_manifests,
+    make_optimizer,
+    make_policy,
+    make_reward,
+    make_sampler,
+    rollout_metrics,
+)
+from srpo_rl.manifest import PromptStream
+from srpo_rl.rollout import collect_rollouts, group_requests
+from srpo_rl.trainer import update_policy
+
+
+@hydra.main(config_path="config", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    # Config errors fail here, before any work
+    check_config(cfg)
+    info = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + info.rank)
+
+    # Task manifests (generated on first use) and models
+    train_rows, val_rows = make_manifests(cfg, info)
+    policy = make_policy(cfg, info)
+    env = make_env(cfg, info)
+
+    if cfg.mode == "eval":
+        result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
+                          num_videos=cfg.eval.num_videos, device=info.device)
+        logger = make_logger(cfg, info)
+        log_evaluation(logger, result, step=0, out_dir=cfg.output_dir, prefix="eval")
+        env.close()
+        return
+
+    # Reward, advantage, sampling filters, loss and optimizer
+    reward_module = make_reward(cfg, info)
+    advantage_module = make_advantage(cfg)
+    sampler = make_sampler(cfg, info)
+    loss_module = make_loss(cfg, policy)
+    optimizer = make_optimizer(cfg, policy)
+
+    # Logger, checkpoints, resume
+    logger = make_logger(cfg, info)
+    checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep)
+    prompts = PromptStream(train_rows, seed=cfg.seed)
+    step, next_group = 0, 0
+    if cfg.trainer.resume_mode == "auto":
+        state = checkpoints.load_latest(model=policy.model, optimizer=optimizer)
+        if state is not None:
+            step, next_group = state["step"], state["next_group"]
+            prompts.load_state_dict(state["prompts"])
+            sampler.load_state_dict(state["sampler"])
+            print(f"resumed from {checkpoints.path(state['checkpoint_step'])} at step {step}", flush=True)
+    steps_per_epoch = len(train_rows) // cfg.data.train_batch_size
+    total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * max(1, steps_per_epoch)
+    mini_batch_trajectories = cfg.actor.ppo_mini_batch_size * cfg.rollout.n // info.world_size
+    generator = torch.Generator().manual_seed(cfg.seed + info.rank)
+
+    if cfg.trainer.val_before_train and step == 0:
+        result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
+                          num_videos=cfg.trainer.num_val_videos, device=info.device)
+        log_evaluation(logger, result, step=0, out_dir=cfg.output_dir)
+
+    bar = tqdm(total=total_steps, initial=step, desc="srpo", disable=not info.is_main)
+    while step < total_steps:
+        step += 1
+        timings = {}
+
+        # Rollouts until train_batch_size groups pass the filters (refill; surplus carried over)
+        t0 = time.perf_counter()
+        collected = []
+        for rounds in range(1, cfg.algorithm.embodied_sampling.max_rollout_rounds + 1):
+            count = int(reduce_scalar(max(sampler.groups_to_request(), 1), "max"))  # same prompts on every rank
+            rows = prompts.next(count * info.world_size)[info.rank :: info.world_size]
+            requests = group_requests([(r["task_id"], r["trial_id"]) for r in rows], cfg.rollout.n,
+                                      first_group_id=next_group * info.world_size + info.rank,
+                                      group_id_stride=info.world_size)
+            next_group += len(rows)
+            trajectories, stats = collect_rollouts(env, policy, requests, progress=info.is_main and "rollout")
+            collected.append((trajectories, stats))
+            sampler.add(trajectories)
+            if reduce_scalar(float(sampler.ready), "min"):  # every rank trains, or none does
+                break
+        batch = sampler.pop() if reduce_scalar(float(sampler.ready), "min") else None
+        timings["time/rollout"] = time.perf_counter() - t0
+        metrics = rollout_metrics(collected, sampler, rounds)
+        if batch is None:
+            print(f"step {step}: no batch of {cfg.data.train_batch_size} groups passed the filters after {rounds} "
+                  "rollout rounds; skipping the update (raise max_rollout_rounds or check the policy)", flush=True)
+            logger.log({**metrics, **timings, "train/skipped": 1.0}, step)
+            bar.update(1)
+            continue
+
+        # SRPO progress reward on the kept groups, then GRPO advantages
+        t0 = time.perf_counter()
+        batch = advantage_module(reward_module(batch))
+        timings["time/reward_and_advantage"] = time.perf_counter() - t0
+        if info.is_main and not batch["advantage"].abs().gt(0).any():
+            print(f"step {step}: every advantage is 0 (no group mixes outcomes): this update has zero gradient",
+                  flush=True)
+
+        # Policy update: epochs x mini-batches, exact accumulation over micro-batches
+        t0 = time.perf_counter()
+        policy.train()
+        losses = update_policy(
+            loss_module, optimizer, batch,
+            mini_batch_trajectories=mini_batch_trajectories,
+            micro_batch_trajectories=cfg.actor.ppo_micro_batch_size,
+            traj_mini_batch_size=cfg.actor.traj_mini_batch_size,
+            ppo_epochs=cfg.actor.ppo_epochs, grad_clip=cfg.actor.grad_clip,
+            shuffle=cfg.actor.shuffle, generator=generator, device=info.device,
+        )
+        policy.eval()
+        timings["time/update"] = time.perf_counter() - t0
+        metrics.update({f"train/{k}": v for k, v in losses.items()})
+        metrics.update({
+            "train/reward_mean": batch["reward"].mean().item(),
+            "train/advantage_mean": batch["advantage"].mean().item(),
+            "train/advantage_abs_mean": batch["advantage"].abs().mean().item(),
+            "train/lr": optimizer.param_groups[0]["lr"],
+        })
+        logger.log({**metrics, **timings}, step)
+
+        # Validation and checkpoints
+        if cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0:
+            result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
+                              num_videos=cfg.trainer.num_val_videos, device=info.device)
+            log_evaluation(logger, result, step=step, out_dir=cfg.output_dir)
+        if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
+            path = checkpoints.save(step, model=policy.model, optimizer=optimizer, trainer_state={
+                "step": step, "next_group": next_group, "prompts": prompts.state_dict(),
+                "sampler": sampler.state_dict(),
+            })
+            policy.save_pretrained(path / "huggingface")
+            if info.is_main:
+                print(f"saved checkpoint {path}", flush=True)
+        bar.update(1)
+
+    bar.close()
+    logger.close()
+    env.close()
+    if info.is_main:
+        print(f"done: {step} steps; logs in {cfg.output_dir}, checkpoints in {cfg.trainer.default_local_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""OpenVLA-OFT as a TorchRL policy: observation -> 8 x 7 action tokens, their log-probs and the action chunk.
+
+Per decision the policy reads the camera frame(s) and the instruction, preprocesses as the reference rollout
+does (JPEG round trip, Lanczos3 resize to 224, 0.9-area center crop), runs one parallel-decoding forward and
+samples every token at ``temperature`` (argmax outside ``ExplorationType.RANDOM``). It stores what it saw
+(``policy_image``, ``prompt_ids``, ``prompt_mask``) so :meth:`OpenVLAOFTPolicy.get_dist` recomputes the same
+log-probs at training time, and decodes the tokens with the checkpoint's action statistics.
+
+Example:
+    >>> import tempfile, torch
+    >>> from tensordict import NonTensorStack, TensorDict
+    >>> from srpo_rl.models.openvla_oft import write_tiny_checkpoint
+    >>> from srpo_rl.policy import OpenVLAOFTPolicy
+    >>> path = tempfile.mkdtemp()
+    >>> _ = write_tiny_checkpoint(path)
+    >>> policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32)
+    >>> td = TensorDict({("observation", "image"): torch.zeros(2, 3, 256, 256, dtype=torch.uint8),
+    ...                  "instruction": NonTensorStack("open the drawer", "put the bowl on the plate")}, [2])
+    >>> policy(td)["action"].shape
+    torch.Size([2, 8, 7])
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tensordict import NonTensorData, TensorDictBase
+from tensordict.nn import InteractionType
+from tensordict.utils import NestedKey
+from tokenizers import Tokenizer
+from torch.distributions import Categorical
+from torchrl.data.vla import VocabTailActionTokenizer
+from torchrl.modules.vla import VLAWrapperBase
+
+# Plain-torch ports of TensorFlow's Lanczos3 resize and 0.9-area crop_and_resize (no torchvision needed).
+from torchrl.data.vla.preprocessing import _fractional_center_crop, _lanczos3_resize
+
+from .models.llama_tokenizer import SPIECE_UNDERLINE_ID, load_llama_tokenizer
+from .models.openvla_oft import OpenVLAOFT
+from .models.openvla_oft_files import REQUIRED_POLICY_FILES, check_files
+
+__all__ = ["OpenVLAOFTPolicy", "preprocess_images", "prompt_for", "resolve_unnorm_key"]
+
+_UNNORM_ALIASES = {"libero_long": "libero_10"}  # suite name -> dataset name of its statistics
+_RESIZE_CHUNK = 8  # images per Lanczos call: bounds the [N, 3, H, W', taps] intermediate
+
+
+def prompt_for(instruction: str) -> str:
+    """The OpenVLA prompt for an instruction (lower-cased, as the reference rollout does)."""
+    return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
+
+
+def resolve_unnorm_key(norm_stats: dict, unnorm_key: str | None) -> str:
+    """The dataset key of ``norm_stats`` to unnormalise with: ``unnorm_key``, else ``<unnorm_key>_no_noops``.
+
+    ``libero_long`` is read as ``libero_10`` (the dataset name of that suite).
+    """
+    known = ", ".join(sorted(norm_stats)) or "(none: the checkpoint has no dataset_statistics.json)"
+    if unnorm_key is None:
+        if len(norm_stats) == 1:
+            return next(iter(norm_stats))
+        raise ValueError(f"the checkpoint has statistics for several datasets; pass unnorm_key, one of {known}")
+    key = _UNNORM_ALIASES.get(unnorm_key, unnorm_key)
+    for candidate in (key, f"{key}_no_noops"):
+        if candidate in norm_stats:
+            return candidate
+    raise KeyError(f"unknown unnorm_key {unnorm_key!r}; choose one of {known} (or their names without _no_noops)")
+
+
+@lru_cache(maxsize=1)
+def _jpeg_pool() -> ThreadPoolExecutor:
+    # PIL releases the GIL while encoding/decoding, so threads give real parallelism
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="jpeg")
+
+
+def _jpeg_roundtrip_one(image: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def _jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
+    arrays = list(images.cpu().permute(0, 2, 3, 1).numpy())
+    if len(arrays) > 2:
+        decoded = list(_jpeg_pool().map(_jpeg_roundtrip_one, arrays, [quality] * len(arrays)))
+    else:
+        decoded = [_jpeg_roundtrip_one(a, quality) for a in arrays]
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+
+
+def preprocess_images(
+    images: torch.Tensor,
+    *,
+    size: int = 224,
+    center_crop: bool = True,
+    jpeg_quality: int = 95,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The reference LIBERO frame pipeline: JPEG round trip, Lanczos3 resize to ``size``, 0.9-area center crop.
+
+    Args:
+        images: uint8 ``[N, 3, H, W]`` (already rotated by the env).
+        device: where the resize and crop run (the JPEG codec runs on the CPU); default ``images.device``.
+
+    Returns:
+        uint8 ``[N, 3, size, size]``, before normalisation.
+
+    Example:
+        >>> preprocess_images(torch.zeros(1, 3, 256, 256, dtype=torch.uint8)).shape
+        torch.Size([1, 3, 224, 224])
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 [N, 3, H, W]; got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [N, 3, H, W] (channels first, RGB); got shape {list(images.shape)}")
+    device = images.device if device is None else torch.device(device)
+    decoded = _jpeg_roundtrip(images, jpeg_quality).to(device)
+    resized = [
+        _lanczos3_resize(chunk.float(), (size, size)).round_().clamp_(0, 255).to(torch.uint8)
+        for chunk in decoded.split(_RESIZE_CHUNK)
+    ]
+    out = torch.cat(resized)
+    return _fractional_center_crop(out, (size, size)) if center_crop else out
+
+
+def _normalization(preprocessor_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tower mean/std ``[2, 3]``: ``tvf_normalize_params`` (what the processor applies) else means/stds."""
+    params = preprocessor_config.get("tvf_normalize_params")
+    if params:
+        mean, std = [p["mean"] for p in params], [p["std"] for p in params]
+    else:
+        mean, std = preprocessor_config.get("means"), preprocessor_config.get("stds")
+    mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    if mean.shape != (2, 3) or std.shape != (2, 3):
+        raise ValueError(f"preprocessor_config must give mean/std for 2 towers x 3 channels; got {list(mean.shape)} / {list(std.shape)}")
+    return mean, std
+
+
+def _flat_instructions(value: object, count: int) -> list[str]:
+    if isinstance(value, NonTensorData):
+        value = value.data
+    if isinstance(value, str):
+        return [value] * count
+    items = value.tolist() if hasattr(value, "tolist") else list(value)
+    flat = []
+    stack = [items]
+    while stack:  # flatten nested lists in order (a [B, T] batch gives a list of lists)
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    if len(flat) != count or not all(isinstance(s, str) and s for s in flat):
+        raise ValueError(f"expected {count} non-empty instruction strings (one per batch element); got {flat[:4]}...")
+    return flat
+
+
+class OpenVLAOFTPolicy(VLAWrapperBase):
+    """OpenVLA-OFT (discrete AC-PD) as a TorchRL token policy with sampling temperature.
+
+    Built on :class:`~torchrl.modules.vla.VLAWrapperBase` (sampling vs argmax by exploration type, per-token
+    Categorical, decoding through :class:`~torchrl.data.vla.VocabTailActionTokenizer`); this class adds the
+    reference preprocessing, the stored inputs for training-time recomputation and the temperature.
+
+    Reads (batch ``[B]`` or ``[B, T]``): ``("observation", "image")`` uint8 ``[..., 3, H, W]``, ``"instruction"``
+    (strings), and ``("observation", "wrist_image")`` when ``num_images_in_input=2``. Writes ``"policy_image"``
+    uint8 ``[..., 3k, 224, 224]``, ``"prompt_ids"`` int64 / ``"prompt_mask"`` bool ``[..., L]``, ``"action_tokens"``
+    int64 ``[..., 8, 7]`` (index in the 256-token action vocabulary), ``"action_log_prob"`` float32
+    ``[..., 8, 7]`` under ``softmax(logits / temperature)`` and ``"action"`` float32 ``[..., 8, 7]``.
+
+    Args:
+        model: the network.
+        tokenizer: its Llama-2 tokenizer (``tokenizers.Tokenizer``).
+        preprocessor_config: the checkpoint's preprocessor_config.json (per-tower normalisation).
+
+    Keyword Args:
+        unnorm_key: dataset statistics to unnormalise with (``libero_10`` or ``libero_10_no_noops``, ...).
+        temperature: sampling temperature (1.6 in the SRPO recipe); also scales the log-probs.
+        center_crop: apply the 0.9-area center crop (as the SRPO/OFT LIBERO rollouts do).
+        jpeg_quality: quality of the JPEG round trip (the reference's TensorFlow default, 95).
+        num_images_in_input: 1 (third-person camera) or 2 (+ wrist camera).
+        libero_gripper: binarise and invert the gripper dimension for LIBERO, as the reference env wrapper does.
+    """
+
+    def __init__(
+        self,
+        model: OpenVLAOFT,
+        tokenizer: Tokenizer,
+        preprocessor_config: dict,
+        *,
+        unnorm_key: str | None = None,
+        temperature: float = 1.6,
+        center_crop: bool = True,
+        jpeg_quality: int = 95,
+        num_images_in_input: int = 1,
+        libero_gripper: bool = True,
+        image_key: NestedKey = ("observation", "image"),
+        wrist_image_key: NestedKey = ("observation", "wrist_image"),
+        instruction_key: NestedKey = "instruction",
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}")
+        if num_images_in_input not in (1, 2):
+            raise ValueError(f"num_images_in_input must be 1 (camera) or 2 (camera + wrist); got {num_images_in_input}")
+        self.num_images_in_input = num_images_in_input
+        cfg = model.config
+        super().__init__(
+            model,
+            action_dim=cfg.action_dim,
+            chunk_size=cfg.num_actions_chunk,
+            action_head="tokens",
+            vocab_size=cfg.n_action_bins,
+            output_mode="both",
+            return_vla_action_container=False,
+            log_probs_mode="token",
+            use_state=False,
+            default_interaction_type=InteractionType.DETERMINISTIC,
+            image_key=image_key,
+            wrist_image_key=wrist_image_key,
+            state_key=None,
+            instruction_key=instruction_key,
+            action_key="action",
+            action_chunk_key="action",
+            action_tokens_key="action_tokens",
+            log_probs_key="action_log_prob",
+        )
+        self.temperature = float(temperature)
+        self.center_crop = center_crop
+        self.jpeg_quality = jpeg_quality
+        self.tokenizer = tokenizer
+        self.unnorm_key = resolve_unnorm_key(model.norm_stats, unnorm_key) if (model.norm_stats or unnorm_key) else None
+        mean, std = _normalization(preprocessor_config)
+        self.register_buffer("image_mean", mean.view(1, 2, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", std.view(1, 2, 3, 1, 1), persistent=False)
+        # Window ids 0..255 are action-vocabulary indices (LM id = action_token_begin + index).
+        codec = (
+            VocabTailActionTokenizer.from_norm_stats(
+                model.norm_stats, self.unnorm_key, num_bins=cfg.n_action_bins,
+                gripper_binarize=libero_gripper, gripper_binarize_threshold=0.5, gripper_invert=libero_gripper,
+            )
+            if self.unnorm_key is not None
+            else VocabTailActionTokenizer(cfg.n_action_bins)
+        )
+        # Kept out of the module tree: a policy-wide .to(bfloat16) (or FSDP) must not round the float64 q01/q99
+        # statistics that the decoder uses (reference parity in float64). The codec moves its lookups itself.
+        self.__dict__["action_tokenizer"] = codec
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        unnorm_key: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        attention: str = "bidirectional",
+        **kwargs,
+    ) -> OpenVLAOFTPolicy:
+        """Loads a checkpoint directory (model, tokenizer, statistics, preprocessor config) as a policy.
+
+        ``kwargs`` go to the constructor (``temperature``, ``center_crop``, ``num_images_in_input``, ...).
+        """
+        path = Path(path)
+        check_files(path, REQUIRED_POLICY_FILES)
+        model = OpenVLAOFT.from_pretrained(path, dtype=dtype, attention=attention, device=device)
+        preprocessor = json.loads((path / "preprocessor_config.json").read_text())
+        return cls(model, load_llama_tokenizer(path), preprocessor, unnorm_key=unnorm_key, **kwargs)
+
+    # --- keys ----------------------------------------------------------------------------------------------
+
+    def _update_keys(self) -> None:
+        keys = self._tensor_keys
+        self.in_keys = [keys.image] + ([keys.wrist_image] if getattr(self, "num_images_in_input", 1) == 2 else []) + [keys.instruction]
+        self.out_keys = ["policy_image", "prompt_ids", "prompt_mask", keys.action_tokens, keys.log_probs, keys.action_chunk]
+
+    # --- inputs --------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.projector.fc1.weight.device
+
+    @device.setter
+    def device(self, value: object) -> None:  # the base class assigns it; the model's parameters decide
+        pass
+
+    def _image(self, tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
+        image = tensordict.get(key, None)
+        if image is None:
+            raise KeyError(f"the policy input has no {key!r}: uint8 [*batch, 3, H, W] camera frames are required")
+        if image.dtype != torch.uint8:
+            raise TypeError(f"{key!r} must be uint8 [*batch, 3, H, W]; got dtype {image.dtype}")
+        batch = tensordict.batch_size
+        if image.ndim != len(batch) + 3 or image.shape[: len(batch)] != batch or image.shape[-3] != 3:
+            raise ValueError(f"{key!r} must have shape [*batch, 3, H, W] with batch {list(batch)}; got {list(image.shape)}")
+        return image.reshape(-1, *image.shape[-3:])
+
+    def _prompts(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for instruction in instructions:
+            ids = self._prompt_cache.get(instruction)
+            if ids is None:
+                ids = self.tokenizer.encode(prompt_for(instruction)).ids
+                if ids[-1] != SPIECE_UNDERLINE_ID:  # the model was trained on "Out: <action tokens>"
+                    ids.append(SPIECE_UNDERLINE_ID)
+                self._prompt_cache[instruction] = ids
+            rows.append(ids)
+        length = max(len(r) for r in rows)
+        prompt_ids = torch.full((len(rows), length), self.model.config.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            prompt_ids[i, : len(r)] = torch.tensor(r)
+        mask = torch.arange(length)[None] < torch.tensor([len(r) for r in rows])[:, None]
+        return prompt_ids.to(self.device), mask.to(self.device)
+
+    def preprocess(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Writes ``policy_image``, ``prompt_ids`` and ``prompt_mask`` from the raw observation."""
+        batch = tensordict.batch_size
+        keys = self._tensor_keys
+        names = [keys.image] + ([keys.wrist_image] if self.num_images_in_input == 2 else [])
+        size = self.model.config.dino.image_size
+        frames = [
+            preprocess_images(self._image(tensordict, k), size=size, center_crop=self.center_crop, jpeg_quality=self.jpeg_quality, device=self.device)
+            for k in names
+        ]
+        instructions = tensordict.get(keys.instruction, None)
+        if instructions is None:
+            raise KeyError(f"the policy input has no {keys.instruction!r}: one language instruction per batch element is required")
+        prompt_ids, prompt_mask = self._prompts(_flat_instructions(instructions, batch.numel()))
+        tensordict.set("policy_image", torch.cat(frames, dim=1).reshape(*batch, -1, size, size))
+        tensordict.set("prompt_ids", prompt_ids.reshape(*batch, -1))
+        tensordict.set("prompt_mask", prompt_mask.reshape(*batch, -1))
+        return tensordict
+
+    def pixel_values(self, policy_image: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, 3k, S, S]`` -> normalised float ``[N, 6k, S, S]`` (per image: DINOv2 then SigLIP channels)."""
+        n, c, h, w = policy_image.shape
+        x = policy_image.reshape(n, c // 3, 1, 3, h, w).float().div(255.0)
+        return ((x - self.image_mean) / self.image_std).reshape(n, 2 * c, h, w)
+
+    # --- VLAWrapperBase hooks ------------------------------------------------------------------------------
+
+    def _action_logits(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """Logits ``[*batch, 8, 7, 256]`` divided by the temperature, from the stored policy inputs."""
+        missing = [k for k in ("policy_image", "prompt_ids", "prompt_mask") if k not in tensordict.keys()]
+        if missing:
+            raise KeyError(f"missing {missing}: run the policy forward (or preprocess) on the observation first")
+        batch = tensordict.batch_size
+        image = tensordict.get("policy_image")
+        ids = tensordict.get("prompt_ids")
+        mask = tensordict.get("prompt_mask")
+        logits = self.model(
+            ids.reshape(-1, ids.shape[-1]).to(self.device),
+            mask.reshape(-1, mask.shape[-1]).to(self.device),
+            self.pixel_values(image.reshape(-1, *image.shape[-3:]).to(self.device)),
+        )
+        cfg = self.model.config
+        return (logits / self.temperature).reshape(*batch, cfg.num_actions_chunk, cfg.action_dim, cfg.n_action_bins)
+
+    def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
+        """Preprocesses the observation, then samples (RANDOM exploration) or takes the argmax of every token."""
+        self.preprocess(tensordict)
+        return super().forward(tensordict, **kwargs)
+
+    def get_dist(self, tensordict: TensorDictBase, **kwargs) -> Categorical:
+        """``Categorical`` with batch ``[*batch, 8, 7]`` over the 256 action tokens at ``temperature``, recomputed
+        (with grad) from the stored ``policy_image`` / ``prompt_ids`` / ``prompt_mask``."""
+        return Categorical(logits=self._action_logits(tensordict))
+
+    def log_prob(self, tensordict: TensorDictBase, **kwargs) -> torch.Tensor:
+        """Log-probs ``[*batch, 8, 7]`` of the stored ``action_tokens`` (the stored rollout values are left alone)."""
+        return self.get_dist(tensordict).log_prob(tensordict.get(self._tensor_keys.action_tokens))

@@ -1,0 +1,387 @@
+"""SRPO world-model progress reward: successes score 1, failures score how close they came.
+
+A failed trajectory's V-JEPA 2 video embedding is compared with the successful trajectories of the
+same task in the batch; the closer it ends up, the higher its score in ``[0, 0.6)``. The score times
+``reward_coef`` is the trajectory's reward, which the GRPO group advantage then normalises.
+
+- :func:`srpo_progress_scores` is the score of the reference code, a pure function of embeddings,
+  success flags and task ids (plus the paper's variant as an option);
+- :class:`SRPOProgressReward` is a TorchRL :class:`~torchrl.envs.Transform` that embeds the trajectory
+  batch of :func:`srpo_rl.rollout.collect_rollouts` and writes ``"reward"`` and ``"progress"``; use it
+  as a collector ``postproc``, a replay-buffer transform or call it on a batch. ``binary=True`` turns
+  it into the plain success reward (GRPO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.spatial.distance import cdist
+from scipy.special import expit
+from sklearn.cluster import DBSCAN
+from sklearn.preprocessing import StandardScaler
+from tensordict import NestedKey, TensorDictBase
+from torch import nn
+from torchrl.envs.transforms import Transform
+
+from srpo_rl.models.vjepa2 import sample_frame_indices
+
+__all__ = ["SRPOProgressReward", "srpo_progress_scores", "trajectory_videos"]
+
+FORMULAS = ("reference", "paper")
+VIDEO_KEY_BY = ("rollout", "group")
+
+
+def _success_centres(succ: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
+    """DBSCAN cluster centres of the standardised success embeddings, mapped back to raw space."""
+    scaler = StandardScaler()
+    scaled = scaler.fit_transform(succ)
+    labels = DBSCAN(eps=eps, min_samples=min_samples).fit(scaled).labels_
+    centres = [
+        scaler.inverse_transform(scaled[labels == label].mean(axis=0, keepdims=True)).flatten()
+        for label in sorted(set(labels) - {-1})  # -1: noise points, ignored
+    ]
+    # no cluster (e.g. a single success or all far apart): the plain mean of the successes
+    return np.array(centres) if centres else succ.mean(axis=0, keepdims=True)
+
+
+def _failure_scores(dist: np.ndarray, formula: str, alpha: float) -> np.ndarray:
+    if formula == "reference":
+        # min-max over the task's failures, then 0.6 * sigmoid(10 * (0.5 - d_hat))
+        span = dist.max() - dist.min()
+        d_hat = np.full_like(dist, 0.5) if span < 1e-6 else (dist - dist.min()) / span
+        return 0.6 * expit(10.0 * (0.5 - d_hat))
+    # paper: alpha * sigmoid of the standardised distance, negated so that closer scores higher
+    std = dist.std()
+    z = np.zeros_like(dist) if std < 1e-6 else (dist - dist.mean()) / std
+    return alpha * expit(-z)
+
+
+def srpo_progress_scores(
+    embeddings: np.ndarray | torch.Tensor,
+    success: np.ndarray | torch.Tensor | Sequence[bool],
+    task: Sequence[Hashable],
+    *,
+    valid: np.ndarray | torch.Tensor | None = None,
+    formula: Literal["reference", "paper"] = "reference",
+    alpha: float = 0.8,
+    dbscan_eps: float = 0.5,
+    dbscan_min_samples: int = 2,
+) -> np.ndarray:
+    """SRPO progress scores of a batch of trajectories, as the reference code computes them.
+
+    1. Invalid samples (default: an all-zero embedding, i.e. no frames) score 0, success or not.
+    2. Valid samples are grouped by ``task``; in each group successes score 1.
+    3. A group with no success or no failure is left there: its failures score 0.
+    4. Otherwise the success embeddings are standardised (``StandardScaler``) and clustered with
+       ``DBSCAN(eps=0.5, min_samples=2)``; each cluster's centre is the inverse-transformed mean of
+       its scaled points (noise ignored); with no cluster, the centre is the mean success embedding.
+    5. ``d_i`` = euclidean distance of failure ``i`` to its nearest centre, in raw embedding space.
+    6. ``formula="reference"``: ``d_hat = (d - min d) / (max d - min d)`` over the group's failures
+       (``0.5`` for all when the range is below 1e-6) and ``score = 0.6 * sigmoid(10 * (0.5 - d_hat))``,
+       in ``[0.004, 0.596]``.
+       ``formula="paper"``: ``score = alpha * sigmoid(-(d - mean d) / std d)`` (population std over the
+       group's failures; 0 inside the sigmoid when the std is below 1e-6). The paper's summary writes
+       ``sigmoid((d - mean) / std)``, which would reward the farthest failure most; the sign here makes
+       the closest failure score highest, as the paper intends.
+
+    Args:
+        embeddings: ``[N, D]`` video embeddings.
+        success: ``[N]`` bools.
+        task: ``N`` hashable task keys (e.g. ``(suite, task_id)``): references are per task, not per
+            group of rollouts.
+        valid: ``[N]`` bools; default: rows whose embedding is not all zeros.
+        formula: ``"reference"`` (the code) or ``"paper"``.
+        alpha: the paper's progress weight (``formula="paper"`` only).
+        dbscan_eps, dbscan_min_samples: DBSCAN parameters (reference: 0.5, 2).
+
+    Returns:
+        ``[N]`` float64 scores in ``[0, 1]``.
+
+    Examples:
+        >>> emb = np.array([[0.0, 1.0], [0.0, 1.2], [3.0, 1.0], [1.0, 1.0]])
+        >>> srpo_progress_scores(emb, [True, True, False, False], task=[0, 0, 0, 0]).round(4).tolist()
+        [1.0, 1.0, 0.004, 0.596]
+    """
+    if formula not in FORMULAS:
+        raise ValueError(f"unknown formula {formula!r}; choose one of {', '.join(FORMULAS)}")
+    emb = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+    succ = np.asarray(success.cpu() if isinstance(success, torch.Tensor) else success, dtype=bool).reshape(-1)
+    if emb.ndim != 2 or len(emb) != len(succ) or len(task) != len(succ):
+        raise ValueError(
+            f"embeddings {emb.shape}, success ({len(succ)},) and task ({len(task)},) must describe the same "
+            "N trajectories, embeddings as [N, D]"
+        )
+    if valid is None:
+        valid = ~np.all(emb == 0, axis=1)
+    valid = np.asarray(valid.cpu() if isinstance(valid, torch.Tensor) else valid, dtype=bool).reshape(-1)
+
+    scores = np.zeros(len(succ), dtype=np.float64)
+    groups: dict[Hashable, list[int]] = {}
+    for i in np.flatnonzero(valid):
+        groups.setdefault(task[i], []).append(int(i))
+    for rows in groups.values():
+        rows = np.array(rows)
+        ok, failed = rows[succ[rows]], rows[~succ[rows]]
+        scores[ok] = 1.0
+        if len(ok) == 0 or len(failed) == 0:
+            continue
+        centres = _success_centres(emb[ok], dbscan_eps, dbscan_min_samples)
+        dist = cdist(emb[failed], centres, "euclidean").min(axis=1)
+        scores[failed] = _failure_scores(dist, formula, alpha)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- videos
+class _LazyVideos(Sequence):
+    """Videos gathered on access (the embedder reads each once), so they never all sit in memory."""
+
+    def __init__(self, frame_ids: list[torch.Tensor], gather: Callable[[torch.Tensor], torch.Tensor]):
+        self.frame_ids, self.gather = frame_ids, gather
+
+    def __len__(self) -> int:
+        return len(self.frame_ids)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.gather(self.frame_ids[i])
+
+
+def _frame_ids(valid: torch.Tensor, has_initial: bool, members: torch.Tensor) -> torch.Tensor:
+    """Ids of a video's frames in ``[initial frames (N, or none) ; steps frames flattened (N*T*K)]``.
+
+    ``members`` are the rows whose frames form the video, in order: one row for a rollout's own video;
+    for the reference's merged group video, all rows of the group: their initial frames first, then
+    chunk step by chunk step, each row's frames of that step in turn (its lockstep append order).
+    """
+    n, t, k = valid.shape
+    initial_ids = members if has_initial else members[:0]
+    offset = n if has_initial else 0
+    pos = valid[members].transpose(0, 1).nonzero()  # (step, member j, sub-frame), step-major
+    return torch.cat([initial_ids, offset + members[pos[:, 1]] * (t * k) + pos[:, 0] * k + pos[:, 2]])
+
+
+def trajectory_videos(
+    tensordict: TensorDictBase,
+    rows: Sequence[Sequence[int]],
+    *,
+    initial_frame_key: NestedKey = "initial_frame",
+    frames_key: NestedKey = ("steps", "next", "frames"),
+    frames_mask_key: NestedKey = ("steps", "next", "frames_mask"),
+    step_mask_key: NestedKey = ("steps", "mask"),
+    num_frames: int | None = None,
+) -> Sequence[torch.Tensor]:
+    """The videos of a trajectory batch: for each entry of ``rows``, uint8 ``[F, 3, H, W]`` frames.
+
+    A trajectory's video is its ``initial_frame`` followed by the valid frames (``frames_mask``) of its
+    executed decisions (``step_mask``) in order. An entry of several rows merges them as the reference
+    does for the rollouts of one prompt (initial frames, then step by step, row by row). With
+    ``num_frames``, each video is returned already sampled to ``num_frames`` frames exactly as
+    :class:`~srpo_rl.models.vjepa2.VideoEmbedder` samples (``linspace`` or looped), which it then keeps
+    as they are. Videos are gathered lazily, on indexing.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> frames = torch.arange(1, 9, dtype=torch.uint8).view(2, 2, 2, 1, 1, 1).expand(2, 2, 2, 3, 1, 1)
+        >>> frames_mask = torch.tensor([[[True, True], [True, False]], [[True, True], [True, True]]])
+        >>> td = TensorDict(
+        ...     initial_frame=torch.zeros(2, 3, 1, 1, dtype=torch.uint8),
+        ...     steps=TensorDict(
+        ...         mask=torch.tensor([[True, True], [True, False]]),
+        ...         next=TensorDict(frames=frames, frames_mask=frames_mask, batch_size=[2, 2]),
+        ...         batch_size=[2, 2]),
+        ...     batch_size=[2])
+        >>> [v[:, 0, 0, 0].tolist() for v in trajectory_videos(td, [[0], [1], [0, 1]])]
+        [[0, 1, 2, 3], [0, 5, 6], [0, 0, 1, 2, 5, 6, 3]]
+    """
+    frames = tensordict.get(frames_key)
+    n, t, k = frames.shape[:3]
+    flat = frames.reshape(n * t * k, *frames.shape[3:])
+    valid = tensordict.get(frames_mask_key).bool() & tensordict.get(step_mask_key).bool().unsqueeze(-1)
+    initial = tensordict.get(initial_frame_key, None)
+    if initial is None:
+        initial = flat[:0]
+    elif initial.shape[1:] != flat.shape[1:]:
+        raise ValueError(
+            f"initial frames {tuple(initial.shape[1:])} and step frames {tuple(flat.shape[1:])} differ in shape"
+        )
+    valid, frame_ids = valid.cpu(), []
+    for members in rows:
+        ids = _frame_ids(valid, len(initial) > 0, torch.as_tensor(list(members), dtype=torch.long))
+        if num_frames is not None and len(ids):
+            ids = ids[torch.as_tensor(sample_frame_indices(len(ids), num_frames))]
+        frame_ids.append(ids)
+
+    def gather(ids: torch.Tensor) -> torch.Tensor:
+        from_initial = ids < len(initial)
+        out = flat.new_empty((len(ids), *flat.shape[1:]))
+        out[from_initial] = initial[ids[from_initial].to(initial.device)]
+        out[~from_initial] = flat[(ids[~from_initial] - len(initial)).to(flat.device)]
+        return out
+
+    return _LazyVideos(frame_ids, gather)
+
+
+# ---------------------------------------------------------------------------------------------- transform
+class SRPOProgressReward(Transform):
+    """SRPO progress reward on a trajectory batch (batch ``[N]``, one row per trajectory).
+
+    Writes ``"progress"`` (the score, float32 ``[N]``: 1 for a success, in ``[0, 0.6)`` for a failure)
+    and ``"reward"`` (``reward_coef * progress``). Works on any batch holding success flags, task ids
+    and frames in the layout of :func:`srpo_rl.rollout.collect_rollouts` (any env that yields frames and
+    ``success``): call it on a batch, pass it as a collector ``postproc``, or append it to a replay
+    buffer.
+
+    Args:
+        embedder: a :class:`~srpo_rl.models.vjepa2.VideoEmbedder` (or any callable mapping a sequence of
+            uint8 ``[F, 3, H, W]`` videos to ``[len, D]`` embeddings, with a ``num_frames`` attribute).
+            Not needed with ``binary=True``.
+
+    Keyword Args:
+        reward_coef (float): reward = ``reward_coef * score`` (recipe: 5.0).
+        binary (bool): the plain success reward ``reward_coef * success``, no embedding (GRPO).
+        video_key_by (str): ``"rollout"`` (default): each trajectory is embedded from its own frames.
+            ``"group"``: the reference's behaviour, where the rollouts of one prompt run in lockstep and
+            append their frames to one shared video (initial frames, then chunk step by chunk step, row
+            by row in rollout-id order); every rollout of the group gets that merged video's embedding.
+            All failures of a group then score the same, and the shaping cancels in the GRPO advantage.
+        formula (str): ``"reference"`` or ``"paper"``, see :func:`srpo_progress_scores`.
+        alpha (float): the paper formula's weight.
+
+    Only trajectories marked by ``keep`` (the key, or the ``keep`` argument of ``forward``; default: all
+    rows) are embedded and scored, and only kept successes serve as references. Rows not kept get the
+    binary score (``success``). Trajectories are grouped by task: ``task_id``, with ``suite`` when the
+    batch has it.
+
+    Keys (``set_keys``): ``success``, ``task_id``, ``suite`` (optional), ``group_id``, ``rollout_id``
+    (group mode), ``initial_frame``, ``frames`` (``("steps", "next", "frames")``), ``frames_mask``
+    (``("steps", "next", "frames_mask")``), ``step_mask`` (``("steps", "mask")``), ``keep`` (optional)
+    in; ``reward``, ``progress`` out.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> batch = TensorDict(success=torch.tensor([True, False]), task_id=torch.tensor([0, 0]), batch_size=[2])
+        >>> SRPOProgressReward(binary=True)(batch)["reward"]
+        tensor([5., 0.])
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Tensordict keys of :class:`SRPOProgressReward`, renamed with ``set_keys(name=key)``."""
+
+        success: NestedKey = "success"
+        task_id: NestedKey = "task_id"
+        suite: NestedKey = "suite"
+        group_id: NestedKey = "group_id"
+        rollout_id: NestedKey = "rollout_id"
+        initial_frame: NestedKey = "initial_frame"
+        frames: NestedKey = ("steps", "next", "frames")
+        frames_mask: NestedKey = ("steps", "next", "frames_mask")
+        step_mask: NestedKey = ("steps", "mask")
+        keep: NestedKey = "keep"
+        reward: NestedKey = "reward"
+        progress: NestedKey = "progress"
+
+    def __init__(
+        self,
+        embedder: nn.Module | Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None,
+        *,
+        reward_coef: float = 5.0,
+        binary: bool = False,
+        video_key_by: Literal["rollout", "group"] = "rollout",
+        formula: Literal["reference", "paper"] = "reference",
+        alpha: float = 0.8,
+    ) -> None:
+        if video_key_by not in VIDEO_KEY_BY:
+            raise ValueError(f"unknown video_key_by {video_key_by!r}; choose one of {', '.join(VIDEO_KEY_BY)}")
+        if formula not in FORMULAS:
+            raise ValueError(f"unknown formula {formula!r}; choose one of {', '.join(FORMULAS)}")
+        if embedder is None and not binary:
+            raise ValueError("the SRPO progress reward needs an embedder (a VideoEmbedder); pass one or binary=True")
+        self.tensor_keys = self._AcceptedKeys()
+        super().__init__(in_keys=self._keys_read(), out_keys=[self.tensor_keys.reward, self.tensor_keys.progress])
+        self.embedder = embedder
+        self.reward_coef, self.binary = reward_coef, binary
+        self.video_key_by, self.formula, self.alpha = video_key_by, formula, alpha
+
+    def _keys_read(self) -> list[NestedKey]:
+        k = self.tensor_keys
+        return [k.success, k.task_id, k.group_id, k.initial_frame, k.frames, k.frames_mask, k.step_mask]
+
+    def set_keys(self, **kwargs: NestedKey) -> SRPOProgressReward:
+        """Renames tensordict keys, e.g. ``set_keys(success=("next", "success"))``."""
+        accepted = [field.name for field in dataclasses.fields(self._AcceptedKeys)]
+        for name, key in kwargs.items():
+            if name not in accepted:
+                raise ValueError(f"unknown key name {name!r}; choose one of {', '.join(accepted)}")
+            setattr(self.tensor_keys, name, key)
+        self.in_keys = self._keys_read()
+        self.out_keys = [self.tensor_keys.reward, self.tensor_keys.progress]
+        return self
+
+    def _get(self, tensordict: TensorDictBase, name: str) -> torch.Tensor:
+        key = getattr(self.tensor_keys, name)
+        value = tensordict.get(key, None)
+        if value is None:
+            raise KeyError(f"{name} key {key!r} not found in the batch; rename it with set_keys({name}=...)")
+        return value
+
+    def _task_keys(self, tensordict: TensorDictBase) -> list[Hashable]:
+        task_id = self._get(tensordict, "task_id").reshape(-1).tolist()
+        suite = tensordict.get(self.tensor_keys.suite, None)
+        if suite is None:
+            return task_id
+        # a tensor of suite ids, or strings (NonTensorData / NonTensorStack)
+        suite = suite.reshape(-1).tolist() if isinstance(suite, torch.Tensor) else suite.tolist()
+        return list(zip(suite, task_id, strict=True))
+
+    def _embed(self, tensordict: TensorDictBase, kept: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[len(kept), D]`` of the kept rows (one video per rollout, or per group)."""
+        if self.video_key_by == "rollout":
+            videos_rows = [[int(i)] for i in kept]
+        else:
+            group = self._get(tensordict, "group_id").reshape(-1)[kept].cpu()
+            order = self._get(tensordict, "rollout_id").reshape(-1)[kept].cpu().argsort(stable=True)
+            videos_rows = [kept[order[group[order] == g]].tolist() for g in group.unique()]
+        for name in ("frames", "frames_mask", "step_mask"):
+            self._get(tensordict, name)  # fail with the key's name before any work
+        k = self.tensor_keys
+        videos = trajectory_videos(
+            tensordict, videos_rows, initial_frame_key=k.initial_frame, frames_key=k.frames,
+            frames_mask_key=k.frames_mask, step_mask_key=k.step_mask,
+            num_frames=getattr(self.embedder, "num_frames", None),
+        )
+        video_emb = torch.as_tensor(self.embedder(videos), dtype=torch.float32).cpu()
+        # every row gets the embedding of the video it belongs to
+        row_of = {int(r): i for i, rows in enumerate(videos_rows) for r in rows}
+        return video_emb[[row_of[int(r)] for r in kept]]
+
+    def forward(self, tensordict: TensorDictBase, keep: torch.Tensor | None = None) -> TensorDictBase:
+        success = self._get(tensordict, "success").reshape(-1).bool()
+        score = success.to(torch.float64).cpu()
+        if not self.binary:
+            if keep is None:
+                keep = tensordict.get(self.tensor_keys.keep, None)
+            keep = torch.ones_like(success) if keep is None else keep.reshape(-1).bool()
+            kept = keep.cpu().nonzero().squeeze(-1)
+            if len(kept):
+                tasks = self._task_keys(tensordict)
+                score[kept] = torch.from_numpy(srpo_progress_scores(
+                    self._embed(tensordict, kept), success[kept].cpu(), [tasks[i] for i in kept.tolist()],
+                    formula=self.formula, alpha=self.alpha,
+                ))
+        score = score.to(torch.float32).to(success.device)
+        tensordict.set(self.tensor_keys.progress, score)
+        tensordict.set(self.tensor_keys.reward, self.reward_coef * score)
+        return tensordict
+
+    def _call(self, tensordict: TensorDictBase) -> TensorDictBase:
+        return self.forward(tensordict)
+
+    def extra_repr(self) -> str:
+        mode = "binary" if self.binary else f"video_key_by={self.video_key_by!r}, formula={self.formula!r}"
+        return f"reward_coef={self.reward_coef}, {mode}"

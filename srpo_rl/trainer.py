@@ -1,0 +1,104 @@
+"""The SRPO policy update: ppo epochs x mini-batches of trajectories, exact gradient accumulation.
+
+A mini-batch is ``ppo_mini_batch_size`` groups (x ``rollout.n`` trajectories, the recipe's convention) split
+over the ranks; each rank runs it as micro-batches of ``micro_batch_trajectories`` trajectories, and a
+trajectory's decision steps as slices of ``traj_mini_batch_size`` (one forward/backward each). The loss of
+every token is weighted once for the whole mini-batch (:meth:`SRPOLoss.add_token_weights`), so the sum of
+the micro-batch gradients is exactly the mini-batch gradient of the recipe's aggregation, whatever the
+slicing. Then one gradient clip and one optimizer step per mini-batch.
+
+Example:
+    >>> metrics = update_policy(loss_module, optimizer, batch, mini_batch_trajectories=32)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+__all__ = ["executed_steps", "update_policy"]
+
+
+def executed_steps(batch: TensorDictBase) -> TensorDictBase:
+    """Flattens a trajectory batch ``[N]`` into its executed decision steps ``[M]`` with their rollout ids.
+
+    Reads ``("steps", "mask")`` and copies ``rollout_id`` to every step (the loss aggregates per trajectory).
+    """
+    steps = batch.get("steps")
+    ids = batch.get("rollout_id").unsqueeze(-1).expand(steps.batch_size)
+    steps = steps.clone(False)
+    steps.set("rollout_id", ids)
+    return steps[steps.get("mask")]
+
+
+def _slices(steps: TensorDictBase, micro_trajectories: int, step_slice: int):
+    """Micro-batches of whole trajectories, each cut into slices of at most ``step_slice`` decision steps."""
+    ids = steps.get("rollout_id")
+    order = torch.unique(ids)
+    for start in range(0, len(order), micro_trajectories):
+        chosen = torch.isin(ids, order[start : start + micro_trajectories])
+        micro = steps[chosen]
+        for s in range(0, micro.batch_size[0], step_slice):
+            yield micro[s : s + step_slice]
+
+
+def update_policy(
+    loss_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: TensorDictBase,
+    *,
+    mini_batch_trajectories: int,
+    micro_batch_trajectories: int = 1,
+    traj_mini_batch_size: int = 16,
+    ppo_epochs: int = 1,
+    grad_clip: float | None = 1.0,
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Runs ``ppo_epochs`` passes over this rank's trajectories and returns averaged diagnostics.
+
+    ``batch`` must carry the group advantages (``("steps", "advantage")`` and ``("steps", "token_mask")``).
+    Returns the mean over optimizer steps of every scalar the loss reports, plus ``grad_norm`` and
+    ``optimizer_steps``.
+    """
+    if mini_batch_trajectories < 1 or micro_batch_trajectories < 1 or traj_mini_batch_size < 1:
+        raise ValueError(
+            "mini_batch_trajectories, micro_batch_trajectories and traj_mini_batch_size must be >= 1, got "
+            f"{mini_batch_trajectories}, {micro_batch_trajectories}, {traj_mini_batch_size}"
+        )
+    params = [p for p in loss_module.parameters() if p.requires_grad]
+    sums: dict[str, float] = defaultdict(float)
+    steps_done = 0
+    num_trajectories = batch.batch_size[0]
+    for _ in range(ppo_epochs):
+        order = torch.randperm(num_trajectories, generator=generator) if shuffle else torch.arange(num_trajectories)
+        for start in range(0, num_trajectories, mini_batch_trajectories):
+            mini = executed_steps(batch[order[start : start + mini_batch_trajectories]])
+            mini = loss_module.add_token_weights(mini)
+            optimizer.zero_grad(set_to_none=True)
+            for piece in _slices(mini, micro_batch_trajectories, traj_mini_batch_size):
+                out = loss_module(piece.to(device) if device is not None else piece)
+                loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+                loss.backward()
+                _accumulate(sums, out, weight=piece.batch_size[0] / mini.batch_size[0])
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if math.isfinite(norm):
+                optimizer.step()
+            sums["grad_norm"] += norm
+            sums["skipped_nonfinite_grad"] += float(not math.isfinite(norm))
+            steps_done += 1
+    metrics = {k: v / max(steps_done, 1) for k, v in sums.items()}
+    metrics["optimizer_steps"] = steps_done
+    return metrics
+
+
+def _accumulate(sums: dict[str, float], out: TensorDict, weight: float) -> None:
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            # Losses are already weighted for the whole mini-batch: they add up; diagnostics are averaged.
+            sums[key] += float(value.detach()) * (1.0 if key.startswith("loss_") else weight)
