@@ -1,0 +1,140 @@
+"""Throughput of the SRPO reward's video embedder (V-JEPA 2): trajectories per second.
+
+Compares fp16 autocast on/off, the encoder resident on the device vs offloaded to the CPU between
+calls, and videos per forward. The baseline is the recipe's setting (fp16, resident, ``--batch``
+videos per forward); every row reports its ratio to it.
+
+    python benchmarks/reward_throughput.py            # ViT-g/16 at 384 px, 64 frames, random weights, CUDA
+    python benchmarks/reward_throughput.py --tiny     # a tiny V-JEPA 2 on the CPU (checks the script)
+
+Prints a table, then one JSON line with every figure, the machine, the versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sklearn
+import torch
+import torchrl
+import transformers
+from transformers import VJEPA2Config, VJEPA2Model
+
+from srpo_rl.models.vjepa2 import VideoEmbedder, load_vjepa2, write_tiny_vjepa2_checkpoint
+
+
+def vitg_384(device: torch.device) -> VJEPA2Model:
+    """ViT-g/16 at 384 px as the recipe builds it, random weights (N(0, 0.02)), fp32, on ``device``."""
+    config = VJEPA2Config(
+        patch_size=16, crop_size=384, frames_per_clip=64, tubelet_size=2, hidden_size=1408,
+        num_attention_heads=22, num_hidden_layers=40, mlp_ratio=48 / 11, pred_num_hidden_layers=0,
+    )
+    with torch.device("meta"):
+        model = VJEPA2Model(config)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.02) if p.ndim > 1 else (p.fill_(1.0) if "norm" in name else p.zero_())
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
+
+
+def measure(embedder: VideoEmbedder, videos: list[torch.Tensor], repeats: int) -> tuple[float, float | None]:
+    """Median trajectories / s over ``repeats`` calls on all ``videos`` (after one warm-up call)."""
+    cuda = embedder.device.type == "cuda"
+    embedder(videos[: min(2, len(videos))])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        embedder(videos)
+        if cuda:
+            torch.cuda.synchronize()
+        rates.append(len(videos) / (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return statistics.median(rates), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random V-JEPA 2 on the CPU")
+    parser.add_argument("--trajectories", type=int, default=None, help="videos per measured call (default 32; tiny 8)")
+    parser.add_argument("--video-len", type=int, default=200, help="frames per trajectory video before sampling")
+    parser.add_argument("--frame-size", type=int, default=256, help="side of the rendered frames")
+    parser.add_argument("--batch", type=int, default=8, help="videos per encoder forward in the batched rows")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    n = args.trajectories or (8 if args.tiny else 32)
+    if args.tiny:
+        img_size, tmp = 48, tempfile.mkdtemp()
+        write_tiny_vjepa2_checkpoint(Path(tmp) / "tiny.pt")
+        model, model_name = load_vjepa2(Path(tmp) / "tiny.pt", img_size=img_size), "tiny (128-d, 2 blocks)"
+    else:
+        img_size, model, model_name = 384, vitg_384(device), "ViT-g/16 384px (random weights)"
+    gen = torch.Generator().manual_seed(0)
+    size = args.frame_size
+    videos = [torch.randint(0, 256, (args.video_len, 3, size, size), dtype=torch.uint8, generator=gen) for _ in range(n)]
+
+    rows = [  # (name, fp16, offload, videos per forward); the first is the baseline
+        ("fp16, resident, batched (recipe)", True, False, args.batch),
+        ("fp32, resident, batched", False, False, args.batch),
+        ("fp16, resident, one video per forward", True, False, 1),
+        ("fp16, offloaded, batched", True, True, args.batch),
+    ]
+    results = []
+    for name, fp16, offload, batch in rows:
+        embedder = VideoEmbedder(model, img_size=img_size, num_frames=64, enable_fp16=fp16, offload=offload,
+                                 device=device, batch_size=batch)
+        rate, peak = measure(embedder, videos, args.repeats)
+        results.append({"config": name, "fp16": fp16, "offload": offload, "batch_size": batch,
+                        "traj_per_s": rate, "s_per_512_traj": 512 / rate, "peak_gpu_gib": peak})
+        model.to(device)  # an offloaded row leaves the shared encoder on the CPU
+    base = results[0]["traj_per_s"]
+    for r in results:
+        r["ratio_vs_baseline"] = r["traj_per_s"] / base
+
+    print(f"V-JEPA 2 reward embedder: {model_name}, {img_size}px, 64 frames, {n} videos of {args.video_len} "
+          f"frames {size}x{size}, device {device} ({machine()['gpu'] or machine()['cpu']})")
+    print(f"{'config':40s} {'traj/s':>9s} {'s/512 traj':>11s} {'vs baseline':>12s} {'peak GiB':>9s}")
+    for r in results:
+        peak = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
+        print(f"{r['config']:40s} {r['traj_per_s']:9.2f} {r['s_per_512_traj']:11.1f} "
+              f"{r['ratio_vs_baseline']:11.2f}x {peak:>9s}")
+    print(json.dumps({
+        "benchmark": "reward_throughput",
+        "model": model_name, "img_size": img_size, "num_frames": 64, "trajectories": n,
+        "video_len": args.video_len, "frame_size": size, "device": str(device),
+        "baseline": results[0]["config"], "results": results, "machine": machine(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "torchrl": torchrl.__version__,
+                     "sklearn": sklearn.__version__, "cuda": torch.version.cuda},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }))
+
+
+if __name__ == "__main__":
+    main()

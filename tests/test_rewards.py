@@ -1,0 +1,327 @@
+import numpy as np
+import pytest
+import torch
+from tensordict import NonTensorStack, TensorDict
+
+from srpo_rl.models.vjepa2 import VideoEmbedder, write_tiny_vjepa2_checkpoint
+from srpo_rl.rewards import SRPOProgressReward, srpo_progress_scores, trajectory_videos
+
+T, K, H = 4, 2, 32  # decisions, frames per decision, frame side
+
+
+# ------------------------------------------------------------------ plain numpy reference pieces
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def reference_failure_scores(dist):
+    """0.6 * sigmoid(10 * (0.5 - d_hat)), d_hat min-max over the failures (0.5 if the range < 1e-6)."""
+    lo, hi = min(dist), max(dist)
+    d_hat = [0.5 if hi - lo < 1e-6 else (d - lo) / (hi - lo) for d in dist]
+    return np.array([0.6 * sigmoid(10 * (0.5 - d)) for d in d_hat])
+
+
+def nearest(fail, centres):
+    return np.array([min(np.sqrt(((f - c) ** 2).sum()) for c in centres) for f in fail])
+
+
+def grpo_advantages(reward, group):
+    """(r - mean_g) / (std_g + 1e-6), unbiased std, per group."""
+    adv = np.zeros(len(reward))
+    for g in set(group.tolist()):
+        rows = np.flatnonzero(group == g)
+        r = reward[rows].astype(np.float64)
+        std = r.std(ddof=1) if len(r) > 1 else 1.0
+        adv[rows] = (r - r.mean()) / (std + 1e-6)
+    return adv
+
+
+# ------------------------------------------------------------------ the score function
+def test_clusters_of_near_duplicate_successes_are_the_references():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=(3, 16)) * 3
+    tiny = rng.normal(size=(2, 16)) * 1e-3
+    succ = np.stack([a, a + tiny[0], b, b + tiny[1], c])  # two tight pairs and one lone success
+    # precondition: in standardised space only the pairs lie within eps = 0.5
+    z = (succ - succ.mean(0)) / succ.std(0)
+    pair = np.sqrt(((z[:, None] - z[None]) ** 2).sum(-1))
+    close = pair < 0.5
+    assert close.sum() == 5 + 4 and close[0, 1] and close[2, 3]  # the diagonal and the two pairs only
+
+    fail = rng.normal(size=(4, 16)) * 3
+    emb = np.concatenate([succ, fail]).astype(np.float32)
+    scores = srpo_progress_scores(emb, [True] * 5 + [False] * 4, task=["t"] * 9)
+
+    centres = [(a + a + tiny[0]) / 2, (b + b + tiny[1]) / 2]  # the lone success c is DBSCAN noise
+    expected = reference_failure_scores(nearest(fail, centres))
+    np.testing.assert_allclose(scores[:5], 1.0)
+    np.testing.assert_allclose(scores[5:], expected, rtol=1e-5)
+
+
+def test_mean_fallback_and_per_task_references():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(9, 8)).astype(np.float32)
+    success = np.array([1, 1, 1, 0, 0, 0, 1, 0, 0], dtype=bool)
+    task = [("libero_goal", 0)] * 6 + [("libero_goal", 1)] * 3
+    scores = srpo_progress_scores(emb, success, task)
+    # task 0: successes far apart -> no cluster -> the mean success is the reference
+    exp0 = reference_failure_scores(nearest(emb[3:6].astype(np.float64), [emb[:3].astype(np.float64).mean(0)]))
+    # task 1: one success -> it is the reference; its own failures only
+    exp1 = reference_failure_scores(nearest(emb[7:].astype(np.float64), [emb[6].astype(np.float64)]))
+    np.testing.assert_allclose(scores, [1, 1, 1, *exp0, 1, *exp1], rtol=1e-5)
+    assert scores[3:6].max() == pytest.approx(0.6 * sigmoid(5)) and scores[3:6].min() == pytest.approx(0.6 * sigmoid(-5))
+
+
+def test_paper_formula_rewards_the_closest_failure_most():
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(6, 8))
+    success = np.array([1, 0, 0, 1, 0, 0], dtype=bool)
+    scores = srpo_progress_scores(emb, success, [0] * 6, formula="paper", alpha=0.8)
+    d = nearest(emb[~success], [emb[success].mean(0)])
+    expected = 0.8 * sigmoid(-(d - d.mean()) / d.std())
+    np.testing.assert_allclose(scores[~success], expected, rtol=1e-6)
+    assert np.argmax(scores[~success]) == np.argmin(d)
+    # equal distances: 0 inside the sigmoid (the success is not all-zero: that would make it invalid)
+    two = np.array([[5.0, 5.0], [6.0, 5.0], [4.0, 5.0]])
+    np.testing.assert_allclose(srpo_progress_scores(two, [1, 0, 0], [0] * 3, formula="paper"), [1, 0.4, 0.4])
+
+
+@pytest.mark.parametrize(
+    "success, expected",
+    [
+        ([1, 1, 1], [1.0, 1.0, 1.0]),  # all succeed: nothing to shape
+        ([0, 0, 0], [0.0, 0.0, 0.0]),  # none succeed: failures stay 0 (plain binary)
+        ([1, 0, 1], [1.0, 0.3, 1.0]),  # one failure: zero range -> d_hat 0.5 -> 0.6 * sigmoid(0)
+    ],
+)
+def test_edge_cases(success, expected):
+    emb = np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    np.testing.assert_allclose(srpo_progress_scores(emb, success, [7] * 3), expected, rtol=1e-6)
+
+
+def test_invalid_rows_score_zero_and_are_no_reference():
+    emb = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+    success = [True, True, False, False]  # row 0: a success with no frames (all-zero embedding)
+    scores = srpo_progress_scores(emb, success, [0] * 4)
+    np.testing.assert_allclose(scores, [0.0, 1.0, 0.6 * sigmoid(5), 0.6 * sigmoid(-5)], rtol=1e-6)
+    explicit = srpo_progress_scores(emb, success, [0] * 4, valid=[True, True, True, False])
+    np.testing.assert_allclose(explicit, [1.0, 1.0, 0.3, 0.0], rtol=1e-6)
+
+
+def test_scores_are_deterministic_and_order_free():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(16, 32)).astype(np.float32)
+    emb[5] = emb[4] + 1e-4  # a cluster
+    success = rng.random(16) < 0.5
+    success[[4, 5]] = True
+    task = rng.integers(0, 2, 16).tolist()
+    first = srpo_progress_scores(emb, success, task)
+    np.testing.assert_array_equal(first, srpo_progress_scores(emb.copy(), success.copy(), list(task)))
+    perm = rng.permutation(16)
+    permuted = srpo_progress_scores(emb[perm], success[perm], [task[i] for i in perm])
+    np.testing.assert_allclose(permuted, first[perm], rtol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown formula 'papr'; choose one of reference, paper"):
+        srpo_progress_scores(np.zeros((2, 3)), [1, 0], [0, 0], formula="papr")
+    with pytest.raises(ValueError, match="same N trajectories"):
+        srpo_progress_scores(np.zeros((2, 3)), [1, 0, 1], [0, 0, 0])
+    with pytest.raises(ValueError, match="unknown video_key_by 'prompt'; choose one of rollout, group"):
+        SRPOProgressReward(binary=True, video_key_by="prompt")
+    with pytest.raises(ValueError, match="needs an embedder"):
+        SRPOProgressReward(None)
+    with pytest.raises(ValueError, match="unknown key name 'sucess'"):
+        SRPOProgressReward(binary=True).set_keys(sucess="done")
+
+
+# ------------------------------------------------------------------ the transform on trajectory batches
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vjepa2") / "tiny.pt"
+    write_tiny_vjepa2_checkpoint(path, seed=1)
+    return VideoEmbedder(path, img_size=32, num_frames=16, enable_fp16=False, device="cpu", batch_size=4)
+
+
+class CountingEmbedder:
+    """The real embedder, counting the videos it is asked to embed."""
+
+    def __init__(self, embedder):
+        self.embedder, self.num_frames, self.calls = embedder, embedder.num_frames, []
+
+    def __call__(self, videos):
+        self.calls.append(len(videos))
+        return self.embedder(videos)
+
+
+def make_batch(success, group_id, task_id, decisions, last_frames, seed=0):
+    """A trajectory batch in the layout of collect_rollouts; frames drift with the step (progress)."""
+    n = len(success)
+    gen = torch.Generator().manual_seed(seed)
+    initial = torch.randint(0, 256, (n, 3, H, H), dtype=torch.uint8, generator=gen)
+    drift = torch.randint(0, 256, (n, 1, 1, 3, 1, 1), generator=gen)
+    step = torch.arange(T * K).view(1, T, K, 1, 1, 1)
+    frames = ((initial.view(n, 1, 1, 3, H, H).int() + (step + 1) * drift) % 256).to(torch.uint8)
+    mask = torch.arange(T).expand(n, T) < torch.tensor(decisions).unsqueeze(-1)
+    frames_mask = mask.unsqueeze(-1).expand(n, T, K).clone()
+    for i, d in enumerate(decisions):
+        if d:
+            frames_mask[i, d - 1, last_frames[i]:] = False  # the episode ended inside its last chunk
+    chunk_steps = frames_mask.sum(-1) * 4
+    return TensorDict(
+        rollout_id=torch.arange(n), group_id=torch.tensor(group_id), task_id=torch.tensor(task_id),
+        init_state_id=torch.tensor(group_id), success=torch.tensor(success, dtype=torch.bool),
+        truncated=~torch.tensor(success, dtype=torch.bool), failed=torch.zeros(n, dtype=torch.bool),
+        num_steps=chunk_steps.sum(-1), num_chunks=mask.sum(-1), initial_frame=initial,
+        steps=TensorDict(
+            action_tokens=torch.zeros(n, T, 8, 7, dtype=torch.long),
+            action_log_prob=torch.zeros(n, T, 8, 7),
+            action=torch.zeros(n, T, 8, 7),
+            mask=mask,
+            next=TensorDict(frames=frames, frames_mask=frames_mask, chunk_steps=chunk_steps, batch_size=[n, T]),
+            batch_size=[n, T],
+        ),
+        batch_size=[n],
+    )
+
+
+# 3 groups of 4: groups 0 and 1 share task 0 (references are per task); row 9 never acted (one frame)
+SUCCESS = [1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0]
+GROUP = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+TASK = [0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 3]
+DECISIONS = [2, 4, 3, 1, 3, 2, 4, 4, 2, 0, 1, 3]
+LAST = [1, 2, 2, 1, 2, 1, 2, 1, 2, 0, 1, 2]
+
+
+@pytest.fixture()
+def batch():
+    return make_batch(SUCCESS, GROUP, TASK, DECISIONS, LAST)
+
+
+def manual_video(batch, rows):
+    """Plain loops: initial frames, then step by step, each row's valid frames of that step."""
+    frames, fmask, mask = batch["steps", "next", "frames"], batch["steps", "next", "frames_mask"], batch["steps", "mask"]
+    out = [batch["initial_frame"][r] for r in rows]
+    for t in range(T):
+        for r in rows:
+            if mask[r, t]:
+                out += [frames[r, t, k] for k in range(K) if fmask[r, t, k]]
+    return torch.stack(out)
+
+
+def test_trajectory_videos_follow_the_contract_layout(batch):
+    rows = [[0], [9], [3], [4, 5, 6, 7]]
+    videos = trajectory_videos(batch, rows)
+    for got, r in zip(videos, rows, strict=True):
+        torch.testing.assert_close(got, manual_video(batch, r))
+    assert videos[1].shape[0] == 1  # never acted: its initial frame only
+    assert videos[0].shape[0] == 1 + 2 + 1  # initial, two frames of step 0, one of step 1
+
+
+def test_full_path_with_the_tiny_encoder(batch, embedder):
+    out = SRPOProgressReward(embedder)(batch.clone())
+    emb = embedder([manual_video(batch, [i]) for i in range(len(SUCCESS))])
+    expected = srpo_progress_scores(emb, SUCCESS, TASK)
+    assert out["reward"].dtype == torch.float32 and out["reward"].shape == (12,)
+    np.testing.assert_allclose(out["progress"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["reward"].numpy(), 5.0 * expected, rtol=1e-5, atol=1e-6)
+    failures = out["progress"][~out["success"]]
+    assert (failures > 0).all() and (failures < 0.6).all() and out["progress"][out["success"]].eq(1).all()
+    for task in set(TASK):  # per-rollout videos: distinct progress within a task
+        fails = out["progress"][(torch.tensor(TASK) == task) & ~out["success"]].tolist()
+        assert len(set(fails)) == len(fails)
+
+
+def test_padding_and_masked_frames_are_ignored(batch, embedder):
+    reward = SRPOProgressReward(embedder)
+    noisy = batch.clone()
+    valid = noisy["steps", "next", "frames_mask"] & noisy["steps", "mask"].unsqueeze(-1)
+    noise = torch.randint(0, 256, noisy["steps", "next", "frames"].shape, dtype=torch.uint8)
+    noisy["steps", "next", "frames"] = torch.where(valid[..., None, None, None], noisy["steps", "next", "frames"], noise)
+    torch.testing.assert_close(reward(noisy)["reward"], reward(batch.clone())["reward"])
+
+
+def test_deterministic(batch, embedder):
+    reward = SRPOProgressReward(embedder)
+    torch.testing.assert_close(reward(batch.clone())["reward"], reward(batch.clone())["reward"], rtol=0, atol=0)
+
+
+def test_only_kept_groups_are_embedded(batch, embedder):
+    counting = CountingEmbedder(embedder)
+    keep = torch.tensor(GROUP) != 1
+    out = SRPOProgressReward(counting)(batch.clone().set("keep", keep))
+    assert counting.calls == [8]
+    sub = SRPOProgressReward(embedder)(batch[keep].clone())
+    torch.testing.assert_close(out["reward"][keep], sub["reward"])
+    torch.testing.assert_close(out["progress"][~keep], batch["success"][~keep].float())  # not kept: binary
+    # the argument overrides the key
+    counting.calls.clear()
+    SRPOProgressReward(counting)(batch.clone(), keep=torch.tensor(GROUP) == 2)
+    assert counting.calls == [4]
+
+
+def test_binary_is_one_switch_away(batch):
+    out = SRPOProgressReward(binary=True, reward_coef=5.0)(batch.clone())
+    torch.testing.assert_close(out["reward"], 5.0 * batch["success"].float())
+
+
+def test_empty_frame_list_scores_zero(batch, embedder):
+    # no initial frame and a success that never acted: no frames, zero embedding, invalid -> 0
+    no_initial = batch.clone().exclude("initial_frame")
+    out = SRPOProgressReward(embedder)(no_initial)
+    assert out["progress"][9] == 0 and SUCCESS[9] == 1
+    assert out["progress"][10] == 1
+
+
+def test_suite_separates_tasks(batch, embedder):
+    alone = SRPOProgressReward(embedder)(batch[:4].clone())
+    ids = batch.clone().set("suite", torch.tensor([0] * 4 + [1] * 8))  # group 0 alone in suite 0
+    names = batch.clone().set("suite", NonTensorStack(*(["libero_goal"] * 4 + ["libero_10"] * 8)))
+    for both in (ids, names):
+        out = SRPOProgressReward(embedder)(both)
+        torch.testing.assert_close(out["progress"][:4], alone["progress"])
+
+
+def test_set_keys(batch, embedder):
+    renamed = batch.clone().rename_key_("success", "is_success")
+    out = SRPOProgressReward(embedder).set_keys(success="is_success", reward="shaped")(renamed)
+    torch.testing.assert_close(out["shaped"], SRPOProgressReward(embedder)(batch.clone())["reward"])
+    with pytest.raises(KeyError, match=r"set_keys\(success=...\)"):
+        SRPOProgressReward(embedder)(renamed)
+
+
+def test_group_videos_cancel_in_the_advantage_and_ours_do_not(batch, embedder):
+    group, binary = np.array(GROUP), 5.0 * np.array(SUCCESS, dtype=np.float64)
+    ref = SRPOProgressReward(embedder, video_key_by="group")(batch.clone())
+    ours = SRPOProgressReward(embedder, video_key_by="rollout")(batch.clone())
+
+    # the reference: every rollout of a group embeds the group's merged video
+    counting = CountingEmbedder(embedder)
+    SRPOProgressReward(counting, video_key_by="group")(batch.clone())
+    assert counting.calls == [3]
+    merged = embedder([manual_video(batch, [r for r in range(12) if GROUP[r] == g]) for g in range(3)])
+    expected = srpo_progress_scores(merged[GROUP], SUCCESS, TASK)
+    np.testing.assert_allclose(ref["progress"].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    for g in range(3):  # shaped failures of a group all get the same reward...
+        fails = ref["progress"][(torch.tensor(GROUP) == g) & ~batch["success"]]
+        assert torch.allclose(fails, fails[0])
+    assert ref["reward"].ne(torch.tensor(binary, dtype=torch.float32)).any()  # ...which is shaped
+    # ...so the group advantage equals the binary reward's: the shaping cancels
+    np.testing.assert_allclose(grpo_advantages(ref["reward"].double().numpy(), group), grpo_advantages(binary, group),
+                               atol=1e-4)
+    # per-rollout videos: the advantages carry the progress
+    diff = np.abs(grpo_advantages(ours["reward"].double().numpy(), group) - grpo_advantages(binary, group))
+    assert diff.max() > 0.1
+
+
+def test_as_a_replay_buffer_transform(batch, embedder):
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+    from torchrl.data.replay_buffers import SamplerWithoutReplacement
+
+    rb = ReplayBuffer(storage=LazyTensorStorage(12), sampler=SamplerWithoutReplacement(shuffle=False),
+                      batch_size=12, transform=SRPOProgressReward(embedder))
+    rb.extend(batch.clone())
+    sample = rb.sample()
+    direct = SRPOProgressReward(embedder)(batch.clone())
+    torch.testing.assert_close(sample["reward"], direct["reward"][sample["rollout_id"]])
