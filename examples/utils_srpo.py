@@ -145,7 +145,7 @@ def make_reward(cfg: DictConfig, info: DistInfo):
         return SRPOProgressReward(None, binary=True, reward_coef=alg.reward_coef)
     from srpo_rl.models.vjepa2 import VideoEmbedder, load_vjepa2
 
-    encoder = load_vjepa2(cfg.model.vjepa_path)
+    encoder = load_vjepa2(cfg.model.vjepa_path, img_size=emb.embedding_img_size, num_frames=emb.embedding_num_frames)
     embedder = VideoEmbedder(encoder, img_size=emb.embedding_img_size, num_frames=emb.embedding_num_frames,
                              enable_fp16=emb.embedding_enable_fp16 and info.device.type == "cuda",
                              offload=emb.embedding_model_offload, center_crop=emb.center_crop, device=info.device)
