@@ -1,0 +1,138 @@
+"""Chunked execution: one decision executes an action chunk, stopping inside it (numpy only).
+
+A chunk ``[chunk_len, action_dim]`` is executed in order, one env step per row, and stops early at
+success or when the episode reaches ``max_steps``. The reward needs frames at ``frame_stride``:
+frame ``j`` of a chunk is the frame after sub-step ``min((j + 1) * frame_stride, n)``, where ``n``
+is the number of sub-steps executed, and it is valid when ``j * frame_stride < n``. So there are
+``K = ceil(chunk_len / frame_stride)`` frame slots, ``frame_stride=1`` records every env step and
+``frame_stride=chunk_len`` one frame per chunk; the last valid frame is always the frame after
+the last executed step, which is also the policy's next image. Only these frames are rendered.
+
+Examples:
+    >>> num_frames(8, 1), num_frames(8, 8), num_frames(8, 3)
+    (8, 1, 3)
+    >>> frame_slots(8, 3, executed=5)  # (slot, sub-step) pairs rendered when 5 sub-steps run
+    [(0, 2), (1, 4)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ChunkResult", "frame_slots", "num_frames", "run_chunk", "validate_chunk"]
+
+
+def num_frames(chunk_len: int, frame_stride: int) -> int:
+    """Number of frame slots ``K`` of a chunk: ``ceil(chunk_len / frame_stride)``."""
+    if frame_stride < 1:
+        raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+    return math.ceil(chunk_len / frame_stride)
+
+
+def frame_slots(chunk_len: int, frame_stride: int, executed: int) -> list[tuple[int, int]]:
+    """The ``(slot, sub_step)`` pairs whose frame is kept when ``executed`` sub-steps ran."""
+    return [
+        (j, min((j + 1) * frame_stride, executed) - 1)
+        for j in range(num_frames(chunk_len, frame_stride))
+        if j * frame_stride < executed
+    ]
+
+
+def validate_chunk(actions: np.ndarray, chunk_len: int, action_dim: int, *, batch: bool = False) -> None:
+    """Raises a ValueError naming the problem when ``actions`` is not a valid chunk (or batch of them).
+
+    A valid chunk has shape ``[chunk_len, action_dim]`` (``[N, chunk_len, action_dim]`` with
+    ``batch=True``), a floating dtype, finite entries, all within ``[-1, 1]``.
+    """
+    expected = ("N", chunk_len, action_dim) if batch else (chunk_len, action_dim)
+    shape = tuple(actions.shape)
+    if len(shape) != len(expected) or shape[-2:] != expected[-2:]:
+        raise ValueError(f"action has shape {list(shape)}; expected [{', '.join(map(str, expected))}]")
+    if not np.issubdtype(actions.dtype, np.floating):
+        raise ValueError(f"action has dtype {actions.dtype}; expected a floating dtype (float32)")
+    bad = ~np.isfinite(actions)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = f"slot {index[0]} sub-step {index[1]} dim {index[2]}" if batch else f"sub-step {index[0]} dim {index[1]}"
+        raise ValueError(f"action is not finite at {where}: {actions[index]}; actions must be finite in [-1, 1]")
+    out = np.abs(actions) > 1.0
+    if out.any():
+        index = tuple(int(i) for i in np.argwhere(out)[0])
+        where = f"slot {index[0]} sub-step {index[1]} dim {index[2]}" if batch else f"sub-step {index[0]} dim {index[1]}"
+        raise ValueError(f"action {float(actions[index]):.6g} at {where} is outside the valid range [-1, 1]")
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk produced.
+
+    Attributes:
+        steps: sub-steps executed (``1..chunk_len``; fewer at success or ``max_steps``).
+        success: the task succeeded at the last executed sub-step.
+        truncated: the episode reached ``max_steps`` without success.
+        frames: ``uint8 [K, H, W, 3]`` frames (zeros where not valid), camera orientation.
+        frames_mask: ``bool [K]`` valid frames.
+        obs: the simulator's observation after the last executed sub-step.
+    """
+
+    steps: int
+    success: bool
+    truncated: bool
+    frames: np.ndarray
+    frames_mask: np.ndarray
+    obs: dict
+
+
+def run_chunk(
+    step: Callable[[np.ndarray, bool, bool], tuple[bool, dict, np.ndarray | None]],
+    render: Callable[[], np.ndarray],
+    actions: np.ndarray,
+    *,
+    frame_stride: int,
+    steps_left: int,
+    frame_shape: tuple[int, int, int],
+) -> ChunkResult:
+    """Executes ``actions`` in order through ``step`` and keeps the frames of :func:`frame_slots`.
+
+    Args:
+        step: ``step(action, want_frame, last) -> (success, obs, frame)``: one env step; it
+            renders the frame (returned, else ``None``) only when ``want_frame`` is true; ``last``
+            marks the last step planned (the policy's next observation). Whether a step is the
+            last is known in advance except at success, so ``render`` covers that case.
+        render: renders the current state's frame (used when success lands on a step whose
+            frame was not planned).
+        actions: ``[chunk_len, action_dim]``.
+        frame_stride: keep a frame every ``frame_stride`` sub-steps (and the last one).
+        steps_left: env steps left before ``max_steps`` (>= 1).
+        frame_shape: ``(H, W, 3)`` of a frame.
+    """
+    if steps_left < 1:
+        raise ValueError(f"the episode has no steps left (steps_left={steps_left}); reset it first")
+    chunk_len = len(actions)
+    frames = np.zeros((num_frames(chunk_len, frame_stride), *frame_shape), dtype=np.uint8)
+    frames_mask = np.zeros(len(frames), dtype=bool)
+    planned = min(chunk_len, steps_left)
+    success, obs = False, {}
+    for i in range(planned):
+        last = i == planned - 1
+        success, obs, frame = step(actions[i], last or (i + 1) % frame_stride == 0, last)
+        if success and frame is None:
+            frame = render()
+        if frame is not None:
+            frames[i // frame_stride] = frame
+            frames_mask[i // frame_stride] = True
+        if success:
+            break
+    steps = i + 1
+    return ChunkResult(
+        steps=steps,
+        success=success,
+        truncated=not success and steps == steps_left,
+        frames=frames,
+        frames_mask=frames_mask,
+        obs=obs,
+    )

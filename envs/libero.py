@@ -1,0 +1,451 @@
+"""LIBERO suites as one batched TorchRL env: N simulations, one worker process each.
+
+:func:`make_libero_env` returns a :class:`LiberoVecEnv` with ``batch_size=[num_envs]``. One
+``step`` executes one action chunk ``[action_chunks_len, 7]`` per slot and stops inside it at
+success or at ``max_steps``; each slot is reset on its own to a given ``(task, init state)``.
+
+Why not torchrl's ``LiberoEnv`` / ``LiberoWrapper`` + ``MultiAction`` directly
+(torchrl 0.14.1; the specs, ``EnvBase`` partial steps and partial resets are torchrl's):
+
+- ``LiberoEnv`` binds one task to an env instance for its lifetime; SRPO moves a finished slot to
+  the next pending ``(task, init state)`` at once, any task of the suite.
+- ``LiberoEnv`` ``torch.load``\\ s the upstream ``*.pruned_init`` files, which libero-pro (the
+  only PyPI LIBERO with assets) does not ship (it ships NPZ), and it writes a LIBERO config file
+  that points at a folder without assets when ``LIBERO_CONFIG_PATH`` is set.
+- robosuite renders every camera at every env step; here only the frames that are used are
+  rendered (the policy's frame after each chunk and the reward frames every ``frame_stride``).
+- ``MultiAction(stack_rewards=False)`` loses the success reward when success comes before the
+  chunk's last sub-step: the remaining sub-steps are skipped and the outer reward is zero-filled
+  (``tests/test_libero_env.py::test_torchrl_multiaction_loses_mid_chunk_success`` shows it on a
+  real LIBERO env). Here the chunk stops at the successful sub-step and reports reward 1.
+
+Rollout ids and group ids are not made up here: the caller passes them in the reset tensordict
+(``"rollout_id"``, ``"group_id"``) and every step of the episode carries them, so ids stay unique
+across slots, workers and GPUs when the caller makes them so (e.g. a global counter per job).
+
+Examples:
+    >>> import torch
+    >>> from tensordict import TensorDict
+    >>> from srpo_rl.envs import make_libero_env
+    >>> env = make_libero_env("libero_object", num_envs=2)  # doctest: +SKIP
+    >>> td = env.reset(TensorDict({
+    ...     "_reset": torch.ones(2, 1, dtype=torch.bool),
+    ...     "task_id": torch.tensor([[0], [3]]), "init_state_id": torch.tensor([[5], [7]]),
+    ...     "rollout_id": torch.tensor([[100], [101]]), "group_id": torch.tensor([[10], [11]]),
+    ... }, [2]))  # doctest: +SKIP
+    >>> td["observation", "image"].shape  # doctest: +SKIP
+    torch.Size([2, 3, 256, 256])
+    >>> td["action"] = torch.zeros(2, 8, 7)  # doctest: +SKIP
+    >>> td = env.step(td)  # doctest: +SKIP
+    >>> td["next", "chunk_steps"].squeeze(-1).tolist(), td["next", "frames"].shape  # doctest: +SKIP
+    ([8, 8], torch.Size([2, 1, 3, 256, 256]))
+    >>> env.close()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tensordict import NonTensorStack, TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
+from torchrl.envs import EnvBase
+
+from .chunk import num_frames, validate_chunk
+from .sim import ACTION_DIM
+from .suites import RECIPE_MAX_STEPS, default_max_steps, suite_info
+from .workers import Failure, SimWorkers, WorkerError
+
+__all__ = ["LiberoVecEnv", "make_libero_env"]
+
+logger = logging.getLogger(__name__)
+
+_ID_KEYS = ("task_id", "init_state_id", "rollout_id", "group_id")
+_STATE_DIM = 8
+
+
+class LiberoVecEnv(EnvBase):
+    """A batch of LIBERO simulations of one suite, stepped one action chunk at a time.
+
+    Args:
+        suite: ``libero_spatial``, ``libero_object``, ``libero_goal``, ``libero_10`` (alias
+            ``libero_long``) or ``libero_90``.
+        num_envs: number of slots (one worker process each, about 2 GB of memory each).
+
+    Keyword Args:
+        max_steps: episode length in env steps, settle steps excluded. ``None`` = 512 (the SRPO
+            recipe); ``"suite"`` = the OpenVLA-OFT evaluation length of the suite (spatial 220,
+            object 280, goal 300, libero_10 520, libero_90 400).
+        num_steps_wait: uncounted no-op settle steps after each reset. Defaults to 10.
+        action_chunks_len: env steps per action chunk. Defaults to 8.
+        action_token_len: action dimensions; LIBERO actions have 7. Defaults to 7.
+        frame_stride: keep a reward frame every ``frame_stride`` env steps (1 = every step, as
+            siiRL records); ``None`` = one per chunk. The last executed step's frame is always kept.
+        image_size: square camera resolution. Defaults to 256.
+        wrist_image: also return ``("observation", "wrist_image")``. Defaults to ``False``.
+        proprio: also return ``("observation", "state")`` (eef pos, eef axis-angle, gripper qpos).
+        task_ids: initial task of each slot; defaults to slot ``i`` on task ``i % num_tasks``.
+        step_timeout: seconds a chunk step or a reset may take before the worker is restarted.
+        build_timeout: seconds building a task's simulation may take.
+        seed: seed of the simulators' random object placement (overwritten by the init states,
+            so episodes are determined by task, init state and actions).
+        device: device of the returned tensors. Defaults to CPU.
+
+    Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to
+    ``td["task_id"]`` / ``td["init_state_id"]`` and stamps ``td["rollout_id"]`` /
+    ``td["group_id"]`` (all int64 ``[N, 1]``). Missing ids default to the slot's current task
+    (initially ``i % num_tasks``), init state 0, and rollout / group id -1. A reset on the slot's
+    current task is a soft reset (0.1 s); a new task rebuilds that slot's simulation (2-8 s).
+
+    Step: ``td["action"]`` float ``[N, action_chunks_len, 7]`` in ``[-1, 1]``; an optional
+    ``td["_step"]`` bool ``[N]`` steps only those slots (the others report their last data with
+    ``chunk_steps`` 0). A slot whose episode ended must be reset before it steps again. A worker
+    that crashes or hangs is restarted on its task; its rollout ends with ``done`` and
+    ``worker_failed`` set, and the other slots' results are returned as usual.
+    """
+
+    def __init__(
+        self,
+        suite: str,
+        num_envs: int,
+        *,
+        max_steps: int | str | None = None,
+        num_steps_wait: int = 10,
+        action_chunks_len: int = 8,
+        action_token_len: int = ACTION_DIM,
+        frame_stride: int | None = None,
+        image_size: int = 256,
+        wrist_image: bool = False,
+        proprio: bool = False,
+        task_ids: Sequence[int] | None = None,
+        step_timeout: float = 120.0,
+        build_timeout: float = 600.0,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ):
+        info = suite_info(suite)  # validates the name and imports LIBERO (clear errors)
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        if max_steps is None:
+            max_steps = RECIPE_MAX_STEPS
+        elif max_steps == "suite":
+            max_steps = default_max_steps(info.name)
+        elif isinstance(max_steps, str) or int(max_steps) < 1:
+            raise ValueError(f"max_steps must be an int >= 1, None (512) or 'suite', got {max_steps!r}")
+        if action_token_len != ACTION_DIM:
+            raise ValueError(
+                f"action_token_len must be {ACTION_DIM} for LIBERO (6-D pose delta + gripper), got {action_token_len}"
+            )
+        if action_chunks_len < 1:
+            raise ValueError(f"action_chunks_len must be >= 1, got {action_chunks_len}")
+        if frame_stride is not None and frame_stride < 1:
+            raise ValueError(f"frame_stride must be None (one frame per chunk) or >= 1, got {frame_stride}")
+        if task_ids is None:
+            task_ids = [i % info.num_tasks for i in range(num_envs)]
+        if len(task_ids) != num_envs:
+            raise ValueError(f"task_ids has {len(task_ids)} entries; expected num_envs={num_envs}")
+        task_ids = [info.check_task(t) for t in task_ids]
+        super().__init__(batch_size=torch.Size([num_envs]), device=device)
+        self.suite = info.name
+        self.info = info
+        self.num_envs = num_envs
+        self.max_steps = int(max_steps)
+        self.num_steps_wait = int(num_steps_wait)
+        self.action_chunks_len = int(action_chunks_len)
+        self.frame_stride = self.action_chunks_len if frame_stride is None else int(frame_stride)
+        self.num_frames = num_frames(self.action_chunks_len, self.frame_stride)
+        self.image_size = int(image_size)
+        self.wrist_image = bool(wrist_image)
+        self.proprio = bool(proprio)
+        self._seed = int(seed)
+        self._make_specs()
+        self._init_slots(task_ids)
+        self._workers = None
+        self.is_closed = False
+        sim_kwargs = dict(
+            suite=self.suite,
+            max_steps=self.max_steps,
+            num_steps_wait=self.num_steps_wait,
+            image_size=self.image_size,
+            wrist_image=self.wrist_image,
+            channels_first=True,
+            seed=self._seed,
+        )
+        self._workers = SimWorkers(sim_kwargs, task_ids, timeout=step_timeout, build_timeout=build_timeout)
+
+    # -- specs ------------------------------------------------------------------------------------
+    def _make_specs(self) -> None:
+        n, size, k = self.num_envs, self.image_size, self.num_frames
+        flag = lambda *shape: Categorical(2, shape=(n, *shape), dtype=torch.bool)  # noqa: E731
+        count = lambda: Unbounded(shape=(n, 1), dtype=torch.int64)  # noqa: E731
+        observation = Composite(image=Unbounded(shape=(n, 3, size, size), dtype=torch.uint8), shape=(n,))
+        if self.wrist_image:
+            observation["wrist_image"] = Unbounded(shape=(n, 3, size, size), dtype=torch.uint8)
+        if self.proprio:
+            observation["state"] = Unbounded(shape=(n, _STATE_DIM), dtype=torch.float32)
+        self.observation_spec = Composite(
+            observation=observation,
+            instruction=NonTensor(shape=(n,), example_data=self.info.instructions[0]),
+            success=flag(1),
+            step_count=count(),
+            chunk_steps=count(),
+            frames=Unbounded(shape=(n, k, 3, size, size), dtype=torch.uint8),
+            frames_mask=flag(k),
+            worker_failed=flag(1),
+            **{key: count() for key in _ID_KEYS},
+            shape=(n,),
+        )
+        self.action_spec = Bounded(
+            low=-1.0, high=1.0, shape=(n, self.action_chunks_len, ACTION_DIM), dtype=torch.float32
+        )
+        self.reward_spec = Bounded(low=0.0, high=1.0, shape=(n, 1), dtype=torch.float32)
+        self.done_spec = Composite(done=flag(1), terminated=flag(1), truncated=flag(1), shape=(n,))
+
+    def _init_slots(self, task_ids: list[int]) -> None:
+        # the latest data of every slot, returned for slots that a call does not touch
+        n, size = self.num_envs, self.image_size
+        self._slots = TensorDict(
+            {
+                "image": torch.zeros(n, 3, size, size, dtype=torch.uint8),
+                "wrist_image": torch.zeros(n, 3, size, size, dtype=torch.uint8),
+                "state": torch.zeros(n, _STATE_DIM),
+                "success": torch.zeros(n, 1, dtype=torch.bool),
+                "terminated": torch.zeros(n, 1, dtype=torch.bool),
+                "truncated": torch.zeros(n, 1, dtype=torch.bool),
+                "done": torch.ones(n, 1, dtype=torch.bool),  # not started: must be reset
+                "step_count": torch.zeros(n, 1, dtype=torch.int64),
+                "worker_failed": torch.zeros(n, 1, dtype=torch.bool),
+                "task_id": torch.tensor(task_ids, dtype=torch.int64).unsqueeze(-1),
+                "init_state_id": torch.zeros(n, 1, dtype=torch.int64),
+                "rollout_id": torch.full((n, 1), -1, dtype=torch.int64),
+                "group_id": torch.full((n, 1), -1, dtype=torch.int64),
+            },
+            batch_size=[n],
+        )
+
+    # -- torchrl API ------------------------------------------------------------------------------
+    def _set_seed(self, seed: int | None) -> None:
+        # episodes are determined by (task, init state, actions); the simulators' own seed only
+        # drives an object placement that the init state overwrites
+        if seed is not None:
+            self._seed = int(seed)
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        n = self.num_envs
+        mask = _slot_mask(tensordict, "_reset", n)
+        ids = {key: _slot_values(tensordict, key, n) for key in _ID_KEYS}
+        slots = [int(s) for s in torch.nonzero(mask).flatten()]
+        requests = {}
+        for slot in slots:
+            task = int(ids["task_id"][slot]) if ids["task_id"] is not None else int(self._slots["task_id"][slot])
+            init = int(ids["init_state_id"][slot]) if ids["init_state_id"] is not None else 0
+            self.info.check_init_state(task, init)  # raises before any worker is touched
+            requests[slot] = (task, init)
+        changes_task = any(task != self._workers.task_ids[slot] for slot, (task, _) in requests.items())
+        timeout = self._workers.build_timeout if changes_task else self._workers.timeout
+        commands = {slot: ("reset", (init,), {"task_id": task}) for slot, (task, init) in requests.items()}
+        results = self._workers.call(commands, timeout=timeout)
+        retry = {slot: commands[slot] for slot, result in results.items() if isinstance(result, Failure)}
+        if retry:  # once, on the restarted worker
+            results.update(self._workers.call(retry, timeout=self._workers.build_timeout))
+        for slot, (task, init) in requests.items():
+            result = results[slot]
+            if isinstance(result, Failure):
+                raise WorkerError(f"slot {slot} could not reset to task {task}, init state {init}: {result.reason}")
+            self._workers.set_task(slot, task)
+            self._write(slot, result)
+            row = self._slots[slot]
+            row["task_id"].fill_(task)
+            row["init_state_id"].fill_(init)
+            for key in ("rollout_id", "group_id"):
+                row[key].fill_(int(ids[key][slot]) if ids[key] is not None else -1)
+            row["worker_failed"].fill_(False)
+        out = self._output(chunk_steps=torch.zeros(n, 1, dtype=torch.int64), frames=None)
+        return out
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        n = self.num_envs
+        actions = self._check_action(tensordict.get("action"))
+        mask = _slot_mask(tensordict, "_step", n)
+        slots = [int(s) for s in torch.nonzero(mask).flatten()]
+        over = [s for s in slots if bool(self._slots["done"][s])]
+        if over:
+            raise RuntimeError(
+                f"slots {over} have no running episode (it ended, or they were never reset); reset them "
+                f"(td['_reset']) before stepping, or leave them out of td['_step']"
+            )
+        commands = {s: ("step_chunk", (actions[s],), {"frame_stride": self.frame_stride}) for s in slots}
+        results = self._workers.call(commands)
+        frames = torch.zeros(n, self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        frames_mask = torch.zeros(n, self.num_frames, dtype=torch.bool)
+        chunk_steps = torch.zeros(n, 1, dtype=torch.int64)
+        reward = torch.zeros(n, 1)
+        for slot in slots:
+            result = results[slot]
+            row = self._slots[slot]
+            if isinstance(result, Failure):
+                logger.error("rollout %d (slot %d) failed: %s", int(row["rollout_id"]), slot, result.reason)
+                row["worker_failed"].fill_(True)
+                row["success"].fill_(False)
+                row["terminated"].fill_(False)
+                row["truncated"].fill_(True)
+                row["done"].fill_(True)
+                continue
+            self._write(slot, result)
+            frames[slot] = torch.from_numpy(result["frames"])
+            frames_mask[slot] = torch.from_numpy(result["frames_mask"])
+            chunk_steps[slot] = result["chunk_steps"]
+            reward[slot] = float(result["success"])
+        out = self._output(chunk_steps=chunk_steps, frames=(frames, frames_mask))
+        out["reward"] = reward.to(self.device)
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _check_action(self, action: torch.Tensor | None) -> np.ndarray:
+        expected = [self.num_envs, self.action_chunks_len, ACTION_DIM]
+        if action is None:
+            raise KeyError(f"the step tensordict has no 'action'; expected float32 {expected}")
+        if not torch.is_floating_point(action):
+            raise ValueError(f"action has dtype {action.dtype}; expected a floating dtype (float32) of shape {expected}")
+        array = action.detach().to("cpu", torch.float32).numpy()
+        if list(array.shape) != expected:
+            raise ValueError(f"action has shape {list(array.shape)}; expected {expected} (num_envs, chunk, dims)")
+        validate_chunk(array, self.action_chunks_len, ACTION_DIM, batch=True)
+        return array
+
+    def _write(self, slot: int, result: dict) -> None:
+        row = self._slots[slot]
+        row["image"].copy_(torch.from_numpy(result["image"]))
+        if self.wrist_image:
+            row["wrist_image"].copy_(torch.from_numpy(result["wrist_image"]))
+        row["state"].copy_(torch.from_numpy(result["state"]))
+        row["success"].fill_(bool(result["success"]))
+        row["terminated"].fill_(bool(result["success"]))
+        row["truncated"].fill_(bool(result["truncated"]))
+        row["done"].fill_(bool(result["done"]))
+        row["step_count"].fill_(int(result["step_count"]))
+
+    def _output(self, *, chunk_steps: torch.Tensor, frames) -> TensorDict:
+        slots, n = self._slots, self.num_envs
+        if frames is None:
+            frames = (
+                torch.zeros(n, self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8),
+                torch.zeros(n, self.num_frames, dtype=torch.bool),
+            )
+        observation = {"image": slots["image"].clone()}
+        if self.wrist_image:
+            observation["wrist_image"] = slots["wrist_image"].clone()
+        if self.proprio:
+            observation["state"] = slots["state"].clone()
+        tasks = slots["task_id"].flatten().tolist()
+        out = TensorDict(
+            {
+                "observation": observation,
+                "instruction": NonTensorStack.from_list([self.info.instructions[t] for t in tasks]),
+                "chunk_steps": chunk_steps,
+                "frames": frames[0],
+                "frames_mask": frames[1],
+                **slots.select(
+                    "success", "terminated", "truncated", "done", "step_count", "worker_failed", *_ID_KEYS
+                ).clone(),
+            },
+            batch_size=[n],
+        )
+        return out.to(self.device) if self.device is not None and self.device != out.device else out
+
+    # -- extras -----------------------------------------------------------------------------------
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process id of each slot's simulation worker."""
+        return self._workers.pids
+
+    @property
+    def task_ids(self) -> list[int]:
+        """The task each slot's simulation is built for."""
+        return self._workers.task_ids
+
+    def teleport_to_goal(self, slots: Sequence[int]) -> None:
+        """Moves the given slots' scenes into their goal configuration (tests and benchmarks).
+
+        See :meth:`srpo_rl.envs.sim.LiberoSim.teleport_to_goal`.
+        """
+        results = self._workers.call({int(s): ("teleport_to_goal", ()) for s in slots})
+        failed = {s: r.reason for s, r in results.items() if isinstance(r, Failure)}
+        if failed:
+            raise WorkerError(f"teleport_to_goal failed on slots {failed}")
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        """Stops the worker processes."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+        super().close(raise_if_closed=raise_if_closed)
+
+
+def _slot_mask(tensordict: TensorDictBase | None, key: str, n: int) -> torch.Tensor:
+    if tensordict is None or key not in tensordict.keys():
+        return torch.ones(n, dtype=torch.bool)
+    mask = tensordict.get(key)
+    if mask.numel() != n:
+        raise ValueError(f"{key!r} has shape {list(mask.shape)}; expected [{n}] or [{n}, 1]")
+    return mask.reshape(n).to("cpu", torch.bool)
+
+
+def _slot_values(tensordict: TensorDictBase | None, key: str, n: int) -> torch.Tensor | None:
+    if tensordict is None or key not in tensordict.keys():
+        return None
+    value = tensordict.get(key)
+    if value.numel() != n or value.is_floating_point():
+        raise ValueError(f"{key!r} must be an integer tensor of shape [{n}, 1], got {value.dtype} {list(value.shape)}")
+    return value.reshape(n).to("cpu", torch.int64)
+
+
+def make_libero_env(
+    suite: str,
+    num_envs: int,
+    *,
+    max_steps: int | str | None = None,
+    num_steps_wait: int = 10,
+    action_chunks_len: int = 8,
+    action_token_len: int = ACTION_DIM,
+    frame_stride: int | None = None,
+    image_size: int = 256,
+    wrist_image: bool = False,
+    proprio: bool = False,
+    step_timeout: float = 120.0,
+    seed: int = 0,
+    **kwargs,
+) -> LiberoVecEnv:
+    """Builds a :class:`LiberoVecEnv`: ``num_envs`` LIBERO simulations of ``suite``, batched.
+
+    ``max_steps=None`` uses the SRPO recipe's 512 env steps and ``max_steps="suite"`` the
+    OpenVLA-OFT evaluation length of the suite. Other keyword arguments (``task_ids``,
+    ``build_timeout``, ``device``) go to :class:`LiberoVecEnv`, which documents them all.
+
+    Raises:
+        ValueError: unknown suite, ``num_envs < 1`` or another bad argument (the message lists the
+            valid values).
+        ImportError: LIBERO or its assets are missing; the message gives the install command.
+
+    Examples:
+        >>> env = make_libero_env("libero_long", num_envs=2, max_steps="suite")  # doctest: +SKIP
+        >>> env.max_steps  # doctest: +SKIP
+        520
+    """
+    return LiberoVecEnv(
+        suite,
+        num_envs,
+        max_steps=max_steps,
+        num_steps_wait=num_steps_wait,
+        action_chunks_len=action_chunks_len,
+        action_token_len=action_token_len,
+        frame_stride=frame_stride,
+        image_size=image_size,
+        wrist_image=wrist_image,
+        proprio=proprio,
+        step_timeout=step_timeout,
+        seed=seed,
+        **kwargs,
+    )

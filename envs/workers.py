@@ -1,0 +1,277 @@
+"""LIBERO simulations in worker processes: commands over pipes, timeouts, restart on failure.
+
+One process per env slot runs a :class:`~srpo_rl.envs.sim.LiberoSim` (each holds about 2 GB, and
+MuJoCo and the renderer are single-threaded, so processes are the unit of parallelism). The parent
+sends ``(method, args)`` and the worker replies with the method's result. A worker that dies or
+does not answer within the timeout is killed and restarted on the same task; the call reports a
+:class:`Failure` for that slot and every other slot's result as usual, so a batch always completes.
+
+Processes are started with the ``spawn`` method (``forkserver`` also works), so scripts that
+create workers need the usual ``if __name__ == "__main__":`` guard. Workers run with one OpenMP /
+MKL / OpenBLAS thread each.
+
+Examples:
+    >>> workers = SimWorkers({"suite": "libero_object"}, task_ids=[0, 1])  # doctest: +SKIP
+    >>> results = workers.call({0: ("reset", (0,)), 1: ("reset", (3,))})  # doctest: +SKIP
+    >>> workers.close()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+__all__ = ["Failure", "SimWorkers", "WorkerError"]
+
+logger = logging.getLogger(__name__)
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class WorkerError(RuntimeError):
+    """A worker could not be (re)built, or a command failed twice in a row."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A command that did not complete on one slot.
+
+    Attributes:
+        slot: the worker's slot.
+        reason: what happened (crash with exit code, timeout, or the worker's traceback).
+        restarted: the worker process was killed and restarted (crash or timeout).
+    """
+
+    slot: int
+    reason: str
+    restarted: bool
+
+
+def _worker_main(conn: Connection, sim_kwargs: dict, task_id: int) -> None:
+    # the parent handles Ctrl-C and closes the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from .sim import LiberoSim
+
+        sim = LiberoSim(task_id=task_id, **sim_kwargs)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", os.getpid()))
+    while True:
+        try:
+            method, args, kwargs = conn.recv()
+        except (EOFError, OSError):
+            break  # the parent is gone
+        if method == "close":
+            break
+        try:
+            reply = ("ok", getattr(sim, method)(*args, **kwargs))
+        except Exception:
+            reply = ("error", traceback.format_exc())
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            break
+    sim.close()
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    # spawned children copy os.environ at start: set the thread counts for them only
+    saved = {name: os.environ.get(name) for name in _THREAD_VARS}
+    os.environ.update({name: "1" for name in _THREAD_VARS})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class _Worker:
+    def __init__(self, ctx, slot: int, sim_kwargs: dict, task_id: int):
+        self.slot, self.task_id = slot, task_id
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, sim_kwargs, task_id), name=f"libero-sim-{slot}", daemon=True
+        )
+        with _single_threaded_children():
+            self.process.start()
+        child.close()  # so the parent sees EOF when the worker dies
+        self.building = True
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=30)
+        self.conn.close()
+
+    def describe_death(self) -> str:
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                return f"crashed ({signal.Signals(-code).name})"
+        return f"crashed (exit code {code})"
+
+
+class SimWorkers:
+    """A fixed set of worker processes, each running one ``LiberoSim``.
+
+    Args:
+        sim_kwargs: keyword arguments of :class:`~srpo_rl.envs.sim.LiberoSim` except ``task_id``.
+        task_ids: the initial task of each slot (one worker per entry).
+
+    Keyword Args:
+        timeout: seconds a step or reset may take before the worker is declared hung.
+        build_timeout: seconds a (re)build of a simulation may take.
+        context: multiprocessing start method, ``"spawn"`` (default) or ``"forkserver"``.
+    """
+
+    def __init__(
+        self,
+        sim_kwargs: Mapping[str, Any],
+        task_ids: Sequence[int],
+        *,
+        timeout: float = 120.0,
+        build_timeout: float = 600.0,
+        context: str = "spawn",
+    ):
+        if context not in ("spawn", "forkserver"):
+            raise ValueError(f"unknown start method {context!r}; choose 'spawn' or 'forkserver'")
+        self._ctx = multiprocessing.get_context(context)
+        self._sim_kwargs = dict(sim_kwargs)
+        self.timeout = float(timeout)
+        self.build_timeout = float(build_timeout)
+        self._workers = [_Worker(self._ctx, slot, self._sim_kwargs, int(t)) for slot, t in enumerate(task_ids)]
+        self.restarts = 0
+        self._wait_built(range(len(self._workers)), retry=True)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process id of each slot's worker."""
+        return [worker.process.pid for worker in self._workers]
+
+    @property
+    def task_ids(self) -> list[int]:
+        """The task each slot's simulation is built for."""
+        return [worker.task_id for worker in self._workers]
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def restart(self, slot: int, reason: str) -> None:
+        """Kills slot ``slot``'s worker and starts a new one on the same task (built lazily)."""
+        old = self._workers[slot]
+        logger.warning("LIBERO worker %d (pid %s, task %d) %s; restarting it", slot, old.process.pid, old.task_id, reason)
+        old.kill()
+        self._workers[slot] = _Worker(self._ctx, slot, self._sim_kwargs, old.task_id)
+        self.restarts += 1
+
+    def _wait_built(self, slots, *, retry: bool) -> None:
+        pending = {self._workers[s].conn: s for s in slots if self._workers[s].building}
+        deadline = time.monotonic() + self.build_timeout
+        failed: dict[int, str] = {}
+        while pending:
+            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                for conn, slot in pending.items():
+                    failed[slot] = f"did not finish building within {self.build_timeout:.0f} s"
+                break
+            for conn in ready:
+                slot = pending.pop(conn)
+                worker = self._workers[slot]
+                try:
+                    status, payload = conn.recv()
+                except (EOFError, OSError):
+                    failed[slot] = worker.describe_death() + " while building"
+                    continue
+                if status == "ok":
+                    worker.building = False
+                else:
+                    failed[slot] = f"failed to build its simulation:\n{payload}"
+        for slot, reason in failed.items():
+            if not retry:
+                raise WorkerError(f"LIBERO worker {slot} (task {self._workers[slot].task_id}) {reason}")
+            self.restart(slot, reason)
+        if failed:
+            self._wait_built(failed, retry=False)
+
+    def close(self) -> None:
+        """Stops every worker."""
+        for worker in self._workers:
+            if worker.process.is_alive():
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    worker.conn.send(("close", (), {}))
+        for worker in self._workers:
+            worker.process.join(timeout=10)
+            worker.kill()
+
+    # -- commands ---------------------------------------------------------------------------------
+    def call(
+        self,
+        commands: Mapping[int, tuple[str, tuple] | tuple[str, tuple, dict]],
+        *,
+        timeout: float | None = None,
+    ) -> dict[int, Any]:
+        """Runs ``{slot: (method, args[, kwargs])}`` on the workers in parallel.
+
+        Returns:
+            ``{slot: result}``, where a slot whose worker crashed, hung past ``timeout`` (default
+            :attr:`timeout`) or raised gets a :class:`Failure` instead. Crashed and hung workers
+            are restarted (their new simulation builds while the caller goes on).
+        """
+        timeout = self.timeout if timeout is None else float(timeout)
+        self._wait_built(commands, retry=True)
+        results: dict[int, Any] = {}
+        pending: dict[Connection, int] = {}
+        for slot, command in commands.items():
+            method, args, kwargs = (*command, {})[:3]
+            worker = self._workers[slot]
+            try:
+                worker.conn.send((method, tuple(args), dict(kwargs)))
+            except (BrokenPipeError, OSError):
+                results[slot] = self._fail(slot, worker.describe_death())
+                continue
+            pending[worker.conn] = slot
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                for slot in pending.values():
+                    results[slot] = self._fail(slot, f"did not answer {commands[slot][0]!r} within {timeout:.0f} s")
+                break
+            for conn in ready:
+                slot = pending.pop(conn)
+                try:
+                    status, payload = conn.recv()
+                except (EOFError, OSError):
+                    results[slot] = self._fail(slot, self._workers[slot].describe_death())
+                    continue
+                if status == "ok":
+                    results[slot] = payload
+                else:
+                    logger.warning("LIBERO worker %d raised in %r:\n%s", slot, commands[slot][0], payload)
+                    results[slot] = Failure(slot, f"raised in {commands[slot][0]!r}:\n{payload}", restarted=False)
+        return results
+
+    def _fail(self, slot: int, reason: str) -> Failure:
+        self.restart(slot, reason)
+        return Failure(slot, reason, restarted=True)
+
+    def set_task(self, slot: int, task_id: int) -> None:
+        """Records that slot ``slot`` now runs ``task_id`` (after a successful ``set_task`` call)."""
+        self._workers[slot].task_id = int(task_id)

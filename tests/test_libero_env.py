@@ -1,0 +1,248 @@
+"""The batched TorchRL LIBERO env: specs, per-slot resets, chunk steps, worker faults, errors.
+
+Real LIBERO in worker processes (about 2 GB each): one 2-slot env for the module, plus a
+1-slot env per other suite, built and closed one at a time.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import check_env_specs
+
+from srpo_rl.envs import INSTALL_COMMAND, LiberoVecEnv, make_libero_env, suite_info
+from srpo_rl.envs.suites import canonical_suite
+
+N = 2
+MAX_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = make_libero_env("libero_object", N, max_steps=MAX_STEPS, proprio=True, step_timeout=60)
+    yield env
+    env.close()
+
+
+def _reset_td(mask, task_id=None, init_state_id=None, rollout_id=None, group_id=None, *, base=None) -> TensorDict:
+    """A reset request; ``base`` is the current data (torchrl keeps it for the slots not reset)."""
+    td = TensorDict({}, [len(mask)]) if base is None else base.exclude("reward").clone()
+    td["_reset"] = torch.tensor(mask).unsqueeze(-1)
+    for key, values in dict(
+        task_id=task_id, init_state_id=init_state_id, rollout_id=rollout_id, group_id=group_id
+    ).items():
+        if values is not None:
+            td[key] = torch.tensor(values, dtype=torch.int64).unsqueeze(-1)
+    return td
+
+
+def _step(env, actions=None, step_mask=None) -> TensorDict:
+    td = TensorDict({"action": torch.zeros(N, 8, 7) if actions is None else actions}, [N])
+    if step_mask is not None:
+        td["_step"] = torch.tensor(step_mask)
+    return env.step(td)["next"]
+
+
+def test_specs(env):
+    check_env_specs(env)
+    spec = env.full_observation_spec
+    assert spec["frames"].shape == (N, 1, 3, 256, 256) and spec["frames_mask"].shape == (N, 1)
+    assert spec["observation", "image"].dtype == torch.uint8
+    assert env.action_spec.shape == (N, 8, 7)
+
+
+def test_plain_reset_defaults(env):
+    td = env.reset()
+    assert td["task_id"].flatten().tolist() == [0, 1]  # slot i -> task i % num_tasks
+    assert td["init_state_id"].flatten().tolist() == [0, 0]
+    assert td["rollout_id"].flatten().tolist() == [-1, -1]
+    assert td["step_count"].flatten().tolist() == [0, 0]
+    assert not td["done"].any() and not td["worker_failed"].any()
+    assert list(td["instruction"]) == list(suite_info("libero_object").instructions[:2])
+    assert td["observation", "image"].shape == (N, 3, 256, 256)
+    assert td["observation", "state"].shape == (N, 8)
+
+
+def test_slot_resets_with_and_without_task_change(env):
+    td = env.reset(_reset_td([True, True], [0, 3], [5, 49], [100, 101], [7, 8]))
+    assert td["task_id"].flatten().tolist() == [0, 3] and env.task_ids == [0, 3]
+    assert td["init_state_id"].flatten().tolist() == [5, 49]
+    assert td["rollout_id"].flatten().tolist() == [100, 101]
+    assert td["group_id"].flatten().tolist() == [7, 8]
+    assert td["instruction"][1] == "pick up the bbq sauce and place it in the basket"
+    out = _step(env)
+    assert out["step_count"].flatten().tolist() == [8, 8]
+    assert out["rollout_id"].flatten().tolist() == [100, 101]
+
+    # slot 1 only, same task (soft reset): slot 0 keeps running
+    image_before = out["observation", "image"][0].clone()
+    td = env.reset(_reset_td([False, True], [0, 3], [0, 2], [100, 102], [7, 9], base=out))
+    assert td["step_count"].flatten().tolist() == [8, 0]
+    assert td["rollout_id"].flatten().tolist() == [100, 102]
+    assert torch.equal(td["observation", "image"][0], image_before)
+
+    # slot 0 moves to another task (rebuild), slot 1 keeps its episode
+    td = env.reset(_reset_td([True, False], [6, 3], [1, 2], [103, 102], [10, 9], base=td))
+    assert env.task_ids == [6, 3]
+    assert td["task_id"].flatten().tolist() == [6, 3] and td["step_count"].flatten().tolist() == [0, 0]
+    assert td["rollout_id"].flatten().tolist() == [103, 102]
+    assert td["instruction"][0] == suite_info("libero_object").instructions[6]
+    out = _step(env)
+    assert out["step_count"].flatten().tolist() == [8, 8]
+
+
+def test_partial_step(env):
+    env.reset(_reset_td([True, True], [0, 1], [0, 0]))
+    out = _step(env, step_mask=[False, True])
+    assert out["chunk_steps"].flatten().tolist() == [0, 8]
+    assert out["step_count"].flatten().tolist() == [0, 8]
+    assert out["frames_mask"].flatten().tolist() == [False, True]
+
+
+def test_success_inside_chunk(env):
+    env.reset(_reset_td([True, True], [0, 0], [3, 3]))
+    env.teleport_to_goal([0])
+    out = _step(env)
+    assert out["success"].flatten().tolist() == [True, False]
+    assert out["reward"].flatten().tolist() == [1.0, 0.0]
+    assert out["terminated"].flatten().tolist() == [True, False]
+    assert out["done"].flatten().tolist() == [True, False]
+    assert 1 <= out["chunk_steps"][0].item() < 8 and out["chunk_steps"][1].item() == 8
+    assert out["frames_mask"].all()  # one frame per chunk: the last executed step's
+    assert torch.equal(out["frames"][:, 0], out["observation", "image"])
+    with pytest.raises(RuntimeError, match=r"slots \[0\] have no running episode"):
+        _step(env)
+
+
+def test_episode_ends_at_max_steps(env):
+    env.reset(_reset_td([True, True], [0, 1], [0, 0]))
+    first = _step(env)
+    assert not first["done"].any()
+    out = _step(env)
+    assert out["step_count"].flatten().tolist() == [MAX_STEPS, MAX_STEPS]
+    assert out["truncated"].all() and out["done"].all() and not out["terminated"].any()
+    assert out["reward"].sum() == 0
+
+
+def test_action_errors(env):
+    env.reset(_reset_td([True, True], [0, 1], [0, 0]))
+    with pytest.raises(ValueError, match=r"action has shape \[2, 4, 7\]; expected \[2, 8, 7\]"):
+        env.step(TensorDict({"action": torch.zeros(N, 4, 7)}, [N]))
+    with pytest.raises(ValueError, match="floating dtype"):
+        env.step(TensorDict({"action": torch.zeros(N, 8, 7, dtype=torch.int64)}, [N]))
+    bad = torch.zeros(N, 8, 7)
+    bad[1, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match="not finite at slot 1 sub-step 3 dim 2"):
+        env.step(TensorDict({"action": bad}, [N]))
+    bad[1, 3, 2] = 1.25
+    with pytest.raises(ValueError, match=r"1.25 at slot 1 sub-step 3 dim 2 is outside the valid range \[-1, 1\]"):
+        env.step(TensorDict({"action": bad}, [N]))
+
+
+def test_reset_errors(env):
+    with pytest.raises(ValueError, match=r"task_id 10 out of range for suite 'libero_object'; choose 0..9"):
+        env.reset(_reset_td([True, False], [10, 0], [0, 0]))
+    with pytest.raises(ValueError, match=r"init_state_id 50 out of range for 'libero_object' task 2 .*choose 0..49"):
+        env.reset(_reset_td([True, True], [2, 2], [50, 0]))
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match=r"unknown suite 'libero_lng'; choose one of .*libero_long \(libero_10\)"):
+        make_libero_env("libero_lng", 1)
+    with pytest.raises(ValueError, match="num_envs must be an int >= 1, got 0"):
+        make_libero_env("libero_object", 0)
+    with pytest.raises(ValueError, match=r"max_steps must be .* got 'long'"):
+        make_libero_env("libero_object", 1, max_steps="long")
+    with pytest.raises(ValueError, match="action_token_len must be 7"):
+        make_libero_env("libero_object", 1, action_token_len=6)
+    with pytest.raises(ValueError, match=r"task_id 12 out of range .*choose 0..9"):
+        make_libero_env("libero_object", 1, task_ids=[12])
+    assert canonical_suite("libero_long") == "libero_10"
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
+
+
+def test_missing_libero_gives_install_command():
+    code = (
+        "import sys; sys.modules['libero'] = None\n"  # makes `libero` unimportable, as when absent
+        "from srpo_rl.envs import make_libero_env\n"
+        "make_libero_env('libero_object', 1)\n"
+    )
+    result = _run_python(code)
+    assert result.returncode != 0
+    assert f"LIBERO is not installed; install it with: {INSTALL_COMMAND}" in result.stderr
+
+
+def test_missing_assets_give_install_command(tmp_path):
+    (tmp_path / "config.yaml").write_text(f"assets: {tmp_path / 'nowhere'}\n")
+    result = _run_python(
+        "from srpo_rl.envs import make_libero_env\nmake_libero_env('libero_object', 1)\n",
+        LIBERO_CONFIG_PATH=str(tmp_path),
+    )
+    assert result.returncode != 0
+    assert "LIBERO assets not found" in result.stderr and INSTALL_COMMAND in result.stderr
+    assert str(tmp_path / "config.yaml") in result.stderr
+
+
+def test_killed_worker_is_recovered(env, caplog):
+    env.reset(_reset_td([True, True], [0, 1], [0, 0], [200, 201]))
+    old = env.worker_pids
+    os.kill(old[1], signal.SIGKILL)
+    out = _step(env)
+    assert out["worker_failed"].flatten().tolist() == [False, True]
+    assert out["done"].flatten().tolist() == [False, True]
+    assert out["chunk_steps"].flatten().tolist() == [8, 0] and not out["frames_mask"][1].any()
+    assert env.worker_pids[0] == old[0] and env.worker_pids[1] != old[1]
+    assert "rollout 201 (slot 1) failed" in caplog.text and "SIGKILL" in caplog.text
+    td = env.reset(_reset_td([False, True], [0, 1], [0, 4], [200, 202], base=out))
+    assert not td["worker_failed"].any() and td["init_state_id"][1].item() == 4
+    assert _step(env)["step_count"].flatten().tolist() == [16, 8]
+
+
+def test_hung_worker_is_restarted(env, caplog):
+    env.reset(_reset_td([True, True], [0, 1], [0, 0], [300, 301]))
+    old = env.worker_pids
+    timeout = env._workers.timeout
+    env._workers.timeout = 5.0
+    os.kill(old[0], signal.SIGSTOP)  # the worker stops answering
+    try:
+        out = _step(env)
+    finally:
+        env._workers.timeout = timeout
+    assert out["worker_failed"].flatten().tolist() == [True, False]
+    assert out["done"][0].item() and out["chunk_steps"][1].item() == 8
+    assert env.worker_pids[0] != old[0]
+    assert "did not answer 'step_chunk' within 5 s" in caplog.text
+    td = env.reset(_reset_td([True, True], [0, 1], [0, 0]))
+    assert not td["done"].any()
+
+
+@pytest.mark.parametrize(
+    "suite, task_id",
+    [("libero_spatial", 0), ("libero_goal", 7), ("libero_long", 3), ("libero_90", 0)],
+)
+def test_suite_builds_resets_and_succeeds(suite, task_id):
+    info = suite_info(suite)
+    env = LiberoVecEnv(suite, 1, task_ids=[task_id], max_steps=MAX_STEPS)
+    try:
+        for init_state_id in (0, info.num_init_states[task_id] - 1):
+            td = env.reset(_reset_td([True], [task_id], [init_state_id]))
+            assert td["instruction"][0] == info.instructions[task_id]
+            assert td["step_count"].item() == 0 and td["observation", "image"].float().std() > 10
+        env.teleport_to_goal([0])
+        out = _step_one(env)
+        assert out["success"].item() and out["reward"].item() == 1.0 and out["chunk_steps"].item() < 8
+    finally:
+        env.close()
+
+
+def _step_one(env) -> TensorDict:
+    return env.step(TensorDict({"action": torch.zeros(1, 8, 7)}, [1]))["next"]

@@ -1,0 +1,255 @@
+"""LiberoSim (one in-process LIBERO simulation), the chunk logic and the gymnasium envs.
+
+Real LIBERO (libero-pro) with Mesa EGL rendering; one simulation is built for the module.
+"""
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from srpo_rl.envs import LiberoSim, num_frames
+from srpo_rl.envs.chunk import frame_slots
+from srpo_rl.envs.sim import DUMMY_ACTION, quat2axisangle
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def sim():
+    sim = LiberoSim("libero_object", task_id=0, max_steps=512, num_steps_wait=10)
+    yield sim
+    sim.close()
+
+
+def _actions(seed: int, n: int = 8) -> np.ndarray:
+    actions = np.random.default_rng(seed).uniform(-0.5, 0.5, (n, 7)).astype(np.float32)
+    actions[:, -1] = -1.0
+    return actions
+
+
+def _native_episode(sim: LiberoSim, init_state_id: int, actions: np.ndarray) -> list[np.ndarray]:
+    """The OpenVLA evaluation protocol on plain robosuite: every step renders its camera.
+
+    Returns the policy images (rotated 180 degrees): after the settle steps, then after each action.
+    """
+    env = sim.env
+    for camera in sim._cameras.values():
+        camera.open = True  # robosuite's own behaviour: the sensor renders at every step
+    try:
+        env.reset()
+        for robot in env.env.robots:
+            robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        env.set_init_state(sim.init_states[init_state_id])
+        for _ in range(sim.num_steps_wait):
+            obs, *_ = env.step(DUMMY_ACTION)
+        images = [obs["agentview_image"][::-1, ::-1]]
+        for action in actions:
+            obs, *_ = env.step(action.astype(np.float64))
+            images.append(obs["agentview_image"][::-1, ::-1])
+    finally:
+        for camera in sim._cameras.values():
+            camera.open = False
+    return images
+
+
+# -- chunk logic ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "chunk, stride, executed, expected",
+    [
+        (8, 1, 8, [(j, j) for j in range(8)]),
+        (8, 8, 8, [(0, 7)]),
+        (8, 8, 3, [(0, 2)]),
+        (8, 3, 8, [(0, 2), (1, 5), (2, 7)]),
+        (8, 3, 5, [(0, 2), (1, 4)]),
+        (8, 1, 2, [(0, 0), (1, 1)]),
+    ],
+)
+def test_frame_slots(chunk, stride, executed, expected):
+    assert num_frames(chunk, stride) == -(-chunk // stride)
+    assert frame_slots(chunk, stride, executed) == expected
+
+
+def test_quat2axisangle_matches_scipy():
+    for quat in Rotation.random(20, random_state=0).as_quat():  # (x, y, z, w)
+        if quat[3] < 0:
+            quat = -quat  # same rotation; acos(w) then gives the angle in [0, pi]
+        np.testing.assert_allclose(quat2axisangle(quat), Rotation.from_quat(quat).as_rotvec(), atol=1e-9)
+    assert np.all(quat2axisangle(np.array([0.0, 0.0, 0.0, 1.0])) == 0)
+
+
+# -- resets ----------------------------------------------------------------------------------------
+def test_reset_runs_settle_steps(sim):
+    renders = sim.renders
+    obs = sim.reset(init_state_id=3)
+    assert sim.renders - renders == 1  # only the policy's first frame, after the last settle step
+    assert obs["step_count"] == 0 and obs["chunk_steps"] == 0 and not obs["done"]
+    assert obs["image"].shape == (SIZE, SIZE, 3) and obs["image"].dtype == np.uint8
+    assert obs["image"].std() > 10  # a real scene, not a blank frame
+    assert obs["state"].shape == (8,) and obs["state"].dtype == np.float32
+    # the settle steps moved the simulation on from the stored initial state
+    state = sim.get_state()
+    init = sim.init_states[3]
+    assert state[0] == pytest.approx(init[0] + 10 * 0.05)  # 10 control steps of 0.05 s
+    assert np.abs(state[1:] - init[1:]).max() > 1e-4
+    assert not sim.check_success()
+
+
+def test_reset_image_equals_robosuite_image(sim):
+    native = _native_episode(sim, 2, np.zeros((0, 7)))
+    assert np.array_equal(sim.reset(init_state_id=2)["image"], native[0])
+
+
+def test_soft_reset_matches_hard_reset(sim):
+    actions = _actions(0, 16)
+    trajectories = []
+    for hard in (True, False, False):
+        sim.reset(init_state_id=1, hard=hard)
+        frames, states = [], []
+        for chunk in (actions[:8], actions[8:]):
+            out = sim.step_chunk(chunk, frame_stride=1)
+            frames.append(out["frames"])
+            states.append(sim.get_state())
+        trajectories.append((np.concatenate(frames), np.stack(states)))
+    (hard_frames, hard_states), *soft = trajectories
+    for frames, states in soft:
+        assert np.abs(states - hard_states).max() <= 1e-6
+        assert np.array_equal(frames, hard_frames)
+
+
+# -- chunks and frames -----------------------------------------------------------------------------
+@pytest.mark.parametrize("stride", [1, 3, None])
+def test_chunk_frames_are_robosuite_frames(sim, stride):
+    actions = _actions(1)
+    native = _native_episode(sim, 0, actions)  # native[i + 1] = image after sub-step i
+    sim.reset(init_state_id=0)
+    renders = sim.renders
+    out = sim.step_chunk(actions, frame_stride=stride)
+    k = num_frames(8, 8 if stride is None else stride)
+    assert sim.renders - renders == k  # no unused frame is rendered
+    assert out["chunk_steps"] == 8 and out["step_count"] == 8 and not out["done"]
+    assert out["frames"].shape == (k, SIZE, SIZE, 3) and out["frames_mask"].all()
+    for slot, sub_step in frame_slots(8, 8 if stride is None else stride, 8):
+        assert np.array_equal(out["frames"][slot], native[sub_step + 1])
+    assert np.array_equal(out["image"], native[-1])
+
+
+def test_explicit_render_equals_robosuite_observable(sim):
+    sim.reset(init_state_id=0)
+    sim.step_chunk(_actions(2, 3))
+    camera = sim._cameras["agentview"]
+    camera.open = True
+    try:
+        sim.env.env._update_observables(force=True)  # robosuite renders its observable now
+        observed = sim.env.env._observables["agentview_image"].obs
+    finally:
+        camera.open = False
+    assert np.array_equal(sim.render(), observed[::-1, ::-1])
+
+
+@pytest.mark.parametrize("stride", [1, None])
+def test_success_inside_chunk(sim, stride):
+    sim.reset(init_state_id=4)
+    sim.teleport_to_goal()
+    renders = sim.renders
+    out = sim.step_chunk(np.zeros((8, 7), np.float32), frame_stride=stride)
+    assert out["success"] and out["done"] and not out["truncated"]
+    assert 1 <= out["chunk_steps"] < 8 and out["step_count"] == out["chunk_steps"]
+    n = out["chunk_steps"]
+    expected_mask = np.arange(8) < n if stride == 1 else np.array([True])
+    assert np.array_equal(out["frames_mask"], expected_mask)
+    assert sim.renders - renders == (n if stride == 1 else 1)
+    last = np.flatnonzero(out["frames_mask"])[-1]
+    assert np.array_equal(out["frames"][last], out["image"])
+    assert not out["frames"][~out["frames_mask"]].any()
+    with pytest.raises(RuntimeError, match="is over"):
+        sim.step_chunk(np.zeros((8, 7), np.float32))
+
+
+def test_episode_ends_at_max_steps(sim):
+    sim.max_steps = 12
+    try:
+        sim.reset(init_state_id=0)
+        first = sim.step_chunk(_actions(3), frame_stride=1)
+        assert first["chunk_steps"] == 8 and not first["done"]
+        out = sim.step_chunk(_actions(4), frame_stride=1)
+        assert out["chunk_steps"] == 4 and out["step_count"] == 12
+        assert out["truncated"] and out["done"] and not out["success"]
+        assert np.array_equal(out["frames_mask"], np.arange(8) < 4)
+        with pytest.raises(RuntimeError, match="call reset"):
+            sim.step_chunk(_actions(5))
+    finally:
+        sim.max_steps = 512
+
+
+def test_chunk_validation_errors(sim):
+    sim.reset(init_state_id=0)
+    with pytest.raises(ValueError, match=r"expected \[chunk_len, 7\]"):
+        sim.step_chunk(np.zeros(7))
+    with pytest.raises(ValueError, match=r"shape \[8, 6\]; expected \[8, 7\]"):
+        sim.step_chunk(np.zeros((8, 6)))
+    with pytest.raises(ValueError, match="floating dtype"):
+        sim.step_chunk(np.zeros((8, 7), dtype=np.int64))
+    bad = np.zeros((8, 7))
+    bad[2, 5] = np.nan
+    with pytest.raises(ValueError, match="not finite at sub-step 2 dim 5"):
+        sim.step_chunk(bad)
+    bad[2, 5] = -1.5
+    with pytest.raises(ValueError, match=r"-1.5 at sub-step 2 dim 5 is outside the valid range \[-1, 1\]"):
+        sim.step_chunk(bad)
+    with pytest.raises(ValueError, match=r"init_state_id 50 out of range .* choose 0..49"):
+        sim.reset(init_state_id=50)
+
+
+# -- torchrl's MultiAction on the same simulation --------------------------------------------------
+def test_torchrl_multiaction_loses_mid_chunk_success(sim):
+    """torchrl's MultiAction reports reward 0 when success lands before the chunk's last sub-step."""
+    from torchrl.envs import LiberoWrapper, TransformedEnv
+    from torchrl.envs.transforms import MultiAction
+
+    env = TransformedEnv(
+        LiberoWrapper(sim.env, init_states=sim.init_states, init_state_mode="fixed", init_state_id=4),
+        MultiAction(stack_rewards=False),
+    )
+    try:
+        td = env.reset()
+        sim.teleport_to_goal()
+        td["action"] = torch.zeros(8, 7)
+        td = env.step(td)
+    finally:
+        env.base_env.is_closed = True  # the simulation belongs to the fixture: do not close it
+    assert td["next", "success"].item() and td["next", "done"].item()
+    assert td["next", "reward"].item() == 0.0  # the success reward is lost
+
+    # the same state and chunk through LiberoSim: the chunk stops at success with reward 1
+    sim.reset(init_state_id=4)
+    sim.teleport_to_goal()
+    out = sim.step_chunk(np.zeros((8, 7), np.float32))
+    assert out["success"] and out["chunk_steps"] < 8
+
+
+# -- gymnasium -------------------------------------------------------------------------------------
+def test_gymnasium_ids_registered():
+    for name in ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_long", "libero_90"):
+        assert f"LIBERO/{name}-v0" in gymnasium.registry
+
+
+def test_gymnasium_make_and_step(sim):
+    sim.close()  # one simulation at a time in this process
+    env = gymnasium.make("LIBERO/libero_long-v0", task_id=3, chunk_len=1, max_steps=2, render_mode="rgb_array")
+    try:
+        obs, info = env.reset(seed=0, options={"init_state_id": 7})
+        assert info["init_state_id"] == 7 and info["task_id"] == 3
+        assert info["instruction"] == "put the black bowl in the bottom drawer of the cabinet and close it"
+        assert env.observation_space.contains(obs)
+        assert env.action_space.shape == (1, 7)
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert env.observation_space.contains(obs)
+        assert (reward, terminated, truncated, info["chunk_steps"]) == (0.0, False, False, 1)
+        obs, _, _, truncated, info = env.step(np.zeros((1, 7), np.float32))
+        assert truncated and info["step_count"] == 2
+        assert np.array_equal(env.render(), obs["image"])
+    finally:
+        env.close()
+        sim.set_task(0)
