@@ -19,6 +19,7 @@ Example:
     >>> policy(td)["action"].shape
     torch.Size([2, 8, 7])
 """
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,9 @@ from torch.distributions import Categorical
 from torchrl.data.vla import VocabTailActionTokenizer
 from torchrl.modules.vla import VLAWrapperBase
 
-# Plain-torch ports of TensorFlow's Lanczos3 resize and 0.9-area crop_and_resize (no torchvision needed).
+# torchrl's OpenVLAImagePreprocessor does not fit as a whole: its reference backend needs torchvision (for the
+# JPEG step only) and its "pil" backend resizes before the JPEG round trip. Its plain-torch ports of TensorFlow's
+# Lanczos3 resize and 0.9-area crop_and_resize do fit; the JPEG round trip goes through PIL here.
 from torchrl.data.vla.preprocessing import _fractional_center_crop, _lanczos3_resize
 
 from .models.llama_tokenizer import SPIECE_UNDERLINE_ID, load_llama_tokenizer
@@ -140,7 +143,10 @@ def _normalization(preprocessor_config: dict) -> tuple[torch.Tensor, torch.Tenso
         mean, std = preprocessor_config.get("means"), preprocessor_config.get("stds")
     mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     if mean.shape != (2, 3) or std.shape != (2, 3):
-        raise ValueError(f"preprocessor_config must give mean/std for 2 towers x 3 channels; got {list(mean.shape)} / {list(std.shape)}")
+        raise ValueError(
+            "preprocessor_config must give mean/std for 2 towers x 3 channels; "
+            f"got {list(mean.shape)} / {list(std.shape)}"
+        )
     return mean, std
 
 
@@ -210,7 +216,6 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             raise ValueError(f"temperature must be > 0; got {temperature}")
         if num_images_in_input not in (1, 2):
             raise ValueError(f"num_images_in_input must be 1 (camera) or 2 (camera + wrist); got {num_images_in_input}")
-        self.num_images_in_input = num_images_in_input
         cfg = model.config
         super().__init__(
             model,
@@ -232,6 +237,8 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             action_tokens_key="action_tokens",
             log_probs_key="action_log_prob",
         )
+        self.num_images_in_input = num_images_in_input
+        self._update_keys()  # the wrist camera is an input when asked for
         self.temperature = float(temperature)
         self.center_crop = center_crop
         self.jpeg_quality = jpeg_quality
@@ -243,8 +250,12 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         # Window ids 0..255 are action-vocabulary indices (LM id = action_token_begin + index).
         codec = (
             VocabTailActionTokenizer.from_norm_stats(
-                model.norm_stats, self.unnorm_key, num_bins=cfg.n_action_bins,
-                gripper_binarize=libero_gripper, gripper_binarize_threshold=0.5, gripper_invert=libero_gripper,
+                model.norm_stats,
+                self.unnorm_key,
+                num_bins=cfg.n_action_bins,
+                gripper_binarize=libero_gripper,
+                gripper_binarize_threshold=0.5,
+                gripper_invert=libero_gripper,
             )
             if self.unnorm_key is not None
             else VocabTailActionTokenizer(cfg.n_action_bins)
@@ -275,22 +286,29 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         preprocessor = json.loads((path / "preprocessor_config.json").read_text())
         return cls(model, load_llama_tokenizer(path), preprocessor, unnorm_key=unnorm_key, **kwargs)
 
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        """Writes the model as a published checkpoint directory (see :meth:`OpenVLAOFT.save_pretrained`)."""
+        self.model.save_pretrained(path, **kwargs)
+
     # --- keys ----------------------------------------------------------------------------------------------
 
     def _update_keys(self) -> None:
         keys = self._tensor_keys
-        self.in_keys = [keys.image] + ([keys.wrist_image] if getattr(self, "num_images_in_input", 1) == 2 else []) + [keys.instruction]
-        self.out_keys = ["policy_image", "prompt_ids", "prompt_mask", keys.action_tokens, keys.log_probs, keys.action_chunk]
+        wrist = getattr(self, "num_images_in_input", 1) == 2  # unset while the base class initialises
+        self.in_keys = [keys.image] + ([keys.wrist_image] if wrist else []) + [keys.instruction]
+        self.out_keys = [
+            "policy_image",
+            "prompt_ids",
+            "prompt_mask",
+            keys.action_tokens,
+            keys.log_probs,
+            keys.action_chunk,
+        ]
 
     # --- inputs --------------------------------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.projector.fc1.weight.device
-
-    @device.setter
-    def device(self, value: object) -> None:  # the base class assigns it; the model's parameters decide
-        pass
+    def _device(self) -> torch.device:
+        return self.model.projector.fc1.weight.device  # where the model is (FSDP or not): inputs go there
 
     def _image(self, tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
         image = tensordict.get(key, None)
@@ -300,7 +318,9 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             raise TypeError(f"{key!r} must be uint8 [*batch, 3, H, W]; got dtype {image.dtype}")
         batch = tensordict.batch_size
         if image.ndim != len(batch) + 3 or image.shape[: len(batch)] != batch or image.shape[-3] != 3:
-            raise ValueError(f"{key!r} must have shape [*batch, 3, H, W] with batch {list(batch)}; got {list(image.shape)}")
+            raise ValueError(
+                f"{key!r} must have shape [*batch, 3, H, W] with batch {list(batch)}; got {list(image.shape)}"
+            )
         return image.reshape(-1, *image.shape[-3:])
 
     def _prompts(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +338,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         for i, r in enumerate(rows):
             prompt_ids[i, : len(r)] = torch.tensor(r)
         mask = torch.arange(length)[None] < torch.tensor([len(r) for r in rows])[:, None]
-        return prompt_ids.to(self.device), mask.to(self.device)
+        return prompt_ids.to(self._device()), mask.to(self._device())
 
     def preprocess(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Writes ``policy_image``, ``prompt_ids`` and ``prompt_mask`` from the raw observation."""
@@ -327,12 +347,20 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         names = [keys.image] + ([keys.wrist_image] if self.num_images_in_input == 2 else [])
         size = self.model.config.dino.image_size
         frames = [
-            preprocess_images(self._image(tensordict, k), size=size, center_crop=self.center_crop, jpeg_quality=self.jpeg_quality, device=self.device)
+            preprocess_images(
+                self._image(tensordict, k),
+                size=size,
+                center_crop=self.center_crop,
+                jpeg_quality=self.jpeg_quality,
+                device=self._device(),
+            )
             for k in names
         ]
         instructions = tensordict.get(keys.instruction, None)
         if instructions is None:
-            raise KeyError(f"the policy input has no {keys.instruction!r}: one language instruction per batch element is required")
+            raise KeyError(
+                f"the policy input has no {keys.instruction!r}: one language instruction per batch element is required"
+            )
         prompt_ids, prompt_mask = self._prompts(_flat_instructions(instructions, batch.numel()))
         tensordict.set("policy_image", torch.cat(frames, dim=1).reshape(*batch, -1, size, size))
         tensordict.set("prompt_ids", prompt_ids.reshape(*batch, -1))
@@ -357,9 +385,9 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         ids = tensordict.get("prompt_ids")
         mask = tensordict.get("prompt_mask")
         logits = self.model(
-            ids.reshape(-1, ids.shape[-1]).to(self.device),
-            mask.reshape(-1, mask.shape[-1]).to(self.device),
-            self.pixel_values(image.reshape(-1, *image.shape[-3:]).to(self.device)),
+            ids.reshape(-1, ids.shape[-1]).to(self._device()),
+            mask.reshape(-1, mask.shape[-1]).to(self._device()),
+            self.pixel_values(image.reshape(-1, *image.shape[-3:]).to(self._device())),
         )
         cfg = self.model.config
         return (logits / self.temperature).reshape(*batch, cfg.num_actions_chunk, cfg.action_dim, cfg.n_action_bins)

@@ -18,6 +18,7 @@ Example:
     >>> ids[0], 13 in ids, tok.token_to_id("<PAD>")
     (1, True, 32000)
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,9 @@ def build_tiny_llama_tokenizer() -> Tokenizer:
     tok.decoder = decoders.Sequence(
         [decoders.Replace(_SPIECE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
     tok.add_special_tokens([AddedToken("<PAD>", normalized=False, special=True)])
     if tok.token_to_id("<PAD>") != PAD_ID:
@@ -88,7 +91,14 @@ def build_tiny_llama_tokenizer() -> Tokenizer:
 
 
 def _added_token_entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def save_tiny_llama_tokenizer(path: str | Path) -> None:
@@ -123,7 +133,11 @@ def save_tiny_llama_tokenizer(path: str | Path) -> None:
         name: {k: v for k, v in _added_token_entry(t).items() if k != "special"}
         for name, t in (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<PAD>"), ("unk_token", "<unk>"))
     }
-    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special), ("added_tokens.json", {"<PAD>": PAD_ID})):
+    for name, content in (
+        ("tokenizer_config.json", config),
+        ("special_tokens_map.json", special),
+        ("added_tokens.json", {"<PAD>": PAD_ID}),
+    ):
         (path / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 

@@ -19,6 +19,7 @@ Example:
     >>> model.action_logits(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(1, 6, 224, 224)).shape
     torch.Size([1, 56, 256])
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -49,7 +52,13 @@ from .openvla_oft_files import (
     synthetic_dataset_statistics,
     tensor_shapes,
 )
-from .openvla_oft_vision import DINOV2_L_REG4, SIGLIP_SO400M, FusedVisionBackbone, VisionTowerConfig, tower_config_from_shapes
+from .openvla_oft_vision import (
+    DINOV2_L_REG4,
+    SIGLIP_SO400M,
+    FusedVisionBackbone,
+    VisionTowerConfig,
+    tower_config_from_shapes,
+)
 
 __all__ = ["ATTENTION_MODES", "OpenVLAOFT", "OpenVLAOFTConfig", "write_tiny_checkpoint"]
 
@@ -70,7 +79,9 @@ class OpenVLAOFTConfig:
     dino: VisionTowerConfig = field(default_factory=lambda: replace(DINOV2_L_REG4))
     siglip: VisionTowerConfig = field(default_factory=lambda: replace(SIGLIP_SO400M))
     projector_hidden_dim: int | None = None  # None: 4 x the fused vision width (OpenVLA's fused GELU MLP)
-    text_config: dict = field(default_factory=lambda: {"model_type": "llama", "pad_token_id": 32000, "vocab_size": 32064})
+    text_config: dict = field(
+        default_factory=lambda: {"model_type": "llama", "pad_token_id": 32000, "vocab_size": 32064}
+    )
     pad_token_id: int = 32000
     pad_to_multiple_of: int = 64
     n_action_bins: int = 256
@@ -84,7 +95,9 @@ class OpenVLAOFTConfig:
         if known.pop("rope_scaling") is not None:
             raise NotImplementedError(f"text_config.rope_scaling={self.text_config['rope_scaling']!r} is not supported")
         theta = known.pop("rope_theta")
-        return LlamaConfig(**known, rope_parameters={"rope_type": "default", "rope_theta": theta}, attn_implementation="sdpa")
+        return LlamaConfig(
+            **known, rope_parameters={"rope_type": "default", "rope_theta": theta}, attn_implementation="sdpa"
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -104,10 +117,13 @@ class OpenVLAOFTConfig:
         """Reads config.json; tower and projector sizes come from the tensor shapes (config.json has none)."""
         if raw.get("model_type") != "openvla":
             raise ValueError(f"config.json has model_type {raw.get('model_type')!r}; expected 'openvla'")
-        if not raw.get("use_fused_vision_backbone", False) or not str(raw.get("arch_specifier", "")).endswith("fused-gelu-mlp"):
+        if not raw.get("use_fused_vision_backbone", False) or not str(raw.get("arch_specifier", "")).endswith(
+            "fused-gelu-mlp"
+        ):
             raise NotImplementedError(
                 "only the fused DINOv2 + SigLIP backbone with the fused GELU MLP projector is supported; got "
-                f"use_fused_vision_backbone={raw.get('use_fused_vision_backbone')!r}, arch_specifier={raw.get('arch_specifier')!r}"
+                f"use_fused_vision_backbone={raw.get('use_fused_vision_backbone')!r}, "
+                f"arch_specifier={raw.get('arch_specifier')!r}"
             )
         if raw.get("use_proprio"):
             raise NotImplementedError("use_proprio=true (a proprio projector token) is not supported")
@@ -204,11 +220,15 @@ class OpenVLAOFT(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
         """Same as :meth:`action_logits` (``forward`` is what FSDP hooks)."""
         return self._action_logits(input_ids, attention_mask, pixel_values)
 
-    def action_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def action_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
         """Float32 logits ``[B, 56, 256]`` over the action vocabulary for each slot of the chunk.
 
         Args:
@@ -218,7 +238,9 @@ class OpenVLAOFT(nn.Module):
         """
         return self._action_logits(input_ids, attention_mask, pixel_values)
 
-    def _action_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _action_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
         self._ensure_fp32_rope()
         n = self._prompt_lengths(input_ids, attention_mask)
         ids = input_ids[:, : int(n.max())]  # trailing pads carry nothing: drop them
@@ -230,7 +252,9 @@ class OpenVLAOFT(nn.Module):
         pos = torch.arange(length + slots + 1, device=ids.device)
         offset = pos[None] - n[:, None]
         is_slot = (offset >= 0) & (offset < slots)
-        text_ids = F.pad(ids, (0, slots + 1), value=self.config.pad_token_id).masked_fill(offset >= 0, self.config.pad_token_id)
+        text_ids = F.pad(ids, (0, slots + 1), value=self.config.pad_token_id).masked_fill(
+            offset >= 0, self.config.pad_token_id
+        )
         text_ids = text_ids.masked_fill(offset == slots, EOS_ID)
         text = self.language_model.model.embed_tokens(text_ids).masked_fill(is_slot[..., None], 0.0)
         text_valid = offset <= slots
@@ -240,7 +264,9 @@ class OpenVLAOFT(nn.Module):
         embeds = torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
         valid = torch.cat([text_valid[:, :1], text_valid.new_ones(batch, num_patches), text_valid[:, 1:]], dim=1)
 
-        hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=self._attention_mask(valid)).last_hidden_state
+        hidden = self.language_model.model(
+            inputs_embeds=embeds, attention_mask=self._attention_mask(valid)
+        ).last_hidden_state
         # the position before each slot predicts it (the next-token shift the model was trained with)
         before = num_patches + n[:, None] - 1 + torch.arange(slots, device=ids.device)
         hidden = hidden.gather(1, before[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -250,11 +276,16 @@ class OpenVLAOFT(nn.Module):
 
     def _prompt_lengths(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"input_ids and attention_mask must both be [B, L]; got {list(input_ids.shape)} and {list(attention_mask.shape)}")
+            raise ValueError(
+                "input_ids and attention_mask must both be [B, L]; "
+                f"got {list(input_ids.shape)} and {list(attention_mask.shape)}"
+            )
         mask = attention_mask.bool()
         n = mask.sum(1)
         if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None] < n[:, None]):
-            raise ValueError("attention_mask must be a prefix of ones per row (right padding), as the prompts are stored")
+            raise ValueError(
+                "attention_mask must be a prefix of ones per row (right padding), as the prompts are stored"
+            )
         if int(n.min()) < 2:
             raise ValueError("every prompt needs <s> and at least one more token")
         return n
@@ -270,11 +301,17 @@ class OpenVLAOFT(nn.Module):
     def _ensure_fp32_rope(self) -> None:
         # A model-wide .to(bfloat16) also casts the rotary inverse frequencies, which rounds every RoPE angle;
         # transformers computes them in float32, so rebuild them in float32 when that happened.
-        rotary = self.language_model.model.rotary_emb
-        if rotary.inv_freq.dtype != torch.float32 or rotary.inv_freq.is_meta:
-            device = self.projector.fc1.weight.device
-            with torch.device(device):
-                self.language_model.model.rotary_emb = LlamaRotaryEmbedding(self.language_model.config)
+        inv_freq = self.language_model.model.rotary_emb.inv_freq
+        if inv_freq.dtype != torch.float32 or inv_freq.is_meta:
+            self.reset_rotary_embedding()
+
+    def reset_rotary_embedding(self) -> None:
+        """Recomputes the RoPE frequencies (a non-persistent buffer) in float32 on the weights' device.
+
+        Needed after ``to_empty()``, which leaves buffers uninitialised; loading does it by itself.
+        """
+        with torch.device(self.projector.fc1.weight.device):
+            self.language_model.model.rotary_emb = LlamaRotaryEmbedding(self.language_model.config)
 
     # --- training helpers -------------------------------------------------------------------------------
 
@@ -287,12 +324,17 @@ class OpenVLAOFT(nn.Module):
         """Recompute every vision block and decoder layer in the backward pass instead of storing activations."""
         self.vision_backbone.featurizer.gradient_checkpointing = True
         self.vision_backbone.fused_featurizer.gradient_checkpointing = True
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = self.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def gradient_checkpointing_disable(self) -> None:
         self.vision_backbone.featurizer.gradient_checkpointing = False
         self.vision_backbone.fused_featurizer.gradient_checkpointing = False
-        self.language_model.gradient_checkpointing_disable()
+        lm = self.language_model
+        getattr(lm, "activation_checkpointing_disable", lm.gradient_checkpointing_disable)()
 
     # --- files --------------------------------------------------------------------------------------------
 
@@ -340,21 +382,36 @@ class OpenVLAOFT(nn.Module):
     ) -> None:
         """Writes the published directory format: config.json, safetensors shards + index, side files.
 
+        With FSDP-sharded parameters this is collective (call it on every rank): the full state dict is
+        gathered to the CPU and rank 0 writes.
+
         Args:
-            state_dict: the full state dict to write (e.g. gathered from FSDP); default ``self.state_dict()``.
-            dtype: cast floating tensors to it (e.g. ``torch.bfloat16`` as published); default as they are.
+            state_dict: the full state dict to write; default the model's own (gathered when sharded).
+            dtype: dtype of the floating tensors written. Default: the dtype the checkpoint was stored in
+                (config.json ``torch_dtype``, bf16 for the published ones), so fp32 master weights save back
+                in the original format; for a model not loaded from a directory, the parameters' dtype.
             max_shard_size: shard limit (transformers' default ``"5GB"`` gives the 7B's 4 shards).
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict() if state_dict is None else state_dict
+        state = self._full_state_dict() if state_dict is None else state_dict
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        if dtype is None and self.config.raw is not None:
+            dtype = getattr(torch, str(self.config.raw.get("torch_dtype", "")), None)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
         save_sharded(state, path, max_shard_size)
         saved_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
         dump_json(self.config.to_json(saved_dtype, self.norm_stats), path / CONFIG_NAME)
         for name, data in self.checkpoint_files.items():
             (path / name).write_bytes(data)
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        if not torch.distributed.is_available() or not any(isinstance(p, DTensor) for p in self.parameters()):
+            return self.state_dict()
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it, on the CPU
+        return get_model_state_dict(self, options=options)
 
 
 # --- tiny checkpoints ----------------------------------------------------------------------------------
@@ -378,22 +435,34 @@ def _randomize_(model: nn.Module, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def tiny_config(*, hidden_size: int = 64, num_layers: int = 2, vision_widths: tuple[int, int] = (64, 96), vision_depth: int = 3) -> OpenVLAOFTConfig:
+def tiny_config(
+    *, hidden_size: int = 64, num_layers: int = 2, vision_widths: tuple[int, int] = (64, 96), vision_depth: int = 3
+) -> OpenVLAOFTConfig:
     """A tiny OpenVLA-OFT with the real token layout (32064 vocabulary rows, action ids 31744..31999)."""
     dino = replace(DINOV2_L_REG4, embed_dim=vision_widths[0], depth=vision_depth, mlp_hidden_dim=2 * vision_widths[0])
     siglip = replace(
-        SIGLIP_SO400M, embed_dim=vision_widths[1], depth=vision_depth, mlp_hidden_dim=2 * vision_widths[1],
+        SIGLIP_SO400M,
+        embed_dim=vision_widths[1],
+        depth=vision_depth,
+        mlp_hidden_dim=2 * vision_widths[1],
         attn_pool_mlp_hidden_dim=2 * vision_widths[1],
     )
     text = {
-        "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "model_type": "llama",
-        "num_attention_heads": 4, "num_hidden_layers": num_layers, "num_key_value_heads": 4,
-        "pad_token_id": 32000, "vocab_size": 32064,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "model_type": "llama",
+        "num_attention_heads": 4,
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": 4,
+        "pad_token_id": 32000,
+        "vocab_size": 32064,
     }
     return OpenVLAOFTConfig(dino=dino, siglip=siglip, text_config=text)
 
 
-def write_tiny_checkpoint(path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, **sizes) -> OpenVLAOFT:
+def write_tiny_checkpoint(
+    path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, **sizes
+) -> OpenVLAOFT:
     """Writes a complete tiny random checkpoint in exactly the published format and returns its model.
 
     The directory holds config.json (``text_config`` with the tiny sizes, every other field as published),

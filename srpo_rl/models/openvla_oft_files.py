@@ -11,6 +11,7 @@ Example:
     >>> parse_size("5GB")
     5000000000
 """
+
 from __future__ import annotations
 
 import json
@@ -124,7 +125,9 @@ def tensor_shapes(path: Path, weight_map: Mapping[str, str]) -> dict[str, tuple[
     return shapes
 
 
-def iter_tensors(path: Path, weight_map: Mapping[str, str], device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    path: Path, weight_map: Mapping[str, str], device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields ``(name, tensor)`` shard by shard."""
     for shard in sorted(set(weight_map.values())):
         with safe_open(str(path / shard), framework="pt", device=str(device)) as f:
@@ -141,7 +144,11 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tu
     """Raises :class:`StateDictMismatchError` listing missing keys, unexpected keys and shape mismatches."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k}: checkpoint {list(found[k])} vs model {list(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    wrong = [
+        f"{k}: checkpoint {list(found[k])} vs model {list(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
     if missing or unexpected or wrong:
         message = f"checkpoint {where!r} does not match the OpenVLA-OFT built from its config.json:"
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
@@ -172,9 +179,9 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: Path, max_shard_s
         names = [WEIGHTS_NAME]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        weight_map = {k: name for name, shard in zip(names, shards, strict=False) for k in shard}
         dump_json({"metadata": {"total_size": total}, "weight_map": weight_map}, path / WEIGHTS_INDEX_NAME)
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=False):
         save_file(shard, str(path / name), metadata={"format": "pt"})
     return names
 
@@ -228,8 +235,17 @@ def preprocessor_config(image_size: int = 224) -> dict:
     }
 
 
-PROCESSOR_CONFIG = {"auto_map": {"AutoProcessor": "processing_prismatic.PrismaticProcessor"}, "processor_class": "PrismaticProcessor"}
-GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000, "transformers_version": "4.40.1"}
+PROCESSOR_CONFIG = {
+    "auto_map": {"AutoProcessor": "processing_prismatic.PrismaticProcessor"},
+    "processor_class": "PrismaticProcessor",
+}
+GENERATION_CONFIG = {
+    "_from_model_config": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 32000,
+    "transformers_version": "4.40.1",
+}
 
 # (transitions, trajectories) and a per-suite spread of the translation / rotation ranges: plausible
 # LIBERO-like numbers for synthetic checkpoints, not the published statistics.
@@ -265,12 +281,21 @@ def synthetic_dataset_statistics(seed: int = 0) -> dict:
 
         stats[name] = {
             "action": {
-                "mean": floats(mean), "std": floats(std), "max": floats(torch.cat([q99[:6] * 1.0625, q99[6:]])), "min": floats(torch.cat([q01[:6] * 1.0625, q01[6:]])),
-                "q01": floats(q01), "q99": floats(q99), "mask": [True] * 6 + [False],
+                "mean": floats(mean),
+                "std": floats(std),
+                "max": floats(torch.cat([q99[:6] * 1.0625, q99[6:]])),
+                "min": floats(torch.cat([q01[:6] * 1.0625, q01[6:]])),
+                "q01": floats(q01),
+                "q99": floats(q99),
+                "mask": [True] * 6 + [False],
             },
             "proprio": {
-                "mean": floats(p_mean), "std": floats(p_std), "max": floats(p_mean + 3 * p_std),
-                "min": floats(p_mean - 3 * p_std), "q01": floats(p_mean - 2.3 * p_std), "q99": floats(p_mean + 2.3 * p_std),
+                "mean": floats(p_mean),
+                "std": floats(p_std),
+                "max": floats(p_mean + 3 * p_std),
+                "min": floats(p_mean - 3 * p_std),
+                "q01": floats(p_mean - 2.3 * p_std),
+                "q99": floats(p_mean + 2.3 * p_std),
             },
             "num_transitions": transitions,
             "num_trajectories": trajectories,

@@ -15,6 +15,7 @@ Example:
     >>> FusedVisionBackbone(dino, siglip)(torch.zeros(1, 6, 224, 224)).shape
     torch.Size([1, 256, 80])
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,12 @@ class VisionTowerConfig:
 
 DINOV2_L_REG4 = VisionTowerConfig()
 SIGLIP_SO400M = VisionTowerConfig(
-    embed_dim=1152, depth=27, mlp_hidden_dim=4304, num_registers=0, class_token=False, layer_scale=False,
+    embed_dim=1152,
+    depth=27,
+    mlp_hidden_dim=4304,
+    num_registers=0,
+    class_token=False,
+    layer_scale=False,
     attn_pool_mlp_hidden_dim=4304,
 )
 
