@@ -112,6 +112,7 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
         center_crop=cfg.embodied.center_crop,
         num_images_in_input=cfg.embodied.num_images_in_input,
         attention=cfg.model.attention,
+        dtype=torch.float32,  # fp32 master weights; FSDP2 computes in actor.fsdp.mixed_precision
     )
     if cfg.actor.enable_gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()

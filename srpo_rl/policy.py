@@ -194,6 +194,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         jpeg_quality: quality of the JPEG round trip (the reference's TensorFlow default, 95).
         num_images_in_input: 1 (third-person camera) or 2 (+ wrist camera).
         libero_gripper: binarise and invert the gripper dimension for LIBERO, as the reference env wrapper does.
+        max_prompt_length: width of the stored ``prompt_ids`` (right-padded), so that steps stack across batches.
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         jpeg_quality: int = 95,
         num_images_in_input: int = 1,
         libero_gripper: bool = True,
+        max_prompt_length: int = 64,
         image_key: NestedKey = ("observation", "image"),
         wrist_image_key: NestedKey = ("observation", "wrist_image"),
         instruction_key: NestedKey = "instruction",
@@ -263,6 +265,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         # Kept out of the module tree: a policy-wide .to(bfloat16) (or FSDP) must not round the float64 q01/q99
         # statistics that the decoder uses (reference parity in float64). The codec moves its lookups itself.
         self.__dict__["action_tokenizer"] = codec
+        self.max_prompt_length = max_prompt_length
         self._prompt_cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -331,9 +334,15 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
                 ids = self.tokenizer.encode(prompt_for(instruction)).ids
                 if ids[-1] != SPIECE_UNDERLINE_ID:  # the model was trained on "Out: <action tokens>"
                     ids.append(SPIECE_UNDERLINE_ID)
+                if len(ids) > self.max_prompt_length:
+                    raise ValueError(
+                        f"the prompt of {instruction!r} has {len(ids)} tokens, more than max_prompt_length="
+                        f"{self.max_prompt_length}; raise max_prompt_length"
+                    )
                 self._prompt_cache[instruction] = ids
             rows.append(ids)
-        length = max(len(r) for r in rows)
+        # A fixed width, so that steps of different batches and rounds stack; the forward trims it again.
+        length = self.max_prompt_length
         prompt_ids = torch.full((len(rows), length), self.model.config.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
             prompt_ids[i, : len(r)] = torch.tensor(r)
@@ -382,8 +391,10 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             raise KeyError(f"missing {missing}: run the policy forward (or preprocess) on the observation first")
         batch = tensordict.batch_size
         image = tensordict.get("policy_image")
-        ids = tensordict.get("prompt_ids")
         mask = tensordict.get("prompt_mask")
+        used = int(mask.sum(-1).max())  # no compute on the fixed-width padding
+        ids = tensordict.get("prompt_ids")[..., :used]
+        mask = mask[..., :used]
         logits = self.model(
             ids.reshape(-1, ids.shape[-1]).to(self._device()),
             mask.reshape(-1, mask.shape[-1]).to(self._device()),

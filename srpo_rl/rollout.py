@@ -230,7 +230,9 @@ def collect_rollouts(
                 slot = slots[s]
                 if keep_steps:
                     record = decision[i].select(*(k for k in POLICY_KEYS if k in decision.keys()))
-                    record.set("next", nxt[s].select(*NEXT_KEYS))
+                    env_out = nxt[s].select(*NEXT_KEYS)
+                    env_out.set("chunk_steps", env_out.get("chunk_steps").reshape(()))  # env's [1] -> per step
+                    record.set("next", env_out)
                     slot.steps.append(record)
                 else:
                     slot.steps.append(None)
