@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 __all__ = ["CheckpointManager", "get_rng_state", "set_rng_state"]
@@ -123,7 +124,9 @@ class CheckpointManager:
         path = self.path(steps[-1])
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.load(model_state, checkpoint_id=path / "model")
-        dcp.load(optim_state, checkpoint_id=path / "optim")
+        # Parameters that never received a gradient (e.g. the unused last tower blocks) have no saved optimizer
+        # state; they keep the freshly initialised one.
+        dcp.load(optim_state, checkpoint_id=path / "optim", planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
         trainer_file = path / f"trainer_rank{_rank()}.pt"
         if not trainer_file.exists():

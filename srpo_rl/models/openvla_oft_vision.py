@@ -167,6 +167,14 @@ class VisionTower(nn.Module):
         if cfg.attn_pool_mlp_hidden_dim is not None:
             self.attn_pool = AttentionPoolLatent(cfg.embed_dim, cfg.attn_pool_mlp_hidden_dim)
         self.gradient_checkpointing = False
+        # Kept for checkpoint round trips only: frozen, so optimizers and gradient clipping skip them.
+        for parameter in self.unused_parameters():
+            parameter.requires_grad_(False)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters without effect on the features: the last block, the final norm, SigLIP's pooling head."""
+        unused = [self.blocks[self.cfg.depth - 1]] + [getattr(self, n) for n in ("norm", "attn_pool") if hasattr(self, n)]
+        return [p for module in unused for p in module.parameters()]
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -1,0 +1,131 @@
+"""The SRPO recipe end to end on real LIBERO (tiny model, CPU): train, SIGKILL, resume; config errors."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from srpo_rl.examples.utils_srpo import check_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "srpo_libero.py"
+CONFIG_DIR = REPO / "examples" / "config"
+
+
+def _compose(overrides, name="config"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+VALID_7B = ["model.path=.", "model.vjepa_path=."]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["env.env_name=libero_lng"], "unknown suite 'libero_lng'; choose one of"),
+        (["algorithm.embodied_sampling.accuracy_lower_bound=0.95"], "accuracy_lower_bound 0.95 > accuracy_upper_bound 0.9"),
+        (["algorithm.embodied_sampling.accuracy_upper_bound=1.5"], r"accuracy bounds must lie in \[0, 1\]"),
+        (["data.train_batch_size=10"], "train_batch_size=10 is not a multiple of actor.ppo_mini_batch_size=4"),
+        (["env.num_envs=0"], "env.num_envs must be >= 1, got 0"),
+        (["env.num_envs=1000"], "env.num_envs=1000 slots cannot all be used"),
+        (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
+        (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
+        (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
+    ],
+)
+def test_config_errors_name_the_bad_value(overrides, message):
+    cfg = _compose(VALID_7B + overrides)
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg, world_size=1)
+
+
+def test_config_errors_that_need_the_process_count():
+    with pytest.raises(ValueError, match="train_batch_size=64 groups do not divide over 3 processes"):
+        check_config(_compose(VALID_7B), world_size=3)
+    check_config(_compose(VALID_7B + ["trainer.n_gpus_per_node=8"]), world_size=8)
+
+
+def test_missing_model_path_and_unknown_groups():
+    with pytest.raises(ValueError, match=r"model.path is required for model=openvla_oft_7b; pass model.path=<path>"):
+        check_config(_compose([]), world_size=1)
+    with pytest.raises(Exception, match="Could not find 'env/libero_lng'"):
+        _compose(["env=libero_lng"])
+    with pytest.raises(Exception, match="Could not find 'model/llama'"):
+        _compose(["model=llama"])
+    check_config(_compose([], name="tiny"), world_size=1)  # the README's main job is valid
+
+
+def test_script_fails_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config-name", "tiny", f"output_dir={tmp_path}", "actor.clip_ratio_low=0.2",
+         "algorithm.embodied_sampling.accuracy_lower_bound=0.95"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert "accuracy_lower_bound 0.95 > accuracy_upper_bound 0.9" in result.stderr
+    assert not (tmp_path / "data").exists()  # no manifest, no model, no env was built
+
+
+def _run(out, steps, *, stop_after=None):
+    """Runs the tiny recipe; with ``stop_after`` SIGKILLs the whole process group once that checkpoint exists."""
+    cmd = [sys.executable, str(SCRIPT), "--config-name", "tiny", f"output_dir={out}",
+           f"trainer.total_training_steps={steps}", "trainer.test_freq=0", "env.max_steps=16"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if stop_after and f"saved checkpoint {out}/checkpoints/global_step_{stop_after}" in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its env workers, as a node failure would
+            break
+    proc.wait(timeout=600)
+    return proc.returncode, "".join(lines)
+
+
+def _optimizer_steps(checkpoint: Path) -> set[int]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint / "optim", checkpoint / "optim.pt")
+    state = torch.load(checkpoint / "optim.pt", weights_only=False)
+    return {int(s["step"]) for s in state["state"].values()}
+
+
+def _logged_steps(log_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            steps += [e.step for e in accumulator.Scalars(tag)]
+    return sorted(steps)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_it_stopped(tmp_path):
+    out = tmp_path / "run"
+    code, log = _run(out, 3, stop_after=2)
+    assert code == -signal.SIGKILL, log[-3000:]
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step_1", "global_step_2"]
+    # tiny preset: 2 groups x 2 rollouts, mini-batches of 1 group -> 2 optimizer steps per training step
+    assert _optimizer_steps(checkpoints / "global_step_2") == {4}
+
+    code, log = _run(out, 3)
+    assert code == 0, log[-3000:]
+    assert f"resumed from {checkpoints}/global_step_2 at step 2" in log
+    assert "[step 3]" in log and "[step 1]" not in log and "[step 2]" not in log
+    state = torch.load(checkpoints / "global_step_3" / "trainer_rank0.pt", weights_only=False)
+    assert state["step"] == 3 and state["prompts"]["position"] > 0
+    assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
+    assert _logged_steps(out / "tensorboard", "train/optimizer_steps") == [1, 2, 3]
+    assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
