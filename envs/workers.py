@@ -157,7 +157,11 @@ class SimWorkers:
         self.build_timeout = float(build_timeout)
         self._workers = [_Worker(self._ctx, slot, self._sim_kwargs, int(t)) for slot, t in enumerate(task_ids)]
         self.restarts = 0
-        self._wait_built(range(len(self._workers)), retry=True)
+        try:
+            self._wait_built(range(len(self._workers)), retry=True)
+        except BaseException:
+            self.close()
+            raise
 
     def __len__(self) -> int:
         return len(self._workers)

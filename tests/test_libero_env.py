@@ -192,6 +192,28 @@ def test_missing_assets_give_install_command(tmp_path):
     assert str(tmp_path / "config.yaml") in result.stderr
 
 
+def test_rendering_backend_defaults_to_egl():
+    code = "import os\nfrom srpo_rl.envs.suites import configure_rendering\nprint(configure_rendering(), os.environ['PYOPENGL_PLATFORM'])"
+    clean = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=120)
+    assert result.stdout.split() == ["egl", "egl"]
+    result = _run_python(code, MUJOCO_GL="osmesa", PYOPENGL_PLATFORM="osmesa")
+    assert result.stdout.split() == ["osmesa", "osmesa"]
+
+
+def test_libero_import_never_prompts_or_writes_config(tmp_path):
+    # stdin closed: a prompt would fail with EOFError; HOME is empty: nothing may be written there
+    env = {k: v for k, v in os.environ.items() if k != "LIBERO_CONFIG_PATH"}
+    env["HOME"] = str(tmp_path)
+    code = "from srpo_rl.envs.suites import import_libero, suite_info\nimport_libero()\nprint(suite_info('libero_90').num_tasks)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "90"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_killed_worker_is_recovered(env, caplog):
     env.reset(_reset_td([True, True], [0, 1], [0, 0], [200, 201]))
     old = env.worker_pids
