@@ -19,7 +19,8 @@ For each ``--num-envs`` value ``n`` (all envs on one task, random actions, all c
 
 Segments of our env and of the raw processes alternate (both stay alive), so each figure and its
 baseline see the same load; each setting's best segment is reported (the least disturbed by other
-load on a shared machine) and all segments are in the JSON. The last line is one JSON object with every figure, the machine and the versions.
+load on a shared machine) and all segments are in the JSON. The last line is one JSON object
+with every figure, the machine and the versions.
 """
 
 from __future__ import annotations

@@ -57,13 +57,18 @@ def validate_chunk(actions: np.ndarray, chunk_len: int, action_dim: int, *, batc
     bad = ~np.isfinite(actions)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
-        where = f"slot {index[0]} sub-step {index[1]} dim {index[2]}" if batch else f"sub-step {index[0]} dim {index[1]}"
+        where = _where(index, batch)
         raise ValueError(f"action is not finite at {where}: {actions[index]}; actions must be finite in [-1, 1]")
     out = np.abs(actions) > 1.0
     if out.any():
         index = tuple(int(i) for i in np.argwhere(out)[0])
-        where = f"slot {index[0]} sub-step {index[1]} dim {index[2]}" if batch else f"sub-step {index[0]} dim {index[1]}"
+        where = _where(index, batch)
         raise ValueError(f"action {float(actions[index]):.6g} at {where} is outside the valid range [-1, 1]")
+
+
+def _where(index: tuple[int, ...], batch: bool) -> str:
+    slot = f"slot {index[0]} " if batch else ""
+    return f"{slot}sub-step {index[-2]} dim {index[-1]}"
 
 
 @dataclass

@@ -111,7 +111,8 @@ class LiberoGymEnv(gymnasium.Env):
     def step(self, action):
         action = np.asarray(action, dtype=np.float32).reshape(self.chunk_len, ACTION_DIM)
         out = self.sim.step_chunk(action, frame_stride=self.frame_stride)
-        return self._observation(out), float(out["success"]), bool(out["success"]), bool(out["truncated"]), self._info(out)
+        success = bool(out["success"])
+        return self._observation(out), float(success), success, bool(out["truncated"]), self._info(out)
 
     def render(self):
         return self._last_image

@@ -308,7 +308,7 @@ class LiberoVecEnv(EnvBase):
         if action is None:
             raise KeyError(f"the step tensordict has no 'action'; expected float32 {expected}")
         if not torch.is_floating_point(action):
-            raise ValueError(f"action has dtype {action.dtype}; expected a floating dtype (float32) of shape {expected}")
+            raise ValueError(f"action has dtype {action.dtype}; expected a floating dtype (float32), shape {expected}")
         array = action.detach().to("cpu", torch.float32).numpy()
         if list(array.shape) != expected:
             raise ValueError(f"action has shape {list(array.shape)}; expected {expected} (num_envs, chunk, dims)")
@@ -365,6 +365,15 @@ class LiberoVecEnv(EnvBase):
     def task_ids(self) -> list[int]:
         """The task each slot's simulation is built for."""
         return self._workers.task_ids
+
+    @property
+    def step_timeout(self) -> float:
+        """Seconds a chunk step or a reset may take before the worker counts as hung."""
+        return self._workers.timeout
+
+    @step_timeout.setter
+    def step_timeout(self, seconds: float) -> None:
+        self._workers.timeout = float(seconds)
 
     def teleport_to_goal(self, slots: Sequence[int]) -> None:
         """Moves the given slots' scenes into their goal configuration (tests and benchmarks).

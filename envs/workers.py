@@ -180,7 +180,9 @@ class SimWorkers:
     def restart(self, slot: int, reason: str) -> None:
         """Kills slot ``slot``'s worker and starts a new one on the same task (built lazily)."""
         old = self._workers[slot]
-        logger.warning("LIBERO worker %d (pid %s, task %d) %s; restarting it", slot, old.process.pid, old.task_id, reason)
+        logger.warning(
+            "LIBERO worker %d (pid %s, task %d) %s; restarting it", slot, old.process.pid, old.task_id, reason
+        )
         old.kill()
         self._workers[slot] = _Worker(self._ctx, slot, self._sim_kwargs, old.task_id)
         self.restarts += 1

@@ -128,6 +128,16 @@ def test_episode_ends_at_max_steps(env):
     assert out["reward"].sum() == 0
 
 
+def test_torchrl_rollout_resets_finished_slots(env):
+    # torchrl's own rollout loop: done slots are reset through '_reset' (default task, init state 0)
+    env.reset(_reset_td([True, True], [0, 1], [0, 0]))
+    rollout = env.rollout(4, break_when_any_done=False, auto_reset=False, tensordict=env.reset())
+    assert rollout.batch_size == (N, 4)
+    assert rollout["next", "step_count"][0].flatten().tolist() == [8, 16, 8, 16]
+    assert rollout["next", "done"][0].flatten().tolist() == [False, True, False, True]
+    assert rollout["next", "frames"].shape == (N, 4, 1, 3, 256, 256)
+
+
 def test_action_errors(env):
     env.reset(_reset_td([True, True], [0, 1], [0, 0]))
     with pytest.raises(ValueError, match=r"action has shape \[2, 4, 7\]; expected \[2, 8, 7\]"):
@@ -193,7 +203,10 @@ def test_missing_assets_give_install_command(tmp_path):
 
 
 def test_rendering_backend_defaults_to_egl():
-    code = "import os\nfrom srpo_rl.envs.suites import configure_rendering\nprint(configure_rendering(), os.environ['PYOPENGL_PLATFORM'])"
+    code = (
+        "import os\nfrom srpo_rl.envs.suites import configure_rendering\n"
+        "print(configure_rendering(), os.environ['PYOPENGL_PLATFORM'])"
+    )
     clean = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=120)
     assert result.stdout.split() == ["egl", "egl"]
@@ -205,7 +218,10 @@ def test_libero_import_never_prompts_or_writes_config(tmp_path):
     # stdin closed: a prompt would fail with EOFError; HOME is empty: nothing may be written there
     env = {k: v for k, v in os.environ.items() if k != "LIBERO_CONFIG_PATH"}
     env["HOME"] = str(tmp_path)
-    code = "from srpo_rl.envs.suites import import_libero, suite_info\nimport_libero()\nprint(suite_info('libero_90').num_tasks)"
+    code = (
+        "from srpo_rl.envs.suites import import_libero, suite_info\n"
+        "import_libero()\nprint(suite_info('libero_90').num_tasks)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120
     )
@@ -232,13 +248,13 @@ def test_killed_worker_is_recovered(env, caplog):
 def test_hung_worker_is_restarted(env, caplog):
     env.reset(_reset_td([True, True], [0, 1], [0, 0], [300, 301]))
     old = env.worker_pids
-    timeout = env._workers.timeout
-    env._workers.timeout = 5.0
+    timeout = env.step_timeout
+    env.step_timeout = 5.0
     os.kill(old[0], signal.SIGSTOP)  # the worker stops answering
     try:
         out = _step(env)
     finally:
-        env._workers.timeout = timeout
+        env.step_timeout = timeout
     assert out["worker_failed"].flatten().tolist() == [True, False]
     assert out["done"][0].item() and out["chunk_steps"][1].item() == 8
     assert env.worker_pids[0] != old[0]
