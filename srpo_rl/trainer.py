@@ -7,6 +7,10 @@ every token is weighted once for the whole mini-batch (:meth:`SRPOLoss.add_token
 the micro-batch gradients is exactly the mini-batch gradient of the recipe's aggregation, whatever the
 slicing. Then one gradient clip and one optimizer step per mini-batch.
 
+With FSDP every rank must run the same number of forward/backward passes (each one is a collective), but
+trajectory lengths differ between ranks: a rank with fewer slices repeats its last slice with zero token
+weights (zero gradient). Gradients are reduced across ranks only on the last slice of a mini-batch.
+
 Example:
     >>> metrics = update_policy(loss_module, optimizer, batch, mini_batch_trajectories=32)
 """
@@ -18,6 +22,9 @@ from collections import defaultdict
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from torch.distributed.fsdp import FSDPModule
+
+from srpo_rl.distributed import reduce_scalar
 
 __all__ = ["executed_steps", "update_policy"]
 
@@ -80,11 +87,17 @@ def update_policy(
             mini = executed_steps(batch[order[start : start + mini_batch_trajectories]])
             mini = loss_module.add_token_weights(mini)
             optimizer.zero_grad(set_to_none=True)
-            for piece in _slices(mini, micro_batch_trajectories, traj_mini_batch_size):
+            pieces = list(_slices(mini, micro_batch_trajectories, traj_mini_batch_size))
+            real = len(pieces)
+            weight_key = loss_module.tensor_keys.token_weight
+            pieces += [_zero_weight(pieces[-1], weight_key)] * (int(reduce_scalar(real, "max")) - real)
+            for i, piece in enumerate(pieces):
+                _sync_gradients(loss_module, last=i == len(pieces) - 1)
                 out = loss_module(piece.to(device) if device is not None else piece)
                 loss = sum(v for k, v in out.items() if k.startswith("loss_"))
                 loss.backward()
-                _accumulate(sums, out, weight=piece.batch_size[0] / mini.batch_size[0])
+                if i < real:
+                    _accumulate(sums, out, weight=piece.batch_size[0] / mini.batch_size[0])
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if math.isfinite(norm):
@@ -95,6 +108,19 @@ def update_policy(
     metrics = {k: v / max(steps_done, 1) for k, v in sums.items()}
     metrics["optimizer_steps"] = steps_done
     return metrics
+
+
+def _zero_weight(piece: TensorDictBase, key) -> TensorDictBase:
+    padded = piece.clone()
+    padded.set(key, torch.zeros_like(padded.get(key)))
+    return padded
+
+
+def _sync_gradients(loss_module: torch.nn.Module, last: bool) -> None:
+    """FSDP2: reduce-scatter gradients only after the last backward of a mini-batch."""
+    for module in loss_module.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(last)
 
 
 def _accumulate(sums: dict[str, float], out: TensorDict, weight: float) -> None:
