@@ -13,7 +13,8 @@ from srpo_rl.distributed import DistInfo, all_reduce_sum, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
 from srpo_rl.loggers import MetricLogger
-from srpo_rl.manifest import canonical_suite, ensure_manifests
+from srpo_rl.envs import canonical_suite
+from srpo_rl.manifest import ensure_manifests
 from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
 from srpo_rl.policy import OpenVLAOFTPolicy
 

@@ -36,11 +36,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from srpo_rl.envs.suites import canonical_suite, suite_info
+
 __all__ = [
     "MANIFEST_SCHEMA",
     "PromptStream",
     "SPLIT_MODES",
-    "canonical_suite",
     "ensure_manifests",
     "generate_manifests",
     "load_manifest",
@@ -60,41 +61,15 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 SPLIT_MODES = ("shared", "holdout")
-SUITE_ALIASES = {"libero_long": "libero_10"}
-SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
-
-
-def canonical_suite(suite: str) -> str:
-    """Returns LIBERO's name for ``suite`` (``libero_long`` -> ``libero_10``), or raises with the valid names."""
-    name = SUITE_ALIASES.get(suite, suite)
-    if name not in SUITES:
-        raise ValueError(
-            f"unknown suite {suite!r}; choose one of libero_spatial, libero_object, libero_goal, "
-            "libero_long (libero_10), libero_90"
-        )
-    return name
 
 
 def suite_tasks(suite: str) -> list[dict]:
     """Lists the tasks of a LIBERO suite: ``task_id``, ``task_name``, ``instruction``, ``num_init_states``."""
-    bench = _libero_benchmark(canonical_suite(suite))
+    info = suite_info(suite)
     return [
-        {
-            "task_id": task_id,
-            "task_name": bench.get_task(task_id).name,
-            "instruction": bench.get_task(task_id).language,
-            "num_init_states": len(bench.get_task_init_states(task_id)),
-        }
-        for task_id in range(bench.n_tasks)
+        {"task_id": i, "task_name": name, "instruction": instruction, "num_init_states": states}
+        for i, (name, instruction, states) in enumerate(zip(info.task_names, info.instructions, info.num_init_states))
     ]
-
-
-def _libero_benchmark(suite: str):
-    try:
-        from libero.libero import benchmark
-    except ImportError as err:
-        raise ImportError('LIBERO is not installed; install it with: pip install "srpo-rl[libero]"') from err
-    return benchmark.get_benchmark_dict()[suite]()
 
 
 def generate_manifests(

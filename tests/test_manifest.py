@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from srpo_rl.envs import canonical_suite
 from srpo_rl.manifest import (
     MANIFEST_SCHEMA,
     PromptStream,
-    canonical_suite,
     ensure_manifests,
     generate_manifests,
     load_manifest,
