@@ -67,9 +67,9 @@ def fingertip_distance(env: gymnasium.Env) -> float:
     return float(np.linalg.norm((sim.get_body_com("fingertip") - sim.get_body_com("target"))[:2]))
 
 
-def reacher_success(env: gymnasium.Env, obs: np.ndarray, info: dict) -> bool:
-    """The ``success_fn`` of :class:`~srpo_rl.envs.gym_slots.GymSlotEnv`: fingertip on the target."""
-    return fingertip_distance(env) < SUCCESS_DISTANCE
+def reacher_success(env: gymnasium.Env, obs: np.ndarray, info: dict, distance: float = SUCCESS_DISTANCE) -> bool:
+    """The ``success_fn`` of :class:`~srpo_rl.envs.gym_slots.GymSlotEnv`: fingertip within ``distance`` of the target."""
+    return fingertip_distance(env) < distance
 
 
 def _wrap(angle: np.ndarray) -> np.ndarray:

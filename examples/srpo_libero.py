@@ -17,7 +17,8 @@ import time
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from torchrl.envs.utils import ExplorationType
 from tqdm.auto import tqdm
 
 from srpo_rl.checkpoint import CheckpointManager
@@ -85,6 +86,7 @@ def main(cfg: DictConfig) -> None:
     total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * max(1, steps_per_epoch)
     mini_batch_trajectories = cfg.actor.ppo_mini_batch_size * cfg.rollout.n // info.world_size
     generator = torch.Generator().manual_seed(cfg.seed + info.rank)
+    exploration = ExplorationType.RANDOM if cfg.rollout.do_sample else ExplorationType.DETERMINISTIC
 
     if cfg.trainer.val_before_train and step == 0:
         result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
@@ -106,7 +108,8 @@ def main(cfg: DictConfig) -> None:
                                       first_group_id=next_group * info.world_size + info.rank,
                                       group_id_stride=info.world_size)
             next_group += len(rows)
-            trajectories, stats = collect_rollouts(env, policy, requests, progress=info.is_main and "rollout")
+            trajectories, stats = collect_rollouts(env, policy, requests, exploration_type=exploration,
+                                                   progress=info.is_main and "rollout")
             collected.append((trajectories, stats))
             sampler.add(trajectories)
             if reduce_scalar(float(sampler.ready), "min"):  # every rank trains, or none does

@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
 
 import copy
+import functools
 import json
 import tempfile
 import time
@@ -72,6 +73,7 @@ class ReacherConfig:
     threads: int = 1
     # env: Reacher-v5, success = fingertip within SUCCESS_DISTANCE of the target
     num_envs: int = 16
+    success_distance: float = SUCCESS_DISTANCE
     max_steps: int = 48
     chunk_len: int = 8
     frame_stride: int = 4
@@ -106,7 +108,8 @@ ConfigStore.instance().store(name="srpo_reacher", node=ReacherConfig)
 
 def make_env(cfg: ReacherConfig) -> GymSlotEnv:
     return GymSlotEnv(
-        lambda task_id: make_reacher_env(task_id, cfg.image_size), cfg.num_envs, success_fn=reacher_success,
+        lambda task_id: make_reacher_env(task_id, cfg.image_size), cfg.num_envs,
+        success_fn=functools.partial(reacher_success, distance=cfg.success_distance),
         instructions=INSTRUCTION, max_steps=cfg.max_steps, chunk_len=cfg.chunk_len, frame_stride=cfg.frame_stride,
     )
 

@@ -72,6 +72,8 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     if cfg.trainer.resume_mode not in RESUME_MODES:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")
+    if cfg.algorithm.adv_estimator != "grpo":
+        _fail(f"unknown algorithm.adv_estimator {cfg.algorithm.adv_estimator!r}; srpo_rl implements grpo")
     if cfg.algorithm.reward not in ("srpo", "binary"):
         _fail(f"unknown algorithm.reward {cfg.algorithm.reward!r}; choose one of srpo, binary")
     if cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node != world_size and world_size > 1:
@@ -114,11 +116,13 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
         num_images_in_input=cfg.embodied.num_images_in_input,
         attention=cfg.model.attention,
         dtype=torch.float32,  # fp32 master weights; FSDP2 computes in actor.fsdp.mixed_precision
+        max_prompt_length=cfg.data.max_prompt_length,
     )
     if cfg.actor.enable_gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()
-    shard_actor(policy.model, info, mixed_precision=cfg.actor.fsdp.mixed_precision,
-                param_offload=cfg.actor.fsdp.param_offload)
+    fsdp = cfg.actor.fsdp
+    shard_actor(policy.model, info, mixed_precision=fsdp.mixed_precision,
+                param_offload=fsdp.param_offload or fsdp.grad_offload or fsdp.optimizer_offload)
     return policy.eval()
 
 
