@@ -36,6 +36,7 @@ import math
 import numpy as np
 
 from .chunk import ChunkResult, run_chunk, validate_chunk
+from .render_fidelity import apply_legacy_look
 from .suites import RECIPE_MAX_STEPS, configure_rendering, import_libero, load_init_states, suite_info
 
 __all__ = ["ACTION_DIM", "DUMMY_ACTION", "LiberoSim", "quat2axisangle"]
@@ -96,6 +97,9 @@ class LiberoSim:
         wrist_image: also render the wrist camera for the policy. Defaults to ``False``.
         channels_first: return images ``[3, H, W]`` instead of ``[H, W, 3]``.
         seed: robosuite/numpy seed (object placement before the init state is applied).
+        legacy_look: render textures as MuJoCo <= 3.3.2 did, the look of the LIBERO training
+            data, also on MuJoCo >= 3.3.3 (which darkens PNG textures tagged sRGB); a no-op on
+            older MuJoCo. See :mod:`.render_fidelity`. Defaults to ``False``.
 
     Observations (dicts of numpy arrays) hold ``image``, ``state`` (8: eef pos, eef axis-angle,
     gripper qpos), ``wrist_image`` when asked, ``success``, ``done``, ``truncated``,
@@ -113,6 +117,7 @@ class LiberoSim:
         wrist_image: bool = False,
         channels_first: bool = False,
         seed: int = 0,
+        legacy_look: bool = False,
     ):
         configure_rendering()
         self.info = suite_info(suite)
@@ -126,6 +131,9 @@ class LiberoSim:
         self.wrist_image = bool(wrist_image)
         self.channels_first = bool(channels_first)
         self.seed = int(seed)
+        self.legacy_look = bool(legacy_look)
+        #: ids of the textures :func:`apply_legacy_look` turned linear in the current model
+        self.legacy_look_textures: tuple[int, ...] = ()
         self.env = None
         self.task_id = -1
         self.init_state_id = -1
@@ -169,10 +177,15 @@ class LiberoSim:
             ignore_done=True,
         )
         self.env.seed(self.seed)
+        self._apply_look()
         self.task_id = task_id
         self.init_states = load_init_states(self.suite, task_id)
         self._gate_cameras()
         self._over = True
+
+    def _apply_look(self) -> None:
+        if self.legacy_look:
+            self.legacy_look_textures = apply_legacy_look(self.env.env.sim)
 
     def _gate_cameras(self) -> None:
         observables = self.env.env._observables
@@ -212,7 +225,10 @@ class LiberoSim:
         finally:
             robosuite_env.hard_reset = False
         if hard:
-            self._gate_cameras()  # a hard reset rebuilt the camera sensors
+            # a hard reset recompiled the model (texture colour spaces included) and rebuilt the
+            # camera sensors
+            self._apply_look()
+            self._gate_cameras()
         for robot in robosuite_env.robots:
             # soft resets keep the gripper's action state: reset it as a fresh model has it
             robot.gripper.current_action = np.zeros(robot.gripper.dof)
