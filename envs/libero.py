@@ -45,6 +45,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -104,6 +105,10 @@ class LiberoVecEnv(EnvBase):
     ``chunk_steps`` 0). A slot whose episode ended must be reset before it steps again. A worker
     that crashes or hangs is restarted on its task; its rollout ends with ``done`` and
     ``worker_failed`` set, and the other slots' results are returned as usual.
+
+    Asynchronous steps: :meth:`step_send` starts a step (and resets) of some slots and returns at
+    once, :meth:`step_recv` waits for it; so a caller can run the policy on one half of the slots
+    while the other half simulates (``srpo_rl.rollout.collect_rollouts(..., overlap=True)``).
     """
 
     def __init__(
@@ -163,6 +168,7 @@ class LiberoVecEnv(EnvBase):
         self._make_specs()
         self._init_slots(task_ids)
         self._workers = None
+        self._sent: deque = deque()  # (stepped slots, reset requests, reset ids) of each step_send
         self.is_closed = False
         sim_kwargs = dict(
             suite=self.suite,
@@ -234,22 +240,106 @@ class LiberoVecEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         n = self.num_envs
-        mask = _slot_mask(tensordict, "_reset", n)
+        requests, ids = self._reset_requests(tensordict, _slot_mask(tensordict, "_reset", n))
+        self._check_idle(requests)
+        timeout = self._reset_timeout(requests)
+        results = self._workers.call(self._reset_commands(requests), timeout=timeout)
+        self._apply_resets(requests, ids, results)
+        return self._output(chunk_steps=torch.zeros(n, 1, dtype=torch.int64), frames=None)
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        slots, actions = self._step_slots(tensordict, _slot_mask(tensordict, "_step", self.num_envs))
+        self._check_idle(slots)
+        commands = self._step_commands(slots, actions)
+        return self._step_output(slots, self._workers.call(commands))
+
+    # -- asynchronous steps -----------------------------------------------------------------------
+    def step_send(self, tensordict: TensorDictBase) -> None:
+        """Starts a step of some slots and returns at once; :meth:`step_recv` returns its result.
+
+        Meant for overlapping the simulation of some slots with work on others (e.g. the policy on
+        the other half of the batch): slots with a command in flight cannot be sent another one,
+        every other slot can. Results come back in the order of the sends.
+
+        Reads ``td["_step"]`` (bool ``[N]``: the slots that execute their ``td["action"]`` chunk)
+        and, optionally, ``td["_reset"]`` (bool ``[N]`` or ``[N, 1]``) with the reset ids of
+        :meth:`reset`: those slots start a new episode in the same round instead of stepping, so
+        that a finished slot does not hold up the others. The two masks must not overlap; without
+        ``"_step"``, every slot not reset steps.
+
+        Examples:
+            >>> env = make_libero_env("libero_object", num_envs=4)  # doctest: +SKIP
+            >>> _ = env.reset()  # doctest: +SKIP
+            >>> half = torch.tensor([True, True, False, False])  # doctest: +SKIP
+            >>> env.step_send(TensorDict({"action": torch.zeros(4, 8, 7), "_step": half}, [4]))  # doctest: +SKIP
+            >>> env.step_send(TensorDict({"action": torch.zeros(4, 8, 7), "_step": ~half}, [4]))  # doctest: +SKIP
+            >>> first = env.step_recv()  # slots 0 and 1, while 2 and 3 may still simulate  # doctest: +SKIP
+            >>> first["chunk_steps"].flatten().tolist()  # doctest: +SKIP
+            [8, 8, 0, 0]
+        """
+        n = self.num_envs
+        no_slot = torch.zeros(n, dtype=torch.bool)
+        reset_mask = _slot_mask(tensordict, "_reset", n) if "_reset" in tensordict.keys() else no_slot
+        step_mask = _slot_mask(tensordict, "_step", n) if "_step" in tensordict.keys() else ~reset_mask
+        both = torch.nonzero(step_mask & reset_mask).flatten().tolist()
+        if both:
+            raise ValueError(f"slots {both} are in both '_step' and '_reset'; a slot either steps or resets")
+        requests, ids = self._reset_requests(tensordict, reset_mask)
+        slots, actions = self._step_slots(tensordict, step_mask) if step_mask.any() else ([], None)
+        self._check_idle([*slots, *requests])
+        self._workers.send(self._step_commands(slots, actions))
+        self._workers.send(self._reset_commands(requests), timeout=self._reset_timeout(requests))
+        self._sent.append((slots, requests, ids))
+
+    def step_recv(self) -> TensorDictBase:
+        """Waits for the oldest :meth:`step_send` and returns its result.
+
+        The result has the layout of ``env.step(td)["next"]``: stepped slots carry their new
+        observation, reward, done flags and frames; reset slots their first observation
+        (``step_count`` 0, ``chunk_steps`` 0, no frames); every other slot its latest known data
+        with ``chunk_steps`` 0.
+        """
+        if not self._sent:
+            raise RuntimeError("step_recv() without a pending step_send()")
+        slots, requests, ids = self._sent.popleft()
+        results = self._workers.recv([*slots, *requests])
+        self._apply_resets(requests, ids, {s: results[s] for s in requests})
+        return self._step_proc_data(self._step_output(slots, {s: results[s] for s in slots}))
+
+    @property
+    def pending_steps(self) -> int:
+        """Number of :meth:`step_send` calls whose result :meth:`step_recv` has not returned yet."""
+        return len(self._sent)
+
+    # -- commands ---------------------------------------------------------------------------------
+    def _check_idle(self, slots) -> None:
+        busy = sorted({s for sent, requests, _ in self._sent for s in (*sent, *requests)} & set(slots))
+        if busy:
+            raise RuntimeError(f"slots {busy} have a step in flight (step_send); step_recv() it first")
+
+    def _reset_requests(self, tensordict: TensorDictBase | None, mask: torch.Tensor):
+        n = self.num_envs
         ids = {key: _slot_values(tensordict, key, n) for key in _ID_KEYS}
-        slots = [int(s) for s in torch.nonzero(mask).flatten()]
         requests = {}
-        for slot in slots:
+        for slot in torch.nonzero(mask).flatten().tolist():
             task = int(ids["task_id"][slot]) if ids["task_id"] is not None else int(self._slots["task_id"][slot])
             init = int(ids["init_state_id"][slot]) if ids["init_state_id"] is not None else 0
             self.info.check_init_state(task, init)  # raises before any worker is touched
             requests[slot] = (task, init)
+        return requests, ids
+
+    def _reset_timeout(self, requests: dict[int, tuple[int, int]]) -> float:
         changes_task = any(task != self._workers.task_ids[slot] for slot, (task, _) in requests.items())
-        timeout = self._workers.build_timeout if changes_task else self._workers.timeout
-        commands = {slot: ("reset", (init,), {"task_id": task}) for slot, (task, init) in requests.items()}
-        results = self._workers.call(commands, timeout=timeout)
-        retry = {slot: commands[slot] for slot, result in results.items() if isinstance(result, Failure)}
+        return self._workers.build_timeout if changes_task else self._workers.timeout
+
+    @staticmethod
+    def _reset_commands(requests: dict[int, tuple[int, int]]) -> dict:
+        return {slot: ("reset", (init,), {"task_id": task}) for slot, (task, init) in requests.items()}
+
+    def _apply_resets(self, requests: dict[int, tuple[int, int]], ids: dict, results: dict) -> None:
+        retry = {s: command for s, command in self._reset_commands(requests).items() if isinstance(results[s], Failure)}
         if retry:  # once, on the restarted worker
-            results.update(self._workers.call(retry, timeout=self._workers.build_timeout))
+            results = {**results, **self._workers.call(retry, timeout=self._workers.build_timeout)}
         for slot, (task, init) in requests.items():
             result = results[slot]
             if isinstance(result, Failure):
@@ -262,22 +352,23 @@ class LiberoVecEnv(EnvBase):
             for key in ("rollout_id", "group_id"):
                 row[key].fill_(int(ids[key][slot]) if ids[key] is not None else -1)
             row["worker_failed"].fill_(False)
-        out = self._output(chunk_steps=torch.zeros(n, 1, dtype=torch.int64), frames=None)
-        return out
 
-    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        n = self.num_envs
-        actions = self._check_action(tensordict.get("action"))
-        mask = _slot_mask(tensordict, "_step", n)
-        slots = [int(s) for s in torch.nonzero(mask).flatten()]
+    def _step_slots(self, tensordict: TensorDictBase, mask: torch.Tensor) -> tuple[list[int], np.ndarray]:
+        actions = self._check_action(tensordict.get("action", None))
+        slots = torch.nonzero(mask).flatten().tolist()
         over = [s for s in slots if bool(self._slots["done"][s])]
         if over:
             raise RuntimeError(
                 f"slots {over} have no running episode (it ended, or they were never reset); reset them "
                 f"(td['_reset']) before stepping, or leave them out of td['_step']"
             )
-        commands = {s: ("step_chunk", (actions[s],), {"frame_stride": self.frame_stride}) for s in slots}
-        results = self._workers.call(commands)
+        return slots, actions
+
+    def _step_commands(self, slots: list[int], actions: np.ndarray | None) -> dict:
+        return {s: ("step_chunk", (actions[s],), {"frame_stride": self.frame_stride}) for s in slots}
+
+    def _step_output(self, slots: list[int], results: dict) -> TensorDictBase:
+        n = self.num_envs
         frames = torch.zeros(n, self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
         frames_mask = torch.zeros(n, self.num_frames, dtype=torch.bool)
         chunk_steps = torch.zeros(n, 1, dtype=torch.int64)
@@ -365,6 +456,11 @@ class LiberoVecEnv(EnvBase):
     def task_ids(self) -> list[int]:
         """The task each slot's simulation is built for."""
         return self._workers.task_ids
+
+    @property
+    def worker_time(self) -> dict[str, float]:
+        """Seconds the workers spent simulating, per command (``step_chunk``, ``reset``, ...), summed over slots."""
+        return dict(self._workers.busy_time)
 
     @property
     def step_timeout(self) -> float:

@@ -6,6 +6,9 @@ sends ``(method, args)`` and the worker replies with the method's result. A work
 does not answer within the timeout is killed and restarted on the same task; the call reports a
 :class:`Failure` for that slot and every other slot's result as usual, so a batch always completes.
 
+:meth:`SimWorkers.call` sends and waits; :meth:`SimWorkers.send` and :meth:`SimWorkers.recv` split it
+so that the caller can work (e.g. run the policy for other slots) while these slots simulate.
+
 Processes are started with the ``spawn`` method (``forkserver`` also works), so scripts that
 create workers need the usual ``if __name__ == "__main__":`` guard. Workers run with one OpenMP /
 MKL / OpenBLAS thread each.
@@ -13,6 +16,8 @@ MKL / OpenBLAS thread each.
 Examples:
     >>> workers = SimWorkers({"suite": "libero_object"}, task_ids=[0, 1])  # doctest: +SKIP
     >>> results = workers.call({0: ("reset", (0,)), 1: ("reset", (3,))})  # doctest: +SKIP
+    >>> workers.send({1: ("reset", (4,))})  # doctest: +SKIP
+    >>> results = workers.recv([1])  # doctest: +SKIP
     >>> workers.close()  # doctest: +SKIP
 """
 
@@ -25,6 +30,7 @@ import os
 import signal
 import time
 import traceback
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -74,10 +80,12 @@ def _worker_main(conn: Connection, sim_kwargs: dict, task_id: int) -> None:
             break  # the parent is gone
         if method == "close":
             break
+        start = time.perf_counter()
         try:
             reply = ("ok", getattr(sim, method)(*args, **kwargs))
         except Exception:
             reply = ("error", traceback.format_exc())
+        reply += (time.perf_counter() - start,)  # the command's time inside the worker
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):
@@ -138,6 +146,11 @@ class SimWorkers:
         timeout: seconds a step or reset may take before the worker is declared hung.
         build_timeout: seconds a (re)build of a simulation may take.
         context: multiprocessing start method, ``"spawn"`` (default) or ``"forkserver"``.
+
+    Attributes:
+        busy_time: seconds the workers spent inside each method, summed over slots
+            (e.g. ``{"step_chunk": 12.5, "reset": 1.5}``): the simulation's share of a run.
+        restarts: workers restarted so far.
     """
 
     def __init__(
@@ -157,6 +170,9 @@ class SimWorkers:
         self.build_timeout = float(build_timeout)
         self._workers = [_Worker(self._ctx, slot, self._sim_kwargs, int(t)) for slot, t in enumerate(task_ids)]
         self.restarts = 0
+        self.busy_time: dict[str, float] = defaultdict(float)
+        self._inflight: dict[int, tuple[str, float, float]] = {}  # slot -> (method, timeout, deadline)
+        self._failed: dict[int, Failure] = {}  # sends that failed at once, reported by recv
         try:
             self._wait_built(range(len(self._workers)), retry=True)
         except BaseException:
@@ -218,6 +234,8 @@ class SimWorkers:
 
     def close(self) -> None:
         """Stops every worker."""
+        self._inflight.clear()
+        self._failed.clear()
         for worker in self._workers:
             if worker.process.is_alive():
                 with contextlib.suppress(BrokenPipeError, OSError):
@@ -233,46 +251,77 @@ class SimWorkers:
         *,
         timeout: float | None = None,
     ) -> dict[int, Any]:
-        """Runs ``{slot: (method, args[, kwargs])}`` on the workers in parallel.
+        """Runs ``{slot: (method, args[, kwargs])}`` on the workers in parallel and waits for them.
 
         Returns:
             ``{slot: result}``, where a slot whose worker crashed, hung past ``timeout`` (default
             :attr:`timeout`) or raised gets a :class:`Failure` instead. Crashed and hung workers
             are restarted (their new simulation builds while the caller goes on).
         """
+        self.send(commands, timeout=timeout)
+        return self.recv(list(commands))
+
+    def send(
+        self,
+        commands: Mapping[int, tuple[str, tuple] | tuple[str, tuple, dict]],
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Starts ``{slot: (method, args[, kwargs])}`` on the workers and returns at once.
+
+        :meth:`recv` collects the results. A slot takes one command at a time; other slots may have
+        commands in flight. ``timeout`` (default :attr:`timeout`) counts from now.
+        """
+        busy = sorted(slot for slot in commands if slot in self._inflight or slot in self._failed)
+        if busy:
+            raise RuntimeError(f"slots {busy} still have a command in flight; recv() it before sending another")
         timeout = self.timeout if timeout is None else float(timeout)
         self._wait_built(commands, retry=True)
-        results: dict[int, Any] = {}
-        pending: dict[Connection, int] = {}
         for slot, command in commands.items():
             method, args, kwargs = (*command, {})[:3]
             worker = self._workers[slot]
             try:
                 worker.conn.send((method, tuple(args), dict(kwargs)))
             except (BrokenPipeError, OSError):
-                results[slot] = self._fail(slot, worker.describe_death())
+                self._failed[slot] = self._fail(slot, worker.describe_death())
                 continue
-            pending[worker.conn] = slot
-        deadline = time.monotonic() + timeout
+            self._inflight[slot] = (method, timeout, time.monotonic() + timeout)
+
+    def recv(self, slots: Sequence[int]) -> dict[int, Any]:
+        """Waits for the results of the commands :meth:`send` started on ``slots``.
+
+        Returns ``{slot: result}`` as :meth:`call` does (a :class:`Failure` for a crashed, hung or
+        raising worker).
+        """
+        missing = sorted(s for s in slots if s not in self._inflight and s not in self._failed)
+        if missing:
+            raise RuntimeError(f"slots {missing} have no command in flight; send() one first")
+        results: dict[int, Any] = {s: self._failed.pop(s) for s in slots if s in self._failed}
+        pending = {self._workers[s].conn: s for s in slots if s in self._inflight}
         while pending:
-            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                for slot in pending.values():
-                    results[slot] = self._fail(slot, f"did not answer {commands[slot][0]!r} within {timeout:.0f} s")
-                break
-            for conn in ready:
+            deadline = min(self._inflight[s][2] for s in pending.values())
+            for conn in wait(list(pending), timeout=max(0.0, deadline - time.monotonic())):
                 slot = pending.pop(conn)
-                try:
-                    status, payload = conn.recv()
-                except (EOFError, OSError):
-                    results[slot] = self._fail(slot, self._workers[slot].describe_death())
-                    continue
-                if status == "ok":
-                    results[slot] = payload
-                else:
-                    logger.warning("LIBERO worker %d raised in %r:\n%s", slot, commands[slot][0], payload)
-                    results[slot] = Failure(slot, f"raised in {commands[slot][0]!r}:\n{payload}", restarted=False)
+                results[slot] = self._receive(slot)
+            now = time.monotonic()
+            for conn, slot in list(pending.items()):
+                method, timeout, deadline = self._inflight[slot]
+                if deadline <= now:
+                    del pending[conn], self._inflight[slot]
+                    results[slot] = self._fail(slot, f"did not answer {method!r} within {timeout:.0f} s")
         return results
+
+    def _receive(self, slot: int) -> Any:
+        method = self._inflight.pop(slot)[0]
+        try:
+            status, payload, seconds = self._workers[slot].conn.recv()
+        except (EOFError, OSError):
+            return self._fail(slot, self._workers[slot].describe_death())
+        self.busy_time[method] += seconds
+        if status == "ok":
+            return payload
+        logger.warning("LIBERO worker %d raised in %r:\n%s", slot, method, payload)
+        return Failure(slot, f"raised in {method!r}:\n{payload}", restarted=False)
 
     def _fail(self, slot: int, reason: str) -> Failure:
         self.restart(slot, reason)

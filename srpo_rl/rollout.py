@@ -9,7 +9,10 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
   slots are stepped (no padding steps, no queries for finished envs);
 - a finished slot takes the next pending request at once, preferring one of the task it already has loaded
   so that its reset stays soft (a task change rebuilds the simulation);
-- each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`).
+- each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`);
+- with ``overlap=True`` the slots form two halves in ping-pong: the policy decides for one half while the
+  other half simulates (the env's ``step_send`` / ``step_recv``), so neither the GPU nor the CPUs wait for
+  the other, and a finished slot's reset runs inside its half's next round.
 
 Example:
     >>> from srpo_rl.envs import make_libero_env
@@ -24,7 +27,8 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +82,12 @@ def group_requests(
 
 @dataclass
 class RolloutStats:
-    """Counters and wall times of one :func:`collect_rollouts` call (seconds)."""
+    """Counters and wall times of one :func:`collect_rollouts` call (seconds).
+
+    ``env_time`` is the time the loop spent in env calls (stepping, or with ``overlap`` waiting for the
+    other half's results), ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (with
+    ``overlap`` resets run inside the env rounds and count as ``env_time``).
+    """
 
     trajectories: int = 0
     env_steps: int = 0
@@ -111,9 +120,10 @@ class _Slot:
 
     def __init__(self) -> None:
         self.request: RolloutRequest | None = None
+        self.started = False  # the request's reset is done (its first observation is in ``obs``)
         self.task_id: int | None = None
         self.obs: dict = {}
-        self.steps: list[TensorDictBase] = []
+        self.steps: list[TensorDictBase | None] = []
         self.initial_frame: torch.Tensor | None = None
         self.video: list[torch.Tensor] | None = None
 
@@ -147,6 +157,182 @@ def _policy_input(slots: list[_Slot], active: list[int]) -> TensorDict:
     return td
 
 
+def _reset_fields(num_slots: int, chosen: dict[int, RolloutRequest]) -> dict[str, torch.Tensor]:
+    """``_reset`` mask and the request ids of the chosen slots, in the env's reset layout."""
+    names = ("task_id", "init_state_id", "rollout_id", "group_id")
+    fields = {k: torch.zeros(num_slots, 1, dtype=torch.long) for k in names}
+    reset = torch.zeros(num_slots, 1, dtype=torch.bool)
+    for s, request in chosen.items():
+        reset[s] = True
+        for name, value in fields.items():
+            value[s] = getattr(request, name)
+    return {"_reset": reset, **fields}
+
+
+class _Rollout:
+    """The state of one :func:`collect_rollouts` call: slots, pending requests, finished rows, stats."""
+
+    def __init__(self, env, policy, requests, *, keep_steps: bool, record_videos: int, progress, on_finished) -> None:
+        self.env, self.policy, self.keep_steps, self.on_finished = env, policy, keep_steps, on_finished
+        self.num_slots = env.batch_size[0]
+        self.slots = [_Slot() for _ in range(self.num_slots)]
+        for slot, task in zip(self.slots, getattr(env, "task_ids", [None] * self.num_slots)):
+            slot.task_id = task  # the tasks the env has loaded: the first requests prefer them too
+        self.pending = list(requests)
+        self.video_ids = {r.rollout_id for r in requests[:record_videos]}
+        self.finished: dict[int, TensorDict] = {}
+        self.stats = RolloutStats()
+        self.device = next((p.device for p in policy.parameters()), torch.device("cpu"))
+        desc = progress if isinstance(progress, str) else "rollout"
+        self.bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
+
+    # -- episodes ---------------------------------------------------------------------------------
+    def assign(self, slot_ids: list[int]) -> dict[int, RolloutRequest]:
+        """Gives each slot the next pending request, preferring its loaded task (a soft reset).
+
+        Slots whose task has a pending request take it first; the others then take the oldest ones.
+        """
+        chosen = {}
+        for same_task in (True, False):
+            for s in slot_ids:
+                if s in chosen or not self.pending:
+                    continue
+                task = self.slots[s].task_id
+                if same_task and not any(r.task_id == task for r in self.pending):
+                    continue
+                chosen[s] = request = _pick_request(self.pending, task)
+                slot = self.slots[s]
+                slot.request, slot.task_id, slot.started = request, request.task_id, False
+        return dict(sorted(chosen.items()))
+
+    def begin(self, td: TensorDictBase, slot_ids: list[int]) -> None:
+        """Reads the first observation of the slots just reset."""
+        _read_obs(td, slot_ids, self.slots)
+        for s in slot_ids:
+            slot = self.slots[s]
+            slot.started, slot.steps = True, []
+            slot.initial_frame = slot.obs[("observation", "image")].clone()
+            slot.video = [slot.initial_frame] if slot.request.rollout_id in self.video_ids else None
+
+    def reset(self, slot_ids: list[int]) -> None:
+        """Synchronous reset of ``slot_ids`` to their next requests."""
+        t0 = time.perf_counter()
+        chosen = self.assign(slot_ids)
+        if chosen:
+            td = self.env.reset(TensorDict(_reset_fields(self.num_slots, chosen), batch_size=[self.num_slots]))
+            self.begin(td, list(chosen))
+        self.stats.reset_time += time.perf_counter() - t0
+
+    # -- decisions --------------------------------------------------------------------------------
+    def decide(self, active: list[int]) -> tuple[TensorDictBase, torch.Tensor]:
+        """The policy's decision for the active slots, and the env's ``[num_slots, chunk, dims]`` actions."""
+        t0 = time.perf_counter()
+        decision = self.policy(_policy_input(self.slots, active).to(self.device)).to("cpu")
+        self.stats.policy_time += time.perf_counter() - t0
+        action = torch.zeros(self.num_slots, *decision["action"].shape[1:], dtype=torch.float32)
+        action[active] = decision["action"].float()
+        return decision, action
+
+    def record(self, active: list[int], decision: TensorDictBase, nxt: TensorDictBase) -> list[int]:
+        """Stores one executed decision per active slot; returns the slots whose episode ended."""
+        _read_obs(nxt, active, self.slots)
+        done = nxt.get("done").view(-1)
+        chunk_steps = nxt.get("chunk_steps").view(-1)
+        self.stats.decisions += len(active)
+        self.stats.env_steps += int(chunk_steps[active].sum())
+        ended = []
+        for i, s in enumerate(active):
+            slot = self.slots[s]
+            if self.keep_steps:
+                record = decision[i].select(*(k for k in POLICY_KEYS if k in decision.keys()))
+                env_out = nxt[s].select(*NEXT_KEYS)
+                env_out.set("chunk_steps", env_out.get("chunk_steps").reshape(()))  # env's [1] -> per step
+                record.set("next", env_out)
+                slot.steps.append(record)
+            else:
+                slot.steps.append(None)
+            if slot.video is not None:
+                frames, mask = nxt.get("frames")[s], nxt.get("frames_mask")[s]
+                slot.video.extend(frames[mask])
+            if done[s]:
+                self.finished[slot.request.rollout_id] = row = _trajectory(slot, nxt, s, self.keep_steps)
+                if self.on_finished is not None:
+                    self.on_finished(row)
+                if slot.video is not None:
+                    self.stats.videos[slot.request.rollout_id] = torch.stack(slot.video)
+                slot.request, slot.started = None, False
+                ended.append(s)
+                self.bar.update(1)
+        return ended
+
+    def running(self, slot_ids) -> list[int]:
+        return [s for s in slot_ids if self.slots[s].request is not None and self.slots[s].started]
+
+    # -- loops ------------------------------------------------------------------------------------
+    def run_synchronous(self) -> None:
+        """All running slots decide, then all step; finished slots are reset before the next decision."""
+        self.reset(list(range(self.num_slots)))
+        while active := self.running(range(self.num_slots)):
+            decision, action = self.decide(active)
+            t0 = time.perf_counter()
+            step_mask = torch.zeros(self.num_slots, dtype=torch.bool)
+            step_mask[active] = True
+            out = self.env.step(TensorDict({"action": action, "_step": step_mask}, batch_size=[self.num_slots]))
+            self.stats.env_time += time.perf_counter() - t0
+            ended = self.record(active, decision, out.get("next"))
+            if ended:
+                self.reset(ended)
+
+    def run_overlapped(self) -> None:
+        """Two halves of the slots in ping-pong: one half's policy runs while the other half simulates.
+
+        A half's round is one ``step_send``: its running slots execute their chunk and its finished slots
+        reset to their next request (so a reset holds up no other slot); ``step_recv`` returns the
+        rounds in the order they were sent, which alternates between the halves.
+        """
+        self.reset(list(range(self.num_slots)))
+        half = (self.num_slots + 1) // 2
+        groups = [range(0, half), range(half, self.num_slots)]
+        in_flight: deque = deque()
+        for group in groups:
+            self._send(group, in_flight)
+        while in_flight:
+            group, active, decision, resets = in_flight.popleft()
+            t0 = time.perf_counter()
+            nxt = self.env.step_recv()
+            self.stats.env_time += time.perf_counter() - t0
+            self.begin(nxt, resets)
+            ended = self.record(active, decision, nxt) if active else []
+            self.assign(ended)  # their resets go with the group's next round
+            self._send(group, in_flight)
+
+    def _send(self, group: range, in_flight: deque) -> None:
+        active = self.running(group)
+        waiting = [s for s in group if self.slots[s].request is not None and not self.slots[s].started]
+        chosen = {s: self.slots[s].request for s in waiting}  # assigned when their last episode ended
+        if not active and not chosen:
+            return
+        td = TensorDict(_reset_fields(self.num_slots, chosen), batch_size=[self.num_slots])
+        decision = None
+        if active:
+            decision, action = self.decide(active)
+            td.set("action", action)
+        step_mask = torch.zeros(self.num_slots, dtype=torch.bool)
+        step_mask[active] = True
+        td.set("_step", step_mask)
+        t0 = time.perf_counter()
+        self.env.step_send(td)
+        self.stats.env_time += time.perf_counter() - t0
+        in_flight.append((group, active, decision, list(chosen)))
+
+    def result(self, requests: Sequence[RolloutRequest], start: float) -> tuple[TensorDict, RolloutStats]:
+        self.bar.close()
+        self.stats.trajectories = len(self.finished)
+        self.stats.wall_time = time.perf_counter() - start
+        rows = [self.finished[r.rollout_id] for r in requests]
+        return _stack_trajectories(rows, self.keep_steps), self.stats
+
+
 def collect_rollouts(
     env: EnvBase,
     policy: TensorDictModuleBase,
@@ -156,6 +342,8 @@ def collect_rollouts(
     keep_steps: bool = True,
     record_videos: int = 0,
     progress: bool | str = False,
+    overlap: bool = False,
+    on_finished: Callable[[TensorDict], None] | None = None,
 ) -> tuple[TensorDict, RolloutStats]:
     """Runs every request to the end of its episode and returns the trajectory batch.
 
@@ -167,6 +355,13 @@ def collect_rollouts(
         keep_steps: keep the per-decision ``"steps"`` (needed for training; validation needs only outcomes).
         record_videos: keep the full frame sequence of the first ``record_videos`` requests in ``stats.videos``.
         progress: show a progress bar (``True`` or its description).
+        overlap: split the slots into two halves that alternate, so that the policy runs on one half while
+            the other half simulates, and finished slots reset inside their half's round. Needs an env with
+            ``step_send`` / ``step_recv`` (:class:`~srpo_rl.envs.LiberoVecEnv`). The trajectories are the
+            same as without it (same requests, same ids, same order); only the timing differs.
+        on_finished: called with each trajectory (a row of the returned batch, batch size ``[]``) as soon as
+            its episode ends, while the other rollouts go on: e.g. to embed its video for the reward on a
+            side CUDA stream, in the time the GPU would wait for the simulation.
 
     Returns:
         ``(trajectories, stats)``: ``trajectories`` has batch size ``[len(requests)]`` in request order with
@@ -177,82 +372,20 @@ def collect_rollouts(
     """
     if not requests:
         raise ValueError("collect_rollouts needs at least one request")
-    num_slots = env.batch_size[0]
-    slots = [_Slot() for _ in range(num_slots)]
-    pending = list(requests)
-    video_ids = {r.rollout_id for r in requests[:record_videos]}
-    finished: dict[int, TensorDict] = {}
-    stats = RolloutStats()
-    device = next((p.device for p in policy.parameters()), torch.device("cpu"))
+    if overlap and not (hasattr(env, "step_send") and hasattr(env, "step_recv")):
+        raise ValueError(
+            f"overlap=True needs an env with step_send/step_recv (e.g. srpo_rl.envs.LiberoVecEnv); "
+            f"{type(env).__name__} has none: pass overlap=False"
+        )
     start = time.perf_counter()
-    bar = tqdm(total=len(requests), desc=progress if isinstance(progress, str) else "rollout", disable=not progress, leave=False)
-
-    def start_episodes(slot_ids: list[int]) -> None:
-        t0 = time.perf_counter()
-        chosen = {s: _pick_request(pending, slots[s].task_id) for s in slot_ids}
-        reset = torch.zeros(num_slots, 1, dtype=torch.bool)
-        fields = {k: torch.zeros(num_slots, 1, dtype=torch.long) for k in ("task_id", "init_state_id", "rollout_id", "group_id")}
-        for s, request in chosen.items():
-            reset[s] = True
-            for name, value in fields.items():
-                value[s] = getattr(request, name)
-        td = env.reset(TensorDict({"_reset": reset, **fields}, batch_size=[num_slots]))
-        _read_obs(td, list(chosen), slots)
-        for s, request in chosen.items():
-            slot = slots[s]
-            slot.request, slot.task_id, slot.steps = request, request.task_id, []
-            slot.initial_frame = slot.obs[("observation", "image")].clone()
-            slot.video = [slot.initial_frame] if request.rollout_id in video_ids else None
-        stats.reset_time += time.perf_counter() - t0
-
-    start_episodes(list(range(min(num_slots, len(pending)))))
+    run = _Rollout(env, policy, requests, keep_steps=keep_steps, record_videos=record_videos, progress=progress,
+                   on_finished=on_finished)
     with set_exploration_type(exploration_type), torch.no_grad():
-        while any(slot.request is not None for slot in slots):
-            active = [s for s, slot in enumerate(slots) if slot.request is not None]
-            t0 = time.perf_counter()
-            decision = policy(_policy_input(slots, active).to(device)).to("cpu")
-            t1 = time.perf_counter()
-            action = torch.zeros(num_slots, *decision["action"].shape[1:], dtype=torch.float32)
-            action[active] = decision["action"].float()
-            step_mask = torch.zeros(num_slots, dtype=torch.bool)
-            step_mask[active] = True
-            out = env.step(TensorDict({"action": action, "_step": step_mask}, batch_size=[num_slots]))
-            nxt = out.get("next")
-            stats.env_time += time.perf_counter() - t1
-            stats.policy_time += t1 - t0
-            _read_obs(nxt, active, slots)
-            done = nxt.get("done").view(-1)
-            chunk_steps = nxt.get("chunk_steps").view(-1)
-            stats.decisions += len(active)
-            stats.env_steps += int(chunk_steps[active].sum())
-            ended = []
-            for i, s in enumerate(active):
-                slot = slots[s]
-                if keep_steps:
-                    record = decision[i].select(*(k for k in POLICY_KEYS if k in decision.keys()))
-                    env_out = nxt[s].select(*NEXT_KEYS)
-                    env_out.set("chunk_steps", env_out.get("chunk_steps").reshape(()))  # env's [1] -> per step
-                    record.set("next", env_out)
-                    slot.steps.append(record)
-                else:
-                    slot.steps.append(None)
-                if slot.video is not None:
-                    frames, mask = nxt.get("frames")[s], nxt.get("frames_mask")[s]
-                    slot.video.extend(frames[mask])
-                if done[s]:
-                    finished[slot.request.rollout_id] = _trajectory(slot, nxt, s, keep_steps)
-                    if slot.video is not None:
-                        stats.videos[slot.request.rollout_id] = torch.stack(slot.video)
-                    slot.request = None
-                    ended.append(s)
-                    bar.update(1)
-            if ended and pending:
-                start_episodes(ended[: len(pending)])
-    bar.close()
-    stats.trajectories = len(finished)
-    stats.wall_time = time.perf_counter() - start
-    rows = [finished[r.rollout_id] for r in requests]
-    return _stack_trajectories(rows, keep_steps), stats
+        if overlap:
+            run.run_overlapped()
+        else:
+            run.run_synchronous()
+    return run.result(requests, start)
 
 
 def _trajectory(slot: _Slot, nxt: TensorDictBase, s: int, keep_steps: bool) -> TensorDict:
@@ -291,6 +424,6 @@ def _pad_steps(steps: TensorDictBase, length: int) -> TensorDictBase:
 def _stack_trajectories(rows: list[TensorDict], keep_steps: bool) -> TensorDict:
     if keep_steps:
         longest = max(row["steps"].batch_size[0] for row in rows)
-        for row in rows:
-            row.set("steps", _pad_steps(row.get("steps"), longest))
+        # shallow copies: the rows handed to on_finished stay as they were
+        rows = [row.clone(recurse=False).set("steps", _pad_steps(row.get("steps"), longest)) for row in rows]
     return torch.stack(rows)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs benchmarks on the staged GPU machine (after stage1.sh and stage2.sh, while it stays warm).
+#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train policy reward smoke
+# Each job writes $OUT/JOB.log (all its output) and $OUT/JOB.json (its JSON line); every JSON line also
+# goes to $OUT/results.jsonl. Extra arguments for a job: JOB_ARGS="..." (applied to every job).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+JOBS="rollout16 rollout32 train policy reward smoke"
+for job in "$@"; do
+  [[ " $JOBS " == *" $job "* ]] || { echo "run.sh: unknown job '$job'; choose from $JOBS"; exit 2; }
+done
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu/run.sh JOB [JOB ...]; jobs: $JOBS"; exit 2; }
+source benchmarks/gpu/env.sh
+install_tree  # the working tree's code, not a stale copy
+
+# fail fast, naming what is missing (a cold machine lost /tmp/site: run stage1.sh and stage2.sh again)
+python3 - <<'PY' || exit 2
+import importlib, sys
+missing = []
+for name in ("torch", "torchrl", "tensordict", "mujoco", "numba", "sklearn", "robosuite", "libero.libero", "srpo_rl.envs"):
+    try:
+        importlib.import_module(name)
+    except Exception as error:  # noqa: BLE001 - report every failure, then stop
+        missing.append(f"{name} ({type(error).__name__}: {error})")
+if missing:
+    sys.exit("run.sh: cannot import " + "; ".join(missing) + "\nrun benchmarks/gpu/stage1.sh then stage2.sh first")
+import torch
+if not torch.cuda.is_available():
+    sys.exit("run.sh: torch sees no CUDA device")
+print("run.sh: environment ok,", torch.cuda.get_device_name())
+PY
+
+status=0
+for job in "$@"; do
+  case "$job" in
+    rollout16) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 16) limit=500 ;;  # shares call 2 with stage2
+    rollout32) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 32) limit=570 ;;
+    train) cmd=(python3 benchmarks/train_throughput.py) limit=420 ;;
+    policy) cmd=(python3 benchmarks/policy_latency.py) limit=150 ;;
+    reward) cmd=(python3 benchmarks/reward_throughput.py) limit=240 ;;
+    smoke) continue ;;
+  esac
+  echo "=== $job: ${cmd[*]} ${JOB_ARGS:-}"
+  # shellcheck disable=SC2086
+  timeout "$limit" "${cmd[@]}" ${JOB_ARGS:-} 2>&1 | tee "$OUT/$job.log"
+  code=${PIPESTATUS[0]}
+  if [ "$code" -ne 0 ]; then
+    echo "=== $job failed with exit code $code (124: stopped after $limit s)"
+    status=1
+  fi
+  # the JSON line is the last one a benchmark prints (worker exit noise may follow it)
+  grep '^{"benchmark"' "$OUT/$job.log" | tail -n 1 > "$OUT/$job.json" && cat "$OUT/$job.json" >> "$OUT/results.jsonl"
+done
+exit $status

@@ -1,0 +1,575 @@
+"""Rollout env-steps/s of the slot scheduler against siiRL's lockstep loop and the two ceilings, same run.
+
+One workload for every mode: ``--requests-per-env x num_envs`` rollouts in groups of ``--group-size``
+(group ``i`` = task ``i % 10``, init state ``i``) with SFT-like episode lengths: a random-weight policy
+never succeeds, so half the rollouts are moved into their goal (``teleport_to_goal``) before the chunk
+that reaches a step drawn in ``[150, 400]`` and succeed there; the others run to 512 steps. Every mode
+executes the same env steps, so its env-steps/s compare directly.
+
+- ``lockstep``: the loop of siiRL: a batch of ``num_envs`` rollouts, every simulation rebuilt for its
+  task (a new LIBERO env per reset), then all 64 chunk-steps with the policy queried for every env and
+  the finished envs masked (not stepped, still queried); then the next batch.
+- ``sync``: ``collect_rollouts(overlap=False)``: the policy decides for the running slots, they step,
+  finished slots take the next request at once (same task first: soft reset).
+- ``overlap``: ``collect_rollouts(overlap=True)``: two halves in ping-pong, the policy runs on one half
+  while the other simulates; resets ride in the halves' rounds.
+- ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
+  frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
+  env-steps/s = batch x 8 / time); ``min_ceiling`` is the smaller.
+- ``embed``: ``overlap`` with ``on_finished`` handing each finished trajectory to a thread that embeds
+  its video (V-JEPA 2) on a side CUDA stream while the rollout goes on: the reward's embedding cost
+  moved into the GPU's idle time (``extra_wall_s`` against embedding the batch after the rollout).
+- ``steady``: each scheduler mode's env-steps/s until the first round with idle slots (no request left
+  for them), i.e. without the batch's tail, which shrinks as requests per env grow (512 per iteration
+  in the recipe against 2 per env here).
+- split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
+  frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
+  reward (V-JEPA 2 embedding + scores) of the overlap run's trajectories.
+
+    python benchmarks/rollout_throughput.py --num-envs 16       # 7B random weights bf16 + ViT-g, CUDA
+    python benchmarks/rollout_throughput.py --tiny              # tiny models on the CPU, 2 envs
+
+Prints a table, then one JSON line with every figure, the machine, the versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import queue
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from srpo_rl.envs import LiberoVecEnv, SimWorkers
+from srpo_rl.envs.suites import configure_rendering, suite_info
+from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests
+
+CHUNK = 8
+
+
+# -- workload ---------------------------------------------------------------------------------------
+def workload(args, num_envs: int) -> tuple[list[RolloutRequest], dict[int, int]]:
+    """The requests and, for the rollouts that succeed, the env step at which they are made to."""
+    count = args.requests_per_env * num_envs
+    groups = -(-count // args.group_size)
+    prompts = [(i % 10, i % 50) for i in range(groups)]
+    requests = group_requests(prompts, args.group_size)[:count]
+    rng = np.random.default_rng(args.seed)
+    succeed = rng.permutation(count) < round(args.success_fraction * count)
+    steps = rng.integers(args.success_min, args.success_max + 1, count)
+    return requests, {r.rollout_id: int(k) for r, s, k in zip(requests, succeed, steps) if s}
+
+
+def due(step_count: int, success_step: int | None) -> bool:
+    """Teleport before the chunk that reaches ``success_step``: success lands at its first sub-step."""
+    return success_step is not None and step_count < success_step <= step_count + CHUNK
+
+
+class ForcedSuccessEnv(LiberoVecEnv):
+    """LiberoVecEnv whose chosen rollouts succeed at a given step (moved into the goal just before).
+
+    It also logs every round as ``(end time, env steps executed, busy slots)``, busy = stepped + reset:
+    the rounds before the first one with idle slots are the steady state, the rest is the batch's tail.
+    """
+
+    def __init__(self, *args, success_step: dict[int, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.success_step = success_step
+        self.rounds: list[tuple[float, int, int]] = []
+        self._busy: list[int] = []
+
+    def _stepped(self, tensordict) -> list[int]:
+        mask = tensordict.get("_step", torch.ones(self.num_envs, dtype=torch.bool)).reshape(-1)
+        return mask.nonzero().flatten().tolist()
+
+    def _teleport(self, slots: list[int]) -> None:
+        due_slots = [
+            s for s in slots
+            if due(int(self._slots["step_count"][s]), self.success_step.get(int(self._slots["rollout_id"][s])))
+        ]
+        if due_slots:
+            self.teleport_to_goal(due_slots)
+
+    def _step(self, tensordict):
+        slots = self._stepped(tensordict)
+        self._teleport(slots)
+        out = super()._step(tensordict)
+        self.rounds.append((time.perf_counter(), int(out["chunk_steps"].sum()), len(slots)))
+        return out
+
+    def step_send(self, tensordict):
+        slots = self._stepped(tensordict)
+        self._teleport(slots)
+        resets = int(tensordict["_reset"].sum()) if "_reset" in tensordict.keys() else 0
+        self._busy.append(len(slots) + resets)
+        return super().step_send(tensordict)
+
+    def step_recv(self):
+        out = super().step_recv()
+        self.rounds.append((time.perf_counter(), int(out["chunk_steps"].sum()), self._busy.pop(0)))
+        return out
+
+
+def steady_state(rounds: list[tuple[float, int, int]], start: float) -> dict:
+    """env-steps/s until the first round with idle slots (no request left for them): the batch minus its tail."""
+    full = max(busy for _, _, busy in rounds)
+    cut = next((i for i, (_, _, busy) in enumerate(rounds) if busy < full), len(rounds))
+    if cut == 0:
+        return {"steady_env_steps_per_s": None, "steady_fraction_of_steps": 0.0}
+    steps = sum(n for _, n, _ in rounds[:cut])
+    return {"steady_env_steps_per_s": steps / (rounds[cut - 1][0] - start),
+            "steady_fraction_of_steps": steps / max(1, sum(n for _, n, _ in rounds))}
+
+
+# -- models -----------------------------------------------------------------------------------------
+def make_policy(args, device: torch.device):
+    from srpo_rl.policy import OpenVLAOFTPolicy
+
+    if args.tiny:
+        from srpo_rl.models.openvla_oft import write_tiny_checkpoint
+
+        path = tempfile.mkdtemp(prefix="tiny_openvla_oft_")
+        write_tiny_checkpoint(path)
+        return OpenVLAOFTPolicy.from_pretrained(path, unnorm_key=args.suite, dtype=torch.float32), "tiny (fp32)"
+    from policy_latency import seven_b_policy
+
+    from srpo_rl.models.llama_tokenizer import build_tiny_llama_tokenizer
+    from srpo_rl.models.openvla_oft_files import preprocessor_config
+
+    model = seven_b_policy(device).model  # decode with this suite's statistics (the builder uses libero_10's)
+    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), unnorm_key=args.suite)
+    return policy, "OpenVLA-OFT-7B (bf16, random)"
+
+
+def make_reward(args, device: torch.device):
+    from srpo_rl.models.vjepa2 import VideoEmbedder, load_vjepa2, write_tiny_vjepa2_checkpoint
+    from srpo_rl.rewards import SRPOProgressReward
+
+    if args.tiny:
+        path = Path(tempfile.mkdtemp()) / "tiny.pt"
+        write_tiny_vjepa2_checkpoint(path)
+        embedder = VideoEmbedder(load_vjepa2(path, img_size=48), img_size=48, enable_fp16=False, device=device)
+        return SRPOProgressReward(embedder), "tiny V-JEPA 2"
+    from reward_throughput import vitg_384
+
+    embedder = VideoEmbedder(vitg_384(device), img_size=384, num_frames=64, device=device, batch_size=8)
+    return SRPOProgressReward(embedder), "V-JEPA 2 ViT-g/16 384px fp16 (random)"
+
+
+class PreprocessTimer:
+    """Times ``policy.preprocess`` (JPEG round trip, resize, crop, prompts) inside every policy call."""
+
+    def __init__(self, policy, device: torch.device):
+        self.seconds, self._inner, self._cuda = 0.0, policy.preprocess, device.type == "cuda"
+        policy.preprocess = self
+
+    def __call__(self, tensordict):
+        t0 = time.perf_counter()
+        out = self._inner(tensordict)
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+class BackgroundEmbedding:
+    """Embeds each finished trajectory's video in a thread on a side CUDA stream while the rollout runs.
+
+    Passed to ``collect_rollouts(on_finished=...)``; rows waiting together are embedded as one batch.
+    """
+
+    def __init__(self, embedder, device: torch.device):
+        self.embedder, self.embeddings, self.busy_s = embedder, {}, 0.0
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="embed", daemon=True)
+        self.thread.start()
+
+    def __call__(self, row) -> None:
+        self.queue.put(row)
+
+    def _run(self) -> None:
+        from srpo_rl.rewards import trajectory_videos
+
+        while (row := self.queue.get()) is not None:
+            rows = [row]
+            while len(rows) < self.embedder.batch_size and not self.queue.empty():
+                rows.append(self.queue.get())
+            last = rows[-1] is None
+            rows = [r for r in rows if r is not None]
+            batch = torch.stack(rows)
+            videos = trajectory_videos(batch, [[i] for i in range(len(rows))], num_frames=self.embedder.num_frames)
+            t0 = time.perf_counter()
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                embeddings = self.embedder([videos[i] for i in range(len(rows))])
+            self.busy_s += time.perf_counter() - t0
+            for r, e in zip(rows, embeddings):
+                self.embeddings[int(r["rollout_id"])] = e
+            if last:
+                break
+
+    def finish(self) -> float:
+        """Waits for the queue to drain; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.queue.put(None)
+        self.thread.join()
+        return time.perf_counter() - t0
+
+
+# -- modes ------------------------------------------------------------------------------------------
+def sim_kwargs(args) -> dict:
+    return dict(suite=args.suite, max_steps=args.max_steps, num_steps_wait=10, image_size=256,
+                wrist_image=False, channels_first=True, seed=0)
+
+
+def bare_sim(workers: SimWorkers, args, tasks: list[int]) -> dict:
+    """Every process steps random chunks (one frame each), all together, no policy; then bare renders."""
+    n = len(workers)
+    workers.call({s: ("reset", (0,), {"task_id": t}) for s, t in enumerate(tasks)}, timeout=workers.build_timeout)
+    rng = np.random.default_rng(0)
+    before = dict(workers.busy_time)
+    executed, start = 0, time.perf_counter()
+    for _ in range(args.ceiling_steps // CHUNK):
+        actions = rng.uniform(-1, 1, (n, CHUNK, 7)).astype(np.float32)
+        results = workers.call({s: ("step_chunk", (actions[s],)) for s in range(n)})
+        executed += sum(r["chunk_steps"] for r in results.values())
+        ended = [s for s, r in results.items() if r["done"]]
+        if ended:
+            workers.call({s: ("reset", (0,)) for s in ended})
+    wall = time.perf_counter() - start
+    step_cpu = workers.busy_time["step_chunk"] - before.get("step_chunk", 0.0)
+    for _ in range(3):  # the frame alone: what one chunk's render costs inside step_chunk
+        workers.call({s: ("render", ()) for s in range(n)})
+    render_s = workers.busy_time["render"] / (3 * n)
+    chunks = args.ceiling_steps // CHUNK * n
+    return {
+        "env_steps_per_s": executed / wall,
+        "wall_s": wall,
+        "env_steps": executed,
+        "worker_step_cpu_s": step_cpu,
+        "render_s_per_frame": render_s,
+        "physics_s_per_step": (step_cpu - chunks * render_s) / executed,
+    }
+
+
+def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) -> dict:
+    """siiRL's loop: per batch, rebuild every simulation, then 64 chunk-steps querying every env."""
+    n = len(workers)
+    names = suite_info(args.suite).instructions
+    executed = rebuilds = 0
+    policy_s = rebuild_s = 0.0
+    start = time.perf_counter()
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        for first in range(0, len(requests), n):
+            batch = requests[first : first + n]
+            t0 = time.perf_counter()
+            built = workers.call({s: ("set_task", (r.task_id,)) for s, r in enumerate(batch)},
+                                 timeout=workers.build_timeout)
+            for s, r in enumerate(batch):
+                workers.set_task(s, r.task_id)
+            obs = workers.call({s: ("reset", (r.init_state_id,)) for s, r in enumerate(batch)})
+            rebuild_s += time.perf_counter() - t0
+            rebuilds += len(built)
+            done = [False] * len(batch)
+            for _ in range(args.max_steps // CHUNK):
+                td = TensorDict({("observation", "image"): torch.stack(
+                    [torch.from_numpy(obs[s]["image"]) for s in range(len(batch))])}, [len(batch)])
+                td.set_non_tensor("instruction", [names[r.task_id] for r in batch])
+                t0 = time.perf_counter()
+                actions = policy(td.to(device))["action"].float().cpu().numpy()
+                policy_s += time.perf_counter() - t0
+                live = [s for s in range(len(batch)) if not done[s]]
+                teleport = [s for s in live if due(obs[s]["step_count"], success_step.get(batch[s].rollout_id))]
+                if teleport:
+                    workers.call({s: ("teleport_to_goal", ()) for s in teleport})
+                if live:
+                    out = workers.call({s: ("step_chunk", (actions[s],)) for s in live})
+                    for s, result in out.items():
+                        obs[s], done[s] = result, bool(result["done"])
+                        executed += result["chunk_steps"]
+    wall = time.perf_counter() - start
+    return {"env_steps_per_s": executed / wall, "wall_s": wall, "env_steps": executed, "policy_s": policy_s,
+            "rebuild_s": rebuild_s, "rebuilds": rebuilds}
+
+
+def scheduler(env, policy, requests, overlap: bool, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
+    before, prep = env.worker_time, timer.seconds
+    env.rounds.clear()
+    start = time.perf_counter()
+    trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
+    after = env.worker_time
+    row = {
+        "env_steps_per_s": stats.env_steps_per_second,
+        "wall_s": stats.wall_time,
+        "env_steps": stats.env_steps,
+        "decisions": stats.decisions,
+        "policy_s": stats.policy_time,
+        "preprocess_s": timer.seconds - prep,
+        "env_wait_s": stats.env_time,
+        "reset_s": stats.reset_time,
+        "worker_step_cpu_s": after.get("step_chunk", 0.0) - before.get("step_chunk", 0.0),
+        "worker_reset_cpu_s": after.get("reset", 0.0) - before.get("reset", 0.0),
+        "successes": int(trajs["success"].sum()),
+    }
+    row["forward_s"] = row["policy_s"] - row["preprocess_s"]
+    row.update(steady_state(env.rounds, start))
+    return row, trajs
+
+
+def bare_policy(policy, batch: int, names: tuple[str, ...], device: torch.device, repeats: int) -> dict:
+    """The model forward alone and the whole policy step, median over ``repeats`` calls."""
+    g = torch.Generator().manual_seed(batch)
+    obs = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,
+                                                             generator=g)}, [batch])
+    obs.set_non_tensor("instruction", [names[i % len(names)] for i in range(batch)])
+    prepared = policy.preprocess(obs.clone())
+    ids, mask = prepared["prompt_ids"], prepared["prompt_mask"]
+    pixels = policy.pixel_values(prepared["policy_image"])
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    with torch.inference_mode(), set_exploration_type(ExplorationType.RANDOM):
+        forward = median_ms(lambda: policy.model(ids, mask, pixels))
+        step = median_ms(lambda: policy(obs.clone()))
+    return {"batch": batch, "forward_ms": forward, "policy_step_ms": step,
+            "forward_env_steps_per_s": batch * CHUNK / forward * 1e3,
+            "policy_step_env_steps_per_s": batch * CHUNK / step * 1e3}
+
+
+# -- one size -----------------------------------------------------------------------------------------
+def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device: torch.device) -> dict:
+    requests, success_step = workload(args, num_envs)
+    tasks = [r.task_id for r in requests[:num_envs]]
+    names = suite_info(args.suite).instructions
+    result = {"num_envs": num_envs, "requests": len(requests), "forced_successes": len(success_step)}
+    print(f"[{num_envs} envs] {len(requests)} requests, {len(success_step)} forced successes", file=sys.stderr)
+
+    sizes = sorted({num_envs, max(1, num_envs // 2)})
+    result["bare_policy"] = [bare_policy(policy, b, names, device, args.repeats) for b in sizes]
+    workers = SimWorkers(sim_kwargs(args), tasks, build_timeout=900)
+    try:
+        result["bare_sim"] = bare_sim(workers, args, tasks)
+        print(f"[{num_envs} envs] bare sim {result['bare_sim']['env_steps_per_s']:.1f} env-steps/s", file=sys.stderr)
+        if "lockstep" in args.modes:
+            result["lockstep"] = lockstep(workers, policy, requests, success_step, args, device)
+            print(f"[{num_envs} envs] lockstep {result['lockstep']['env_steps_per_s']:.1f}", file=sys.stderr)
+    finally:
+        workers.close()
+
+    env = ForcedSuccessEnv(args.suite, num_envs, max_steps=args.max_steps, task_ids=tasks, success_step=success_step,
+                           build_timeout=900)
+    trajs = background = None
+    try:
+        for mode in ("sync", "overlap"):
+            if mode in args.modes:
+                result[mode], trajs = scheduler(env, policy, requests, mode == "overlap", timer)
+                print(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}", file=sys.stderr)
+        if "embed" in args.modes and reward is not None:
+            # overlap, with every finished trajectory embedded for the reward while the others run
+            background = BackgroundEmbedding(reward.embedder, device)
+            row, trajs = scheduler(env, policy, requests, True, timer, on_finished=background)
+            row["drain_s"] = background.finish()
+            row["embed_busy_s"] = background.busy_s
+            row["wall_with_drain_s"] = row["wall_s"] + row["drain_s"]
+            row["env_steps_per_s"] = row["env_steps"] / row["wall_with_drain_s"]
+            result["embed"] = row
+            print(f"[{num_envs} envs] overlap + background embedding {row['env_steps_per_s']:.1f}", file=sys.stderr)
+    finally:
+        env.close()
+
+    if reward is not None and trajs is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        reward(trajs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        result["reward"] = {"trajectories": len(trajs), "seconds": seconds, "s_per_trajectory": seconds / len(trajs)}
+        if background is not None:
+            # the background embeddings against the reward's own (same videos, other batches)
+            from srpo_rl.rewards import trajectory_videos
+
+            videos = trajectory_videos(trajs, [[i] for i in range(len(trajs))], num_frames=reward.embedder.num_frames)
+            again = reward.embedder([videos[i] for i in range(len(trajs))])
+            mine = torch.stack([background.embeddings[int(r)] for r in trajs["rollout_id"]])
+            result["embed"]["max_abs_diff_vs_batch"] = float((mine - again).abs().max())
+    ratios(result)
+    return result
+
+
+def ratios(result: dict) -> None:
+    ceilings = {"bare_sim": result["bare_sim"]["env_steps_per_s"],
+                "bare_policy": max(b["forward_env_steps_per_s"] for b in result["bare_policy"])}
+    result["ceilings"] = {**ceilings, "min_ceiling": min(ceilings.values())}
+    sim = result["bare_sim"]
+    for mode in ("lockstep", "sync", "overlap", "embed"):
+        row = result.get(mode)
+        if row is None:
+            continue
+        rate = row["env_steps_per_s"]
+        row["vs_min_ceiling"] = rate / result["ceilings"]["min_ceiling"]
+        row["vs_bare_sim"] = rate / ceilings["bare_sim"]
+        row["vs_bare_policy"] = rate / ceilings["bare_policy"]
+        if row.get("steady_env_steps_per_s"):
+            row["steady_vs_min_ceiling"] = row["steady_env_steps_per_s"] / result["ceilings"]["min_ceiling"]
+        if "lockstep" in result:
+            row["vs_lockstep"] = rate / result["lockstep"]["env_steps_per_s"]
+        if "worker_step_cpu_s" in row:
+            frames = row["decisions"]
+            row["split_cpu_s"] = {
+                "physics": row["worker_step_cpu_s"] - frames * sim["render_s_per_frame"],
+                "rendering": frames * sim["render_s_per_frame"],
+                "resets": row["worker_reset_cpu_s"],
+            }
+            row["split_main_s"] = {"preprocessing": row["preprocess_s"], "policy_forward": row["forward_s"],
+                                   "waiting_for_env": row["env_wait_s"]}
+    if "reward" in result and "overlap" in result:
+        reward = result["reward"]
+        reward["vs_rollout_wall"] = reward["seconds"] / result["overlap"]["wall_s"]
+        if "embed" in result:
+            # what embedding during the rollout adds to the wall time, against embedding after it
+            extra = result["embed"]["wall_with_drain_s"] - result["overlap"]["wall_s"]
+            result["embed"]["extra_wall_s"] = extra
+            result["embed"]["extra_vs_serial_reward"] = extra / reward["seconds"]
+
+
+# -- report -------------------------------------------------------------------------------------------
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "mujoco_gl": os.environ.get("MUJOCO_GL")}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchrl", "tensordict", "transformers", "mujoco", "robosuite", "numpy", "numba"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def print_table(results: list[dict], policy_name: str, reward_name: str) -> None:
+    print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
+    print(f"{'envs':>4} {'mode':>9} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
+          f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9}")
+    for r in results:
+        print(f"{r['num_envs']:>4} {'bare sim':>9} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
+              f"(physics {1e3 * r['bare_sim']['physics_s_per_step']:.1f} ms/step, "
+              f"render {1e3 * r['bare_sim']['render_s_per_frame']:.1f} ms/frame, per process)")
+        for b in r["bare_policy"]:
+            print(f"{r['num_envs']:>4} {'bare pol':>9} {b['forward_env_steps_per_s']:>8.1f}  "
+                  f"(batch {b['batch']}: forward {b['forward_ms']:.1f} ms, policy step {b['policy_step_ms']:.1f} ms)")
+        for mode in ("lockstep", "sync", "overlap", "embed"):
+            row = r.get(mode)
+            if row is None:
+                continue
+            vs_lock = f"{row['vs_lockstep']:.2f}x" if "vs_lockstep" in row else "-"
+            steady = f"{row['steady_env_steps_per_s']:.1f}" if row.get("steady_env_steps_per_s") else "-"
+            st_ceil = f"{row['steady_vs_min_ceiling']:.2f}x" if "steady_vs_min_ceiling" in row else "-"
+            print(f"{r['num_envs']:>4} {mode:>9} {row['env_steps_per_s']:>8.1f} {vs_lock:>11} "
+                  f"{row['vs_min_ceiling']:>10.2f}x {steady:>7} {st_ceil:>10} {row['wall_s']:>7.1f} "
+                  f"{row['policy_s']:>8.1f} "
+                  f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('env_wait_s', float('nan')):>10.1f} "
+                  f"{row.get('worker_step_cpu_s', float('nan')):>9.1f}")
+        if "reward" in r:
+            rw = r["reward"]
+            print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "
+                  f"({rw['s_per_trajectory']:.3f} s each; {100 * rw.get('vs_rollout_wall', 0):.1f}% of the overlap "
+                  "rollout's wall time)")
+        if "embed" in r and "extra_wall_s" in r["embed"]:
+            e = r["embed"]
+            print(f"{r['num_envs']:>4} {'embed':>9} embedding during the overlap rollout added "
+                  f"{e['extra_wall_s']:.1f} s "
+                  f"(drain {e['drain_s']:.1f} s) against {r['reward']['seconds']:.1f} s after it; "
+                  f"max |diff| of embeddings {e.get('max_abs_diff_vs_batch', float('nan')):.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU, 2 envs, short episodes")
+    parser.add_argument("--num-envs", type=int, nargs="+", default=None, help="default 16 32 (tiny: 2)")
+    parser.add_argument("--suite", default="libero_object")
+    parser.add_argument("--requests-per-env", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=None, help="rollouts per prompt (default 8; tiny 2)")
+    parser.add_argument("--max-steps", type=int, default=None, help="default 512 (tiny 32)")
+    parser.add_argument("--success-min", type=int, default=None, help="default 150 (tiny 9)")
+    parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
+    parser.add_argument("--success-fraction", type=float, default=0.5)
+    parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
+    parser.add_argument("--modes", default="lockstep,sync,overlap,embed",
+                        help="embed = overlap with each finished trajectory embedded for the reward meanwhile")
+    parser.add_argument("--no-reward", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 10; tiny 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tiny = {"num_envs": [2], "group_size": 2, "max_steps": 32, "success_min": 9, "success_max": 24,
+            "ceiling_steps": 16, "repeats": 3}
+    full = {"num_envs": [16, 32], "group_size": 8, "max_steps": 512, "success_min": 150, "success_max": 400,
+            "ceiling_steps": 256, "repeats": 10}
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.modes = set(args.modes.split(","))
+    configure_rendering()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if not args.tiny and device.type != "cuda":
+        sys.exit("the full-size benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
+    policy, policy_name = make_policy(args, device)
+    reward, reward_name = (None, "none") if args.no_reward else make_reward(args, device)
+    timer = PreprocessTimer(policy, device)
+    results = [measure(args, n, policy, timer, reward, device) for n in args.num_envs]
+    print_table(results, policy_name, reward_name)
+    print(json.dumps({
+        "benchmark": "rollout_throughput",
+        "policy": policy_name,
+        "reward_model": reward_name,
+        "suite": args.suite,
+        "workload": {"requests_per_env": args.requests_per_env, "group_size": args.group_size,
+                     "max_steps": args.max_steps, "success_fraction": args.success_fraction,
+                     "success_steps": [args.success_min, args.success_max], "chunk": CHUNK,
+                     "temperature": 1.6, "frames": "one 256x256 agentview frame per chunk"},
+        "baselines": {"lockstep": "siiRL loop: rebuild every env per batch, 64 chunk-steps querying every env",
+                      "bare_sim": "same number of LIBERO processes, random chunks, no policy",
+                      "bare_policy": "model forward alone at batch num_envs (env steps = batch x 8)"},
+        "results": results,
+        "machine": machine(device),
+        "versions": versions(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }))
+
+
+if __name__ == "__main__":
+    main()

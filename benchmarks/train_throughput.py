@@ -1,0 +1,379 @@
+"""Training samples/s and peak memory of the SRPO policy update on one GPU, beside the bare ceiling.
+
+A sample is one decision step (one image + prompt -> 56 action tokens). For each micro-batch size
+(``traj_mini_batch_size``, decision steps per forward/backward) with gradient checkpointing and bf16:
+
+- ``bare``: the model forward + a plain backward on the same inputs (the ceiling): samples/s and the
+  peak memory above the resident weights and gradients;
+- ``update``: :func:`srpo_rl.trainer.update_policy` with :class:`~srpo_rl.objectives.SRPOLoss` on a
+  synthetic trajectory batch (``--trajectories`` x ``--decisions``; old log-probs from a no-grad
+  forward, so the ratios start at 1), optimizer step timed apart; ``vs_bare`` is its forward/backward
+  rate over the ceiling's.
+
+Memory plans for the 7B actor on one 80 GB GPU (bytes per parameter in brackets):
+
+- ``fp32-master`` (the recipe's FSDP2 default: fp32 weights, fp32 gradients, fp32 AdamW moments
+  [16]): counted, not run when it cannot fit;
+- ``bf16-adamw``: bf16 weights, gradients and AdamW moments, all on the GPU [8]. Fast, but an update
+  smaller than half a bf16 step of the weight rounds away (``changed_fraction`` measures how many
+  weights one step at the recipe's learning rate actually moves);
+- ``host-adamw``: bf16 weights and gradients on the GPU [4]; fp32 master weights and AdamW moments in
+  host memory [12, on the host], the step on the CPU, the new weights copied back: the recipe's
+  precision at the price of the host step.
+
+    python benchmarks/train_throughput.py            # OpenVLA-OFT-7B random weights, bf16, CUDA
+    python benchmarks/train_throughput.py --tiny     # the tiny checkpoint on the CPU (checks the script)
+
+Prints a table, then one JSON line with every figure, the machine, the versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+
+from srpo_rl.objectives import SRPOLoss
+from srpo_rl.trainer import update_policy
+
+LR = 5e-6  # the recipe's actor learning rate
+
+
+# -- model and data -----------------------------------------------------------------------------------
+def make_policy(tiny: bool, device: torch.device):
+    from srpo_rl.policy import OpenVLAOFTPolicy
+
+    if tiny:
+        from srpo_rl.models.openvla_oft import write_tiny_checkpoint
+
+        path = tempfile.mkdtemp(prefix="tiny_openvla_oft_")
+        write_tiny_checkpoint(path)
+        return OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32), "tiny (fp32)"
+    from policy_latency import seven_b_policy
+
+    return seven_b_policy(device), "OpenVLA-OFT-7B (bf16, random)"
+
+
+def trajectory_batch(policy, trajectories: int, decisions: int, device: torch.device, seed: int = 0) -> TensorDict:
+    """Trajectories of ``decisions`` executed steps in the layout update_policy reads; old log-probs by the model."""
+    g = torch.Generator().manual_seed(seed)
+    n, t = trajectories, decisions
+    from srpo_rl.envs.suites import suite_info
+
+    names = suite_info("libero_object").instructions
+    obs = TensorDict({("observation", "image"): torch.randint(0, 256, (n * t, 3, 256, 256), dtype=torch.uint8,
+                                                             generator=g)}, [n * t])
+    obs.set_non_tensor("instruction", [names[i // t % len(names)] for i in range(n * t)])
+    steps = policy.preprocess(obs).select("policy_image", "prompt_ids", "prompt_mask").to("cpu")
+    steps["action_tokens"] = torch.randint(0, 256, (n * t, 8, 7), generator=g)
+    with torch.no_grad():
+        logps = [policy.log_prob(piece.to(device)).float().cpu() for piece in steps.split(16)]
+    steps["action_log_prob"] = torch.cat(logps)
+    steps["advantage"] = torch.randn(n * t, generator=g)
+    steps["token_mask"] = torch.ones(n * t, 8, 7, dtype=torch.bool)
+    steps["mask"] = torch.ones(n * t, dtype=torch.bool)
+    return TensorDict({"steps": steps.reshape(n, t), "rollout_id": torch.arange(n)}, [n])
+
+
+# -- optimizers ---------------------------------------------------------------------------------------
+class HostAdamW:
+    """AdamW whose fp32 master weights and moments live in host memory; the GPU keeps bf16 weights.
+
+    ``step`` runs torch's fused CPU AdamW on the master weights, about 1 GiB of them at a time: their
+    gradients come to the host (bf16, converted there), the update runs, the rounded weights go back.
+    So the host never holds all gradients in fp32.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, chunk_bytes: int = 2**30):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().to("cpu").float() for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay, fused=True)
+        self.chunks, chunk, size = [], [], 0
+        for i, m in enumerate(self.master):
+            chunk.append(i)
+            size += 4 * m.numel()
+            if size >= chunk_bytes:
+                self.chunks.append(chunk)
+                chunk, size = [], 0
+        if chunk:
+            self.chunks.append(chunk)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for chunk in self.chunks:
+            live = [i for i in chunk if self.params[i].grad is not None]
+            for i in live:
+                self.master[i].grad = self.params[i].grad.to("cpu").float()
+            self.optimizer.step()  # fused AdamW skips the master weights without a gradient
+            for i in live:
+                self.params[i].copy_(self.master[i].to(self.params[i].dtype).to(self.params[i].device))
+                self.master[i].grad = None
+
+    def host_bytes(self) -> int:
+        return sum(3 * m.numel() * 4 for m in self.master)
+
+
+class TimedOptimizer:
+    """Times ``step`` (synchronised) of the optimizer update_policy drives."""
+
+    def __init__(self, optimizer, device: torch.device):
+        self.optimizer, self.device, self.times = optimizer, device, []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+
+
+# -- measurements --------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak(device: torch.device) -> float:
+    """Resets the peak counter; returns the memory allocated now (GiB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**30
+    return peak_gib(device)
+
+
+def bare(policy, batch: TensorDict, micro: int, device: torch.device, repeats: int) -> dict:
+    """Forward + backward of the model alone on ``micro`` samples (gradients accumulate, then are dropped)."""
+    model = policy.model
+    steps = batch["steps"].reshape(-1)[:micro].to(device)
+    ids, mask = steps["prompt_ids"], steps["prompt_mask"]
+    used = int(mask.sum(-1).max())
+    pixels = policy.pixel_values(steps["policy_image"])
+
+    def once():
+        model(ids[:, :used], mask[:, :used], pixels).logsumexp(-1).mean().backward()
+
+    once()
+    base = reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        once()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = peak_gib(device)
+    model.zero_grad(set_to_none=True)
+    seconds = statistics.median(times)
+    return {"micro_batch": micro, "seconds": seconds, "samples_per_s": micro / seconds,
+            "peak_gib": peak, "peak_above_resident_gib": peak - base}
+
+
+def update(loss, optimizer, batch: TensorDict, micro: int, device: torch.device, repeats: int) -> dict:
+    """update_policy over the whole batch as one mini-batch; the optimizer step is timed apart."""
+    timed = TimedOptimizer(optimizer, device)
+    samples = int(batch["steps", "mask"].sum())
+    update_policy(loss, timed, batch[:1], mini_batch_trajectories=1, traj_mini_batch_size=micro, device=device)
+    base = reset_peak(device)
+    walls = []
+    timed.times.clear()
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        metrics = update_policy(loss, timed, batch, mini_batch_trajectories=batch.batch_size[0],
+                                traj_mini_batch_size=micro, device=device)
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+    wall, step = statistics.median(walls), statistics.median(timed.times)
+    return {"micro_batch": micro, "samples": samples, "wall_s": wall, "optimizer_step_s": step,
+            "samples_per_s": samples / (wall - step), "samples_per_s_with_step": samples / wall,
+            "peak_gib": peak_gib(device), "peak_above_start_gib": peak_gib(device) - base,
+            "loss": metrics.get("loss_objective"), "grad_norm": metrics.get("grad_norm")}
+
+
+def changed_fraction(params, before: list[torch.Tensor]) -> float:
+    """Fraction of weight elements that the last optimizer step changed at all."""
+    changed = sum(int((p.detach() != b.to(p.device)).sum()) for p, b in zip(params, before))
+    return changed / sum(p.numel() for p in params)
+
+
+def run_plan(plan: str, policy, loss, batch, micros, device, repeats) -> dict:
+    """update_policy under one memory plan at each micro-batch size, and how many weights a step moves."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    if plan == "bf16-adamw":
+        # fused: one kernel, no full-size temporaries (foreach would copy the moments)
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+    else:
+        optimizer = HostAdamW(params, lr=LR)
+    result = {"plan": plan, "rows": []}
+    for micro in micros:
+        result["rows"].append(update(loss, optimizer, batch, micro, device, repeats))
+    # the weights the optimizer keeps: bf16 ones on the GPU, or the fp32 master copies on the host
+    kept = params if plan == "bf16-adamw" else optimizer.master
+    probe = kept[len(kept) // 2 : len(kept) // 2 + 8]  # a few decoder weights
+    before = [p.detach().clone() for p in probe]
+    update_policy(loss, optimizer, batch[:1], mini_batch_trajectories=1, traj_mini_batch_size=micros[0], device=device)
+    result["changed_fraction"] = changed_fraction(probe, before)
+    if plan == "host-adamw":
+        result["host_gib"] = optimizer.host_bytes() / 2**30
+    del optimizer
+    policy.model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def memory_plans(policy) -> dict:
+    """GiB each plan keeps resident for weights, gradients and optimizer state (activations apart)."""
+    total = sum(p.numel() for p in policy.model.parameters())
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    frozen = total - trainable
+    gib = 2**30
+    return {
+        "parameters": total,
+        "trainable": trainable,
+        "fp32-master": {"gpu_gib": (4 * total + 12 * trainable) / gib, "host_gib": 0.0},
+        "bf16-adamw": {"gpu_gib": (2 * total + 6 * trainable) / gib, "host_gib": 0.0},
+        "host-adamw": {"gpu_gib": (2 * total + 2 * trainable) / gib, "host_gib": 12 * trainable / gib},
+        "fsdp2-cpu-offload": {"gpu_gib": 0.0, "host_gib": (4 * frozen + 16 * trainable) / gib},
+    }
+
+
+# -- report -------------------------------------------------------------------------------------------
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "gpu": None}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30)
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        out["host_memory_gib"] = pages / 2**30
+    except (ValueError, OSError):
+        pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random checkpoint on the CPU")
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=None, help="default 8 16 32 (tiny 2 4)")
+    parser.add_argument("--trajectories", type=int, default=None, help="per update (default 4; tiny 2)")
+    parser.add_argument("--decisions", type=int, default=None, help="per trajectory (default 32; tiny 4)")
+    parser.add_argument("--plans", default="bf16-adamw,host-adamw")
+    parser.add_argument("--host-micro-batches", type=int, nargs="+", default=None,
+                        help="micro-batches of the host-adamw plan, whose every update has a slow host step "
+                        "(default 16, the recipe's; tiny 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (tiny 1)")
+    parser.add_argument("--recipe-samples", type=int, default=1600,
+                        help="samples per optimizer step in the recipe (32 trajectories x ~50 decisions)")
+    args = parser.parse_args()
+    tiny = {"micro_batches": [2, 4], "host_micro_batches": [2], "trajectories": 2, "decisions": 4, "repeats": 1}
+    full = {"micro_batches": [8, 16, 32], "host_micro_batches": [16], "trajectories": 4, "decisions": 32,
+            "repeats": 3}
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if not args.tiny and device.type != "cuda":
+        sys.exit("the 7B benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
+    policy, name = make_policy(args.tiny, device)
+    plans = memory_plans(policy)
+    batch = trajectory_batch(policy, args.trajectories, args.decisions, device)
+    policy.model.gradient_checkpointing_enable()
+    policy.model.train()
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28), clip_ratio_c=10000.0)
+
+    bare_rows = [bare(policy, batch, m, device, args.repeats) for m in args.micro_batches]
+    results = []
+    for plan in args.plans.split(","):
+        if plan not in ("bf16-adamw", "host-adamw"):
+            raise SystemExit(f"unknown plan {plan!r}; choose from bf16-adamw, host-adamw")
+        if plan == "host-adamw":
+            row = run_plan(plan, policy, loss, batch, args.host_micro_batches, device, min(args.repeats, 2))
+        else:
+            row = run_plan(plan, policy, loss, batch, args.micro_batches, device, args.repeats)
+        results.append(row)
+        print(f"plan {plan} done", file=sys.stderr, flush=True)
+    ceiling = {r["micro_batch"]: r["samples_per_s"] for r in bare_rows}
+    for result in results:
+        for row in result["rows"]:
+            row["vs_bare"] = row["samples_per_s"] / ceiling[row["micro_batch"]]
+            # a recipe mini-batch: recipe_samples of forward/backward, then one optimizer step
+            recipe_wall = args.recipe_samples / row["samples_per_s"] + row["optimizer_step_s"]
+            row["recipe_samples_per_s"] = args.recipe_samples / recipe_wall
+
+    print(f"\n{name} on {device.type}: gradient checkpointing, {args.trajectories} trajectories x "
+          f"{args.decisions} decisions per update, median of {args.repeats}")
+    print(f"{'plan':>12} {'micro':>5} {'samples/s':>9} {'vs bare':>7} {'opt step s':>10} "
+          f"{'recipe samples/s':>16} {'peak GiB':>8} {'changed':>8}")
+    for r in bare_rows:
+        print(f"{'bare fwd+bwd':>12} {r['micro_batch']:>5} {r['samples_per_s']:>9.2f} {'1.00':>7} {'-':>10} "
+              f"{'-':>16} {r['peak_gib']:>8.2f} {'-':>8}")
+    for result in results:
+        for row in result["rows"]:
+            print(f"{result['plan']:>12} {row['micro_batch']:>5} {row['samples_per_s']:>9.2f} {row['vs_bare']:>7.2f} "
+                  f"{row['optimizer_step_s']:>10.2f} {row['recipe_samples_per_s']:>16.2f} {row['peak_gib']:>8.2f} "
+                  f"{result['changed_fraction']:>8.3f}")
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    print("resident GiB for weights + gradients + optimizer (activations apart): " + ", ".join(
+        f"{k} {v['gpu_gib']:.1f} GPU / {v['host_gib']:.1f} host" for k, v in plans.items() if isinstance(v, dict)))
+    print(json.dumps({
+        "benchmark": "train_throughput",
+        "model": name,
+        "device": device.type,
+        "gradient_checkpointing": True,
+        "update": {"trajectories": args.trajectories, "decisions": args.decisions, "lr": LR,
+                   "loss": "SRPOLoss clip (0.2, 0.28), seq-mean-token-mean", "repeats": args.repeats},
+        "baseline": "bare model forward + backward at the same micro-batch (the ceiling)",
+        "bare": bare_rows,
+        "plans": results,
+        "memory_plans": plans,
+        "gpu_memory_gib": gpu_gib,
+        "recipe_samples_per_optimizer_step": args.recipe_samples,
+        "machine": machine(device),
+        "versions": {name: _version(name) for name in ("torch", "transformers", "torchrl", "tensordict")}
+        | {"python": platform.python_version(), "cuda": torch.version.cuda},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }))
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

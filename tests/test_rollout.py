@@ -1,0 +1,266 @@
+"""The rollout slot scheduler on real LIBERO with a tiny OpenVLA-OFT: refilling, soft resets, ids, overlap.
+
+One 2-slot libero_object env for the module (about 2 GB per slot). Episode lengths vary because chosen
+rollouts are moved into their goal at a given step (``teleport_to_goal``): they succeed at the first
+sub-step of that chunk. The env logs every round it runs, so the tests check the schedule itself.
+"""
+
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType
+
+from srpo_rl.envs import LiberoVecEnv
+from srpo_rl.models.openvla_oft import write_tiny_checkpoint
+from srpo_rl.policy import OpenVLAOFTPolicy
+from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests
+
+N = 2
+CHUNK = 8
+MAX_STEPS = 24  # 3 chunks
+
+
+class ScheduledSuccessEnv(LiberoVecEnv):
+    """A LiberoVecEnv that logs its rounds and ends chosen rollouts in success.
+
+    ``success_chunk[rollout_id] = k`` moves that rollout's scene into its goal before its k-th chunk
+    (1-based), so it succeeds at the first sub-step of that chunk: ``8 * (k - 1) + 1`` env steps.
+    ``log`` holds ``("reset", {slot: (old_task, new_task, rollout_id)})`` and ``("step", slots)`` in
+    call order (a ``step_send`` round logs its resets, then its steps).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.success_chunk: dict[int, int] = {}
+        self.log: list[tuple[str, object]] = []
+
+    def _log_resets(self, td) -> None:
+        if td is None or "_reset" not in td.keys():
+            return
+        slots = td["_reset"].reshape(-1).nonzero().flatten().tolist()
+        if slots:
+            self.log.append(("reset", {
+                s: (self.task_ids[s], int(td["task_id"][s]), int(td["rollout_id"][s])) for s in slots
+            }))
+
+    def _log_steps(self, td) -> None:
+        mask = td["_step"] if "_step" in td.keys() else torch.ones(self.num_envs, dtype=torch.bool)
+        slots = mask.reshape(-1).nonzero().flatten().tolist()
+        if not slots:
+            return
+        self.log.append(("step", slots))
+        due = []
+        for s in slots:
+            chunk = self.success_chunk.get(int(self._slots["rollout_id"][s]))
+            if chunk is not None and int(self._slots["step_count"][s]) == CHUNK * (chunk - 1):
+                due.append(s)
+        if due:
+            self.teleport_to_goal(due)
+
+    def _reset(self, tensordict=None, **kwargs):
+        self._log_resets(tensordict)
+        return super()._reset(tensordict, **kwargs)
+
+    def _step(self, tensordict):
+        self._log_steps(tensordict)
+        return super()._step(tensordict)
+
+    def step_send(self, tensordict):
+        self._log_resets(tensordict)
+        self._log_steps(tensordict)
+        return super().step_send(tensordict)
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = ScheduledSuccessEnv("libero_object", N, max_steps=MAX_STEPS, task_ids=[0, 1], step_timeout=120)
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_openvla_oft")
+    write_tiny_checkpoint(path)
+    # float64: the argmax must not depend on the batch a step ran in (1 or 2 slots)
+    return OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_object", dtype=torch.float64)
+
+
+def _requests() -> list[RolloutRequest]:
+    # 3 groups x 2 rollouts: ids 20, 21 (task 1), 22, 23 (task 0), 24, 25 (task 1)
+    return group_requests([(1, 4), (0, 7), (1, 2)], rollouts_per_group=2, first_group_id=10)
+
+
+SCHEDULE = {20: 1, 21: 2, 23: 3, 24: 1, 25: 2}  # rollout id -> chunk of success; 22 runs to max_steps
+
+
+def _expected_steps(rollout_id: int) -> int:
+    chunk = SCHEDULE.get(rollout_id)
+    return MAX_STEPS if chunk is None else CHUNK * (chunk - 1) + 1
+
+
+@pytest.fixture(scope="module")
+def runs(env, policy):
+    """Both modes on the same requests, greedy: ``{overlap: (trajectories, stats, env log, finished rows)}``.
+
+    ``finished`` holds what ``on_finished`` received: ``(rounds logged so far, trajectory row)``.
+    """
+    out = {}
+    for overlap in (False, True):
+        env.success_chunk, env.log, finished = dict(SCHEDULE), [], []
+        trajs, stats = collect_rollouts(
+            env, policy, _requests(), overlap=overlap, exploration_type=ExplorationType.DETERMINISTIC,
+            on_finished=lambda row: finished.append((len(env.log), row)),
+        )
+        out[overlap] = (trajs, stats, env.log, finished)
+    return out
+
+
+def _check_schedule(log, requests, trajs) -> None:
+    """No idle stepping, refills at once, same-task preference, ids as requested."""
+    by_id = {r.rollout_id: r for r in requests}
+    running: dict[int, int] = {}  # slot -> rollout id
+    chunks_left = {r.rollout_id: math.ceil(_expected_steps(r.rollout_id) / CHUNK) for r in requests}
+    started: list[int] = []
+    for kind, what in log:
+        if kind == "reset":
+            for slot, (old_task, new_task, rollout_id) in what.items():
+                assert slot not in running, f"slot {slot} reset while rollout {running.get(slot)} was running"
+                request = by_id[rollout_id]
+                assert new_task == request.task_id
+                pending = [r for r in requests if r.rollout_id not in started and r.rollout_id != rollout_id]
+                if new_task != old_task:  # a rebuild only when no request of the loaded task was pending
+                    assert all(r.task_id != old_task for r in pending), (slot, old_task, rollout_id)
+                running[slot] = rollout_id
+                started.append(rollout_id)
+        else:
+            assert set(what) <= set(running), f"stepped slots {what} without a running rollout"
+            for slot in what:
+                chunks_left[running[slot]] -= 1
+                if chunks_left[running[slot]] == 0:
+                    del running[slot]
+    assert not running and all(v == 0 for v in chunks_left.values())
+    assert sorted(started) == sorted(by_id)  # every request ran exactly once
+    # every env step executed belongs to a rollout: the steps stepped = the chunks recorded
+    stepped = sum(len(what) for kind, what in log if kind == "step")
+    assert stepped == int(trajs["num_chunks"].sum())
+
+    # the batch is in request order with the requested ids and the scheduled outcomes
+    assert trajs["rollout_id"].tolist() == [r.rollout_id for r in requests]
+    assert trajs["group_id"].tolist() == [r.group_id for r in requests]
+    assert trajs["task_id"].tolist() == [r.task_id for r in requests]
+    assert trajs["init_state_id"].tolist() == [r.init_state_id for r in requests]
+    assert trajs["num_steps"].tolist() == [_expected_steps(r.rollout_id) for r in requests]
+    assert trajs["success"].tolist() == [r.rollout_id in SCHEDULE for r in requests]
+    assert trajs["truncated"].tolist() == [r.rollout_id not in SCHEDULE for r in requests]
+    assert not trajs["failed"].any()
+    num_chunks = [math.ceil(_expected_steps(r.rollout_id) / CHUNK) for r in requests]
+    assert trajs["num_chunks"].tolist() == num_chunks
+    assert trajs["steps", "mask"].sum(-1).tolist() == num_chunks
+    executed = (trajs["steps", "next", "chunk_steps"] * trajs["steps", "mask"]).sum(-1)
+    assert executed.tolist() == trajs["num_steps"].tolist()
+
+
+def _rebuilds(log) -> int:
+    return sum(old != new for kind, what in log if kind == "reset" for old, new, _ in what.values())
+
+
+def test_slots_refill_at_once_and_keep_their_task(runs):
+    trajs, stats, log, _ = runs[False]
+    _check_schedule(log, _requests(), trajs)
+    # by hand: slot 0 has task 0 loaded and slot 1 task 1, so each starts on the oldest request of its
+    # task (22 and 20); a finished slot takes the oldest pending request of its task at once
+    resets = [what for kind, what in log if kind == "reset"]
+    assert resets == [
+        {0: (0, 0, 22), 1: (1, 1, 20)},
+        {1: (1, 1, 21)},  # 20 succeeded in its first chunk
+        {0: (0, 0, 23), 1: (1, 1, 24)},  # 22 truncated after 3 chunks, 21 succeeded in its second
+        {1: (1, 1, 25)},  # 24 succeeded in its first chunk
+    ]
+    assert _rebuilds(log) == 0  # every reset was soft
+    assert [len(what) for kind, what in log if kind == "step"] == [2] * 6  # both slots busy in every round
+    assert stats.trajectories == 6 and stats.env_steps == int(trajs["num_steps"].sum())
+    assert stats.decisions == int(trajs["num_chunks"].sum())
+
+
+def test_overlap_keeps_the_schedule_rules(runs):
+    trajs, stats, log, _ = runs[True]
+    _check_schedule(log, _requests(), trajs)
+    assert _rebuilds(log) == 0
+    # the halves alternate: each round steps one slot (the other half is in flight)
+    steps = [what for kind, what in log if kind == "step"]
+    assert all(len(what) == 1 for what in steps)
+    assert stats.env_steps == int(trajs["num_steps"].sum())
+
+
+def test_overlap_gives_the_same_trajectories(runs):
+    plain, overlapped = runs[False][0], runs[True][0]
+    assert plain.batch_size == overlapped.batch_size
+    for key in ("rollout_id", "group_id", "task_id", "init_state_id", "success", "num_steps", "num_chunks"):
+        assert torch.equal(plain[key], overlapped[key]), key
+    assert torch.equal(plain["initial_frame"], overlapped["initial_frame"])
+    mask = plain["steps", "mask"]
+    assert torch.equal(mask, overlapped["steps", "mask"])
+    for key in ("action_tokens", "action", "policy_image", ("next", "frames"), ("next", "chunk_steps")):
+        assert torch.equal(plain["steps", key][mask], overlapped["steps", key][mask]), key
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_each_trajectory_is_handed_over_when_it_ends(runs, overlap):
+    trajs, _, log, finished = runs[overlap]
+    assert sorted(int(row["rollout_id"]) for _, row in finished) == sorted(trajs["rollout_id"].tolist())
+    index = {rid: i for i, rid in enumerate(trajs["rollout_id"].tolist())}
+    for rounds, row in finished:
+        expected = trajs[index[int(row["rollout_id"])]]
+        assert int(row["num_steps"]) == int(expected["num_steps"])
+        assert torch.equal(row["steps", "action_tokens"], expected["steps", "action_tokens"][: int(row["num_chunks"])])
+        # handed over at once: before all rounds ran, unless it was among the last to end
+        assert rounds <= len(log)
+    first_rounds = finished[0][0]
+    assert first_rounds < len(log)  # the first trajectory came out while others still had rounds to run
+
+
+def test_async_steps_come_back_in_send_order(env):
+    n = env.num_envs
+    ids = {k: torch.tensor([[5], [6]]) for k in ("rollout_id", "group_id")}
+    reset = TensorDict({"_reset": torch.ones(n, 1, dtype=torch.bool), "task_id": torch.tensor([[1], [1]]),
+                        "init_state_id": torch.tensor([[0], [1]]), **ids}, [n])
+    env.reset(reset)
+    first, second = torch.tensor([True, False]), torch.tensor([False, True])
+    action = torch.zeros(n, CHUNK, 7)
+    env.step_send(TensorDict({"action": action, "_step": first}, [n]))
+    with pytest.raises(RuntimeError, match=r"slots \[0\] have a step in flight"):
+        env.step_send(TensorDict({"action": action, "_step": first}, [n]))
+    env.step_send(TensorDict({"action": action, "_step": second}, [n]))
+    assert env.pending_steps == 2
+    out = env.step_recv()
+    assert out["chunk_steps"].flatten().tolist() == [CHUNK, 0]
+    assert out["step_count"][0].item() == CHUNK and out["frames_mask"].flatten().tolist() == [True, False]
+    # slot 0 resets in the next round while slot 1 is still in flight
+    again = reset.clone()
+    again["_reset"] = first.unsqueeze(-1)
+    again["init_state_id"] = torch.tensor([[9], [1]])
+    again["rollout_id"] = torch.tensor([[7], [6]])
+    env.step_send(TensorDict({**again, "_step": torch.zeros(n, dtype=torch.bool)}, [n]))
+    out = env.step_recv()
+    assert out["chunk_steps"].flatten().tolist() == [0, CHUNK] and out["step_count"][1].item() == CHUNK
+    out = env.step_recv()
+    assert out["rollout_id"].flatten().tolist() == [7, 6] and out["init_state_id"][0].item() == 9
+    assert out["step_count"].flatten().tolist() == [0, CHUNK] and not out["done"].any()
+    with pytest.raises(RuntimeError, match="without a pending step_send"):
+        env.step_recv()
+    both = again.clone()
+    both["action"], both["_step"] = action, first
+    with pytest.raises(ValueError, match=r"slots \[0\] are in both '_step' and '_reset'"):
+        env.step_send(both)
+    assert env.worker_time["step_chunk"] > 0 and env.worker_time["reset"] > 0
+
+
+def test_overlap_needs_an_async_env(policy):
+    class NoAsync:
+        batch_size = torch.Size([1])
+
+    with pytest.raises(ValueError, match="overlap=True needs an env with step_send/step_recv.*NoAsync"):
+        collect_rollouts(NoAsync(), policy, _requests(), overlap=True)
