@@ -20,7 +20,8 @@ for name in ("numba", "llvmlite", "torchrl", "tensordict", "sklearn", "mujoco", 
     module = importlib.import_module(name)
     print(f"stage2: {name} {getattr(module, '__version__', '')} from {module.__file__.rsplit('/', 2)[0]}")
 PY
-python3 - <<'PY'
+# a file, not stdin: the env's worker processes are spawned and re-import the main script by its path
+cat > /tmp/srpo_stage2_smoke.py <<'PY'
 import time
 import torch
 from tensordict import TensorDict
@@ -37,4 +38,5 @@ if __name__ == "__main__":
           f"chunk_steps {out['chunk_steps'].flatten().tolist()}")
     env.close()
 PY
+python3 /tmp/srpo_stage2_smoke.py
 echo "stage2: done in $((SECONDS - start)) s"
