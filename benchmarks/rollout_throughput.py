@@ -151,7 +151,7 @@ def make_policy(args, device: torch.device):
 
     model = seven_b_policy(device).model  # decode with this suite's statistics (the builder uses libero_10's)
     policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), unnorm_key=args.suite)
-    return policy, "OpenVLA-OFT-7B (bf16, random)"
+    return policy.to(device), "OpenVLA-OFT-7B (bf16, random)"
 
 
 def make_reward(args, device: torch.device):

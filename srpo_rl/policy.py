@@ -379,8 +379,10 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
     def pixel_values(self, policy_image: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, 3k, S, S]`` -> normalised float ``[N, 6k, S, S]`` (per image: DINOv2 then SigLIP channels)."""
         n, c, h, w = policy_image.shape
-        x = policy_image.reshape(n, c // 3, 1, 3, h, w).float().div(255.0)
-        return ((x - self.image_mean) / self.image_std).reshape(n, 2 * c, h, w)
+        device = self._device()  # the model's: the policy's own buffers may sit elsewhere (FSDP moves the model)
+        x = policy_image.to(device).reshape(n, c // 3, 1, 3, h, w).float().div(255.0)
+        mean, std = self.image_mean.to(device), self.image_std.to(device)
+        return ((x - mean) / std).reshape(n, 2 * c, h, w)
 
     # --- VLAWrapperBase hooks ------------------------------------------------------------------------------
 
