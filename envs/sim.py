@@ -36,7 +36,6 @@ import math
 import numpy as np
 
 from .chunk import ChunkResult, run_chunk, validate_chunk
-from .render_fidelity import apply_legacy_look
 from .suites import RECIPE_MAX_STEPS, configure_rendering, import_libero, load_init_states, suite_info
 
 __all__ = ["ACTION_DIM", "DUMMY_ACTION", "LiberoSim", "quat2axisangle"]
@@ -185,6 +184,8 @@ class LiberoSim:
 
     def _apply_look(self) -> None:
         if self.legacy_look:
+            from .render_fidelity import apply_legacy_look  # imports mujoco: not at package import (GL backend)
+
             self.legacy_look_textures = apply_legacy_look(self.env.env.sim)
 
     def _gate_cameras(self) -> None:
