@@ -1,21 +1,24 @@
-"""Reacher for examples/srpo_reacher.py: the env, its success test, a scripted expert, behaviour cloning.
+"""Reacher for examples/srpo_reacher.py: the tasks, their success test, a scripted expert, behaviour cloning.
 
 gymnasium's MuJoCo ``Reacher-v5``: a two-link planar arm (links 0.1 m and 0.11 m, torque control)
-must bring its fingertip to a target placed at random within 0.2 m of the base. Here an episode
-succeeds when the fingertip centre comes within ``SUCCESS_DISTANCE`` (1 cm) of the target centre,
-i.e. the 1 cm fingertip covers the target's centre; the reset seed (the init state) draws the
-target and the arm's start pose. Frames are rendered top-down so the arm and the target are in view.
+must bring its fingertip to a target. As in a LIBERO suite, there are a few tasks, each with many
+initial states: task ``k`` puts the target at ``TASK_TARGETS[k]`` (8 directions, 15 cm from the base),
+and the init state (the reset seed) draws the arm's start pose and velocity (Reacher's own reset
+noise) and a jitter of the target of up to 2 cm per axis. An episode succeeds when the fingertip
+centre comes within ``SUCCESS_DISTANCE`` (1 cm) of the target centre. Frames are rendered top-down
+so that the arm and the target are in view.
 
 The expert solves the arm's inverse kinematics for the target and tracks the joint angles with a
-PD controller on the state; it succeeds in every episode, in about 8 of the 48 steps.
+PD controller on the state; it succeeds in every episode of every task, within 7 to 16 steps (median
+per task) of the 24 the experiment allows.
 :func:`behaviour_cloning` fits a :class:`~srpo_rl.token_policy.StateTokenPolicy` to its action
 chunks by cross-entropy on the action tokens.
 
 Examples:
     >>> env = make_reacher_env()
-    >>> obs, _ = env.reset(seed=0)
+    >>> obs, _ = env.reset(seed=0, options={"task_id": 3})
     >>> expert = ReacherExpert()
-    >>> for _ in range(48):
+    >>> for _ in range(24):
     ...     obs, *_ = env.step(expert(obs))
     >>> bool(fingertip_distance(env) < SUCCESS_DISTANCE)
     True
@@ -24,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import gymnasium
@@ -34,17 +38,25 @@ from srpo_rl.envs.gym_slots import init_state_seed
 from srpo_rl.token_policy import StateTokenPolicy
 
 __all__ = [
-    "INSTRUCTION",
+    "INSTRUCTIONS",
     "SUCCESS_DISTANCE",
+    "TASK_TARGETS",
     "ReacherExpert",
+    "ReacherTasks",
     "behaviour_cloning",
     "expert_demonstrations",
     "fingertip_distance",
     "make_reacher_env",
     "reacher_success",
+    "replay_distances",
 ]
 
-INSTRUCTION = "touch the target with the fingertip"
+_DIRECTIONS = ("east", "north-east", "north", "north-west", "west", "south-west", "south", "south-east")
+#: Target of each task: 15 cm from the base, every 45 degrees.
+TASK_TARGETS = np.array([[0.15 * math.cos(k * math.pi / 4), 0.15 * math.sin(k * math.pi / 4)] for k in range(8)])
+INSTRUCTIONS = [f"touch the target to the {d} with the fingertip" for d in _DIRECTIONS]
+#: An init state moves its task's target by up to this much (m) along each axis.
+TARGET_JITTER = 0.02
 #: Success: fingertip centre within 1 cm of the target centre.
 SUCCESS_DISTANCE = 0.01
 LINK_LENGTHS = (0.1, 0.11)  # shoulder -> elbow, elbow -> fingertip (reacher.xml)
@@ -52,13 +64,30 @@ LINK_LENGTHS = (0.1, 0.11)  # shoulder -> elbow, elbow -> fingertip (reacher.xml
 TOP_DOWN_CAMERA = {"distance": 0.6, "elevation": -90.0, "azimuth": 90.0, "lookat": np.zeros(3), "trackbodyid": -1}
 
 
-def make_reacher_env(task_id: int = 0, image_size: int = 64) -> gymnasium.Env:
-    """``Reacher-v5`` rendering ``image_size`` square frames from the top-down camera (one task: ``task_id`` 0)."""
-    if task_id != 0:
-        raise ValueError(f"Reacher has one task; got task_id {task_id}, choose 0")
-    return gymnasium.make(
+class ReacherTasks(gymnasium.Wrapper):
+    """``reset(seed, options={"task_id": k})`` moves the target to task ``k``'s place plus a seeded jitter."""
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        options = dict(options or {})
+        task_id = options.pop("task_id", 0)
+        if not 0 <= task_id < len(TASK_TARGETS):
+            raise ValueError(f"unknown task_id {task_id}; choose one of 0..{len(TASK_TARGETS) - 1}")
+        _, info = self.env.reset(seed=seed, options=options or None)
+        sim = self.env.unwrapped
+        qpos, qvel = sim.data.qpos.copy(), sim.data.qvel.copy()
+        qpos[2:4] = TASK_TARGETS[task_id] + sim.np_random.uniform(-TARGET_JITTER, TARGET_JITTER, size=2)
+        sim.set_state(qpos, qvel)
+        return sim._get_obs(), info
+
+
+def make_reacher_env(image_size: int | None = 64) -> gymnasium.Env:
+    """The Reacher tasks, rendering ``image_size`` square frames from the top-down camera (``None``: no rendering)."""
+    if image_size is None:
+        return ReacherTasks(gymnasium.make("Reacher-v5"))
+    env = gymnasium.make(
         "Reacher-v5", render_mode="rgb_array", width=image_size, height=image_size, default_camera_config=TOP_DOWN_CAMERA
     )
+    return ReacherTasks(env)
 
 
 def fingertip_distance(env: gymnasium.Env) -> float:
@@ -83,13 +112,13 @@ class ReacherExpert:
     and picks the elbow-up or elbow-down solution nearer to the current joint angles.
     """
 
-    def __init__(self, kp: float = 2.0, kd: float = 0.1) -> None:
-        self.kp, self.kd = kp, kd
+    def __init__(self, kp: float = 2.0, kd: float = 0.1, link_lengths: tuple[float, float] = LINK_LENGTHS) -> None:
+        self.kp, self.kd, self.link_lengths = kp, kd, link_lengths
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         q = np.arctan2(obs[2:4], obs[0:2])
         target, velocity = obs[4:6], obs[6:8]
-        l1, l2 = LINK_LENGTHS
+        l1, l2 = self.link_lengths
         cos_elbow = np.clip((target @ target - l1**2 - l2**2) / (2 * l1 * l2), -1.0, 1.0)
         errors = []
         for sign in (1.0, -1.0):
@@ -101,20 +130,20 @@ class ReacherExpert:
 
 
 def expert_demonstrations(
-    init_state_ids: Sequence[int], *, seed: int, max_steps: int, chunk_len: int, expert: ReacherExpert | None = None
+    prompts: Sequence[tuple[int, int]], *, seed: int, max_steps: int, chunk_len: int, expert: ReacherExpert | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert episodes from the given init states, as ``(states [M, 10], action chunks [M, chunk_len, 2])``.
+    """Expert episodes from ``(task_id, init_state_id)`` prompts, as ``(states [M, 10], action chunks [M, chunk_len, 2])``.
 
     Every env step of an episode is a sample: the state and the expert's next ``chunk_len`` actions
     (the episode runs ``chunk_len`` steps past ``max_steps`` so that every chunk is complete). The env
     is reset with the same seeds as the slot env's (:func:`~srpo_rl.envs.gym_slots.init_state_seed`).
     """
     expert = expert or ReacherExpert()
-    env = make_reacher_env()
+    env = make_reacher_env(image_size=None)
     states, chunks = [], []
     try:
-        for init_state_id in init_state_ids:
-            obs, _ = env.reset(seed=init_state_seed(seed, 0, init_state_id))
+        for task_id, init_state_id in prompts:
+            obs, _ = env.reset(seed=init_state_seed(seed, task_id, init_state_id), options={"task_id": task_id})
             episode_states, episode_actions = [], []
             for _ in range(max_steps + chunk_len):
                 action = expert(obs)
@@ -127,6 +156,27 @@ def expert_demonstrations(
     finally:
         env.close()
     return torch.from_numpy(np.concatenate(states)), torch.from_numpy(np.concatenate(chunks))
+
+
+def replay_distances(episodes: Sequence[tuple[int, int, np.ndarray]], *, seed: int) -> list[np.ndarray]:
+    """Fingertip-target distance after each step of ``(task_id, init_state_id, actions [T, 2])`` episodes.
+
+    The episodes are replayed without rendering from their init states; the physics is deterministic, so
+    these are the distances the slot env's episodes had.
+    """
+    env = make_reacher_env(image_size=None)
+    out = []
+    try:
+        for task_id, init_state_id, actions in episodes:
+            env.reset(seed=init_state_seed(seed, task_id, init_state_id), options={"task_id": task_id})
+            distances = []
+            for action in actions:
+                env.unwrapped.step(np.asarray(action, dtype=np.float32))
+                distances.append(fingertip_distance(env))
+            out.append(np.array(distances))
+    finally:
+        env.close()
+    return out
 
 
 def behaviour_cloning(
