@@ -165,6 +165,8 @@ class GymSlotEnv(EnvBase):
         obs, _ = first.reset(seed=self._seed)
         self.state_dim = len(self.state_fn(obs))
         self.image_shape = self._render(first).shape  # (3, H, W)
+        for slot in self._slots:  # what a slot that was never reset reports
+            slot.image = np.zeros(self.image_shape, dtype=np.uint8)
         self._make_specs()
         self.is_closed = False
 

@@ -11,7 +11,8 @@ temperature) -> accuracy filter and refill (:class:`~srpo_rl.objectives.Embodied
 reward on a frozen V-JEPA 2 (tiny, fixed random weights) or the binary success reward (plain GRPO) -> group
 advantages -> :class:`~srpo_rl.objectives.SRPOLoss` through :func:`~srpo_rl.trainer.update_policy`. Every
 ``eval_every`` iterations the greedy policy is evaluated on init states never used for training. The script
-runs both rewards over the seeds and writes the learning curves (PNG), a results table and the raw numbers.
+runs both rewards over the seeds and writes the learning curves (PNG) and a results table (markdown) to
+``output_dir``, and every number (JSON) to Hydra's run directory.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def progress_vs_distance(batch: TensorDictBase) -> float:
     sees the frames). Tells whether the frozen encoder ranks failures by progress at all.
     """
     failed = (~batch["success"]).nonzero().squeeze(-1).tolist()
+    if len(failed) < 3:
+        return float("nan")
     episodes = []
     for i in failed:
         steps = batch["steps"][i]
@@ -198,13 +201,8 @@ def train(cfg: ReacherConfig, seed: int, reward: str, policy: StateTokenPolicy, 
             if sampler.ready:
                 break
         if sampler.ready:
-            batch = sampler.pop()
-            # the env reports chunk_steps per slot as [N, 1], so the step records hold [N, T, 1]; the
-            # advantage reads the trajectory layout's [N, T]
-            chunk_steps = batch.get(("steps", "next", "chunk_steps"))
-            batch.set(("steps", "next", "chunk_steps"), chunk_steps.reshape(batch["steps"].shape))
             # Progress (or binary) reward on the kept groups, GRPO advantages, clipped token loss
-            batch = advantage_module(reward_module(batch))
+            batch = advantage_module(reward_module(sampler.pop()))
             if reward == "srpo":
                 correlations.append(progress_vs_distance(batch))
             policy.train()
@@ -226,11 +224,12 @@ def train(cfg: ReacherConfig, seed: int, reward: str, policy: StateTokenPolicy, 
     return {
         "reward": reward, "seed": seed, "curve": curve, "gain": curve["success"][-1] - curve["success"][0],
         "skipped_updates": skipped, "train_time_s": time.perf_counter() - start,
-        "progress_spearman": float(np.mean(correlations)) if correlations else None,
+        "progress_spearman": float(np.nanmean(correlations)) if correlations else None,
     }
 
 
 def cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
@@ -246,7 +245,7 @@ def compare(diffs: np.ndarray) -> str:
     elif (diffs < 0).all():
         verdict = "GRPO is ahead in every seed"
     else:
-        verdict = "the sign changes from seed to seed: no consistent difference at this number of seeds"
+        verdict = "no consistent sign over the seeds: no evidence of a difference at this number of seeds"
     return f"{diffs.mean():+.1f} ± {diffs.std():.1f} pp (per seed: {per_seed}); {verdict}"
 
 
@@ -283,6 +282,7 @@ def results_markdown(cfg: ReacherConfig, results: list[dict], command: str, mach
             f"{compare(srpo[:, 1:].mean(1) - grpo[:, 1:].mean(1))}.",
         ]
     spearman = [r["progress_spearman"] for r in results if r["progress_spearman"] is not None]
+    spearman = [value for value in spearman if np.isfinite(value)]
     if spearman:
         lines += [
             "",
@@ -322,17 +322,19 @@ def plot_curves(cfg: ReacherConfig, results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(cfg: ReacherConfig, results: list[dict], out_dir: Path, command: str) -> None:
-    """Writes learning_curves.png, learning_results.md and learning_results.json (every number) to ``out_dir``."""
+def write_results(cfg: ReacherConfig, results: list[dict], out_dir: Path, command: str, raw_dir: Path) -> None:
+    """Writes learning_curves.png and learning_results.md to ``out_dir``, every number as JSON to ``raw_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    raw_dir.mkdir(parents=True, exist_ok=True)
     machine = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
-    (out_dir / "learning_results.json").write_text(json.dumps(
+    (raw_dir / "learning_results.json").write_text(json.dumps(
         {"command": command, "machine": machine, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
          "runs": results}, indent=1))
     plot_curves(cfg, results, out_dir / "learning_curves.png")
     markdown = results_markdown(cfg, results, command, machine)
     (out_dir / "learning_results.md").write_text(markdown)
-    print(markdown, flush=True)
+    print(markdown, f"curves and table in {out_dir}, every number in {raw_dir / 'learning_results.json'}", sep="\n",
+          flush=True)
 
 
 @hydra.main(config_path=None, config_name="srpo_reacher", version_base=None)
@@ -354,8 +356,9 @@ def main(cfg: ReacherConfig) -> None:
         for reward in cfg.rewards:
             results.append(train(cfg, seed, reward, copy.deepcopy(sft), env, vjepa_path))
     env.close()
-    command = " ".join(["python examples/srpo_reacher.py", *HydraConfig.get().overrides.task])
-    write_results(cfg, results, out_dir, command)
+    hydra_config = HydraConfig.get()
+    command = " ".join(["python examples/srpo_reacher.py", *hydra_config.overrides.task])
+    write_results(cfg, results, out_dir, command, Path(hydra_config.runtime.output_dir))
 
 
 if __name__ == "__main__":

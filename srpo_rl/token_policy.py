@@ -151,7 +151,10 @@ class StateTokenPolicy(VLAWrapperBase):
     def _action_logits(self, tensordict: TensorDictBase) -> torch.Tensor:
         state = tensordict.get(POLICY_STATE_KEY, None)
         if state is None:
-            raise KeyError(f"missing {POLICY_STATE_KEY!r}: run the policy forward on the observation first")
+            raise KeyError(
+                f"missing {POLICY_STATE_KEY!r}: run the policy forward on the observation first (the step records of "
+                f"srpo_rl.rollout.collect_rollouts hold it only when {POLICY_STATE_KEY!r} is in its POLICY_KEYS)"
+            )
         return self.token_logits(state) / self.temperature
 
     def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:

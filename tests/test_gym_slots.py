@@ -224,6 +224,14 @@ def test_a_crashing_env_fails_its_rollout_only():
     env.close()
 
 
+def test_slots_never_reset_report_blank_data():
+    env = slot_env(3)
+    out = reset(env, {1: 0})
+    env.close()
+    assert out["observation", "image"][[0, 2]].eq(0).all() and out["observation", "image"][1].gt(0).any()
+    assert out["done"][[0, 2]].all() and not out["done"][1].item()
+
+
 def test_collect_rollouts_runs_on_it_unchanged():
     env = slot_env(3, max_steps=20, frame_stride=4)
     torch.manual_seed(0)
@@ -234,7 +242,7 @@ def test_collect_rollouts_runs_on_it_unchanged():
     assert trajs.batch_size == (4,) and trajs["steps"].batch_size[0] == 4
     assert trajs["group_id"].tolist() == [0, 0, 1, 1] and trajs["init_state_id"].tolist() == [11, 11, 12, 12]
     assert torch.equal(trajs["initial_frame"][0], trajs["initial_frame"][1])  # same init state, same frame
-    executed = trajs["steps", "next", "chunk_steps"].reshape(4, -1) * trajs["steps", "mask"]
+    executed = trajs["steps", "next", "chunk_steps"] * trajs["steps", "mask"]
     assert executed.sum(-1).tolist() == trajs["num_steps"].tolist()
     assert stats.env_steps == int(trajs["num_steps"].sum())
     for row in range(4):  # every decision except an episode's last runs the whole chunk
