@@ -62,9 +62,15 @@ class Failure:
     restarted: bool
 
 
+WORKER_NICENESS = 5  # added to the parent's niceness in every simulation worker
+
+
 def _worker_main(conn: Connection, sim_kwargs: dict, task_id: int) -> None:
     # the parent handles Ctrl-C and closes the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # when the simulations fill every core, the parent (which launches the policy's GPU kernels and
+    # preprocesses its images) must not queue behind them: a slowed launch loop idles the GPU
+    os.nice(WORKER_NICENESS)
     try:
         from .sim import LiberoSim
 

@@ -28,6 +28,7 @@ from srpo_rl.examples.utils_srpo import (
     check_config,
     log_evaluation,
     make_advantage,
+    make_background_embedder,
     make_env,
     make_logger,
     make_loss,
@@ -36,6 +37,7 @@ from srpo_rl.examples.utils_srpo import (
     make_policy,
     make_reward,
     make_sampler,
+    memory_metrics,
     rollout_metrics,
 )
 from srpo_rl.manifest import PromptStream
@@ -65,6 +67,7 @@ def main(cfg: DictConfig) -> None:
 
     # Reward, advantage, sampling filters, loss and optimizer
     reward_module = make_reward(cfg, info)
+    background = make_background_embedder(cfg, reward_module, info)  # V-JEPA in the GPU's idle rollout time
     advantage_module = make_advantage(cfg)
     sampler = make_sampler(cfg, info)
     loss_module = make_loss(cfg, policy)
@@ -109,7 +112,10 @@ def main(cfg: DictConfig) -> None:
                                       group_id_stride=info.world_size)
             next_group += len(rows)
             trajectories, stats = collect_rollouts(env, policy, requests, exploration_type=exploration,
+                                                   overlap=cfg.rollout.overlap, on_finished=background,
                                                    progress=info.is_main and "rollout")
+            if background is not None:  # waits only for the last trajectories' embeddings
+                trajectories.set("video_embedding", background.pop(trajectories["rollout_id"]))
             collected.append((trajectories, stats))
             sampler.add(trajectories)
             if reduce_scalar(float(sampler.ready), "min"):  # every rank trains, or none does
@@ -152,24 +158,30 @@ def main(cfg: DictConfig) -> None:
             "train/advantage_abs_mean": batch["advantage"].abs().mean().item(),
             "train/lr": optimizer.param_groups[0]["lr"],
         })
-        logger.log({**metrics, **timings}, step)
+        logger.log({**metrics, **timings, **memory_metrics(info.device)}, step)
 
         # Validation and checkpoints
         if cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0:
+            t0 = time.perf_counter()
             result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
                               num_videos=cfg.trainer.num_val_videos, device=info.device)
             log_evaluation(logger, result, step=step, out_dir=cfg.output_dir)
+            logger.log({"time/validation": time.perf_counter() - t0}, step)
         if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
+            t0 = time.perf_counter()
             path = checkpoints.save(step, model=policy.model, optimizer=optimizer, trainer_state={
                 "step": step, "next_group": next_group, "prompts": prompts.state_dict(),
                 "sampler": sampler.state_dict(),
             })
             policy.save_pretrained(path / "huggingface")
+            logger.log({"time/checkpoint": time.perf_counter() - t0}, step)
             if info.is_main:
                 print(f"saved checkpoint {path}", flush=True)
         bar.update(1)
 
     bar.close()
+    if background is not None:
+        background.close()
     logger.close()
     env.close()
     if info.is_main:

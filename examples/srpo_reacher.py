@@ -40,7 +40,6 @@ from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 from tensordict import TensorDictBase
 
-import srpo_rl.rollout as rollout_module
 from srpo_rl.envs.gym_slots import GymSlotEnv
 from srpo_rl.evaluation import evaluate
 from srpo_rl.examples.reacher_policy import (
@@ -55,6 +54,7 @@ from srpo_rl.manifest import PromptStream
 from srpo_rl.models.vjepa2 import VideoEmbedder, load_vjepa2, write_tiny_vjepa2_checkpoint
 from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
 from srpo_rl.rewards import SRPOProgressReward
+from srpo_rl.rollout import POLICY_KEYS as OPENVLA_POLICY_KEYS
 from srpo_rl.rollout import collect_rollouts, group_requests
 from srpo_rl.token_policy import POLICY_STATE_KEY, StateTokenPolicy
 from srpo_rl.trainer import update_policy
@@ -66,9 +66,8 @@ EVAL_OFFSET = 1_000_000
 ENV_SEED = 0
 
 # collect_rollouts keeps OpenVLA-OFT's stored inputs (policy_image, prompt_ids, prompt_mask) in its step
-# records; this policy's stored input, which the loss reads back, is "policy_state".
-if POLICY_STATE_KEY not in rollout_module.POLICY_KEYS:
-    rollout_module.POLICY_KEYS = (*rollout_module.POLICY_KEYS, POLICY_STATE_KEY)
+# records by default; this policy's stored input, which the loss reads back, is "policy_state".
+POLICY_KEYS = (*OPENVLA_POLICY_KEYS, POLICY_STATE_KEY)
 
 
 @dataclass
@@ -194,7 +193,7 @@ def train(cfg: ReacherConfig, seed: int, reward: str, policy: StateTokenPolicy, 
             rows = prompts.next(max(sampler.groups_to_request(), 1))
             requests = group_requests([(r["task_id"], r["trial_id"]) for r in rows], cfg.n, first_group_id=next_group)
             next_group += len(rows)
-            trajectories, _ = collect_rollouts(env, policy, requests)
+            trajectories, _ = collect_rollouts(env, policy, requests, policy_keys=POLICY_KEYS)
             rollouts += len(requests)
             rollout_success.append(trajectories["success"])
             sampler.add(trajectories)

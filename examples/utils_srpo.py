@@ -159,6 +159,15 @@ def make_reward(cfg: DictConfig, info: DistInfo):
                               video_key_by=alg.video_key_by)
 
 
+def make_background_embedder(cfg: DictConfig, reward_module, info: DistInfo):
+    """Embeds trajectories for the reward while the rollout runs (None for the binary or group-video reward)."""
+    from srpo_rl.rewards import BackgroundEmbedder
+
+    if cfg.algorithm.reward == "binary" or cfg.algorithm.video_key_by != "rollout":
+        return None
+    return BackgroundEmbedder(reward_module.embedder, device=info.device)
+
+
 def make_advantage(cfg: DictConfig) -> GroupAdvantage:
     alg = cfg.algorithm
     return GroupAdvantage(norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam)
@@ -210,6 +219,16 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
     }
     metrics.update({f"sampling/{k}": float(v) for k, v in sampler.stats().items()})
     return metrics
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory since the last call (GiB); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    peak = {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def log_evaluation(logger: MetricLogger, result: EvalResult, *, step: int, out_dir: str, prefix: str = "val") -> None:

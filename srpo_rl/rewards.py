@@ -9,12 +9,18 @@ same task in the batch; the closer it ends up, the higher its score in ``[0, 0.6
 - :class:`SRPOProgressReward` is a TorchRL :class:`~torchrl.envs.Transform` that embeds the trajectory
   batch of :func:`srpo_rl.rollout.collect_rollouts` and writes ``"reward"`` and ``"progress"``; use it
   as a collector ``postproc``, a replay-buffer transform or call it on a batch. ``binary=True`` turns
-  it into the plain success reward (GRPO).
+  it into the plain success reward (GRPO);
+- :class:`BackgroundEmbedder` embeds each trajectory as soon as its episode ends, on a side CUDA stream
+  while the other rollouts go on, so that the reward costs no wall time of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import contextlib
+import queue
+import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -31,7 +37,7 @@ from torchrl.envs.transforms import Transform
 
 from srpo_rl.models.vjepa2 import sample_frame_indices
 
-__all__ = ["SRPOProgressReward", "srpo_progress_scores", "trajectory_videos"]
+__all__ = ["BackgroundEmbedder", "SRPOProgressReward", "srpo_progress_scores", "trajectory_videos"]
 
 FORMULAS = ("reference", "paper")
 VIDEO_KEY_BY = ("rollout", "group")
@@ -252,6 +258,9 @@ class SRPOProgressReward(Transform):
         formula (str): ``"reference"`` or ``"paper"``, see :func:`srpo_progress_scores`.
         alpha (float): the paper formula's weight.
 
+    With ``video_key_by="rollout"``, a batch that already holds each trajectory's embedding under
+    ``embedding`` (e.g. from :class:`BackgroundEmbedder`) is scored with it and not embedded again.
+
     Only trajectories marked by ``keep`` (the key, or the ``keep`` argument of ``forward``; default: all
     rows) are embedded and scored, and only kept successes serve as references. Rows not kept get the
     binary score (``success``). Trajectories are grouped by task: ``task_id``, with ``suite`` when the
@@ -259,8 +268,8 @@ class SRPOProgressReward(Transform):
 
     Keys (``set_keys``): ``success``, ``task_id``, ``suite`` (optional), ``group_id``, ``rollout_id``
     (group mode), ``initial_frame``, ``frames`` (``("steps", "next", "frames")``), ``frames_mask``
-    (``("steps", "next", "frames_mask")``), ``step_mask`` (``("steps", "mask")``), ``keep`` (optional)
-    in; ``reward``, ``progress`` out.
+    (``("steps", "next", "frames_mask")``), ``step_mask`` (``("steps", "mask")``), ``keep`` and
+    ``embedding`` (``"video_embedding"``; both optional) in; ``reward``, ``progress`` out.
 
     Examples:
         >>> from tensordict import TensorDict
@@ -283,6 +292,7 @@ class SRPOProgressReward(Transform):
         frames_mask: NestedKey = ("steps", "next", "frames_mask")
         step_mask: NestedKey = ("steps", "mask")
         keep: NestedKey = "keep"
+        embedding: NestedKey = "video_embedding"
         reward: NestedKey = "reward"
         progress: NestedKey = "progress"
 
@@ -341,6 +351,9 @@ class SRPOProgressReward(Transform):
 
     def _embed(self, tensordict: TensorDictBase, kept: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[len(kept), D]`` of the kept rows (one video per rollout, or per group)."""
+        given = tensordict.get(self.tensor_keys.embedding, None)
+        if given is not None and self.video_key_by == "rollout":
+            return given[kept.to(given.device)].to("cpu", torch.float32)
         if self.video_key_by == "rollout":
             videos_rows = [[int(i)] for i in kept]
         else:
@@ -385,3 +398,116 @@ class SRPOProgressReward(Transform):
     def extra_repr(self) -> str:
         mode = "binary" if self.binary else f"video_key_by={self.video_key_by!r}, formula={self.formula!r}"
         return f"reward_coef={self.reward_coef}, {mode}"
+
+
+# ---------------------------------------------------------------------------------------------- background
+class BackgroundEmbedder:
+    """Embeds each finished trajectory's video in a thread, on a side CUDA stream, while the rollout goes on.
+
+    During rollout the GPU waits for the simulation between policy calls; embedding each trajectory as
+    soon as its episode ends fills that time, so the reward's V-JEPA 2 pass costs (almost) no wall time.
+    Pass the instance as ``collect_rollouts(on_finished=...)``; then :meth:`pop` the embeddings of the
+    batch (it waits for the ones still being computed) and store them under the reward's ``embedding``
+    key: :class:`SRPOProgressReward` uses them instead of embedding again. Trajectories that end together
+    are embedded as one batch of up to ``batch_size`` videos. Each video is the trajectory's own
+    (``video_key_by="rollout"``).
+
+    Args:
+        embedder: a :class:`~srpo_rl.models.vjepa2.VideoEmbedder` (or any callable mapping a sequence of
+            uint8 ``[F, 3, H, W]`` videos to ``[len, D]`` embeddings; its ``num_frames`` and
+            ``batch_size`` attributes are used when present).
+        device: where the embedder runs; a CUDA device gets a side stream of its own.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> def mean_colour(videos):  # a stand-in embedder: each video's mean pixel
+        ...     return torch.stack([v.float().mean().reshape(1) for v in videos])
+        >>> background = BackgroundEmbedder(mean_colour)
+        >>> row = TensorDict(
+        ...     rollout_id=torch.tensor(7), initial_frame=torch.full((3, 2, 2), 10, dtype=torch.uint8),
+        ...     steps=TensorDict(mask=torch.tensor([True]), next=TensorDict(
+        ...         frames=torch.full((1, 1, 3, 2, 2), 20, dtype=torch.uint8),
+        ...         frames_mask=torch.tensor([[True]]), batch_size=[1]), batch_size=[1]),
+        ...     batch_size=[])
+        >>> background(row)  # what collect_rollouts does when the episode ends
+        >>> background.pop(torch.tensor([7]))
+        tensor([[15.]])
+        >>> background.close()
+    """
+
+    def __init__(self, embedder: nn.Module | Callable[[Sequence[torch.Tensor]], torch.Tensor],
+                 device: torch.device | str | None = None) -> None:
+        self.embedder = embedder
+        self.num_frames = getattr(embedder, "num_frames", None)
+        self.batch_size = int(getattr(embedder, "batch_size", 8))
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._queue: queue.Queue = queue.Queue()
+        self._results: dict[int, torch.Tensor | BaseException] = {}
+        self._ready = threading.Condition()
+        self.busy_time = 0.0  # seconds spent embedding
+        self.wait_time = 0.0  # seconds pop() waited for embeddings still being computed
+        self._thread = threading.Thread(target=self._run, name="srpo-background-embedder", daemon=True)
+        self._thread.start()
+
+    def __call__(self, trajectory: TensorDictBase) -> None:
+        """Queues one finished trajectory (a row of :func:`~srpo_rl.rollout.collect_rollouts`' batch)."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the BackgroundEmbedder is closed")
+        self._queue.put(trajectory)
+
+    def pop(self, rollout_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Float32 ``[len(rollout_ids), D]`` embeddings of these rollouts, waiting for any still queued.
+
+        Each embedding is handed out once. Raises ``KeyError`` for a rollout that was never queued.
+        """
+        ids = [int(i) for i in (rollout_ids.reshape(-1).tolist() if isinstance(rollout_ids, torch.Tensor) else rollout_ids)]
+        t0 = time.perf_counter()
+        with self._ready:
+            self._ready.wait_for(lambda: self._queue.unfinished_tasks == 0 or all(i in self._results for i in ids))
+            missing = [i for i in ids if i not in self._results]
+            if missing:
+                raise KeyError(f"rollouts {missing[:10]} were never queued (pass the embedder as on_finished)")
+            results = [self._results.pop(i) for i in ids]
+        self.wait_time += time.perf_counter() - t0
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise RuntimeError("embedding a finished trajectory failed in the background thread") from errors[0]
+        return torch.stack(results)
+
+    def close(self) -> None:
+        """Stops the thread once the queued trajectories are embedded."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            rows = [first]
+            while len(rows) < self.batch_size and not self._queue.empty():
+                row = self._queue.get()
+                if row is None:  # close() after this batch
+                    self._queue.put(None)
+                    self._queue.task_done()
+                    break
+                rows.append(row)
+            results = self._embed(rows)
+            with self._ready:
+                self._results.update(results)
+                for _ in rows:
+                    self._queue.task_done()
+                self._ready.notify_all()
+        self._queue.task_done()
+
+    def _embed(self, rows: list[TensorDictBase]) -> dict[int, torch.Tensor | BaseException]:
+        ids = [int(row["rollout_id"]) for row in rows]
+        t0 = time.perf_counter()
+        try:
+            videos = [trajectory_videos(row.unsqueeze(0), [[0]], num_frames=self.num_frames)[0] for row in rows]
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                embeddings = torch.as_tensor(self.embedder(videos)).to("cpu", torch.float32)
+            results = dict(zip(ids, embeddings, strict=True))
+        except Exception as error:  # handed to pop(), which raises it in the caller
+            results = dict.fromkeys(ids, error)
+        self.busy_time += time.perf_counter() - t0
+        return results

@@ -8,11 +8,12 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
 - a slot runs one :class:`RolloutRequest`; the policy is queried only for active slots and only those
   slots are stepped (no padding steps, no queries for finished envs);
 - a finished slot takes the next pending request at once, preferring one of the task it already has loaded
-  so that its reset stays soft (a task change rebuilds the simulation);
+  so that its reset stays soft (a task change rebuilds the simulation); the reset rides in the next round
+  of steps (the env's ``step_send``), so it holds up no other slot;
 - each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`);
 - with ``overlap=True`` the slots form two halves in ping-pong: the policy decides for one half while the
   other half simulates (the env's ``step_send`` / ``step_recv``), so neither the GPU nor the CPUs wait for
-  the other, and a finished slot's reset runs inside its half's next round.
+  the other: worth it when the env has more slots than the machine has cores (e.g. 32 envs on 16 cores).
 
 Example:
     >>> from srpo_rl.envs import make_libero_env
@@ -38,7 +39,7 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
-__all__ = ["RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests"]
+__all__ = ["POLICY_KEYS", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests"]
 
 # What a step record keeps from the policy output (training recomputes log-probs from these).
 POLICY_KEYS = ("policy_image", "prompt_ids", "prompt_mask", "action_tokens", "action_log_prob", "action")
@@ -84,9 +85,9 @@ def group_requests(
 class RolloutStats:
     """Counters and wall times of one :func:`collect_rollouts` call (seconds).
 
-    ``env_time`` is the time the loop spent in env calls (stepping, or with ``overlap`` waiting for the
-    other half's results), ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (with
-    ``overlap`` resets run inside the env rounds and count as ``env_time``).
+    ``env_time`` is the time the loop spent in env calls (sending rounds and waiting for their results),
+    ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (the first one of every slot, and
+    every reset of an env without ``step_send``; the others ride in the env rounds and count as ``env_time``).
     """
 
     trajectories: int = 0
@@ -172,8 +173,11 @@ def _reset_fields(num_slots: int, chosen: dict[int, RolloutRequest]) -> dict[str
 class _Rollout:
     """The state of one :func:`collect_rollouts` call: slots, pending requests, finished rows, stats."""
 
-    def __init__(self, env, policy, requests, *, keep_steps: bool, record_videos: int, progress, on_finished) -> None:
+    def __init__(self, env, policy, requests, *, keep_steps: bool, record_videos: int, progress, on_finished,
+                 policy_keys: Sequence[str]) -> None:
         self.env, self.policy, self.keep_steps, self.on_finished = env, policy, keep_steps, on_finished
+        self.policy_keys = tuple(policy_keys)
+        self.async_env = hasattr(env, "step_send") and hasattr(env, "step_recv")
         self.num_slots = env.batch_size[0]
         self.slots = [_Slot() for _ in range(self.num_slots)]
         for slot, task in zip(self.slots, getattr(env, "task_ids", [None] * self.num_slots)):
@@ -244,7 +248,7 @@ class _Rollout:
         for i, s in enumerate(active):
             slot = self.slots[s]
             if self.keep_steps:
-                record = decision[i].select(*(k for k in POLICY_KEYS if k in decision.keys()))
+                record = decision[i].select(*(k for k in self.policy_keys if k in decision.keys()))
                 env_out = nxt[s].select(*NEXT_KEYS)
                 env_out.set("chunk_steps", env_out.get("chunk_steps").reshape(()))  # env's [1] -> per step
                 record.set("next", env_out)
@@ -268,42 +272,34 @@ class _Rollout:
     def running(self, slot_ids) -> list[int]:
         return [s for s in slot_ids if self.slots[s].request is not None and self.slots[s].started]
 
-    # -- loops ------------------------------------------------------------------------------------
-    def run_synchronous(self) -> None:
-        """All running slots decide, then all step; finished slots are reset before the next decision."""
-        self.reset(list(range(self.num_slots)))
-        while active := self.running(range(self.num_slots)):
-            decision, action = self.decide(active)
-            t0 = time.perf_counter()
-            step_mask = torch.zeros(self.num_slots, dtype=torch.bool)
-            step_mask[active] = True
-            out = self.env.step(TensorDict({"action": action, "_step": step_mask}, batch_size=[self.num_slots]))
-            self.stats.env_time += time.perf_counter() - t0
-            ended = self.record(active, decision, out.get("next"))
-            if ended:
-                self.reset(ended)
+    # -- loop -------------------------------------------------------------------------------------
+    def run(self, num_groups: int) -> None:
+        """Rounds of decide -> step for ``num_groups`` groups of slots, each round sent while the others run.
 
-    def run_overlapped(self) -> None:
-        """Two halves of the slots in ping-pong: one half's policy runs while the other half simulates.
-
-        A half's round is one ``step_send``: its running slots execute their chunk and its finished slots
-        reset to their next request (so a reset holds up no other slot); ``step_recv`` returns the
-        rounds in the order they were sent, which alternates between the halves.
+        A group's round is one ``step_send``: its running slots execute their chunk and its finished slots
+        reset to their next request, so a reset holds up no other slot. With one group the policy then
+        waits for the round; with two they alternate in ping-pong (``step_recv`` returns the rounds in the
+        order they were sent), so one group's policy runs while the other simulates. An env without
+        ``step_send`` runs one group synchronously and resets finished slots before the next decision.
         """
         self.reset(list(range(self.num_slots)))
-        half = (self.num_slots + 1) // 2
-        groups = [range(0, half), range(half, self.num_slots)]
+        size = -(-self.num_slots // num_groups)
+        groups = [range(start, min(start + size, self.num_slots)) for start in range(0, self.num_slots, size)]
         in_flight: deque = deque()
         for group in groups:
             self._send(group, in_flight)
         while in_flight:
-            group, active, decision, resets = in_flight.popleft()
-            t0 = time.perf_counter()
-            nxt = self.env.step_recv()
-            self.stats.env_time += time.perf_counter() - t0
+            group, active, decision, resets, nxt = in_flight.popleft()
+            if nxt is None:
+                t0 = time.perf_counter()
+                nxt = self.env.step_recv()
+                self.stats.env_time += time.perf_counter() - t0
             self.begin(nxt, resets)
             ended = self.record(active, decision, nxt) if active else []
-            self.assign(ended)  # their resets go with the group's next round
+            if self.async_env:
+                self.assign(ended)  # their resets go with the group's next round
+            elif ended:
+                self.reset(ended)
             self._send(group, in_flight)
 
     def _send(self, group: range, in_flight: deque) -> None:
@@ -321,9 +317,13 @@ class _Rollout:
         step_mask[active] = True
         td.set("_step", step_mask)
         t0 = time.perf_counter()
-        self.env.step_send(td)
+        nxt = None
+        if self.async_env:
+            self.env.step_send(td)
+        else:  # only running slots here: finished ones were reset synchronously
+            nxt = self.env.step(td.exclude("_reset")).get("next")
         self.stats.env_time += time.perf_counter() - t0
-        in_flight.append((group, active, decision, list(chosen)))
+        in_flight.append((group, active, decision, list(chosen), nxt))
 
     def result(self, requests: Sequence[RolloutRequest], start: float) -> tuple[TensorDict, RolloutStats]:
         self.bar.close()
@@ -344,6 +344,7 @@ def collect_rollouts(
     progress: bool | str = False,
     overlap: bool = False,
     on_finished: Callable[[TensorDict], None] | None = None,
+    policy_keys: Sequence[str] = POLICY_KEYS,
 ) -> tuple[TensorDict, RolloutStats]:
     """Runs every request to the end of its episode and returns the trajectory batch.
 
@@ -356,12 +357,15 @@ def collect_rollouts(
         record_videos: keep the full frame sequence of the first ``record_videos`` requests in ``stats.videos``.
         progress: show a progress bar (``True`` or its description).
         overlap: split the slots into two halves that alternate, so that the policy runs on one half while
-            the other half simulates, and finished slots reset inside their half's round. Needs an env with
+            the other half simulates. Pays off when the slots outnumber the CPU cores (a half then keeps
+            every core busy); with one slot per core the halves leave cores idle. Needs an env with
             ``step_send`` / ``step_recv`` (:class:`~srpo_rl.envs.LiberoVecEnv`). The trajectories are the
             same as without it (same requests, same ids, same order); only the timing differs.
         on_finished: called with each trajectory (a row of the returned batch, batch size ``[]``) as soon as
             its episode ends, while the other rollouts go on: e.g. to embed its video for the reward on a
-            side CUDA stream, in the time the GPU would wait for the simulation.
+            side CUDA stream, in the time the GPU would wait for the simulation
+            (:class:`srpo_rl.rewards.BackgroundEmbedder`).
+        policy_keys: the policy outputs each step record keeps (training recomputes log-probs from them).
 
     Returns:
         ``(trajectories, stats)``: ``trajectories`` has batch size ``[len(requests)]`` in request order with
@@ -379,12 +383,9 @@ def collect_rollouts(
         )
     start = time.perf_counter()
     run = _Rollout(env, policy, requests, keep_steps=keep_steps, record_videos=record_videos, progress=progress,
-                   on_finished=on_finished)
+                   on_finished=on_finished, policy_keys=policy_keys)
     with set_exploration_type(exploration_type), torch.no_grad():
-        if overlap:
-            run.run_overlapped()
-        else:
-            run.run_synchronous()
+        run.run(num_groups=2 if overlap else 1)
     return run.result(requests, start)
 
 

@@ -153,7 +153,7 @@ class StateTokenPolicy(VLAWrapperBase):
         if state is None:
             raise KeyError(
                 f"missing {POLICY_STATE_KEY!r}: run the policy forward on the observation first (the step records of "
-                f"srpo_rl.rollout.collect_rollouts hold it only when {POLICY_STATE_KEY!r} is in its POLICY_KEYS)"
+                f"srpo_rl.rollout.collect_rollouts hold it only when {POLICY_STATE_KEY!r} is in its policy_keys)"
             )
         return self.token_logits(state) / self.temperature
 

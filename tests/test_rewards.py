@@ -4,7 +4,7 @@ import torch
 from tensordict import NonTensorStack, TensorDict
 
 from srpo_rl.models.vjepa2 import VideoEmbedder, write_tiny_vjepa2_checkpoint
-from srpo_rl.rewards import SRPOProgressReward, srpo_progress_scores, trajectory_videos
+from srpo_rl.rewards import BackgroundEmbedder, SRPOProgressReward, srpo_progress_scores, trajectory_videos
 
 T, K, H = 4, 2, 32  # decisions, frames per decision, frame side
 
@@ -325,3 +325,49 @@ def test_as_a_replay_buffer_transform(batch, embedder):
     sample = rb.sample()
     direct = SRPOProgressReward(embedder)(batch.clone())
     torch.testing.assert_close(sample["reward"], direct["reward"][sample["rollout_id"]])
+
+
+def _rows_of(batch):
+    """The batch as collect_rollouts hands its rows to on_finished: each trimmed to its own decisions."""
+    rows = []
+    for i in range(batch.batch_size[0]):
+        row = batch[i].clone(recurse=False)
+        rows.append(row.set("steps", row["steps"][: max(1, int(row["num_chunks"]))]))
+    return rows
+
+
+def test_background_embeddings_equal_the_rewards_own(batch, embedder):
+    counting = CountingEmbedder(embedder)
+    counting.batch_size = embedder.batch_size  # videos per background batch
+    background = BackgroundEmbedder(counting)
+    for row in reversed(_rows_of(batch)):  # any order of episode ends
+        background(row)
+    ids = batch["rollout_id"]
+    given = background.pop(ids)
+    background.close()
+    # independently: the reward's own embedding of the padded batch, video by video
+    expected = embedder([manual_video(batch, [i]) for i in range(len(SUCCESS))])
+    torch.testing.assert_close(given, expected, rtol=1e-5, atol=1e-5)
+    assert sum(counting.calls) == len(SUCCESS) and max(counting.calls) <= embedder.batch_size
+    # the reward scores with the given embeddings and embeds nothing again
+    again = CountingEmbedder(embedder)
+    out = SRPOProgressReward(again)(batch.clone().set("video_embedding", given))
+    assert again.calls == []
+    np.testing.assert_allclose(out["progress"].numpy(), srpo_progress_scores(expected, SUCCESS, TASK),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError, match=r"rollouts \[0\] were never queued"):
+        BackgroundEmbedder(counting).pop([0])  # each embedding is handed out once: a new one knows none
+
+
+def test_background_embedding_errors_reach_the_caller(batch):
+    def broken(videos):
+        raise RuntimeError("out of memory")
+
+    background = BackgroundEmbedder(broken)
+    background(_rows_of(batch)[0])
+    with pytest.raises(RuntimeError, match="embedding a finished trajectory failed") as info:
+        background.pop([0])
+    assert "out of memory" in str(info.value.__cause__)
+    background.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        background(_rows_of(batch)[1])
