@@ -16,15 +16,16 @@ executes the same env steps, so its env-steps/s compare directly.
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time); ``min_ceiling`` is the smaller.
-- ``embed``: ``overlap`` with ``on_finished`` handing each finished trajectory to a thread that embeds
-  its video (V-JEPA 2) on a side CUDA stream while the rollout goes on: the reward's embedding cost
-  moved into the GPU's idle time (``extra_wall_s`` against embedding the batch after the rollout).
+- ``embed``: the faster of ``sync`` / ``overlap`` with ``on_finished`` handing each finished trajectory
+  to :class:`srpo_rl.rewards.BackgroundEmbedder`, which embeds its video (V-JEPA 2) on a side CUDA stream
+  while the rollout goes on: the reward's embedding cost moved into the GPU's idle time (``extra_wall_s``
+  against the same mode without it; the reward row is the batch embedded after the rollout).
 - ``steady``: each scheduler mode's env-steps/s until the first round with idle slots (no request left
   for them), i.e. without the batch's tail, which shrinks as requests per env grow (512 per iteration
   in the recipe against 2 per env here).
 - split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
   frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
-  reward (V-JEPA 2 embedding + scores) of the overlap run's trajectories.
+  reward (V-JEPA 2 embedding + scores) of the embed run's trajectories, after the rollout.
 
     python benchmarks/rollout_throughput.py --num-envs 16       # 7B random weights bf16 + ViT-g, CUDA
     python benchmarks/rollout_throughput.py --tiny              # tiny models on the CPU, 2 envs
@@ -35,15 +36,12 @@ Prints a table, then one JSON line with every figure, the machine, the versions 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import statistics
-import queue
 import sys
 import tempfile
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -55,6 +53,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
+from srpo_rl.rewards import BackgroundEmbedder
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests
 
 CHUNK = 8
@@ -183,50 +182,6 @@ class PreprocessTimer:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - t0
         return out
-
-
-class BackgroundEmbedding:
-    """Embeds each finished trajectory's video in a thread on a side CUDA stream while the rollout runs.
-
-    Passed to ``collect_rollouts(on_finished=...)``; rows waiting together are embedded as one batch.
-    """
-
-    def __init__(self, embedder, device: torch.device):
-        self.embedder, self.embeddings, self.busy_s = embedder, {}, 0.0
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="embed", daemon=True)
-        self.thread.start()
-
-    def __call__(self, row) -> None:
-        self.queue.put(row)
-
-    def _run(self) -> None:
-        from srpo_rl.rewards import trajectory_videos
-
-        while (row := self.queue.get()) is not None:
-            rows = [row]
-            while len(rows) < self.embedder.batch_size and not self.queue.empty():
-                rows.append(self.queue.get())
-            last = rows[-1] is None
-            rows = [r for r in rows if r is not None]
-            batch = torch.stack(rows)
-            videos = trajectory_videos(batch, [[i] for i in range(len(rows))], num_frames=self.embedder.num_frames)
-            t0 = time.perf_counter()
-            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                embeddings = self.embedder([videos[i] for i in range(len(rows))])
-            self.busy_s += time.perf_counter() - t0
-            for r, e in zip(rows, embeddings):
-                self.embeddings[int(r["rollout_id"])] = e
-            if last:
-                break
-
-    def finish(self) -> float:
-        """Waits for the queue to drain; returns the seconds it took."""
-        t0 = time.perf_counter()
-        self.queue.put(None)
-        self.thread.join()
-        return time.perf_counter() - t0
 
 
 # -- modes ------------------------------------------------------------------------------------------
@@ -382,22 +337,29 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
 
     env = ForcedSuccessEnv(args.suite, num_envs, max_steps=args.max_steps, task_ids=tasks, success_step=success_step,
                            build_timeout=900)
-    trajs = background = None
+    trajs = background = embeddings = None
     try:
         for mode in ("sync", "overlap"):
             if mode in args.modes:
                 result[mode], trajs = scheduler(env, policy, requests, mode == "overlap", timer)
                 print(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}", file=sys.stderr)
         if "embed" in args.modes and reward is not None:
-            # overlap, with every finished trajectory embedded for the reward while the others run
-            background = BackgroundEmbedding(reward.embedder, device)
-            row, trajs = scheduler(env, policy, requests, True, timer, on_finished=background)
-            row["drain_s"] = background.finish()
-            row["embed_busy_s"] = background.busy_s
+            # the faster scheduler mode of this run, with every finished trajectory embedded for the reward
+            # while the others run
+            overlap = result.get("overlap", {}).get("env_steps_per_s", 0) >= result.get("sync", {}).get("env_steps_per_s", 0)
+            background = BackgroundEmbedder(reward.embedder, device=device)
+            row, trajs = scheduler(env, policy, requests, overlap, timer, on_finished=background)
+            t0 = time.perf_counter()
+            embeddings = background.pop(trajs["rollout_id"])
+            row["drain_s"] = time.perf_counter() - t0
+            row["embed_busy_s"] = background.busy_time
+            row["overlap"] = overlap
             row["wall_with_drain_s"] = row["wall_s"] + row["drain_s"]
             row["env_steps_per_s"] = row["env_steps"] / row["wall_with_drain_s"]
+            background.close()
             result["embed"] = row
-            print(f"[{num_envs} envs] overlap + background embedding {row['env_steps_per_s']:.1f}", file=sys.stderr)
+            print(f"[{num_envs} envs] {'overlap' if overlap else 'sync'} + background embedding "
+                  f"{row['env_steps_per_s']:.1f}", file=sys.stderr)
     finally:
         env.close()
 
@@ -410,14 +372,13 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         result["reward"] = {"trajectories": len(trajs), "seconds": seconds, "s_per_trajectory": seconds / len(trajs)}
-        if background is not None:
+        if background is not None and args.check_embeddings:
             # the background embeddings against the reward's own (same videos, other batches)
             from srpo_rl.rewards import trajectory_videos
 
             videos = trajectory_videos(trajs, [[i] for i in range(len(trajs))], num_frames=reward.embedder.num_frames)
             again = reward.embedder([videos[i] for i in range(len(trajs))])
-            mine = torch.stack([background.embeddings[int(r)] for r in trajs["rollout_id"]])
-            result["embed"]["max_abs_diff_vs_batch"] = float((mine - again).abs().max())
+            result["embed"]["max_abs_diff_vs_batch"] = float((embeddings - again.float().cpu()).abs().max())
     ratios(result)
     return result
 
@@ -448,14 +409,16 @@ def ratios(result: dict) -> None:
             }
             row["split_main_s"] = {"preprocessing": row["preprocess_s"], "policy_forward": row["forward_s"],
                                    "waiting_for_env": row["env_wait_s"]}
-    if "reward" in result and "overlap" in result:
-        reward = result["reward"]
-        reward["vs_rollout_wall"] = reward["seconds"] / result["overlap"]["wall_s"]
-        if "embed" in result:
-            # what embedding during the rollout adds to the wall time, against embedding after it
-            extra = result["embed"]["wall_with_drain_s"] - result["overlap"]["wall_s"]
-            result["embed"]["extra_wall_s"] = extra
-            result["embed"]["extra_vs_serial_reward"] = extra / reward["seconds"]
+    if "reward" in result and "embed" in result:
+        reward, embed = result["reward"], result["embed"]
+        plain = result.get("overlap" if embed["overlap"] else "sync")  # the same scheduler mode, no embedding
+        if plain is None:
+            return
+        reward["vs_rollout_wall"] = reward["seconds"] / plain["wall_s"]
+        # what embedding during the rollout adds to the wall time, against embedding after it
+        embed["extra_wall_s"] = embed["wall_with_drain_s"] - plain["wall_s"]
+        embed["extra_vs_serial_reward"] = embed["extra_wall_s"] / reward["seconds"]
+        embed["extra_vs_rollout_wall"] = embed["extra_wall_s"] / plain["wall_s"]
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -506,11 +469,11 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
         if "reward" in r:
             rw = r["reward"]
             print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "
-                  f"({rw['s_per_trajectory']:.3f} s each; {100 * rw.get('vs_rollout_wall', 0):.1f}% of the overlap "
+                  f"({rw['s_per_trajectory']:.3f} s each; {100 * rw.get('vs_rollout_wall', 0):.1f}% of the "
                   "rollout's wall time)")
         if "embed" in r and "extra_wall_s" in r["embed"]:
             e = r["embed"]
-            print(f"{r['num_envs']:>4} {'embed':>9} embedding during the overlap rollout added "
+            print(f"{r['num_envs']:>4} {'embed':>9} embedding during the {'overlap' if e['overlap'] else 'sync'} rollout added "
                   f"{e['extra_wall_s']:.1f} s "
                   f"(drain {e['drain_s']:.1f} s) against {r['reward']['seconds']:.1f} s after it; "
                   f"max |diff| of embeddings {e.get('max_abs_diff_vs_batch', float('nan')):.2e}")
@@ -529,8 +492,11 @@ def main() -> None:
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
     parser.add_argument("--modes", default="lockstep,sync,overlap,embed",
-                        help="embed = overlap with each finished trajectory embedded for the reward meanwhile")
+                        help="embed = the faster of sync / overlap with each finished trajectory embedded for the "
+                             "reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")
+    parser.add_argument("--check-embeddings", action="store_true",
+                        help="embed the batch again after the rollout and compare with the background embeddings")
     parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 10; tiny 3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -50,8 +50,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        if world_size > 1:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        elif use_cuda:
+            # FSDP2 needs a process group even on one GPU (it gives the fp32-master / bf16-compute split and
+            # CPU offload there too); a one-process group needs no rendezvous
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 

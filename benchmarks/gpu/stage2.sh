@@ -11,12 +11,14 @@ start=$SECONDS
 
 # numba + llvmlite: their two wheels unpacked and recompressed (64 MB of wheels -> 44 MB of xz)
 tar xJf .carry2/numba_llvmlite.tar.xz -C "$SITE"
+tar xJf .carry2/hydra.tar.xz -C "$SITE"  # Hydra + OmegaConf + antlr4 for examples/srpo_libero.py
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .carry2/*.whl
 install_tree
 
 python3 - <<'PY'
 import importlib
-for name in ("numba", "llvmlite", "torchrl", "tensordict", "sklearn", "mujoco", "robosuite", "srpo_rl.envs"):
+for name in ("numba", "llvmlite", "torchrl", "tensordict", "sklearn", "mujoco", "robosuite", "hydra", "omegaconf",
+             "srpo_rl.envs", "srpo_rl.examples.utils_srpo"):
     module = importlib.import_module(name)
     print(f"stage2: {name} {getattr(module, '__version__', '')} from {module.__file__.rsplit('/', 2)[0]}")
 PY

@@ -45,6 +45,7 @@ from .openvla_oft_files import (
     check_shapes,
     dump_json,
     iter_tensors,
+    parse_size,
     preprocessor_config,
     read_side_files,
     read_weight_map,
@@ -60,7 +61,7 @@ from .openvla_oft_vision import (
     tower_config_from_shapes,
 )
 
-__all__ = ["ATTENTION_MODES", "OpenVLAOFT", "OpenVLAOFTConfig", "write_tiny_checkpoint"]
+__all__ = ["ATTENTION_MODES", "OpenVLAOFT", "OpenVLAOFTConfig", "tiny_config", "write_random_checkpoint", "write_tiny_checkpoint"]
 
 ATTENTION_MODES = ("bidirectional", "causal")
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -418,11 +419,15 @@ class OpenVLAOFT(nn.Module):
 
 
 def _randomize_(model: nn.Module, seed: int) -> None:
-    """Seeded weights that keep activations O(1), so tiny models give spread-out, input-dependent logits."""
-    g = torch.Generator().manual_seed(seed)
+    """Seeded weights that keep activations O(1), so random models give spread-out, input-dependent logits.
+
+    The noise is drawn where each parameter lives (a 7B model on a GPU is filled there, in seconds).
+    """
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
+            g = generators.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+            noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
             if name.endswith(("cls_token", "reg_token", "pos_embed", "latent")):
                 p.copy_(0.5 * noise)
             elif p.ndim >= 2:
@@ -477,11 +482,38 @@ def write_tiny_checkpoint(
         >>> model.config.action_token_begin
         31744
     """
+    return write_random_checkpoint(path, tiny_config(**sizes), seed=seed, dtype=dtype)
+
+
+def write_random_checkpoint(
+    path: str | Path,
+    config: OpenVLAOFTConfig | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> OpenVLAOFT:
+    """Writes a random-weight checkpoint of any size in the published format and returns its model.
+
+    ``config`` defaults to the published OpenVLA-OFT-7B (DINOv2-L + SigLIP-so400m + Llama-2-7B); the model
+    is built on ``device`` in ``dtype`` (a 7B model: 15 GB in bf16, filled in seconds on a GPU). The files
+    are those of :func:`write_tiny_checkpoint`: the tokenizer is the tiny Llama-compatible one (same ids
+    for the action tokens), so a full-size random checkpoint runs the whole recipe without any download.
+    Two shards when the model is small, transformers' 5 GB shards otherwise.
+
+    Example:
+        >>> import tempfile
+        >>> model = write_random_checkpoint(tempfile.mkdtemp(), tiny_config(hidden_size=32), seed=2)
+        >>> model.config.text_config["hidden_size"]
+        32
+    """
     path = Path(path)
-    config = tiny_config(**sizes)
-    model = OpenVLAOFT(config)
+    config = config or OpenVLAOFTConfig()
+    with torch.device("meta"):
+        model = OpenVLAOFT(config)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: allocate only the stored dtype
+    model.reset_rotary_embedding()
     _randomize_(model, seed)
-    model.to(dtype)
     model.norm_stats = synthetic_dataset_statistics(seed)
     save_tiny_llama_tokenizer(path)
     files = {
@@ -494,5 +526,5 @@ def write_tiny_checkpoint(
         dump_json(content, path / name)
     model.checkpoint_files = read_side_files(path)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(path, max_shard_size=int(0.6 * total))  # two shards: the sharded layout, with its index
+    model.save_pretrained(path, max_shard_size=min(int(0.6 * total), parse_size("5GB")))
     return model.eval()

@@ -1,0 +1,142 @@
+"""One iteration of the full SRPO recipe through ``examples/srpo_libero.py``: time per phase and peak memory.
+
+Random-weight checkpoints are written first in the published formats (OpenVLA-OFT-7B as its Hugging Face
+directory, V-JEPA 2 ViT-g/16 at 384 px as a Hugging Face directory) unless they exist; then the example
+script runs as a user would run it, with a reduced batch (``--train-batch-size`` groups of 8 rollouts,
+``--max-steps`` per episode, one validation pass over every task), and its console lines are read back.
+Random weights never succeed, so the accuracy filter is off (every group is trained on; its advantages are
+0, the update's cost is the same) and nothing is checkpointed (fp32 weights + AdamW are 90 GB).
+
+    python benchmarks/recipe_iteration.py                  # OpenVLA-OFT-7B + ViT-g, one CUDA GPU
+    python benchmarks/recipe_iteration.py --tiny           # tiny models on the CPU (checks the script)
+
+Prints a table of the phases, then one JSON line with every logged figure, the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rollout_throughput import machine, versions
+
+PHASES = ("time/rollout", "time/reward_and_advantage", "time/update", "time/validation")
+LINE = re.compile(r"^\[step (\d+)\] (.*)$")
+
+
+def write_checkpoints(root: Path, device: torch.device) -> tuple[Path, Path, float]:
+    """The 7B policy and ViT-g reward model with random weights, in their published formats."""
+    from reward_throughput import vitg_384
+
+    from srpo_rl.models.openvla_oft import write_random_checkpoint
+
+    policy_dir, vjepa_dir = root / "openvla_oft_7b_random", root / "vjepa2_vitg_384_random"
+    t0 = time.perf_counter()
+    if not (policy_dir / "config.json").exists():
+        write_random_checkpoint(policy_dir, device=device)  # the returned model is dropped at once
+    if not (vjepa_dir / "config.json").exists():
+        vitg_384(device).save_pretrained(vjepa_dir)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return policy_dir, vjepa_dir, time.perf_counter() - t0
+
+
+def overrides(args, policy_dir: Path | None, vjepa_dir: Path | None, out: Path) -> list[str]:
+    if args.tiny:
+        return ["--config-name", "tiny", f"output_dir={out}", "trainer.total_training_steps=1", "trainer.test_freq=1",
+                "trainer.save_freq=0", "trainer.num_val_videos=0", "trainer.resume_mode=disable"]
+    return [
+        f"env={args.suite}", "model=openvla_oft_7b", f"model.path={policy_dir}", f"model.vjepa_path={vjepa_dir}",
+        f"env.num_envs={args.num_envs}", f"env.max_steps={args.max_steps}", "env.num_trials_per_task=1",
+        f"data.train_batch_size={args.train_batch_size}", f"actor.ppo_mini_batch_size={args.train_batch_size}",
+        f"rollout.overlap={str(args.overlap).lower()}",
+        "algorithm.embodied_sampling.filter_accuracy=false", "trainer.total_training_steps=1",
+        "trainer.save_freq=0", "trainer.test_freq=1", "trainer.val_before_train=false", "trainer.num_val_videos=0",
+        "trainer.resume_mode=disable", "trainer.logger=[console,tensorboard]", f"output_dir={out}", *args.override,
+    ]
+
+
+def run_recipe(command: list[str], log_path: Path) -> tuple[dict[str, float], float, int]:
+    """Runs the example script, echoing its output; returns the logged scalars of its step lines."""
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            if match := LINE.match(line.strip()):
+                metrics.update({k: float(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())})
+    return metrics, time.perf_counter() - t0, proc.returncode
+
+
+def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
+    phases = {name: metrics.get(name, float("nan")) for name in PHASES}
+    accounted = sum(v for v in phases.values() if v == v)
+    print(f"\nOne SRPO iteration through examples/srpo_libero.py ({wall:.1f} s in all)")
+    print(f"{'phase':<28} {'seconds':>8} {'share':>6}")
+    for name, seconds in [*phases.items(), ("start-up (load models, build envs)", wall - accounted)]:
+        print(f"{name:<28} {seconds:>8.1f} {100 * seconds / wall:>5.1f}%")
+    print(f"rollout: {metrics.get('rollout/trajectories', 0):.0f} trajectories, "
+          f"{metrics.get('rollout/env_steps_per_s', float('nan')):.1f} env-steps/s "
+          f"(env wait {metrics.get('time/rollout_env', float('nan')):.1f} s, "
+          f"policy {metrics.get('time/rollout_policy', float('nan')):.1f} s)")
+    if "memory/peak_allocated_gib" in metrics:
+        print(f"peak GPU memory through rollout, reward and update: {metrics['memory/peak_allocated_gib']:.1f} GiB "
+              f"allocated, {metrics['memory/peak_reserved_gib']:.1f} GiB reserved")
+    print(f"writing the random checkpoints beforehand: {setup_s:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (the README's main job)")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoints and run folder (default: a temp dir)")
+    parser.add_argument("--suite", default="libero_object")
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=128)
+    parser.add_argument("--train-batch-size", type=int, default=4, help="groups of rollout.n=8 rollouts")
+    parser.add_argument("--overlap", action="store_true", help="rollout.overlap=true (for more envs than cores)")
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for the script")
+    args = parser.parse_args()
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="srpo_recipe_"))
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if not args.tiny and device.type != "cuda":
+        sys.exit("the full-size iteration needs a CUDA device; pass --tiny to check the script on the CPU")
+    policy_dir = vjepa_dir = None
+    setup_s = 0.0
+    if not args.tiny:
+        policy_dir, vjepa_dir, setup_s = write_checkpoints(out, device)
+    command = [sys.executable, "-m", "srpo_rl.examples.srpo_libero", *overrides(args, policy_dir, vjepa_dir, out / "run")]
+    print("running:", " ".join(command), flush=True)
+    metrics, wall, code = run_recipe(command, out / "recipe.log")
+    if code != 0:
+        sys.exit(f"the example script failed with exit code {code} (log: {out / 'recipe.log'})")
+    print_table(metrics, wall, setup_s)
+    print(json.dumps({
+        "benchmark": "recipe_iteration",
+        "policy": "tiny (fp32)" if args.tiny else "OpenVLA-OFT-7B (random, fp32 master weights, bf16 compute, FSDP2)",
+        "reward_model": "tiny V-JEPA 2" if args.tiny else "V-JEPA 2 ViT-g/16 384px fp16 (random)",
+        "suite": "libero_object" if args.tiny else args.suite,
+        "wall_s": wall,
+        "checkpoint_writing_s": setup_s,
+        "phases_s": {name: metrics.get(name) for name in PHASES},
+        "metrics": metrics,
+        "machine": {**machine(device), "host_memory_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30},
+        "versions": versions(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }))
+
+
+if __name__ == "__main__":
+    main()
