@@ -69,8 +69,9 @@ def run_recipe(command: list[str], log_path: Path) -> tuple[dict[str, float], fl
     """Runs the example script, echoing its output; returns the logged scalars of its step lines."""
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}  # less fragmentation at 7B
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, bufsize=1) as proc:
+                                                      text=True, bufsize=1, env=env) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)

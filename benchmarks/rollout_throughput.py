@@ -339,6 +339,9 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
                            build_timeout=900)
     trajs = background = embeddings = None
     try:
+        # every worker builds its task and compiles numba's kernels here, so that no measured mode pays for it
+        env.reset()
+        env.step(TensorDict({"action": torch.zeros(num_envs, CHUNK, 7)}, [num_envs]))
         for mode in ("sync", "overlap"):
             if mode in args.modes:
                 result[mode], trajs = scheduler(env, policy, requests, mode == "overlap", timer)

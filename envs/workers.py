@@ -62,7 +62,7 @@ class Failure:
     restarted: bool
 
 
-WORKER_NICENESS = 5  # added to the parent's niceness in every simulation worker
+WORKER_NICENESS = 19  # added to the parent's niceness in every simulation worker (capped at 19)
 
 
 def _worker_main(conn: Connection, sim_kwargs: dict, task_id: int) -> None:
