@@ -169,6 +169,7 @@ class LiberoVecEnv(EnvBase):
         self._init_slots(task_ids)
         self._workers = None
         self._sent: deque = deque()  # (stepped slots, reset requests, reset ids) of each step_send
+        self._resetting: dict[int, tuple[tuple[int, int], dict]] = {}  # slot -> (request, ids) of reset_send
         self.is_closed = False
         sim_kwargs = dict(
             suite=self.suite,
@@ -306,6 +307,57 @@ class LiberoVecEnv(EnvBase):
         self._apply_resets(requests, ids, {s: results[s] for s in requests})
         return self._step_proc_data(self._step_output(slots, {s: results[s] for s in slots}))
 
+    def reset_send(self, tensordict: TensorDictBase) -> None:
+        """Starts the resets of the ``td["_reset"]`` slots (ids as in :meth:`reset`) and returns at once.
+
+        For resets that should hold up nothing else: a task change rebuilds the simulation (seconds), during
+        which :meth:`step_send` rounds of the other slots go on. :meth:`reset_recv` collects them.
+
+        Examples:
+            >>> env = make_libero_env("libero_object", num_envs=2)  # doctest: +SKIP
+            >>> _ = env.reset()  # doctest: +SKIP
+            >>> env.reset_send(TensorDict({"_reset": torch.tensor([[True], [False]]),  # doctest: +SKIP
+            ...                            "task_id": torch.tensor([[3], [0]])}, [2]))
+            >>> env.step_send(TensorDict({"action": torch.zeros(2, 8, 7),  # doctest: +SKIP
+            ...                           "_step": torch.tensor([False, True])}, [2]))
+            >>> env.step_recv()["chunk_steps"].flatten().tolist()  # slot 1 stepped meanwhile  # doctest: +SKIP
+            [0, 8]
+            >>> env.reset_recv(timeout=None)["_reset"].flatten().tolist()  # doctest: +SKIP
+            [True, False]
+        """
+        n = self.num_envs
+        requests, ids = self._reset_requests(tensordict, _slot_mask(tensordict, "_reset", n))
+        self._check_idle(requests)
+        self._workers.send(self._reset_commands(requests), timeout=self._reset_timeout(requests))
+        self._resetting.update({slot: (request, ids) for slot, request in requests.items()})
+
+    def reset_recv(self, timeout: float | None = 0.0) -> TensorDictBase | None:
+        """Collects the :meth:`reset_send` resets that have finished, waiting up to ``timeout`` seconds for
+        one (``None``: as long as it takes); ``None`` when none has.
+
+        The result has the layout of :meth:`reset`'s output, with ``"_reset"`` (bool ``[N, 1]``) marking
+        the slots whose reset finished: their first observation and ids.
+        """
+        if not self._resetting:
+            raise RuntimeError("reset_recv() without a pending reset_send()")
+        done = self._workers.ready(list(self._resetting), timeout)
+        if not done:
+            return None
+        results = self._workers.recv(done)
+        for slot in done:
+            request, ids = self._resetting.pop(slot)
+            self._apply_resets({slot: request}, ids, {slot: results[slot]})
+        out = self._output(chunk_steps=torch.zeros(self.num_envs, 1, dtype=torch.int64), frames=None)
+        mask = torch.zeros(self.num_envs, 1, dtype=torch.bool)
+        mask[done] = True
+        out.set("_reset", mask.to(out.device))
+        return out
+
+    @property
+    def pending_resets(self) -> list[int]:
+        """Slots whose :meth:`reset_send` reset :meth:`reset_recv` has not collected yet."""
+        return sorted(self._resetting)
+
     @property
     def pending_steps(self) -> int:
         """Number of :meth:`step_send` calls whose result :meth:`step_recv` has not returned yet."""
@@ -316,6 +368,9 @@ class LiberoVecEnv(EnvBase):
         busy = sorted({s for sent, requests, _ in self._sent for s in (*sent, *requests)} & set(slots))
         if busy:
             raise RuntimeError(f"slots {busy} have a step in flight (step_send); step_recv() it first")
+        resetting = sorted(set(self._resetting) & set(slots))
+        if resetting:
+            raise RuntimeError(f"slots {resetting} have a reset in flight (reset_send); reset_recv() it first")
 
     def _reset_requests(self, tensordict: TensorDictBase | None, mask: torch.Tensor):
         n = self.num_envs

@@ -25,6 +25,7 @@ from srpo_rl.checkpoint import CheckpointManager
 from srpo_rl.distributed import init_distributed, reduce_scalar
 from srpo_rl.evaluation import evaluate
 from srpo_rl.examples.utils_srpo import (
+    batch_metrics,
     check_config,
     log_evaluation,
     make_advantage,
@@ -152,12 +153,8 @@ def main(cfg: DictConfig) -> None:
         policy.eval()
         timings["time/update"] = time.perf_counter() - t0
         metrics.update({f"train/{k}": v for k, v in losses.items()})
-        metrics.update({
-            "train/reward_mean": batch["reward"].mean().item(),
-            "train/advantage_mean": batch["advantage"].mean().item(),
-            "train/advantage_abs_mean": batch["advantage"].abs().mean().item(),
-            "train/lr": optimizer.param_groups[0]["lr"],
-        })
+        metrics.update(batch_metrics(batch))
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         logger.log({**metrics, **timings, **memory_metrics(info.device)}, step)
 
         # Validation and checkpoints

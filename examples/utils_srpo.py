@@ -19,8 +19,9 @@ from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
 from srpo_rl.policy import OpenVLAOFTPolicy
 
 __all__ = [
-    "check_config", "log_evaluation", "make_advantage", "make_env", "make_logger", "make_loss", "make_manifests",
-    "make_optimizer", "make_policy", "make_reward", "make_sampler", "rollout_metrics",
+    "batch_metrics", "check_config", "log_evaluation", "make_advantage", "make_background_embedder", "make_env",
+    "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy", "make_reward", "make_sampler",
+    "memory_metrics", "rollout_metrics",
 ]
 
 MODES = ("train", "eval")
@@ -221,6 +222,25 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         "time/rollout_reset": totals["time_reset"],
     }
     metrics.update({f"sampling/{k}": float(v) for k, v in sampler.stats().items()})
+    return metrics
+
+
+def batch_metrics(batch) -> dict[str, float]:
+    """Shaped-reward and advantage statistics of a training batch (after the reward and the advantage)."""
+    reward, advantage = batch["reward"].float(), batch["advantage"].float()
+    failed = ~batch["success"].bool().reshape(-1)
+    progress = batch["progress"].float().reshape(-1)[failed]
+    metrics = {
+        "train/reward_mean": reward.mean().item(),
+        "train/reward_std": reward.std(correction=0).item(),
+        "train/advantage_mean": advantage.mean().item(),
+        "train/advantage_abs_mean": advantage.abs().mean().item(),
+        "train/advantage_max": advantage.max().item(),
+        "train/advantage_min": advantage.min().item(),
+    }
+    if progress.numel():  # the world-model score of the failures: how close they came to the successes
+        metrics.update({"train/failure_progress_mean": progress.mean().item(),
+                        "train/failure_progress_max": progress.max().item()})
     return metrics
 
 

@@ -8,8 +8,9 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
 - a slot runs one :class:`RolloutRequest`; the policy is queried only for active slots and only those
   slots are stepped (no padding steps, no queries for finished envs);
 - a finished slot takes the next pending request at once, preferring one of the task it already has loaded
-  so that its reset stays soft (a task change rebuilds the simulation); the reset rides in the next round
-  of steps (the env's ``step_send``), so it holds up no other slot;
+  so that its reset stays soft; the reset rides in the next round of steps (the env's ``step_send``), so it
+  holds up no other slot; a task change rebuilds the simulation (seconds) and goes out on its own (the
+  env's ``reset_send``): the slot rejoins the rounds when it is done;
 - each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`);
 - with ``overlap=True`` the slots form two halves in ping-pong: the policy decides for one half while the
   other half simulates (the env's ``step_send`` / ``step_recv``), so neither the GPU nor the CPUs wait for
@@ -122,6 +123,7 @@ class _Slot:
     def __init__(self) -> None:
         self.request: RolloutRequest | None = None
         self.started = False  # the request's reset is done (its first observation is in ``obs``)
+        self.rebuilding = False  # its reset changes the task: sent on its own (reset_send), in no round
         self.task_id: int | None = None
         self.obs: dict = {}
         self.steps: list[TensorDictBase | None] = []
@@ -178,6 +180,7 @@ class _Rollout:
         self.env, self.policy, self.keep_steps, self.on_finished = env, policy, keep_steps, on_finished
         self.policy_keys = tuple(policy_keys)
         self.async_env = hasattr(env, "step_send") and hasattr(env, "step_recv")
+        self.async_resets = self.async_env and hasattr(env, "reset_send") and hasattr(env, "reset_recv")
         self.num_slots = env.batch_size[0]
         self.slots = [_Slot() for _ in range(self.num_slots)]
         for slot, task in zip(self.slots, getattr(env, "task_ids", [None] * self.num_slots)):
@@ -206,6 +209,7 @@ class _Rollout:
                     continue
                 chosen[s] = request = _pick_request(self.pending, task)
                 slot = self.slots[s]
+                slot.rebuilding = self.async_resets and slot.task_id is not None and request.task_id != task
                 slot.request, slot.task_id, slot.started = request, request.task_id, False
         return dict(sorted(chosen.items()))
 
@@ -225,7 +229,30 @@ class _Rollout:
         if chosen:
             td = self.env.reset(TensorDict(_reset_fields(self.num_slots, chosen), batch_size=[self.num_slots]))
             self.begin(td, list(chosen))
+            for s in chosen:
+                self.slots[s].rebuilding = False
         self.stats.reset_time += time.perf_counter() - t0
+
+    def rebuild(self, slot_ids: list[int]) -> None:
+        """Starts the task-changing resets of ``slot_ids`` on their own: no round waits for a rebuild."""
+        chosen = {s: self.slots[s].request for s in slot_ids if self.slots[s].rebuilding}
+        if chosen:
+            t0 = time.perf_counter()
+            self.env.reset_send(TensorDict(_reset_fields(self.num_slots, chosen), batch_size=[self.num_slots]))
+            self.stats.env_time += time.perf_counter() - t0
+
+    def collect_rebuilds(self, wait: bool) -> None:
+        """Starts the slots whose rebuild finished (waiting for one when ``wait``)."""
+        if not self.async_resets or not self.env.pending_resets:
+            return
+        t0 = time.perf_counter()
+        td = self.env.reset_recv(timeout=None if wait else 0.0)
+        self.stats.env_time += time.perf_counter() - t0
+        if td is not None:
+            done = td.get("_reset").reshape(-1).nonzero().flatten().tolist()
+            self.begin(td, done)
+            for s in done:
+                self.slots[s].rebuilding = False
 
     # -- decisions --------------------------------------------------------------------------------
     def decide(self, active: list[int]) -> tuple[TensorDictBase, torch.Tensor]:
@@ -279,8 +306,10 @@ class _Rollout:
         A group's round is one ``step_send``: its running slots execute their chunk and its finished slots
         reset to their next request, so a reset holds up no other slot. With one group the policy then
         waits for the round; with two they alternate in ping-pong (``step_recv`` returns the rounds in the
-        order they were sent), so one group's policy runs while the other simulates. An env without
-        ``step_send`` runs one group synchronously and resets finished slots before the next decision.
+        order they were sent), so one group's policy runs while the other simulates. A reset that changes
+        the task rebuilds the simulation (seconds): it goes out on its own (``reset_send``) and the slot
+        joins its group's rounds once it is done. An env without ``step_send`` runs one group
+        synchronously and resets finished slots before the next decision.
         """
         self.reset(list(range(self.num_slots)))
         size = -(-self.num_slots // num_groups)
@@ -288,23 +317,37 @@ class _Rollout:
         in_flight: deque = deque()
         for group in groups:
             self._send(group, in_flight)
-        while in_flight:
-            group, active, decision, resets, nxt = in_flight.popleft()
-            if nxt is None:
-                t0 = time.perf_counter()
-                nxt = self.env.step_recv()
-                self.stats.env_time += time.perf_counter() - t0
-            self.begin(nxt, resets)
-            ended = self.record(active, decision, nxt) if active else []
-            if self.async_env:
-                self.assign(ended)  # their resets go with the group's next round
-            elif ended:
-                self.reset(ended)
-            self._send(group, in_flight)
+        while in_flight or any(slot.rebuilding for slot in self.slots):
+            received = None
+            if in_flight:
+                received, active, decision, resets, nxt = in_flight.popleft()
+                if nxt is None:
+                    t0 = time.perf_counter()
+                    nxt = self.env.step_recv()
+                    self.stats.env_time += time.perf_counter() - t0
+                self.begin(nxt, resets)
+                ended = self.record(active, decision, nxt) if active else []
+                if self.async_env:
+                    self.rebuild(list(self.assign(ended)))  # the others' resets go with the group's next round
+                elif ended:
+                    self.reset(ended)
+            self.collect_rebuilds(wait=False)
+            self._send_idle(groups, in_flight, first=received)
+            if not in_flight and any(slot.rebuilding for slot in self.slots):  # nothing to do but wait
+                self.collect_rebuilds(wait=True)
+                self._send_idle(groups, in_flight, first=None)
+
+    def _send_idle(self, groups: list[range], in_flight: deque, first: range | None) -> None:
+        """Sends a round for every group with none in flight, ``first`` (the group just received) first."""
+        sent = {id(entry[0]) for entry in in_flight}
+        for group in sorted(groups, key=lambda g: g is not first):
+            if id(group) not in sent:
+                self._send(group, in_flight)
 
     def _send(self, group: range, in_flight: deque) -> None:
         active = self.running(group)
-        waiting = [s for s in group if self.slots[s].request is not None and not self.slots[s].started]
+        waiting = [s for s in group if self.slots[s].request is not None and not self.slots[s].started
+                   and not self.slots[s].rebuilding]
         chosen = {s: self.slots[s].request for s in waiting}  # assigned when their last episode ended
         if not active and not chosen:
             return

@@ -9,7 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from srpo_rl.models.llama_tokenizer import build_tiny_llama_tokenizer, load_llama_tokenizer
-from srpo_rl.models.openvla_oft import OpenVLAOFT, OpenVLAOFTConfig, write_tiny_checkpoint
+from srpo_rl.models.openvla_oft import (
+    OpenVLAOFT,
+    OpenVLAOFTConfig,
+    tiny_config,
+    write_random_checkpoint,
+    write_tiny_checkpoint,
+)
 from srpo_rl.models.openvla_oft_files import StateDictMismatchError
 
 PUBLISHED_CONFIG_KEYS = {
@@ -144,6 +150,21 @@ def test_seven_b_layout_matches_the_published_tensor_counts():
     assert model.config.action_token_begin == 31744
     assert model.language_model.config.rms_norm_eps == 1e-6
     assert len(model.fsdp_blocks()) == 23 + 26 + 32
+
+
+def test_random_checkpoint_of_another_size_loads_back_bit_for_bit(tmp_path):
+    # the writer the full-size GPU runs use (write_random_checkpoint(path) = the 7B), at a CPU size
+    config = tiny_config(hidden_size=96, num_layers=3, vision_widths=(32, 48), vision_depth=2)
+    writer = write_random_checkpoint(tmp_path, config, seed=5, dtype=torch.float32)
+    loaded = OpenVLAOFT.from_pretrained(tmp_path)
+    assert loaded.config.text_config["hidden_size"] == 96 and loaded.language_model.config.num_hidden_layers == 3
+    state = writer.state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert len(list(tmp_path.glob("model-0000*-of-00002.safetensors"))) == 2  # the sharded layout
+    # weights scaled for O(1) activations: std 1/sqrt(fan_in) for matrices, norms near 1
+    weight = state["language_model.model.layers.0.mlp.down_proj.weight"]
+    assert abs(weight.std().item() * math.sqrt(weight.shape[1]) - 1) < 0.05
+    assert abs(state["language_model.model.norm.weight"].mean().item() - 1) < 0.05
 
 
 def test_load_reproduces_the_writer_bit_for_bit(ckpt):

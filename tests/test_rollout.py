@@ -74,6 +74,10 @@ class ScheduledSuccessEnv(LiberoVecEnv):
         self._log_steps(tensordict)
         return super().step_send(tensordict)
 
+    def reset_send(self, tensordict):
+        self._log_resets(tensordict)
+        return super().reset_send(tensordict)
+
 
 @pytest.fixture(scope="module")
 def env():
@@ -227,6 +231,32 @@ def test_each_trajectory_is_handed_over_when_it_ends(runs, overlap):
         assert rounds <= len(log)
     first_rounds = finished[0][0]
     assert first_rounds < len(log)  # the first trajectory came out while others still had rounds to run
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_task_change_rebuilds_while_the_other_slots_step(env, policy, overlap):
+    n = env.num_envs
+    ids = {k: torch.tensor([[-1], [-1]]) for k in ("rollout_id", "group_id")}
+    env.reset(TensorDict({"_reset": torch.ones(n, 1, dtype=torch.bool), "task_id": torch.tensor([[0], [1]]),
+                          "init_state_id": torch.tensor([[0], [0]]), **ids}, [n]))
+    # slot 0 (task 0) runs a one-chunk episode, then must load task 2; slot 1 (task 1) runs 3 chunks
+    requests = group_requests([(0, 3), (1, 5), (2, 6)], rollouts_per_group=1, first_group_id=40)
+    ids = [r.rollout_id for r in requests]
+    env.success_chunk, env.log = {ids[0]: 1, ids[2]: 1}, []
+    trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap,
+                                    exploration_type=ExplorationType.DETERMINISTIC)
+    log = env.log
+    rebuild = next(i for i, (kind, what) in enumerate(log)
+                   if kind == "reset" and any(old != new for old, new, _ in what.values()))
+    assert log[rebuild] == ("reset", {0: (0, 2, ids[2])})
+    # the rebuild went out on its own: slot 1 stepped before slot 0 was back, and slot 0 then ran its episode
+    assert log[rebuild + 1] == ("step", [1])
+    assert ("step", [0]) in log[rebuild + 1:] or ("step", [0, 1]) in log[rebuild + 1:]
+    assert trajs["rollout_id"].tolist() == ids and trajs["task_id"].tolist() == [0, 1, 2]
+    assert trajs["num_steps"].tolist() == [1, MAX_STEPS, 1]
+    assert trajs["success"].tolist() == [True, False, True]
+    assert env.task_ids == [2, 1] and env.pending_resets == []
+    assert stats.trajectories == 3 and stats.env_steps == MAX_STEPS + 2
 
 
 def test_async_steps_come_back_in_send_order(env):

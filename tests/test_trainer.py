@@ -129,3 +129,25 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
     assert _logged_steps(out / "tensorboard", "train/optimizer_steps") == [1, 2, 3]
     assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
+
+
+def test_batch_metrics_are_the_shaped_reward_and_advantage_statistics():
+    from tensordict import TensorDict
+
+    from srpo_rl.examples.utils_srpo import batch_metrics
+
+    success = [True, False, False, True, False]
+    progress = [1.0, 0.25, 0.5, 1.0, 0.125]
+    advantage = [1.5, -0.5, 0.0, 1.0, -2.0]
+    batch = TensorDict(success=torch.tensor(success), progress=torch.tensor(progress),
+                       reward=5.0 * torch.tensor(progress), advantage=torch.tensor(advantage), batch_size=[5])
+    metrics = batch_metrics(batch)
+    rewards = [5.0 * p for p in progress]
+    mean = sum(rewards) / 5
+    assert metrics["train/reward_mean"] == pytest.approx(mean)
+    assert metrics["train/reward_std"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 5) ** 0.5)
+    assert metrics["train/failure_progress_mean"] == pytest.approx((0.25 + 0.5 + 0.125) / 3)
+    assert metrics["train/failure_progress_max"] == pytest.approx(0.5)
+    assert metrics["train/advantage_abs_mean"] == pytest.approx(5.0 / 5)
+    assert (metrics["train/advantage_min"], metrics["train/advantage_max"]) == (-2.0, 1.5)
+    assert "train/failure_progress_mean" not in batch_metrics(batch[[0, 3]])  # no failure: no progress to show
