@@ -29,12 +29,13 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from importlib import metadata
 
 import numpy as np
+
+from _common import machine
 
 CHUNK = 8
 
@@ -141,24 +142,6 @@ def measure(raw: RawEnvs, suite: str, task: int, n: int, steps: int, segments: i
     return rates
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    machine = {"cpu": cpu, "cores": os.cpu_count(), "mujoco_gl": os.environ.get("MUJOCO_GL", "egl")}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            machine["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return machine
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="libero_object")
@@ -213,7 +196,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "env_throughput",
-                "machine": _machine(),
+                "machine": machine(),
                 "versions": versions,
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                 "suite": args.suite,

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import time
 from importlib import metadata
 
 import numpy as np
+
+from _common import machine, run_child
 
 DEFAULT_VERSIONS = "3.3.3,3.3.7,3.10.0,3.17.0"
 DEFAULT_SCENES = "libero_object:0:0,libero_goal:0:0,libero_spatial:0:0"
@@ -97,14 +98,7 @@ def _run(version: str, scene: tuple[str, int, int], out: str, state: str | None,
     command = [sys.executable, os.path.abspath(__file__), "--child", "--suite", suite, "--task", str(task)]
     command += ["--init", str(init), "--size", str(args.size), "--out", out]
     command += ["--state", state] if state else []
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"mujoco {version} on {suite} task {task} failed:\n{result.stderr[-3000:]}")
-    info = json.loads(lines[-1])
-    if info["mujoco"] != version:
-        raise RuntimeError(f"expected mujoco {version} in the child, got {info['mujoco']}")
-    return info
+    return run_child(command, env, version, f"on {suite} task {task}")
 
 
 def image_diff(image: np.ndarray, reference: np.ndarray) -> dict:
@@ -122,17 +116,6 @@ def image_diff(image: np.ndarray, reference: np.ndarray) -> dict:
 
 def _max_distance(positions: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(positions - reference, axis=-1).max())
-
-
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gl = os.environ.get("MUJOCO_GL", "egl")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "gl": gl}
 
 
 def _scenes(spec: str) -> list[tuple[str, int, int]]:
@@ -228,7 +211,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "mujoco_render_fidelity",
-                "machine": _machine(),
+                "machine": machine(),
                 "versions": versions_info,
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                 "baseline": baseline,

@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from importlib import metadata
+
+from _common import machine, run_child
 
 DEFAULT_VERSIONS = "2.3.7,3.1.6,3.2.7,3.3.2"
 
@@ -109,24 +110,7 @@ def _measure(version: str, args: argparse.Namespace) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([target, *filter(None, [env.get("PYTHONPATH")])])
     command = [sys.executable, os.path.abspath(__file__), "--child", "--suite", args.suite, "--task", str(args.task)]
     command += ["--steps", str(args.steps), "--core", str(args.core)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"mujoco {version} run failed:\n{result.stderr[-3000:]}")
-    out = json.loads(lines[-1])
-    if out["mujoco"] != version:
-        raise RuntimeError(f"expected mujoco {version} in the child, got {out['mujoco']}")
-    return out
-
-
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return run_child(command, env, version, "run")
 
 
 def main() -> None:
@@ -194,7 +178,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "mujoco_versions",
-                "machine": _machine(),
+                "machine": machine(),
                 "versions": versions_info,
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                 "suite": args.suite,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -30,6 +29,8 @@ import torchrl
 import transformers
 from tensordict import NonTensorStack, TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from _common import machine
 
 from srpo_rl.models.llama_tokenizer import build_tiny_llama_tokenizer
 from srpo_rl.models.openvla_oft import OpenVLAOFT, OpenVLAOFTConfig, write_tiny_checkpoint
@@ -61,20 +62,6 @@ def seven_b_policy(device: torch.device) -> OpenVLAOFTPolicy:
     model.reset_rotary_embedding()
     model.norm_stats = synthetic_dataset_statistics()
     return OpenVLAOFTPolicy(model.eval(), build_tiny_llama_tokenizer(), preprocessor_config(), unnorm_key="libero_10")
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
@@ -197,7 +184,7 @@ def main() -> None:
                 "baseline": "bare Llama forward (causal, no mask, no LM head) over the same tokens"
                 " + vision towers with projector",
                 "memory": "CUDA: peak allocated per figure; CPU: process peak RSS so far",
-                "machine": machine(),
+                "machine": {**machine(device), "torch_threads": torch.get_num_threads()},
                 "versions": {
                     "python": platform.python_version(),
                     "torch": torch.__version__,

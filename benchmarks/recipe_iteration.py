@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rollout_throughput import machine, versions
+from _common import machine, versions
 
 PHASES = ("time/rollout", "time/reward_and_advantage", "time/update", "time/validation")
 LINE = re.compile(r"^\[step (\d+)\] (.*)$")
@@ -133,7 +133,7 @@ def main() -> None:
         "checkpoint_writing_s": setup_s,
         "phases_s": {name: metrics.get(name) for name in PHASES},
         "metrics": metrics,
-        "machine": {**machine(device), "host_memory_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30},
+        "machine": machine(device),
         "versions": versions(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }))

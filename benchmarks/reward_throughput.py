@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -27,6 +26,8 @@ import torch
 import torchrl
 import transformers
 from transformers import VJEPA2Config, VJEPA2Model
+
+from _common import machine
 
 from srpo_rl.models.vjepa2 import VideoEmbedder, load_vjepa2, write_tiny_vjepa2_checkpoint
 
@@ -45,17 +46,6 @@ def vitg_384(device: torch.device) -> VJEPA2Model:
             p.normal_(0.0, 0.02) if p.ndim > 1 else (p.fill_(1.0) if "norm" in name else p.zero_())
     model.set_attn_implementation("sdpa")
     return model.eval()
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
 
 
 def measure(embedder: VideoEmbedder, videos: list[torch.Tensor], repeats: int) -> tuple[float, float | None]:
@@ -118,7 +108,7 @@ def main() -> None:
         r["ratio_vs_baseline"] = r["traj_per_s"] / base
 
     print(f"V-JEPA 2 reward embedder: {model_name}, {img_size}px, 64 frames, {n} videos of {args.video_len} "
-          f"frames {size}x{size}, device {device} ({machine()['gpu'] or machine()['cpu']})")
+          f"frames {size}x{size}, device {device} ({machine(device)['gpu'] or machine()['cpu']})")
     print(f"{'config':40s} {'traj/s':>9s} {'s/512 traj':>11s} {'vs baseline':>12s} {'peak GiB':>9s}")
     for r in results:
         peak = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
@@ -128,7 +118,7 @@ def main() -> None:
         "benchmark": "reward_throughput",
         "model": model_name, "img_size": img_size, "num_frames": 64, "trajectories": n,
         "video_len": args.video_len, "frame_size": size, "device": str(device),
-        "baseline": results[0]["config"], "results": results, "machine": machine(),
+        "baseline": results[0]["config"], "results": results, "machine": machine(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "torchrl": torchrl.__version__,
                      "sklearn": sklearn.__version__, "cuda": torch.version.cuda},

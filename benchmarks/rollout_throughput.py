@@ -37,19 +37,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from _common import machine, versions
 
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
@@ -425,27 +424,6 @@ def ratios(result: dict) -> None:
 
 
 # -- report -------------------------------------------------------------------------------------------
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "mujoco_gl": os.environ.get("MUJOCO_GL")}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchrl", "tensordict", "transformers", "mujoco", "robosuite", "numpy", "numba"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def print_table(results: list[dict], policy_name: str, reward_name: str) -> None:
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
     print(f"{'envs':>4} {'mode':>9} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "

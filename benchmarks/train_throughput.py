@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -43,6 +42,8 @@ from pathlib import Path
 
 import torch
 from tensordict import TensorDict
+
+from _common import machine
 
 from srpo_rl.objectives import SRPOLoss
 from srpo_rl.trainer import update_policy
@@ -264,25 +265,6 @@ def memory_plans(policy) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "gpu": None}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        out.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30)
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        out["host_memory_gib"] = pages / 2**30
-    except (ValueError, OSError):
-        pass
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random checkpoint on the CPU")

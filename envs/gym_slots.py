@@ -54,6 +54,7 @@ from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
 
 from .chunk import num_frames, validate_chunk
+from .slot_fields import slot_mask, slot_values
 
 __all__ = ["GymSlotEnv", "init_state_seed"]
 
@@ -203,8 +204,8 @@ class GymSlotEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         n = self.num_envs
-        mask = _slot_mask(tensordict, "_reset", n)
-        ids = {key: _slot_values(tensordict, key, n) for key in _ID_KEYS}
+        mask = slot_mask(tensordict, "_reset", n)
+        ids = {key: slot_values(tensordict, key, n) for key in _ID_KEYS}
         for s in torch.nonzero(mask).flatten().tolist():
             slot = self._slots[s]
             task = int(ids["task_id"][s]) if ids["task_id"] is not None else slot.task_id
@@ -232,7 +233,7 @@ class GymSlotEnv(EnvBase):
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         n, k, image = self.num_envs, self.num_frames, self.image_shape
         actions = self._check_action(tensordict.get("action", None))
-        slots = torch.nonzero(_slot_mask(tensordict, "_step", n)).flatten().tolist()
+        slots = torch.nonzero(slot_mask(tensordict, "_step", n)).flatten().tolist()
         over = [s for s in slots if self._slots[s].done]
         if over:
             raise RuntimeError(
@@ -352,21 +353,3 @@ class GymSlotEnv(EnvBase):
 
 def _flat_state(obs: Any) -> np.ndarray:
     return np.asarray(obs, dtype=np.float32).reshape(-1)
-
-
-def _slot_mask(tensordict: TensorDictBase | None, key: str, n: int) -> torch.Tensor:
-    if tensordict is None or key not in tensordict.keys():
-        return torch.ones(n, dtype=torch.bool)
-    mask = tensordict.get(key)
-    if mask.numel() != n:
-        raise ValueError(f"{key!r} has shape {list(mask.shape)}; expected [{n}] or [{n}, 1]")
-    return mask.reshape(n).to("cpu", torch.bool)
-
-
-def _slot_values(tensordict: TensorDictBase | None, key: str, n: int) -> torch.Tensor | None:
-    if tensordict is None or key not in tensordict.keys():
-        return None
-    value = tensordict.get(key)
-    if value.numel() != n or value.is_floating_point():
-        raise ValueError(f"{key!r} must be an integer tensor of shape [{n}, 1], got {value.dtype} {list(value.shape)}")
-    return value.reshape(n).to("cpu", torch.int64)

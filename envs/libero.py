@@ -55,6 +55,7 @@ from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
 
 from .chunk import num_frames, validate_chunk
+from .slot_fields import slot_mask, slot_values
 from .sim import ACTION_DIM
 from .suites import RECIPE_MAX_STEPS, default_max_steps, suite_info
 from .workers import Failure, SimWorkers, WorkerError
@@ -241,7 +242,7 @@ class LiberoVecEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         n = self.num_envs
-        requests, ids = self._reset_requests(tensordict, _slot_mask(tensordict, "_reset", n))
+        requests, ids = self._reset_requests(tensordict, slot_mask(tensordict, "_reset", n))
         self._check_idle(requests)
         timeout = self._reset_timeout(requests)
         results = self._workers.call(self._reset_commands(requests), timeout=timeout)
@@ -249,7 +250,7 @@ class LiberoVecEnv(EnvBase):
         return self._output(chunk_steps=torch.zeros(n, 1, dtype=torch.int64), frames=None)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        slots, actions = self._step_slots(tensordict, _slot_mask(tensordict, "_step", self.num_envs))
+        slots, actions = self._step_slots(tensordict, slot_mask(tensordict, "_step", self.num_envs))
         self._check_idle(slots)
         commands = self._step_commands(slots, actions)
         return self._step_output(slots, self._workers.call(commands))
@@ -280,8 +281,8 @@ class LiberoVecEnv(EnvBase):
         """
         n = self.num_envs
         no_slot = torch.zeros(n, dtype=torch.bool)
-        reset_mask = _slot_mask(tensordict, "_reset", n) if "_reset" in tensordict.keys() else no_slot
-        step_mask = _slot_mask(tensordict, "_step", n) if "_step" in tensordict.keys() else ~reset_mask
+        reset_mask = slot_mask(tensordict, "_reset", n) if "_reset" in tensordict.keys() else no_slot
+        step_mask = slot_mask(tensordict, "_step", n) if "_step" in tensordict.keys() else ~reset_mask
         both = torch.nonzero(step_mask & reset_mask).flatten().tolist()
         if both:
             raise ValueError(f"slots {both} are in both '_step' and '_reset'; a slot either steps or resets")
@@ -326,7 +327,7 @@ class LiberoVecEnv(EnvBase):
             [True, False]
         """
         n = self.num_envs
-        requests, ids = self._reset_requests(tensordict, _slot_mask(tensordict, "_reset", n))
+        requests, ids = self._reset_requests(tensordict, slot_mask(tensordict, "_reset", n))
         self._check_idle(requests)
         self._workers.send(self._reset_commands(requests), timeout=self._reset_timeout(requests))
         self._resetting.update({slot: (request, ids) for slot, request in requests.items()})
@@ -374,7 +375,7 @@ class LiberoVecEnv(EnvBase):
 
     def _reset_requests(self, tensordict: TensorDictBase | None, mask: torch.Tensor):
         n = self.num_envs
-        ids = {key: _slot_values(tensordict, key, n) for key in _ID_KEYS}
+        ids = {key: slot_values(tensordict, key, n) for key in _ID_KEYS}
         requests = {}
         for slot in torch.nonzero(mask).flatten().tolist():
             task = int(ids["task_id"][slot]) if ids["task_id"] is not None else int(self._slots["task_id"][slot])
@@ -544,45 +545,13 @@ class LiberoVecEnv(EnvBase):
         super().close(raise_if_closed=raise_if_closed)
 
 
-def _slot_mask(tensordict: TensorDictBase | None, key: str, n: int) -> torch.Tensor:
-    if tensordict is None or key not in tensordict.keys():
-        return torch.ones(n, dtype=torch.bool)
-    mask = tensordict.get(key)
-    if mask.numel() != n:
-        raise ValueError(f"{key!r} has shape {list(mask.shape)}; expected [{n}] or [{n}, 1]")
-    return mask.reshape(n).to("cpu", torch.bool)
-
-
-def _slot_values(tensordict: TensorDictBase | None, key: str, n: int) -> torch.Tensor | None:
-    if tensordict is None or key not in tensordict.keys():
-        return None
-    value = tensordict.get(key)
-    if value.numel() != n or value.is_floating_point():
-        raise ValueError(f"{key!r} must be an integer tensor of shape [{n}, 1], got {value.dtype} {list(value.shape)}")
-    return value.reshape(n).to("cpu", torch.int64)
-
-
-def make_libero_env(
-    suite: str,
-    num_envs: int,
-    *,
-    max_steps: int | str | None = None,
-    num_steps_wait: int = 10,
-    action_chunks_len: int = 8,
-    action_token_len: int = ACTION_DIM,
-    frame_stride: int | None = None,
-    image_size: int = 256,
-    wrist_image: bool = False,
-    proprio: bool = False,
-    step_timeout: float = 120.0,
-    seed: int = 0,
-    **kwargs,
-) -> LiberoVecEnv:
+def make_libero_env(suite: str, num_envs: int, **kwargs) -> LiberoVecEnv:
     """Builds a :class:`LiberoVecEnv`: ``num_envs`` LIBERO simulations of ``suite``, batched.
 
-    ``max_steps=None`` uses the SRPO recipe's 512 env steps and ``max_steps="suite"`` the
-    OpenVLA-OFT evaluation length of the suite. Other keyword arguments (``task_ids``,
-    ``build_timeout``, ``device``) go to :class:`LiberoVecEnv`, which documents them all.
+    Keyword arguments go to :class:`LiberoVecEnv`, which documents them all (``max_steps``,
+    ``num_steps_wait``, ``action_chunks_len``, ``frame_stride``, ``image_size``, ``wrist_image``,
+    ``task_ids``, ``step_timeout``, ``seed``, ...). ``max_steps=None`` uses the SRPO recipe's 512 env
+    steps and ``max_steps="suite"`` the OpenVLA-OFT evaluation length of the suite.
 
     Raises:
         ValueError: unknown suite, ``num_envs < 1`` or another bad argument (the message lists the
@@ -594,18 +563,4 @@ def make_libero_env(
         >>> env.max_steps  # doctest: +SKIP
         520
     """
-    return LiberoVecEnv(
-        suite,
-        num_envs,
-        max_steps=max_steps,
-        num_steps_wait=num_steps_wait,
-        action_chunks_len=action_chunks_len,
-        action_token_len=action_token_len,
-        frame_stride=frame_stride,
-        image_size=image_size,
-        wrist_image=wrist_image,
-        proprio=proprio,
-        step_timeout=step_timeout,
-        seed=seed,
-        **kwargs,
-    )
+    return LiberoVecEnv(suite, num_envs, **kwargs)

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from srpo_rl.distributed import DistInfo, all_reduce_sum, shard_actor
+from srpo_rl.distributed import DistInfo, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
 from srpo_rl.loggers import MetricLogger

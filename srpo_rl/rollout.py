@@ -88,7 +88,8 @@ class RolloutStats:
 
     ``env_time`` is the time the loop spent in env calls (sending rounds and waiting for their results),
     ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (the first one of every slot, and
-    every reset of an env without ``step_send``; the others ride in the env rounds and count as ``env_time``).
+    every reset of an env without ``step_send``; the others ride in the env rounds or, when they change the
+    task, go out on their own, and count as ``env_time`` only while the loop waits for them).
     """
 
     trajectories: int = 0

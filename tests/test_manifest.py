@@ -1,6 +1,5 @@
 """Manifest generation, loading and validation against the real LIBERO benchmark tables."""
 
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -1,0 +1,56 @@
+"""What every benchmark's JSON line records: the machine, the package versions, and MuJoCo child runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+PACKAGES = ("torch", "torchrl", "tensordict", "transformers", "mujoco", "robosuite", "numpy", "numba")
+
+
+def machine(device=None) -> dict:
+    """CPU model, cores, host memory, Python, the MuJoCo GL backend and, on a CUDA ``device``, the GPU."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+           "mujoco_gl": os.environ.get("MUJOCO_GL"), "gpu": None}
+    try:
+        out["host_memory_gib"] = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        pass
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30)
+    return out
+
+
+def versions(names: tuple[str, ...] = PACKAGES) -> dict:
+    """Installed versions of ``names`` (``None`` for a missing one), with Python's."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_child(command: list[str], env: dict, version: str, what: str) -> dict:
+    """Runs a benchmark's ``--child`` under another MuJoCo and returns its JSON line (checked for ``version``)."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"mujoco {version} {what} failed:\n{result.stderr[-3000:]}")
+    out = json.loads(lines[-1])
+    if out["mujoco"] != version:
+        raise RuntimeError(f"expected mujoco {version} in the child, got {out['mujoco']}")
+    return out
