@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = ("torch", "torchrl", "tensordict", "transformers", "mujoco", "robosuite", "numpy", "numba")
 
@@ -31,6 +33,11 @@ def machine(device=None) -> dict:
         props = torch.cuda.get_device_properties(device)
         out.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30)
     return out
+
+
+def command() -> str:
+    """This run's command line, with the script as ``benchmarks/<name>`` (no path of the machine it ran on)."""
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def versions(names: tuple[str, ...] = PACKAGES) -> dict:

@@ -35,7 +35,7 @@ from importlib import metadata
 
 import numpy as np
 
-from _common import machine
+from _common import command, machine
 
 CHUNK = 8
 
@@ -198,7 +198,7 @@ def main() -> None:
                 "benchmark": "env_throughput",
                 "machine": machine(),
                 "versions": versions,
-                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                "command": command(),
                 "suite": args.suite,
                 "task": args.task,
                 "steps_per_segment": args.steps,

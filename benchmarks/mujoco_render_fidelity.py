@@ -35,7 +35,7 @@ from importlib import metadata
 
 import numpy as np
 
-from _common import machine, run_child
+from _common import command, machine, run_child
 
 DEFAULT_VERSIONS = "3.3.3,3.3.7,3.10.0,3.17.0"
 DEFAULT_SCENES = "libero_object:0:0,libero_goal:0:0,libero_spatial:0:0"
@@ -213,7 +213,7 @@ def main() -> None:
                 "benchmark": "mujoco_render_fidelity",
                 "machine": machine(),
                 "versions": versions_info,
-                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                "command": command(),
                 "baseline": baseline,
                 "size": args.size,
                 "results": rows,

@@ -30,7 +30,7 @@ import sys
 import time
 from importlib import metadata
 
-from _common import machine, run_child
+from _common import command, machine, run_child
 
 DEFAULT_VERSIONS = "2.3.7,3.1.6,3.2.7,3.3.2"
 
@@ -180,7 +180,7 @@ def main() -> None:
                 "benchmark": "mujoco_versions",
                 "machine": machine(),
                 "versions": versions_info,
-                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                "command": command(),
                 "suite": args.suite,
                 "task": args.task,
                 "steps": args.steps,

@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import tensordict
 import torch
@@ -30,7 +29,7 @@ import transformers
 from tensordict import NonTensorStack, TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from _common import machine
+from _common import command, machine
 
 from srpo_rl.models.llama_tokenizer import build_tiny_llama_tokenizer
 from srpo_rl.models.openvla_oft import OpenVLAOFT, OpenVLAOFTConfig, write_tiny_checkpoint
@@ -192,7 +191,7 @@ def main() -> None:
                     "torchrl": torchrl.__version__,
                     "tensordict": tensordict.__version__,
                 },
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "command": command(),
             }
         )
     )

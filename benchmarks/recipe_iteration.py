@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from _common import machine, versions
+from _common import command, machine, versions
 
 PHASES = ("time/rollout", "time/reward_and_advantage", "time/update", "time/validation")
 LINE = re.compile(r"^\[step (\d+)\] (.*)$")
@@ -65,12 +65,12 @@ def overrides(args, policy_dir: Path | None, vjepa_dir: Path | None, out: Path) 
     ]
 
 
-def run_recipe(command: list[str], log_path: Path) -> tuple[dict[str, float], float, int]:
+def run_recipe(script: list[str], log_path: Path) -> tuple[dict[str, float], float, int]:
     """Runs the example script, echoing its output; returns the logged scalars of its step lines."""
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}  # less fragmentation at 7B
-    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with open(log_path, "w") as log, subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, bufsize=1, env=env) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -118,9 +118,9 @@ def main() -> None:
     setup_s = 0.0
     if not args.tiny:
         policy_dir, vjepa_dir, setup_s = write_checkpoints(out, device)
-    command = [sys.executable, "-m", "srpo_rl.examples.srpo_libero", *overrides(args, policy_dir, vjepa_dir, out / "run")]
-    print("running:", " ".join(command), flush=True)
-    metrics, wall, code = run_recipe(command, out / "recipe.log")
+    script = [sys.executable, "-m", "srpo_rl.examples.srpo_libero", *overrides(args, policy_dir, vjepa_dir, out / "run")]
+    print("running:", " ".join(script), flush=True)
+    metrics, wall, code = run_recipe(script, out / "recipe.log")
     if code != 0:
         sys.exit(f"the example script failed with exit code {code} (log: {out / 'recipe.log'})")
     print_table(metrics, wall, setup_s)
@@ -135,7 +135,7 @@ def main() -> None:
         "metrics": metrics,
         "machine": machine(device),
         "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
     }))
 
 

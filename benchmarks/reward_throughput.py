@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torchrl
 import transformers
 from transformers import VJEPA2Config, VJEPA2Model
 
-from _common import machine
+from _common import command, machine
 
 from srpo_rl.models.vjepa2 import VideoEmbedder, load_vjepa2, write_tiny_vjepa2_checkpoint
 
@@ -122,7 +121,7 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "torchrl": torchrl.__version__,
                      "sklearn": sklearn.__version__, "cuda": torch.version.cuda},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
     }))
 
 

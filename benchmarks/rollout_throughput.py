@@ -48,7 +48,7 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from _common import machine, versions
+from _common import command, machine, versions
 
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
@@ -514,7 +514,7 @@ def main() -> None:
         "results": results,
         "machine": machine(device),
         "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
     }))
 
 

@@ -38,12 +38,11 @@ import sys
 import tempfile
 import time
 from importlib import metadata
-from pathlib import Path
 
 import torch
 from tensordict import TensorDict
 
-from _common import machine
+from _common import command, machine
 
 from srpo_rl.objectives import SRPOLoss
 from srpo_rl.trainer import update_policy
@@ -346,7 +345,7 @@ def main() -> None:
         "machine": machine(device),
         "versions": {name: _version(name) for name in ("torch", "transformers", "torchrl", "tensordict")}
         | {"python": platform.python_version(), "cuda": torch.version.cuda},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
     }))
 
 
