@@ -295,6 +295,30 @@ def test_async_steps_come_back_in_send_order(env):
     assert env.worker_time["step_chunk"] > 0 and env.worker_time["reset"] > 0
 
 
+def test_a_reset_sent_on_its_own_is_collected_later(env):
+    n = env.num_envs
+    ids = {k: torch.tensor([[5], [6]]) for k in ("rollout_id", "group_id")}
+    env.reset(TensorDict({"_reset": torch.ones(n, 1, dtype=torch.bool), "task_id": torch.tensor([[1], [1]]),
+                          "init_state_id": torch.tensor([[0], [1]]), **ids}, [n]))
+    # slot 0 loads another task (a rebuild: seconds); slot 1 steps meanwhile
+    env.reset_send(TensorDict({"_reset": torch.tensor([[True], [False]]), "task_id": torch.tensor([[3], [1]]),
+                               "init_state_id": torch.tensor([[4], [1]]), **ids}, [n]))
+    assert env.pending_resets == [0]
+    assert env.reset_recv(timeout=0.0) is None  # a rebuild is not done in no time
+    action = torch.zeros(n, CHUNK, 7)
+    with pytest.raises(RuntimeError, match=r"slots \[0\] have a reset in flight"):
+        env.step_send(TensorDict({"action": action, "_step": torch.tensor([True, False])}, [n]))
+    env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True])}, [n]))
+    assert env.step_recv()["chunk_steps"].flatten().tolist() == [0, CHUNK]
+    out = env.reset_recv(timeout=None)
+    assert out["_reset"].flatten().tolist() == [True, False]
+    assert out["task_id"].flatten().tolist() == [3, 1] and out["init_state_id"][0].item() == 4
+    assert out["step_count"].flatten().tolist() == [0, CHUNK] and env.task_ids == [3, 1]
+    assert env.pending_resets == []
+    with pytest.raises(RuntimeError, match="without a pending reset_send"):
+        env.reset_recv()
+
+
 def test_overlap_needs_an_async_env(policy):
     class NoAsync:
         batch_size = torch.Size([1])
