@@ -4,8 +4,9 @@ The real pipeline (GymSlotEnv on gymnasium's Reacher-v5, StateTokenPolicy, colle
 SRPOProgressReward on a tiny frozen V-JEPA 2, GroupAdvantage, SRPOLoss, update_policy) must raise the greedy
 success rate on held-out init states: the mean of the evaluations at 30 and 60 iterations at least 20 points
 above the start. One evaluation alone moves by +-6 points between neighbouring evaluations, and the same seed
-learns along other paths on other CPUs (float rounding), so the test averages two and keeps a margin: seed 1
-went 28 -> 67 % at 50 iterations on an AMD EPYC, 30.5 -> 51 % at 50 and 64 % at 60 on an Intel Xeon. Also checks the token policy's contract against
+learns along other paths on other CPUs (most likely float rounding), so the test averages two and keeps a
+margin: seed 1 was reported at 28 -> 67 % after 50 iterations on an AMD EPYC; on an Intel Xeon it gives
+30.5 -> 51 % at 50 and 56.5 / 64 % at 30 / 60. Also checks the token policy's contract against
 values computed here by hand.
 """
 
