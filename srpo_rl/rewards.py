@@ -410,7 +410,9 @@ class BackgroundEmbedder:
     batch (it waits for the ones still being computed) and store them under the reward's ``embedding``
     key: :class:`SRPOProgressReward` uses them instead of embedding again. Trajectories that end together
     are embedded as one batch of up to ``batch_size`` videos. Each video is the trajectory's own
-    (``video_key_by="rollout"``).
+    (``video_key_by="rollout"``). It embeds every finished trajectory, also those of groups the accuracy
+    filter drops later: more GPU work than embedding the kept groups after the rollout, but done in time
+    the GPU would otherwise idle.
 
     Args:
         embedder: a :class:`~srpo_rl.models.vjepa2.VideoEmbedder` (or any callable mapping a sequence of
