@@ -11,18 +11,23 @@ executes the same env steps, so its env-steps/s compare directly.
   the finished envs masked (not stepped, still queried); then the next batch.
 - ``sync``: ``collect_rollouts(overlap=False)``: the policy decides for the running slots, they step,
   finished slots take the next request at once (same task first: soft reset).
-- ``overlap``: ``collect_rollouts(overlap=True)``: two halves in ping-pong, the policy runs on one half
-  while the other simulates; resets ride in the halves' rounds.
+- ``halves``: ``collect_rollouts(overlap="halves")``: two fixed halves in ping-pong, the policy runs on
+  one half while the other simulates; each half's round waits for its slowest slot.
+- ``pool``: ``collect_rollouts(overlap=True)``: an asynchronous pool, the policy decides for the slots
+  whose chunk came back (in one batch) while the others simulate; no slot waits for another.
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time); ``min_ceiling`` is the smaller.
-- ``embed``: the faster of ``sync`` / ``overlap`` with ``on_finished`` handing each finished trajectory
+- ``embed``: the fastest of ``sync`` / ``halves`` / ``pool`` with ``on_finished`` handing each finished trajectory
   to :class:`srpo_rl.rewards.BackgroundEmbedder`, which embeds its video (V-JEPA 2) on a side CUDA stream
   while the rollout goes on: the reward's embedding cost moved into the GPU's idle time (``extra_wall_s``
   against the same mode without it; the reward row is the batch embedded after the rollout).
-- ``steady``: each scheduler mode's env-steps/s until the first round with idle slots (no request left
-  for them), i.e. without the batch's tail, which shrinks as requests per env grow (512 per iteration
-  in the recipe against 2 per env here).
+- ``steady``: each scheduler mode's env-steps/s until the last episode start (no request left after
+  it), i.e. without the batch's tail, which shrinks as requests per env grow (512 rollouts per
+  iteration on 16 envs in the recipe: 32 per env).
+- utilisation: ``gpu_busy`` = policy time / wall time (the main thread in the policy call), ``busy_sims``
+  = worker time (steps + resets) / wall time, the mean number of simulations at work, and
+  ``mean_batch`` = decisions / policy calls.
 - split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
   frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
   reward (V-JEPA 2 embedding + scores) of the embed run's trajectories, after the rollout.
@@ -56,6 +61,12 @@ from srpo_rl.rewards import BackgroundEmbedder
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests
 
 CHUNK = 8
+SCHEDULER_MODES = {"sync": False, "halves": "halves", "pool": True}  # mode -> collect_rollouts(overlap=...)
+
+
+def log(message: str) -> None:
+    """A progress line on stderr with the wall-clock time (to line it up with the machine's CPU log)."""
+    print(f"{time.time():.1f} {message}", file=sys.stderr, flush=True)
 
 
 # -- workload ---------------------------------------------------------------------------------------
@@ -79,15 +90,16 @@ def due(step_count: int, success_step: int | None) -> bool:
 class ForcedSuccessEnv(LiberoVecEnv):
     """LiberoVecEnv whose chosen rollouts succeed at a given step (moved into the goal just before).
 
-    It also logs every round as ``(end time, env steps executed, busy slots)``, busy = stepped + reset:
-    the rounds before the first one with idle slots are the steady state, the rest is the batch's tail.
+    It also logs ``rounds``: ``(time, env steps executed)`` of every result it hands back, and ``starts``:
+    the time of every episode start (reset) sent. After the last start no request is left, so slots go
+    idle one by one: what comes before it is the steady state, the rest the batch's tail.
     """
 
     def __init__(self, *args, success_step: dict[int, int], **kwargs):
         super().__init__(*args, **kwargs)
         self.success_step = success_step
-        self.rounds: list[tuple[float, int, int]] = []
-        self._busy: list[int] = []
+        self.rounds: list[tuple[float, int]] = []
+        self.starts: list[float] = []
 
     def _stepped(self, tensordict) -> list[int]:
         mask = tensordict.get("_step", torch.ones(self.num_envs, dtype=torch.bool)).reshape(-1)
@@ -101,35 +113,47 @@ class ForcedSuccessEnv(LiberoVecEnv):
         if due_slots:
             self.teleport_to_goal(due_slots)
 
-    def _step(self, tensordict):
-        slots = self._stepped(tensordict)
-        self._teleport(slots)
-        out = super()._step(tensordict)
-        self.rounds.append((time.perf_counter(), int(out["chunk_steps"].sum()), len(slots)))
+    def _log_starts(self, tensordict) -> None:
+        if tensordict is not None and "_reset" in tensordict.keys() and tensordict["_reset"].any():
+            self.starts.append(time.perf_counter())
+
+    def _log_result(self, out):
+        if out is not None:
+            self.rounds.append((time.perf_counter(), int(out["chunk_steps"].sum())))
         return out
+
+    def _reset(self, tensordict=None, **kwargs):
+        self._log_starts(tensordict)
+        return super()._reset(tensordict, **kwargs)
+
+    def _step(self, tensordict):
+        self._teleport(self._stepped(tensordict))
+        return self._log_result(super()._step(tensordict))
 
     def step_send(self, tensordict):
-        slots = self._stepped(tensordict)
-        self._teleport(slots)
-        resets = int(tensordict["_reset"].sum()) if "_reset" in tensordict.keys() else 0
-        self._busy.append(len(slots) + resets)
+        self._teleport(self._stepped(tensordict))
+        self._log_starts(tensordict)
         return super().step_send(tensordict)
 
+    def reset_send(self, tensordict):
+        self._log_starts(tensordict)
+        return super().reset_send(tensordict)
+
     def step_recv(self):
-        out = super().step_recv()
-        self.rounds.append((time.perf_counter(), int(out["chunk_steps"].sum()), self._busy.pop(0)))
-        return out
+        return self._log_result(super().step_recv())
+
+    def step_recv_ready(self, timeout=None):
+        return self._log_result(super().step_recv_ready(timeout))
 
 
-def steady_state(rounds: list[tuple[float, int, int]], start: float) -> dict:
-    """env-steps/s until the first round with idle slots (no request left for them): the batch minus its tail."""
-    full = max(busy for _, _, busy in rounds)
-    cut = next((i for i, (_, _, busy) in enumerate(rounds) if busy < full), len(rounds))
-    if cut == 0:
+def steady_state(env: ForcedSuccessEnv, start: float) -> dict:
+    """env-steps/s until the last episode start (no request left after it): the batch minus its tail."""
+    cut = max(env.starts)
+    steps = sum(n for t, n in env.rounds if t <= cut)
+    if cut <= start or steps == 0:
         return {"steady_env_steps_per_s": None, "steady_fraction_of_steps": 0.0}
-    steps = sum(n for _, n, _ in rounds[:cut])
-    return {"steady_env_steps_per_s": steps / (rounds[cut - 1][0] - start),
-            "steady_fraction_of_steps": steps / max(1, sum(n for _, n, _ in rounds))}
+    return {"steady_env_steps_per_s": steps / (cut - start),
+            "steady_fraction_of_steps": steps / max(1, sum(n for _, n in env.rounds))}
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -259,9 +283,10 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
             "rebuild_s": rebuild_s, "rebuilds": rebuilds}
 
 
-def scheduler(env, policy, requests, overlap: bool, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
+def scheduler(env, policy, requests, overlap: bool | str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
+    env.starts.clear()
     start = time.perf_counter()
     trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     after = env.worker_time
@@ -277,9 +302,13 @@ def scheduler(env, policy, requests, overlap: bool, timer: PreprocessTimer, on_f
         "worker_step_cpu_s": after.get("step_chunk", 0.0) - before.get("step_chunk", 0.0),
         "worker_reset_cpu_s": after.get("reset", 0.0) - before.get("reset", 0.0),
         "successes": int(trajs["success"].sum()),
+        "policy_calls": stats.policy_calls,
     }
     row["forward_s"] = row["policy_s"] - row["preprocess_s"]
-    row.update(steady_state(env.rounds, start))
+    row["gpu_busy"] = row["policy_s"] / row["wall_s"]
+    row["busy_sims"] = (row["worker_step_cpu_s"] + row["worker_reset_cpu_s"]) / row["wall_s"]
+    row["mean_batch"] = row["decisions"] / max(1, row["policy_calls"])
+    row.update(steady_state(env, start))
     return row, trajs
 
 
@@ -320,17 +349,17 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
     tasks = [r.task_id for r in requests[:num_envs]]
     names = suite_info(args.suite).instructions
     result = {"num_envs": num_envs, "requests": len(requests), "forced_successes": len(success_step)}
-    print(f"[{num_envs} envs] {len(requests)} requests, {len(success_step)} forced successes", file=sys.stderr)
+    log(f"[{num_envs} envs] {len(requests)} requests, {len(success_step)} forced successes")
 
     sizes = sorted({num_envs, max(1, num_envs // 2)})
     result["bare_policy"] = [bare_policy(policy, b, names, device, args.repeats) for b in sizes]
     workers = SimWorkers(sim_kwargs(args), tasks, build_timeout=900)
     try:
         result["bare_sim"] = bare_sim(workers, args, tasks)
-        print(f"[{num_envs} envs] bare sim {result['bare_sim']['env_steps_per_s']:.1f} env-steps/s", file=sys.stderr)
+        log(f"[{num_envs} envs] bare sim {result['bare_sim']['env_steps_per_s']:.1f} env-steps/s")
         if "lockstep" in args.modes:
             result["lockstep"] = lockstep(workers, policy, requests, success_step, args, device)
-            print(f"[{num_envs} envs] lockstep {result['lockstep']['env_steps_per_s']:.1f}", file=sys.stderr)
+            log(f"[{num_envs} envs] lockstep {result['lockstep']['env_steps_per_s']:.1f}")
     finally:
         workers.close()
 
@@ -341,27 +370,28 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
         # every worker builds its task and compiles numba's kernels here, so that no measured mode pays for it
         env.reset()
         env.step(TensorDict({"action": torch.zeros(num_envs, CHUNK, 7)}, [num_envs]))
-        for mode in ("sync", "overlap"):
+        for mode in SCHEDULER_MODES:
             if mode in args.modes:
-                result[mode], trajs = scheduler(env, policy, requests, mode == "overlap", timer)
-                print(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}", file=sys.stderr)
+                result[mode], trajs = scheduler(env, policy, requests, SCHEDULER_MODES[mode], timer)
+                log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
         if "embed" in args.modes and reward is not None:
             # the faster scheduler mode of this run, with every finished trajectory embedded for the reward
             # while the others run
-            overlap = result.get("overlap", {}).get("env_steps_per_s", 0) >= result.get("sync", {}).get("env_steps_per_s", 0)
+            mode = max((m for m in SCHEDULER_MODES if m in result), key=lambda m: result[m]["env_steps_per_s"],
+                       default="pool")
             background = BackgroundEmbedder(reward.embedder, device=device)
-            row, trajs = scheduler(env, policy, requests, overlap, timer, on_finished=background)
+            row, trajs = scheduler(env, policy, requests, SCHEDULER_MODES[mode], timer, on_finished=background)
             t0 = time.perf_counter()
             embeddings = background.pop(trajs["rollout_id"])
             row["drain_s"] = time.perf_counter() - t0
             row["embed_busy_s"] = background.busy_time
-            row["overlap"] = overlap
+            row["mode"] = mode
             row["wall_with_drain_s"] = row["wall_s"] + row["drain_s"]
             row["env_steps_per_s"] = row["env_steps"] / row["wall_with_drain_s"]
             background.close()
             result["embed"] = row
-            print(f"[{num_envs} envs] {'overlap' if overlap else 'sync'} + background embedding "
-                  f"{row['env_steps_per_s']:.1f}", file=sys.stderr)
+            log(f"[{num_envs} envs] {mode} + background embedding "
+                  f"{row['env_steps_per_s']:.1f}")
     finally:
         env.close()
 
@@ -390,7 +420,7 @@ def ratios(result: dict) -> None:
                 "bare_policy": max(b["forward_env_steps_per_s"] for b in result["bare_policy"])}
     result["ceilings"] = {**ceilings, "min_ceiling": min(ceilings.values())}
     sim = result["bare_sim"]
-    for mode in ("lockstep", "sync", "overlap", "embed"):
+    for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
         row = result.get(mode)
         if row is None:
             continue
@@ -413,7 +443,7 @@ def ratios(result: dict) -> None:
                                    "waiting_for_env": row["env_wait_s"]}
     if "reward" in result and "embed" in result:
         reward, embed = result["reward"], result["embed"]
-        plain = result.get("overlap" if embed["overlap"] else "sync")  # the same scheduler mode, no embedding
+        plain = result.get(embed["mode"])  # the same scheduler mode, no embedding
         if plain is None:
             return
         reward["vs_rollout_wall"] = reward["seconds"] / plain["wall_s"]
@@ -427,7 +457,8 @@ def ratios(result: dict) -> None:
 def print_table(results: list[dict], policy_name: str, reward_name: str) -> None:
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
     print(f"{'envs':>4} {'mode':>9} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
-          f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9}")
+          f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9} "
+          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5}")
     for r in results:
         print(f"{r['num_envs']:>4} {'bare sim':>9} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
               f"(physics {1e3 * r['bare_sim']['physics_s_per_step']:.1f} ms/step, "
@@ -435,7 +466,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
         for b in r["bare_policy"]:
             print(f"{r['num_envs']:>4} {'bare pol':>9} {b['forward_env_steps_per_s']:>8.1f}  "
                   f"(batch {b['batch']}: forward {b['forward_ms']:.1f} ms, policy step {b['policy_step_ms']:.1f} ms)")
-        for mode in ("lockstep", "sync", "overlap", "embed"):
+        for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
             row = r.get(mode)
             if row is None:
                 continue
@@ -446,7 +477,8 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   f"{row['vs_min_ceiling']:>10.2f}x {steady:>7} {st_ceil:>10} {row['wall_s']:>7.1f} "
                   f"{row['policy_s']:>8.1f} "
                   f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('env_wait_s', float('nan')):>10.1f} "
-                  f"{row.get('worker_step_cpu_s', float('nan')):>9.1f}")
+                  f"{row.get('worker_step_cpu_s', float('nan')):>9.1f} {row.get('gpu_busy', float('nan')):>8.2f} "
+                  f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f}")
         if "reward" in r:
             rw = r["reward"]
             print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "
@@ -454,7 +486,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   "rollout's wall time)")
         if "embed" in r and "extra_wall_s" in r["embed"]:
             e = r["embed"]
-            print(f"{r['num_envs']:>4} {'embed':>9} embedding during the {'overlap' if e['overlap'] else 'sync'} rollout added "
+            print(f"{r['num_envs']:>4} {'embed':>9} embedding during the {e['mode']} rollout added "
                   f"{e['extra_wall_s']:.1f} s "
                   f"(drain {e['drain_s']:.1f} s) against {r['reward']['seconds']:.1f} s after it; "
                   f"max |diff| of embeddings {e.get('max_abs_diff_vs_batch', float('nan')):.2e}")
@@ -472,8 +504,8 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
-    parser.add_argument("--modes", default="lockstep,sync,overlap,embed",
-                        help="embed = the faster of sync / overlap with each finished trajectory embedded for the "
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,embed",
+                        help="embed = the fastest of sync / halves / pool with each finished trajectory embedded for the "
                              "reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")
     parser.add_argument("--check-embeddings", action="store_true",

@@ -308,6 +308,46 @@ class LiberoVecEnv(EnvBase):
         self._apply_resets(requests, ids, {s: results[s] for s in requests})
         return self._step_proc_data(self._step_output(slots, {s: results[s] for s in slots}))
 
+    def step_recv_ready(self, timeout: float | None = None) -> TensorDictBase | None:
+        """Collects every slot of any pending :meth:`step_send` whose result is in, in whatever order they
+        finish, waiting up to ``timeout`` seconds for one (``None``: as long as it takes); ``None`` when none is.
+
+        For an asynchronous pool of slots: the caller decides for the slots as they come back instead of
+        waiting for a whole round, so one slow slot (a reset, a long chunk) holds up no other. The result has
+        the layout of :meth:`step_recv`, plus ``"_ready"`` (bool ``[N, 1]``) marking the collected slots
+        (stepped or reset); slots still simulating stay in flight for a later call.
+
+        Examples:
+            >>> env = make_libero_env("libero_object", num_envs=2)  # doctest: +SKIP
+            >>> _ = env.reset()  # doctest: +SKIP
+            >>> env.step_send(TensorDict({"action": torch.zeros(2, 8, 7), "_step": torch.tensor([True, False])}, [2]))  # doctest: +SKIP
+            >>> env.step_send(TensorDict({"action": torch.zeros(2, 8, 7), "_step": torch.tensor([False, True])}, [2]))  # doctest: +SKIP
+            >>> out = env.step_recv_ready()  # the first slot to finish, maybe both  # doctest: +SKIP
+            >>> out["_ready"].flatten().tolist()  # doctest: +SKIP
+            [False, True]
+        """
+        flying = [s for slots, requests, _ in self._sent for s in (*slots, *requests)]
+        if not flying:
+            raise RuntimeError("step_recv_ready() without a pending step_send()")
+        done = set(self._workers.ready(flying, timeout))
+        if not done:
+            return None
+        results = self._workers.recv(sorted(done))
+        stepped, kept = [], deque()
+        for slots, requests, ids in self._sent:
+            finished = {s: r for s, r in requests.items() if s in done}
+            self._apply_resets(finished, ids, {s: results[s] for s in finished})
+            stepped += [s for s in slots if s in done]
+            rest = ([s for s in slots if s not in done], {s: r for s, r in requests.items() if s not in done}, ids)
+            if rest[0] or rest[1]:
+                kept.append(rest)
+        self._sent = kept
+        out = self._step_proc_data(self._step_output(stepped, {s: results[s] for s in stepped}))
+        mask = torch.zeros(self.num_envs, 1, dtype=torch.bool)
+        mask[sorted(done)] = True
+        out.set("_ready", mask.to(out.device))
+        return out
+
     def reset_send(self, tensordict: TensorDictBase) -> None:
         """Starts the resets of the ``td["_reset"]`` slots (ids as in :meth:`reset`) and returns at once.
 

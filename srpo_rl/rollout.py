@@ -95,6 +95,7 @@ class RolloutStats:
     trajectories: int = 0
     env_steps: int = 0
     decisions: int = 0
+    policy_calls: int = 0
     wall_time: float = 0.0
     env_time: float = 0.0
     policy_time: float = 0.0
@@ -110,6 +111,7 @@ class RolloutStats:
             "trajectories": self.trajectories,
             "env_steps": self.env_steps,
             "decisions": self.decisions,
+            "policy_calls": self.policy_calls,
             "env_steps_per_s": self.env_steps_per_second,
             "time_wall": self.wall_time,
             "time_env": self.env_time,
@@ -128,6 +130,7 @@ class _Slot:
         self.task_id: int | None = None
         self.obs: dict = {}
         self.steps: list[TensorDictBase | None] = []
+        self.decision: TensorDictBase | None = None  # the policy output of the chunk in flight
         self.initial_frame: torch.Tensor | None = None
         self.video: list[torch.Tensor] | None = None
 
@@ -256,16 +259,21 @@ class _Rollout:
                 self.slots[s].rebuilding = False
 
     # -- decisions --------------------------------------------------------------------------------
-    def decide(self, active: list[int]) -> tuple[TensorDictBase, torch.Tensor]:
-        """The policy's decision for the active slots, and the env's ``[num_slots, chunk, dims]`` actions."""
+    def decide(self, active: list[int]) -> torch.Tensor:
+        """The policy's decision for the active slots (kept on each slot); the env's ``[num_slots, chunk, dims]`` actions."""
         t0 = time.perf_counter()
         decision = self.policy(_policy_input(self.slots, active).to(self.device)).to("cpu")
         self.stats.policy_time += time.perf_counter() - t0
+        self.stats.policy_calls += 1
         action = torch.zeros(self.num_slots, *decision["action"].shape[1:], dtype=torch.float32)
         action[active] = decision["action"].float()
-        return decision, action
+        if self.keep_steps:
+            kept = decision.select(*(k for k in self.policy_keys if k in decision.keys()))
+            for i, s in enumerate(active):
+                self.slots[s].decision = kept[i]
+        return action
 
-    def record(self, active: list[int], decision: TensorDictBase, nxt: TensorDictBase) -> list[int]:
+    def record(self, active: list[int], nxt: TensorDictBase) -> list[int]:
         """Stores one executed decision per active slot; returns the slots whose episode ended."""
         _read_obs(nxt, active, self.slots)
         done = nxt.get("done").view(-1)
@@ -273,10 +281,10 @@ class _Rollout:
         self.stats.decisions += len(active)
         self.stats.env_steps += int(chunk_steps[active].sum())
         ended = []
-        for i, s in enumerate(active):
+        for s in active:
             slot = self.slots[s]
             if self.keep_steps:
-                record = decision[i].select(*(k for k in self.policy_keys if k in decision.keys()))
+                record, slot.decision = slot.decision, None
                 env_out = nxt[s].select(*NEXT_KEYS)
                 env_out.set("chunk_steps", env_out.get("chunk_steps").reshape(()))  # env's [1] -> per step
                 record.set("next", env_out)
@@ -321,22 +329,52 @@ class _Rollout:
         while in_flight or any(slot.rebuilding for slot in self.slots):
             received = None
             if in_flight:
-                received, active, decision, resets, nxt = in_flight.popleft()
+                received, active, resets, nxt = in_flight.popleft()
                 if nxt is None:
                     t0 = time.perf_counter()
                     nxt = self.env.step_recv()
                     self.stats.env_time += time.perf_counter() - t0
-                self.begin(nxt, resets)
-                ended = self.record(active, decision, nxt) if active else []
-                if self.async_env:
-                    self.rebuild(list(self.assign(ended)))  # the others' resets go with the group's next round
-                elif ended:
-                    self.reset(ended)
+                self.received(nxt, active, resets)
             self.collect_rebuilds(wait=False)
             self._send_idle(groups, in_flight, first=received)
             if not in_flight and any(slot.rebuilding for slot in self.slots):  # nothing to do but wait
                 self.collect_rebuilds(wait=True)
                 self._send_idle(groups, in_flight, first=None)
+
+    def run_pool(self) -> None:
+        """An asynchronous pool of slots: the policy decides for the slots as their chunks come back.
+
+        Every slot simulates on its own: ``step_recv_ready`` returns the slots whose chunk (or reset) is
+        done, in whatever order they finish, and the policy decides for all of them in one batch while the
+        others go on simulating. So no slot waits for a slower one (a reset, a rebuild, a long chunk), the
+        batch grows by itself when the policy is the slower side and shrinks when the simulation is, and
+        with more slots than CPU cores the cores stay busy while the policy runs.
+        """
+        self.reset(list(range(self.num_slots)))
+        flying: set[int] = set()
+        self._send_ready(flying)
+        while flying or any(slot.rebuilding for slot in self.slots):
+            if flying:
+                t0 = time.perf_counter()
+                nxt = self.env.step_recv_ready(timeout=None)
+                self.stats.env_time += time.perf_counter() - t0
+                got = nxt.get("_ready").reshape(-1).nonzero().flatten().tolist()
+                flying.difference_update(got)
+                self.received(nxt, [s for s in got if self.slots[s].started], [s for s in got if not self.slots[s].started])
+            self.collect_rebuilds(wait=False)
+            self._send_ready(flying)
+            if not flying and any(slot.rebuilding for slot in self.slots):  # nothing to do but wait
+                self.collect_rebuilds(wait=True)
+                self._send_ready(flying)
+
+    def received(self, nxt: TensorDictBase, active: list[int], resets: list[int]) -> None:
+        """Takes in a round's results: the first observations of ``resets``, the chunks of ``active``."""
+        self.begin(nxt, resets)
+        ended = self.record(active, nxt) if active else []
+        if self.async_env:
+            self.rebuild(list(self.assign(ended)))  # the others' resets go with the slot's next round
+        elif ended:
+            self.reset(ended)
 
     def _send_idle(self, groups: list[range], in_flight: deque, first: range | None) -> None:
         """Sends a round for every group with none in flight, ``first`` (the group just received) first."""
@@ -345,18 +383,31 @@ class _Rollout:
             if id(group) not in sent:
                 self._send(group, in_flight)
 
+    def _send_ready(self, flying: set[int]) -> None:
+        """One round for every slot that is not simulating and has a request (no rebuild in progress)."""
+        idle = [s for s in range(self.num_slots) if s not in flying]
+        active, resets, _ = self._step_round(idle)
+        flying.update(active, resets)
+
     def _send(self, group: range, in_flight: deque) -> None:
-        active = self.running(group)
-        waiting = [s for s in group if self.slots[s].request is not None and not self.slots[s].started
+        active, resets, nxt = self._step_round(group)
+        if active or resets:
+            in_flight.append((group, active, resets, nxt))
+
+    def _step_round(self, slot_ids) -> tuple[list[int], list[int], TensorDictBase | None]:
+        """Decides for the running ``slot_ids`` and sends their chunks, with the resets of the waiting ones.
+
+        Returns the stepped and the reset slots, and the round's result when the env steps synchronously.
+        """
+        active = self.running(slot_ids)
+        waiting = [s for s in slot_ids if self.slots[s].request is not None and not self.slots[s].started
                    and not self.slots[s].rebuilding]
         chosen = {s: self.slots[s].request for s in waiting}  # assigned when their last episode ended
         if not active and not chosen:
-            return
+            return [], [], None
         td = TensorDict(_reset_fields(self.num_slots, chosen), batch_size=[self.num_slots])
-        decision = None
         if active:
-            decision, action = self.decide(active)
-            td.set("action", action)
+            td.set("action", self.decide(active))
         step_mask = torch.zeros(self.num_slots, dtype=torch.bool)
         step_mask[active] = True
         td.set("_step", step_mask)
@@ -367,7 +418,7 @@ class _Rollout:
         else:  # only running slots here: finished ones were reset synchronously
             nxt = self.env.step(td.exclude("_reset")).get("next")
         self.stats.env_time += time.perf_counter() - t0
-        in_flight.append((group, active, decision, list(chosen), nxt))
+        return active, list(chosen), nxt
 
     def result(self, requests: Sequence[RolloutRequest], start: float) -> tuple[TensorDict, RolloutStats]:
         self.bar.close()
@@ -386,7 +437,7 @@ def collect_rollouts(
     keep_steps: bool = True,
     record_videos: int = 0,
     progress: bool | str = False,
-    overlap: bool = False,
+    overlap: bool | str = False,
     on_finished: Callable[[TensorDict], None] | None = None,
     policy_keys: Sequence[str] = POLICY_KEYS,
 ) -> tuple[TensorDict, RolloutStats]:
@@ -400,11 +451,13 @@ def collect_rollouts(
         keep_steps: keep the per-decision ``"steps"`` (needed for training; validation needs only outcomes).
         record_videos: keep the full frame sequence of the first ``record_videos`` requests in ``stats.videos``.
         progress: show a progress bar (``True`` or its description).
-        overlap: split the slots into two halves that alternate, so that the policy runs on one half while
-            the other half simulates. Pays off when the slots outnumber the CPU cores (a half then keeps
-            every core busy); with one slot per core the halves leave cores idle. Needs an env with
-            ``step_send`` / ``step_recv`` (:class:`~srpo_rl.envs.LiberoVecEnv`). The trajectories are the
-            same as without it (same requests, same ids, same order); only the timing differs.
+        overlap: run the slots as an asynchronous pool: the policy decides for the slots whose chunk came
+            back while the others simulate, so neither the GPU nor the CPUs wait for the other. Pays off
+            when the slots outnumber the CPU cores (e.g. 32 envs on 16 cores: the cores stay busy while the
+            policy runs). ``"halves"``: two fixed halves in ping-pong instead (each half waits for its
+            slowest slot). Needs an env with ``step_send`` / ``step_recv_ready``
+            (:class:`~srpo_rl.envs.LiberoVecEnv`). The trajectories are the same as without it (same
+            requests, same ids, same order); only the timing differs.
         on_finished: called with each trajectory (a row of the returned batch, batch size ``[]``) as soon as
             its episode ends, while the other rollouts go on: e.g. to embed its video for the reward on a
             side CUDA stream, in the time the GPU would wait for the simulation
@@ -420,16 +473,23 @@ def collect_rollouts(
     """
     if not requests:
         raise ValueError("collect_rollouts needs at least one request")
-    if overlap and not (hasattr(env, "step_send") and hasattr(env, "step_recv")):
+    if overlap not in (False, True, "halves"):
+        raise ValueError(f"overlap must be False, True (asynchronous pool) or 'halves'; got {overlap!r}")
+    if overlap and not all(hasattr(env, name) for name in ("step_send", "step_recv", "step_recv_ready")):
         raise ValueError(
-            f"overlap=True needs an env with step_send/step_recv (e.g. srpo_rl.envs.LiberoVecEnv); "
+            f"overlap={overlap!r} needs an env with step_send/step_recv_ready (e.g. srpo_rl.envs.LiberoVecEnv); "
             f"{type(env).__name__} has none: pass overlap=False"
         )
     start = time.perf_counter()
     run = _Rollout(env, policy, requests, keep_steps=keep_steps, record_videos=record_videos, progress=progress,
                    on_finished=on_finished, policy_keys=policy_keys)
     with set_exploration_type(exploration_type), torch.no_grad():
-        run.run(num_groups=2 if overlap else 1)
+        if overlap == "halves":
+            run.run(num_groups=2)
+        elif overlap:
+            run.run_pool()
+        else:
+            run.run(num_groups=1)
     return run.result(requests, start)
 
 

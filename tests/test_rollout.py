@@ -109,12 +109,12 @@ def _expected_steps(rollout_id: int) -> int:
 
 @pytest.fixture(scope="module")
 def runs(env, policy):
-    """Both modes on the same requests, greedy: ``{overlap: (trajectories, stats, env log, finished rows)}``.
+    """Every mode on the same requests, greedy: ``{overlap: (trajectories, stats, env log, finished rows)}``.
 
     ``finished`` holds what ``on_finished`` received: ``(rounds logged so far, trajectory row)``.
     """
     out = {}
-    for overlap in (False, True):
+    for overlap in (False, True, "halves"):
         env.success_chunk, env.log, finished = dict(SCHEDULE), [], []
         trajs, stats = collect_rollouts(
             env, policy, _requests(), overlap=overlap, exploration_type=ExplorationType.DETERMINISTIC,
@@ -196,18 +196,20 @@ def test_slots_refill_at_once_and_keep_their_task(runs):
     assert stats.decisions == int(trajs["num_chunks"].sum())
 
 
-def test_overlap_keeps_the_schedule_rules(runs):
-    trajs, stats, log, _ = runs[True]
+@pytest.mark.parametrize("overlap", [True, "halves"])
+def test_overlap_keeps_the_schedule_rules(runs, overlap):
+    trajs, stats, log, _ = runs[overlap]
     _check_schedule(log, _requests(), trajs)
     assert _rebuilds(log) == 0
-    # the halves alternate: each round steps one slot (the other half is in flight)
     steps = [what for kind, what in log if kind == "step"]
-    assert all(len(what) == 1 for what in steps)
+    if overlap == "halves":  # the halves alternate: each round steps one slot (the other half is in flight)
+        assert all(len(what) == 1 for what in steps)
     assert stats.env_steps == int(trajs["num_steps"].sum())
 
 
-def test_overlap_gives_the_same_trajectories(runs):
-    plain, overlapped = runs[False][0], runs[True][0]
+@pytest.mark.parametrize("overlap", [True, "halves"])
+def test_overlap_gives_the_same_trajectories(runs, overlap):
+    plain, overlapped = runs[False][0], runs[overlap][0]
     assert plain.batch_size == overlapped.batch_size
     for key in ("rollout_id", "group_id", "task_id", "init_state_id", "success", "num_steps", "num_chunks"):
         assert torch.equal(plain[key], overlapped[key]), key
@@ -218,7 +220,7 @@ def test_overlap_gives_the_same_trajectories(runs):
         assert torch.equal(plain["steps", key][mask], overlapped["steps", key][mask]), key
 
 
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("overlap", [False, True, "halves"])
 def test_each_trajectory_is_handed_over_when_it_ends(runs, overlap):
     trajs, _, log, finished = runs[overlap]
     assert sorted(int(row["rollout_id"]) for _, row in finished) == sorted(trajs["rollout_id"].tolist())
@@ -293,6 +295,33 @@ def test_async_steps_come_back_in_send_order(env):
     with pytest.raises(ValueError, match=r"slots \[0\] are in both '_step' and '_reset'"):
         env.step_send(both)
     assert env.worker_time["step_chunk"] > 0 and env.worker_time["reset"] > 0
+
+
+def test_ready_slots_come_back_without_waiting_for_a_slower_one(env):
+    n = env.num_envs
+    ids = {k: torch.tensor([[5], [6]]) for k in ("rollout_id", "group_id")}
+    env.reset(TensorDict({"_reset": torch.ones(n, 1, dtype=torch.bool), "task_id": torch.tensor([[1], [1]]),
+                          "init_state_id": torch.tensor([[0], [1]]), **ids}, [n]))
+    action = torch.zeros(n, CHUNK, 7)
+    # one round: slot 0 loads another task (a rebuild, seconds), slot 1 steps one chunk (a fraction of that)
+    env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True]),
+                              "_reset": torch.tensor([[True], [False]]), "task_id": torch.tensor([[4], [1]]),
+                              "init_state_id": torch.tensor([[2], [1]]), **ids}, [n]))
+    out = env.step_recv_ready(timeout=None)
+    assert out["_ready"].flatten().tolist() == [False, True]  # slot 1 is back; slot 0 is still rebuilding
+    assert out["chunk_steps"].flatten().tolist() == [0, CHUNK] and out["step_count"][1].item() == CHUNK
+    assert env.step_recv_ready(timeout=0.0) is None
+    # slot 1 goes on at once, in a round of its own
+    env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True])}, [n]))
+    got = {}
+    while len(got) < 2:  # both slots, in whatever order they finish
+        out = env.step_recv_ready(timeout=None)
+        for s in out["_ready"].flatten().nonzero().flatten().tolist():
+            got[s] = (int(out["step_count"][s]), int(out["task_id"][s]), int(out["init_state_id"][s]))
+    assert got == {0: (0, 4, 2), 1: (2 * CHUNK, 1, 1)} and env.task_ids == [4, 1]
+    assert env.pending_steps == 0
+    with pytest.raises(RuntimeError, match="without a pending step_send"):
+        env.step_recv_ready()
 
 
 def test_a_reset_sent_on_its_own_is_collected_later(env):

@@ -30,6 +30,10 @@ if not torch.cuda.is_available():
 print("run.sh: environment ok,", torch.cuda.get_device_name())
 PY
 
+# the CPU counters every 2 s (user, nice, system, idle, iowait, irq, softirq, steal): what the cores did
+(while sleep 2; do echo "$(date +%s) $(head -n 1 /proc/stat)"; done) > "$OUT/cpustat.log" 2>&1 &
+CPULOG=$!
+trap 'kill $CPULOG 2>/dev/null' EXIT
 status=0
 for job in "$@"; do
   case "$job" in
