@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,7 @@ from _common import command, machine, versions
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
 from srpo_rl.rewards import BackgroundEmbedder
-from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests
+from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 CHUNK = 8
 SCHEDULER_MODES = {"sync": False, "halves": "halves", "pool": True}  # mode -> collect_rollouts(overlap=...)
@@ -67,6 +68,12 @@ SCHEDULER_MODES = {"sync": False, "halves": "halves", "pool": True}  # mode -> c
 def log(message: str) -> None:
     """A progress line on stderr with the wall-clock time (to line it up with the machine's CPU log)."""
     print(f"{time.time():.1f} {message}", file=sys.stderr, flush=True)
+
+
+def main_cpu_seconds() -> float:
+    """CPU time of this process (the policy's), all threads, user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- workload ---------------------------------------------------------------------------------------
@@ -249,8 +256,9 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
     names = suite_info(args.suite).instructions
     executed = rebuilds = 0
     policy_s = rebuild_s = 0.0
-    start = time.perf_counter()
-    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+    start, cpu = time.perf_counter(), main_cpu_seconds()
+    # the same CPU-thread setting as collect_rollouts uses for a policy on an accelerator
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad(), single_cpu_thread(device.type != "cpu"):
         for first in range(0, len(requests), n):
             batch = requests[first : first + n]
             t0 = time.perf_counter()
@@ -280,17 +288,18 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
                         executed += result["chunk_steps"]
     wall = time.perf_counter() - start
     return {"env_steps_per_s": executed / wall, "wall_s": wall, "env_steps": executed, "policy_s": policy_s,
-            "rebuild_s": rebuild_s, "rebuilds": rebuilds}
+            "rebuild_s": rebuild_s, "rebuilds": rebuilds, "main_cpu_s": main_cpu_seconds() - cpu}
 
 
 def scheduler(env, policy, requests, overlap: bool | str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
     env.starts.clear()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), main_cpu_seconds()
     trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     after = env.worker_time
     row = {
+        "main_cpu_s": main_cpu_seconds() - cpu,
         "env_steps_per_s": stats.env_steps_per_second,
         "wall_s": stats.wall_time,
         "env_steps": stats.env_steps,
@@ -458,7 +467,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
     print(f"{'envs':>4} {'mode':>9} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
           f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9} "
-          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5}")
+          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10}")
     for r in results:
         print(f"{r['num_envs']:>4} {'bare sim':>9} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
               f"(physics {1e3 * r['bare_sim']['physics_s_per_step']:.1f} ms/step, "
@@ -478,7 +487,8 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   f"{row['policy_s']:>8.1f} "
                   f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('env_wait_s', float('nan')):>10.1f} "
                   f"{row.get('worker_step_cpu_s', float('nan')):>9.1f} {row.get('gpu_busy', float('nan')):>8.2f} "
-                  f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f}")
+                  f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f} "
+                  f"{row.get('main_cpu_s', float('nan')):>10.1f}")
         if "reward" in r:
             rw = r["reward"]
             print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +41,7 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
-__all__ = ["POLICY_KEYS", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests"]
+__all__ = ["POLICY_KEYS", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests", "single_cpu_thread"]
 
 # What a step record keeps from the policy output (training recomputes log-probs from these).
 POLICY_KEYS = ("policy_image", "prompt_ids", "prompt_mask", "action_tokens", "action_log_prob", "action")
@@ -481,9 +482,10 @@ def collect_rollouts(
             f"{type(env).__name__} has none: pass overlap=False"
         )
     start = time.perf_counter()
+    device = next((p.device for p in policy.parameters()), torch.device("cpu"))
     run = _Rollout(env, policy, requests, keep_steps=keep_steps, record_videos=record_videos, progress=progress,
                    on_finished=on_finished, policy_keys=policy_keys)
-    with set_exploration_type(exploration_type), torch.no_grad():
+    with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(device.type != "cpu"):
         if overlap == "halves":
             run.run(num_groups=2)
         elif overlap:
@@ -491,6 +493,27 @@ def collect_rollouts(
         else:
             run.run(num_groups=1)
     return run.result(requests, start)
+
+
+@contextlib.contextmanager
+def single_cpu_thread(enabled: bool = True):
+    """Keeps torch's CPU ops in this process to one thread (while ``enabled``), then restores the count.
+
+    Used around a rollout whose policy runs on an accelerator: this process then does little CPU work
+    (stacking observations, copying results), but each such op wakes torch's OpenMP pool, whose threads
+    spin for milliseconds after it at the default niceness, and with one op every few milliseconds they
+    spin all the time, on the cores the (niced) simulation workers need. ``tests/test_rollout.py`` shows
+    the spinning on this machine; on a 16-core GPU machine it took about half of the cores.
+    """
+    if not enabled:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _trajectory(slot: _Slot, nxt: TensorDictBase, s: int, keep_steps: bool) -> TensorDict:

@@ -7,6 +7,8 @@ sub-step of that chunk. The env logs every round it runs, so the tests check the
 
 import math
 import os
+import resource
+import time
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests
+from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 N = 2
 CHUNK = 8
@@ -361,3 +363,36 @@ def test_simulation_workers_yield_the_cpu_to_the_policy_process(env):
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     expected = min(19, mine + WORKER_NICENESS)
     assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in env.worker_pids] == [expected] * N
+
+
+def _cpu_of_small_ops(count: int = 100) -> tuple[float, float, float]:
+    """(process CPU, time inside the ops, wall) of ``count`` rollout-sized copies, 5 ms apart."""
+    images = torch.zeros(32, 3, 256, 256, dtype=torch.uint8)
+    usage = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731 - user + system
+    cpu, wall, inside = usage(), time.perf_counter(), 0.0
+    for _ in range(count):
+        t0 = time.perf_counter()
+        images.clone()
+        inside += time.perf_counter() - t0
+        time.sleep(0.005)
+    return usage() - cpu, inside, time.perf_counter() - wall
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for a second OpenMP thread")
+def test_one_cpu_thread_stops_openmp_threads_spinning_between_ops():
+    # why collect_rollouts keeps torch to one thread when the policy is on an accelerator: after each op
+    # the idle OpenMP threads spin, so ops a few ms apart keep them busy while the main thread sleeps
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cpu, inside, wall = _cpu_of_small_ops()
+        assert cpu - inside > 0.25 * (wall - inside), (cpu, inside, wall)  # a thread spun through the sleeps
+        with single_cpu_thread():
+            assert torch.get_num_threads() == 1
+            cpu, inside, wall = _cpu_of_small_ops()
+            assert cpu - inside < 0.1 * (wall - inside), (cpu, inside, wall)
+        assert torch.get_num_threads() == 2  # restored
+        with single_cpu_thread(enabled=False):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
