@@ -58,7 +58,7 @@ def overrides(args, policy_dir: Path | None, vjepa_dir: Path | None, out: Path) 
         f"env={args.suite}", "model=openvla_oft_7b", f"model.path={policy_dir}", f"model.vjepa_path={vjepa_dir}",
         f"env.num_envs={args.num_envs}", f"env.max_steps={args.max_steps}", "env.num_trials_per_task=1",
         f"data.train_batch_size={args.train_batch_size}", f"actor.ppo_mini_batch_size={args.train_batch_size}",
-        f"rollout.overlap={str(args.overlap).lower()}",
+        f"rollout.overlap={args.overlap}",
         "algorithm.embodied_sampling.filter_accuracy=false", "trainer.total_training_steps=1",
         "trainer.save_freq=0", "trainer.test_freq=1", "trainer.val_before_train=false", "trainer.num_val_videos=0",
         "trainer.resume_mode=disable", "trainer.logger=[console,tensorboard]", f"output_dir={out}", *args.override,
@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=128)
     parser.add_argument("--train-batch-size", type=int, default=4, help="groups of rollout.n=8 rollouts")
-    parser.add_argument("--overlap", action="store_true", help="rollout.overlap=true (for more envs than cores)")
+    parser.add_argument("--overlap", choices=("true", "false", "halves"), default="true",
+                        help="rollout.overlap: true = asynchronous env pool (the default), false = lockstep rounds")
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for the script")
     args = parser.parse_args()
 
