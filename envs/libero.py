@@ -108,8 +108,9 @@ class LiberoVecEnv(EnvBase):
     ``worker_failed`` set, and the other slots' results are returned as usual.
 
     Asynchronous steps: :meth:`step_send` starts a step (and resets) of some slots and returns at
-    once, :meth:`step_recv` waits for it; so a caller can run the policy on one half of the slots
-    while the other half simulates (``srpo_rl.rollout.collect_rollouts(..., overlap=True)``).
+    once; :meth:`step_recv` waits for the oldest such round, :meth:`step_recv_ready` collects whichever
+    slots are done; so a caller can run the policy on some slots while the others simulate
+    (``srpo_rl.rollout.collect_rollouts(..., overlap=True)``).
     """
 
     def __init__(

@@ -12,9 +12,12 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
   holds up no other slot; a task change rebuilds the simulation (seconds) and goes out on its own (the
   env's ``reset_send``): the slot rejoins the rounds when it is done;
 - each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`);
-- with ``overlap=True`` the slots form two halves in ping-pong: the policy decides for one half while the
-  other half simulates (the env's ``step_send`` / ``step_recv``), so neither the GPU nor the CPUs wait for
-  the other: worth it when the env has more slots than the machine has cores (e.g. 32 envs on 16 cores).
+- with ``overlap=True`` the slots form an asynchronous pool: the env's ``step_recv_ready`` returns the slots
+  whose chunk is done, in whatever order they finish, and the policy decides for them in one batch while the
+  others simulate, so neither the GPU nor the CPUs wait for the other and no slot waits for a slower one
+  (``overlap="halves"``: two fixed halves in ping-pong instead);
+- with the policy on an accelerator, torch's CPU ops in this process run on one thread during the rollout
+  (:func:`single_cpu_thread`): idle OpenMP threads would otherwise spin on the simulation workers' cores.
 
 Example:
     >>> from srpo_rl.envs import make_libero_env
