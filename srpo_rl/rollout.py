@@ -362,9 +362,11 @@ class _Rollout:
                 t0 = time.perf_counter()
                 nxt = self.env.step_recv_ready(timeout=None)
                 self.stats.env_time += time.perf_counter() - t0
-                got = nxt.get("_ready").reshape(-1).nonzero().flatten().tolist()
-                flying.difference_update(got)
-                self.received(nxt, [s for s in got if self.slots[s].started], [s for s in got if not self.slots[s].started])
+                if nxt is not None:  # None only if the wait ended without a result: wait again
+                    got = nxt.get("_ready").reshape(-1).nonzero().flatten().tolist()
+                    flying.difference_update(got)
+                    started = [s for s in got if self.slots[s].started]
+                    self.received(nxt, started, [s for s in got if s not in started])
             self.collect_rebuilds(wait=False)
             self._send_ready(flying)
             if not flying and any(slot.rebuilding for slot in self.slots):  # nothing to do but wait
