@@ -509,6 +509,12 @@ def single_cpu_thread(enabled: bool = True):
     spin for milliseconds after it at the default niceness, and with one op every few milliseconds they
     spin all the time, on the cores the (niced) simulation workers need. ``tests/test_rollout.py`` shows
     the spinning on this machine; on a 16-core GPU machine it took about half of the cores.
+
+    Example:
+        >>> import torch
+        >>> with single_cpu_thread():
+        ...     torch.get_num_threads()
+        1
     """
     if not enabled:
         yield
