@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=128)
     parser.add_argument("--train-batch-size", type=int, default=4, help="groups of rollout.n=8 rollouts")
     parser.add_argument("--overlap", choices=("true", "false", "halves"), default="true",
-                        help="rollout.overlap: true = asynchronous env pool (the default), false = lockstep rounds")
+                        help="rollout.overlap: true = asynchronous env pool (the default), false = one round of all slots at a time")
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for the script")
     args = parser.parse_args()
 

@@ -399,8 +399,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
             row["env_steps_per_s"] = row["env_steps"] / row["wall_with_drain_s"]
             background.close()
             result["embed"] = row
-            log(f"[{num_envs} envs] {mode} + background embedding "
-                  f"{row['env_steps_per_s']:.1f}")
+            log(f"[{num_envs} envs] {mode} + background embedding {row['env_steps_per_s']:.1f}")
     finally:
         env.close()
 

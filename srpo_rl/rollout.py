@@ -487,10 +487,9 @@ def collect_rollouts(
             f"{type(env).__name__} has none: pass overlap=False"
         )
     start = time.perf_counter()
-    device = next((p.device for p in policy.parameters()), torch.device("cpu"))
     run = _Rollout(env, policy, requests, keep_steps=keep_steps, record_videos=record_videos, progress=progress,
                    on_finished=on_finished, policy_keys=policy_keys)
-    with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(device.type != "cpu"):
+    with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(run.device.type != "cpu"):
         if overlap == "halves":
             run.run(num_groups=2)
         elif overlap:
