@@ -15,9 +15,13 @@ executes the same env steps, so its env-steps/s compare directly.
   one half while the other simulates; each half's round waits for its slowest slot.
 - ``pool``: ``collect_rollouts(overlap=True)``: an asynchronous pool, the policy decides for the slots
   whose chunk came back (in one batch) while the others simulate; no slot waits for another.
+- ``pool_eager``: the same without the policy's CUDA graphs (every forward launches its kernels one by
+  one); every other mode runs the forward through the graphs, captured for every batch size up to
+  ``num_envs`` before the first timed mode (``graph_capture_s``).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
-  env-steps/s = batch x 8 / time); ``min_ceiling`` is the smaller.
+  env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
+  ``min_ceiling`` is the smaller.
 - ``embed``: the fastest of ``sync`` / ``halves`` / ``pool`` with ``on_finished`` handing each finished trajectory
   to :class:`srpo_rl.rewards.BackgroundEmbedder`, which embeds its video (V-JEPA 2) on a side CUDA stream
   while the rollout goes on: the reward's embedding cost moved into the GPU's idle time (``extra_wall_s``
@@ -62,7 +66,8 @@ from srpo_rl.rewards import BackgroundEmbedder
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 CHUNK = 8
-SCHEDULER_MODES = {"sync": False, "halves": "halves", "pool": True}  # mode -> collect_rollouts(overlap=...)
+# mode -> (collect_rollouts(overlap=...), the policy's CUDA graphs on)
+SCHEDULER_MODES = {"sync": (False, True), "halves": ("halves", True), "pool": (True, True), "pool_eager": (True, False)}
 
 
 def log(message: str) -> None:
@@ -291,7 +296,8 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
             "rebuild_s": rebuild_s, "rebuilds": rebuilds, "main_cpu_s": main_cpu_seconds() - cpu}
 
 
-def scheduler(env, policy, requests, overlap: bool | str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
+def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
+    overlap, policy.cuda_graphs = SCHEDULER_MODES[mode]
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
     env.starts.clear()
@@ -318,6 +324,7 @@ def scheduler(env, policy, requests, overlap: bool | str, timer: PreprocessTimer
     row["busy_sims"] = (row["worker_step_cpu_s"] + row["worker_reset_cpu_s"]) / row["wall_s"]
     row["mean_batch"] = row["decisions"] / max(1, row["policy_calls"])
     row.update(steady_state(env, start))
+    policy.cuda_graphs = True
     return row, trajs
 
 
@@ -345,11 +352,38 @@ def bare_policy(policy, batch: int, names: tuple[str, ...], device: torch.device
         return statistics.median(times)
 
     with torch.inference_mode(), set_exploration_type(ExplorationType.RANDOM):
-        forward = median_ms(lambda: policy.model(ids, mask, pixels))
-        step = median_ms(lambda: policy(obs.clone()))
-    return {"batch": batch, "forward_ms": forward, "policy_step_ms": step,
-            "forward_env_steps_per_s": batch * CHUNK / forward * 1e3,
-            "policy_step_env_steps_per_s": batch * CHUNK / step * 1e3}
+        eager = median_ms(lambda: policy.model(ids, mask, pixels))
+        row = {"batch": batch, "eager_forward_ms": eager}
+        graphed = policy._graphed_forward() if device.type == "cuda" else None
+        if graphed is not None:
+            lengths = policy.model.prompt_lengths(ids, mask)
+            trimmed = ids[:, : int(lengths.max())]
+            row["graph_forward_ms"] = median_ms(lambda: graphed(trimmed, lengths, pixels))
+            diff = graphed(trimmed, lengths, pixels) - policy.model(ids, mask, pixels)
+            row["graph_max_abs_logit_diff"] = float(diff.abs().max())
+        row["policy_step_ms"] = median_ms(lambda: policy(obs.clone()))  # through the graphs where they run
+        policy.cuda_graphs = False
+        row["eager_policy_step_ms"] = median_ms(lambda: policy(obs.clone()))
+        policy.cuda_graphs = True
+    row["forward_ms"] = min(eager, row.get("graph_forward_ms", eager))
+    row["forward_env_steps_per_s"] = batch * CHUNK / row["forward_ms"] * 1e3
+    row["policy_step_env_steps_per_s"] = batch * CHUNK / row["policy_step_ms"] * 1e3
+    return row
+
+
+def capture_graphs(policy, names: tuple[str, ...], num_envs: int) -> dict:
+    """Captures the policy's CUDA graphs for every batch size up to ``num_envs`` and every prompt width."""
+    graphed = policy._graphed_forward()
+    if graphed is None:
+        return {}
+    _, mask = policy._prompts(list(names))
+    widths = sorted(set(mask.sum(-1).tolist()))
+    size = policy.model.config.dino.image_size
+    before = graphed.capture_seconds
+    for width in widths:
+        graphed.capture(range(1, num_envs + 1), width, (6 * policy.num_images_in_input, size, size))
+    return {"graph_capture_s": graphed.capture_seconds - before, "graphs": len(graphed.graphs),
+            "prompt_widths": widths}
 
 
 # -- one size -----------------------------------------------------------------------------------------
@@ -360,7 +394,9 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
     result = {"num_envs": num_envs, "requests": len(requests), "forced_successes": len(success_step)}
     log(f"[{num_envs} envs] {len(requests)} requests, {len(success_step)} forced successes")
 
-    sizes = sorted({num_envs, max(1, num_envs // 2)})
+    with torch.no_grad():
+        result["cuda_graphs"] = capture_graphs(policy, names, num_envs)
+    sizes = sorted({num_envs, max(1, num_envs // 2), max(1, num_envs // 4)})
     result["bare_policy"] = [bare_policy(policy, b, names, device, args.repeats) for b in sizes]
     workers = SimWorkers(sim_kwargs(args), tasks, build_timeout=900)
     try:
@@ -381,7 +417,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
         env.step(TensorDict({"action": torch.zeros(num_envs, CHUNK, 7)}, [num_envs]))
         for mode in SCHEDULER_MODES:
             if mode in args.modes:
-                result[mode], trajs = scheduler(env, policy, requests, SCHEDULER_MODES[mode], timer)
+                result[mode], trajs = scheduler(env, policy, requests, mode, timer)
                 log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
         if "embed" in args.modes and reward is not None:
             # the faster scheduler mode of this run, with every finished trajectory embedded for the reward
@@ -389,7 +425,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
             mode = max((m for m in SCHEDULER_MODES if m in result), key=lambda m: result[m]["env_steps_per_s"],
                        default="pool")
             background = BackgroundEmbedder(reward.embedder, device=device)
-            row, trajs = scheduler(env, policy, requests, SCHEDULER_MODES[mode], timer, on_finished=background)
+            row, trajs = scheduler(env, policy, requests, mode, timer, on_finished=background)
             t0 = time.perf_counter()
             embeddings = background.pop(trajs["rollout_id"])
             row["drain_s"] = time.perf_counter() - t0
@@ -472,8 +508,15 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
               f"(physics {1e3 * r['bare_sim']['physics_s_per_step']:.1f} ms/step, "
               f"render {1e3 * r['bare_sim']['render_s_per_frame']:.1f} ms/frame, per process)")
         for b in r["bare_policy"]:
+            graph = (f", CUDA graph {b['graph_forward_ms']:.1f} ms (max |logit diff| {b['graph_max_abs_logit_diff']:.1e})"
+                     if "graph_forward_ms" in b else "")
             print(f"{r['num_envs']:>4} {'bare pol':>9} {b['forward_env_steps_per_s']:>8.1f}  "
-                  f"(batch {b['batch']}: forward {b['forward_ms']:.1f} ms, policy step {b['policy_step_ms']:.1f} ms)")
+                  f"(batch {b['batch']}: forward eager {b['eager_forward_ms']:.1f} ms{graph}; policy step "
+                  f"{b['policy_step_ms']:.1f} ms, eager {b['eager_policy_step_ms']:.1f} ms)")
+        if r.get("cuda_graphs"):
+            g = r["cuda_graphs"]
+            print(f"{r['num_envs']:>4} {'graphs':>9} {g['graphs']} captured in {g['graph_capture_s']:.1f} s "
+                  f"(prompt widths {g['prompt_widths']})")
         for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
             row = r.get(mode)
             if row is None:
@@ -513,9 +556,9 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,embed",
-                        help="embed = the fastest of sync / halves / pool with each finished trajectory embedded for the "
-                             "reward meanwhile")
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,embed",
+                        help="embed = the fastest of sync / halves / pool / pool_eager with each finished trajectory "
+                             "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")
     parser.add_argument("--check-embeddings", action="store_true",
                         help="embed the batch again after the rollout and compare with the background embeddings")
@@ -551,7 +594,8 @@ def main() -> None:
                      "temperature": 1.6, "frames": "one 256x256 agentview frame per chunk"},
         "baselines": {"lockstep": "siiRL loop: rebuild every env per batch, 64 chunk-steps querying every env",
                       "bare_sim": "same number of LIBERO processes, random chunks, no policy",
-                      "bare_policy": "model forward alone at batch num_envs (env steps = batch x 8)"},
+                      "bare_policy": "model forward alone at batch num_envs (env steps = batch x 8), "
+                                     "the faster of eager and CUDA graph"},
         "results": results,
         "machine": machine(device),
         "versions": versions(),

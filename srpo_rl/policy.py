@@ -45,6 +45,7 @@ from torchrl.modules.vla import VLAWrapperBase
 # Lanczos3 resize and 0.9-area crop_and_resize do fit; the JPEG round trip goes through PIL here.
 from torchrl.data.vla.preprocessing import _fractional_center_crop, _lanczos3_resize
 
+from .cuda_graphs import GraphedActionLogits, graphs_supported
 from .models.llama_tokenizer import SPIECE_UNDERLINE_ID, load_llama_tokenizer
 from .models.openvla_oft import OpenVLAOFT
 from .models.openvla_oft_files import REQUIRED_POLICY_FILES, check_files
@@ -195,6 +196,10 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         num_images_in_input: 1 (third-person camera) or 2 (+ wrist camera).
         libero_gripper: binarise and invert the gripper dimension for LIBERO, as the reference env wrapper does.
         max_prompt_length: width of the stored ``prompt_ids`` (right-padded), so that steps stack across batches.
+        cuda_graphs: without gradients, on a CUDA model with plain (not FSDP-sharded) parameters, run the
+            forward through CUDA graphs (:class:`~srpo_rl.cuda_graphs.GraphedActionLogits`): a graph per batch
+            bucket, captured on first use, so that a forward costs its GPU time, not its kernel launches.
+            The graphs read the parameters in place: update weights in place (``load_state_dict`` copies).
     """
 
     def __init__(
@@ -210,6 +215,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         num_images_in_input: int = 1,
         libero_gripper: bool = True,
         max_prompt_length: int = 64,
+        cuda_graphs: bool = True,
         image_key: NestedKey = ("observation", "image"),
         wrist_image_key: NestedKey = ("observation", "wrist_image"),
         instruction_key: NestedKey = "instruction",
@@ -267,6 +273,8 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         self.__dict__["action_tokenizer"] = codec
         self.max_prompt_length = max_prompt_length
         self._prompt_cache: dict[str, list[int]] = {}
+        self.cuda_graphs = cuda_graphs
+        self.__dict__["_graphed"] = None  # (parameters' identity, GraphedActionLogits or None), built on first use
 
     @classmethod
     def from_pretrained(
@@ -397,13 +405,25 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         used = int(mask.sum(-1).max())  # no compute on the fixed-width padding
         ids = tensordict.get("prompt_ids")[..., :used]
         mask = mask[..., :used]
-        logits = self.model(
-            ids.reshape(-1, ids.shape[-1]).to(self._device()),
-            mask.reshape(-1, mask.shape[-1]).to(self._device()),
-            self.pixel_values(image.reshape(-1, *image.shape[-3:]).to(self._device())),
-        )
+        ids, mask = ids.reshape(-1, ids.shape[-1]).to(self._device()), mask.reshape(-1, mask.shape[-1]).to(self._device())
+        pixels = self.pixel_values(image.reshape(-1, *image.shape[-3:]).to(self._device()))
+        graphed = self._graphed_forward()
+        if graphed is None:
+            logits = self.model(ids, mask, pixels)
+        else:
+            logits = graphed(ids, self.model.prompt_lengths(ids, mask), pixels)
         cfg = self.model.config
         return (logits / self.temperature).reshape(*batch, cfg.num_actions_chunk, cfg.action_dim, cfg.n_action_bins)
+
+    def _graphed_forward(self) -> GraphedActionLogits | None:
+        """The CUDA-graph runner when this forward may use one (no grad, plain CUDA parameters), else None."""
+        if not self.cuda_graphs or torch.is_grad_enabled():
+            return None
+        probe = self.model.projector.fc1.weight
+        key = (probe.device, type(probe), id(probe))  # moved, sharded or replaced parameters: decide again
+        if self._graphed is None or self._graphed[0] != key:
+            self.__dict__["_graphed"] = (key, GraphedActionLogits(self.model) if graphs_supported(self.model) else None)
+        return self._graphed[1]
 
     def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
         """Preprocesses the observation, then samples (RANDOM exploration) or takes the argmax of every token."""

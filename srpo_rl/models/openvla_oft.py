@@ -242,9 +242,26 @@ class OpenVLAOFT(nn.Module):
     def _action_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
     ) -> torch.Tensor:
+        n = self.prompt_lengths(input_ids, attention_mask)
+        return self.logits_from_lengths(input_ids[:, : int(n.max())], n, pixel_values)  # trailing pads: dropped
+
+    def logits_from_lengths(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`action_logits` from the prompt lengths instead of a mask, without checks or host syncs.
+
+        Every shape follows from the inputs' shapes and no value goes back to the host, so a CUDA graph can
+        capture it (:class:`srpo_rl.cuda_graphs.GraphedActionLogits`). Columns of ``input_ids`` past a row's
+        length are ignored, so extra right padding (and extra rows) change nothing but the work.
+
+        Args:
+            input_ids: ``[B, L]`` ``<s>`` + prompt, right-padded (any ids past each row's length).
+            prompt_lengths: ``[B]`` int64, each in ``2..L``, on ``input_ids``' device.
+            pixel_values: ``[B, 6k, H, W]`` as for :meth:`action_logits`.
+        """
         self._ensure_fp32_rope()
-        n = self._prompt_lengths(input_ids, attention_mask)
-        ids = input_ids[:, : int(n.max())]  # trailing pads carry nothing: drop them
+        n = prompt_lengths
+        ids = input_ids
         batch, length = ids.shape
         slots = self.config.num_action_tokens
         dtype = self.projector.fc1.weight.dtype
@@ -266,7 +283,7 @@ class OpenVLAOFT(nn.Module):
         valid = torch.cat([text_valid[:, :1], text_valid.new_ones(batch, num_patches), text_valid[:, 1:]], dim=1)
 
         hidden = self.language_model.model(
-            inputs_embeds=embeds, attention_mask=self._attention_mask(valid)
+            inputs_embeds=embeds, attention_mask=self._attention_mask(valid), use_cache=False
         ).last_hidden_state
         # the position before each slot predicts it (the next-token shift the model was trained with)
         before = num_patches + n[:, None] - 1 + torch.arange(slots, device=ids.device)
@@ -275,7 +292,8 @@ class OpenVLAOFT(nn.Module):
         head = self.language_model.lm_head.weight[begin : begin + self.config.n_action_bins]
         return F.linear(hidden.float(), head.float())
 
-    def _prompt_lengths(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prompt_lengths(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The prompt length of each row, ``[B]``, after checking that the mask is a prefix of ones per row."""
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 "input_ids and attention_mask must both be [B, L]; "

@@ -1,0 +1,83 @@
+"""CUDA graphs of the policy forward: bucket sizes, padding invariance (CPU), graph replay == eager (GPU)."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from srpo_rl.cuda_graphs import GraphedActionLogits, batch_bucket, graphs_supported
+from srpo_rl.models.llama_tokenizer import build_tiny_llama_tokenizer
+from srpo_rl.models.openvla_oft import OpenVLAOFT, tiny_config
+from srpo_rl.models.openvla_oft_files import preprocessor_config
+from srpo_rl.policy import OpenVLAOFTPolicy
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return OpenVLAOFT(tiny_config()).eval()
+
+
+def _inputs(batch: int, width: int, lengths: list[int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 31000, (batch, width), generator=g)
+    ids[:, 0] = 1
+    return ids, torch.tensor(lengths), torch.randn(batch, 6, 224, 224, generator=g)
+
+
+def test_batch_buckets_cover_every_batch_with_bounded_padding():
+    expected_small = list(range(1, 9)) + [10, 10, 12, 12, 14, 14, 16, 16]  # 1..8 exact, then even sizes
+    assert [batch_bucket(b) for b in range(1, 17)] == expected_small
+    assert [batch_bucket(b) for b in (17, 20, 21, 33, 63, 65, 100)] == [20, 20, 24, 40, 64, 80, 112]
+    buckets = [batch_bucket(b) for b in range(1, 301)]
+    assert all(b <= k for b, k in zip(range(1, 301), buckets))
+    assert all(k - b < max(1, b // 4 + 1) for b, k in zip(range(1, 301), buckets))  # < ~25 % padding rows
+    assert buckets == sorted(buckets)
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        batch_bucket(0)
+
+
+def test_padding_rows_and_width_leave_the_real_rows_unchanged(model):
+    # what a graph bucket does to a batch: more rows (copies of the first) and a wider prompt (any ids)
+    ids, lengths, pixels = _inputs(3, 9, [9, 5, 7], seed=1)
+    with torch.no_grad():
+        plain = model.logits_from_lengths(ids, lengths, pixels)
+        wide_ids = torch.cat([ids, torch.randint(3, 31000, (3, 7))], dim=1)
+        padded = model.logits_from_lengths(
+            torch.cat([wide_ids, wide_ids[:1].expand(2, -1)]), torch.cat([lengths, lengths[:1].expand(2)]),
+            torch.cat([pixels, torch.randn(2, *pixels.shape[1:])]),  # any finite pixels
+        )
+        masked = model.action_logits(ids, torch.arange(9)[None] < lengths[:, None], pixels)
+    torch.testing.assert_close(padded[:3], plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(masked, plain)
+
+
+def test_graphs_refuse_cpu_models_and_the_policy_falls_back(model):
+    assert not graphs_supported(model)
+    with pytest.raises(ValueError, match="plain tensors on a CUDA device"):
+        GraphedActionLogits(model)
+    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.0)
+    td = TensorDict({("observation", "image"): torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, [2])
+    td.set_non_tensor("instruction", ["open the drawer", "put the bowl on the plate"])
+    with torch.no_grad():
+        assert policy(td)["action"].shape == (2, 8, 7)
+    assert policy._graphed[1] is None  # decided once for these parameters: eager
+
+
+@pytest.mark.gpu
+def test_graph_replay_matches_eager_forward_on_cuda(model):
+    cuda = model.to("cuda")
+    graphed = GraphedActionLogits(cuda, width_multiple=8)
+    with torch.no_grad():
+        for batch, width, seed in ((3, 9, 0), (5, 12, 1), (3, 7, 2), (11, 16, 3)):
+            lengths = torch.randint(2, width + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+            lengths[0] = width
+            ids, n, pixels = (t.cuda() for t in _inputs(batch, width, lengths.tolist(), seed))
+            torch.testing.assert_close(graphed(ids, n, pixels), cuda.logits_from_lengths(ids, n, pixels),
+                                       rtol=1e-4, atol=1e-4)
+        assert {k[:2] for k in graphed.graphs} == {(3, 16), (5, 16), (12, 16)}  # (3, 9) and (3, 7) share one
+        # weights changed in place are what the next replay reads
+        cuda.projector.fc3.bias.add_(0.5)
+        ids, n, pixels = (t.cuda() for t in _inputs(3, 9, [9, 4, 6], 4))
+        torch.testing.assert_close(graphed(ids, n, pixels), cuda.logits_from_lengths(ids, n, pixels),
+                                   rtol=1e-4, atol=1e-4)
+    model.to("cpu")
