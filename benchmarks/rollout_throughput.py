@@ -383,7 +383,7 @@ def capture_graphs(policy, names: tuple[str, ...], num_envs: int) -> dict:
     for width in widths:
         graphed.capture(range(1, num_envs + 1), width, (6 * policy.num_images_in_input, size, size))
     return {"graph_capture_s": graphed.capture_seconds - before, "graphs": len(graphed.graphs),
-            "prompt_widths": widths}
+            "failed_captures": sum(g is None for g in graphed.graphs.values()), "prompt_widths": widths}
 
 
 # -- one size -----------------------------------------------------------------------------------------
@@ -515,7 +515,8 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   f"{b['policy_step_ms']:.1f} ms, eager {b['eager_policy_step_ms']:.1f} ms)")
         if r.get("cuda_graphs"):
             g = r["cuda_graphs"]
-            print(f"{r['num_envs']:>4} {'graphs':>9} {g['graphs']} captured in {g['graph_capture_s']:.1f} s "
+            print(f"{r['num_envs']:>4} {'graphs':>9} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
+                  f"{g['failed_captures']} failed "
                   f"(prompt widths {g['prompt_widths']})")
         for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
             row = r.get(mode)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -68,7 +69,8 @@ class _Graph:
             forward()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: other threads (a background reward embedder) may allocate and sync meanwhile
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = forward()
 
     def __call__(self, ids: torch.Tensor, lengths: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
@@ -105,24 +107,35 @@ class GraphedActionLogits:
         self.model, self.width_multiple, self.max_batch = model, width_multiple, max_batch
         self.device = next(model.parameters()).device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, tuple[int, ...]], _Graph] = {}
+        self.graphs: dict[tuple[int, int, tuple[int, ...]], _Graph | None] = {}
         self.capture_seconds = 0.0
 
     def __call__(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[B, 56, 256]``, as ``model.logits_from_lengths`` (inputs on the model's device)."""
         rows, width = input_ids.shape
-        if rows > self.max_batch or torch.is_grad_enabled():
+        graph = None
+        if rows <= self.max_batch and not torch.is_grad_enabled():
+            graph = self.graph(rows, width, tuple(pixel_values.shape[1:]))
+        if graph is None:
             return self.model.logits_from_lengths(input_ids, prompt_lengths, pixel_values)
-        return self.graph(rows, width, tuple(pixel_values.shape[1:]))(input_ids, prompt_lengths, pixel_values)
+        return graph(input_ids, prompt_lengths, pixel_values)
 
-    def graph(self, rows: int, width: int, pixel_shape: tuple[int, ...]) -> _Graph:
-        """The graph that runs ``rows`` x ``width`` prompts (captured now if it is the bucket's first use)."""
+    def graph(self, rows: int, width: int, pixel_shape: tuple[int, ...]) -> _Graph | None:
+        """The graph that runs ``rows`` x ``width`` prompts, captured on the bucket's first use.
+
+        None if the capture failed (warned once): that bucket then runs eagerly.
+        """
         key = (batch_bucket(rows), -(-width // self.width_multiple) * self.width_multiple, pixel_shape)
         if key not in self.graphs:
             t0 = time.perf_counter()
-            # plain tensors even under inference_mode: later calls copy into them outside of it
-            with torch.inference_mode(False), torch.no_grad():
-                self.graphs[key] = _Graph(self.model, *key, self.pool, self.device)
+            try:
+                # plain tensors even under inference_mode: later calls copy into them outside of it
+                with torch.inference_mode(False), torch.no_grad():
+                    self.graphs[key] = _Graph(self.model, *key, self.pool, self.device)
+            except RuntimeError as error:  # e.g. an op that syncs with the host: not capturable
+                warnings.warn(f"CUDA graph capture failed for batch {key[0]} x width {key[1]}; that bucket runs "
+                              f"eagerly: {error}", RuntimeWarning, stacklevel=3)
+                self.graphs[key] = None
             torch.cuda.synchronize(self.device)
             self.capture_seconds += time.perf_counter() - t0
         return self.graphs[key]
