@@ -14,7 +14,8 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
 - each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`);
 - with ``overlap=True`` the slots form an asynchronous pool: the env's ``step_recv_ready`` returns the slots
   whose chunk is done, in whatever order they finish, and the policy decides for them in one batch while the
-  others simulate, so neither the GPU nor the CPUs wait for the other and no slot waits for a slower one
+  others simulate, so neither the GPU nor the CPUs wait for the other and no slot waits for a slower one;
+  the policy runs on a thread of its own, so taking in the returning chunks overlaps the forward
   (``overlap="halves"``: two fixed halves in ping-pong instead);
 - with the policy on an accelerator, torch's CPU ops in this process run on one thread during the rollout
   (:func:`single_cpu_thread`): idle OpenMP threads would otherwise spin on the simulation workers' cores.
