@@ -36,6 +36,7 @@ from tensordict import NonTensorData, TensorDictBase
 from tensordict.nn import InteractionType
 from tensordict.utils import NestedKey
 from tokenizers import Tokenizer
+from torch.distributed.tensor import DTensor
 from torch.distributions import Categorical
 from torchrl.data.vla import VocabTailActionTokenizer
 from torchrl.modules.vla import VLAWrapperBase
@@ -420,7 +421,9 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         if not self.cuda_graphs or torch.is_grad_enabled():
             return None
         probe = self.model.projector.fc1.weight
-        key = (probe.device, type(probe), id(probe))  # moved, sharded or replaced parameters: decide again
+        # moved, cast, sharded or replaced parameters (a graph reads the old storage): decide and capture again
+        local = probe.to_local() if isinstance(probe, DTensor) else probe
+        key = (type(probe), probe.device, probe.dtype, local.data_ptr())
         if self._graphed is None or self._graphed[0] != key:
             self.__dict__["_graphed"] = (key, GraphedActionLogits(self.model) if graphs_supported(self.model) else None)
         return self._graphed[1]

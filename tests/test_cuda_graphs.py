@@ -61,6 +61,15 @@ def test_graphs_refuse_cpu_models_and_the_policy_falls_back(model):
     with torch.no_grad():
         assert policy(td)["action"].shape == (2, 8, 7)
     assert policy._graphed[1] is None  # decided once for these parameters: eager
+    decided = policy._graphed
+    with torch.no_grad():
+        policy(td.clone())
+    assert policy._graphed is decided
+    policy.to(torch.float64)  # new storage under the same Parameter objects: decided again
+    with torch.no_grad():
+        policy(td.clone())
+    assert policy._graphed is not decided and policy._graphed[0][2] == torch.float64
+    policy.to(torch.float32)
 
 
 @pytest.mark.gpu
