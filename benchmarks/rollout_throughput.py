@@ -29,8 +29,9 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``steady``: each scheduler mode's env-steps/s until the last episode start (no request left after
   it), i.e. without the batch's tail, which shrinks as requests per env grow (512 rollouts per
   iteration on 16 envs in the recipe: 32 per env).
-- utilisation: ``gpu_busy`` = policy time / wall time (time in policy calls: the pool runs them on its policy thread), ``busy_sims``
-  = worker time (steps + resets) / wall time, the mean number of simulations at work, and
+- utilisation: ``gpu_busy`` = policy time / wall time (time in policy calls: the pool runs them on its
+  policy thread), ``busy_sims`` = worker time (steps + resets) / wall time, the mean number of
+  simulations at work, and
   ``mean_batch`` = decisions / policy calls.
 - split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
   frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
