@@ -68,7 +68,8 @@ from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, si
 
 CHUNK = 8
 # mode -> (collect_rollouts(overlap=...), the policy's CUDA graphs on)
-SCHEDULER_MODES = {"sync": (False, True), "halves": ("halves", True), "pool": (True, True), "pool_eager": (True, False)}
+SCHEDULER_MODES = {"sync": (False, True), "halves": ("halves", True), "pool": (True, True),
+                   "pool_eager": (True, False)}
 
 
 def log(message: str) -> None:

@@ -1,17 +1,16 @@
 """CUDA graphs of OpenVLA-OFT's inference forward: one captured graph per (batch, prompt width) bucket.
 
-Launching the ~1,800 kernels of one eager 7B forward (two ViTs, 32 decoder layers) costs tens of
-milliseconds of CPU time in the policy process. During an asynchronous rollout the batches are small (the
-slots whose chunk just came back) and every core also runs a simulation, so the launches, not the GPU, set
-the pace of a forward: on an H200 a forward of 10 slots inside the rollout took 25 % longer than the same
-forward on an idle machine. A replayed graph launches them all in one call, so the forward costs its GPU
-time alone, whatever the CPUs are doing.
+An eager forward launches its kernels one by one from Python (two ViTs, 32 decoder layers), a fixed CPU
+cost per forward that matters when the batch is small, as it is in an asynchronous rollout (the slots whose
+chunk just came back). A replayed graph launches them all in one call. Measured on an H200 with the 7B
+(``benchmarks/rollout_throughput.py``, idle machine): batch 4 42.4 ms against 55.1 ms eager, batch 8 84.4
+against 95.0; from batch 16 on the forward is GPU-bound and the graph is no faster.
 
 A batch is padded up to the next bucket (rows: copies of the first row; width: the prompt length rounded
 up to ``width_multiple``): the forward attends only to each row's own tokens, so the padding changes no
 logit of a real row beyond the rounding of differently shaped GEMMs. Graphs are captured on first use of a
-bucket (one eager warm-up forward, one capture), into one shared memory pool, so their memory is that of
-the largest one, not the sum.
+bucket (one eager warm-up forward, one capture), into one shared memory pool: the graphs reuse one another's
+activation memory (each keeps its own static inputs and output).
 
 Example:
     >>> import torch
@@ -110,7 +109,9 @@ class GraphedActionLogits:
         self.graphs: dict[tuple[int, int, tuple[int, ...]], _Graph | None] = {}
         self.capture_seconds = 0.0
 
-    def __call__(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
         """Float32 logits ``[B, 56, 256]``, as ``model.logits_from_lengths`` (inputs on the model's device)."""
         rows, width = input_ids.shape
         graph = None

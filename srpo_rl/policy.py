@@ -406,7 +406,8 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         used = int(mask.sum(-1).max())  # no compute on the fixed-width padding
         ids = tensordict.get("prompt_ids")[..., :used]
         mask = mask[..., :used]
-        ids, mask = ids.reshape(-1, ids.shape[-1]).to(self._device()), mask.reshape(-1, mask.shape[-1]).to(self._device())
+        ids = ids.reshape(-1, ids.shape[-1]).to(self._device())
+        mask = mask.reshape(-1, mask.shape[-1]).to(self._device())
         pixels = self.pixel_values(image.reshape(-1, *image.shape[-3:]).to(self._device()))
         graphed = self._graphed_forward()
         if graphed is None:
