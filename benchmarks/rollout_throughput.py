@@ -104,9 +104,10 @@ def due(step_count: int, success_step: int | None) -> bool:
 class ForcedSuccessEnv(LiberoVecEnv):
     """LiberoVecEnv whose chosen rollouts succeed at a given step (moved into the goal just before).
 
-    It also logs ``rounds``: ``(time, env steps executed)`` of every result it hands back, and ``starts``:
-    the time of every episode start (reset) sent. After the last start no request is left, so slots go
-    idle one by one: what comes before it is the steady state, the rest the batch's tail.
+    It also counts ``rebuilds`` (resets that change a slot's task) and logs ``rounds``: ``(time, env
+    steps executed)`` of every result it hands back, and ``starts``: the time of every episode start
+    (reset) sent. After the last start no request is left, so slots go idle one by one: what comes
+    before it is the steady state, the rest the batch's tail.
     """
 
     def __init__(self, *args, success_step: dict[int, int], **kwargs):
@@ -114,6 +115,7 @@ class ForcedSuccessEnv(LiberoVecEnv):
         self.success_step = success_step
         self.rounds: list[tuple[float, int]] = []
         self.starts: list[float] = []
+        self.rebuilds = 0  # resets that changed a slot's task
 
     def _stepped(self, tensordict) -> list[int]:
         mask = tensordict.get("_step", torch.ones(self.num_envs, dtype=torch.bool)).reshape(-1)
@@ -130,6 +132,9 @@ class ForcedSuccessEnv(LiberoVecEnv):
     def _log_starts(self, tensordict) -> None:
         if tensordict is not None and "_reset" in tensordict.keys() and tensordict["_reset"].any():
             self.starts.append(time.perf_counter())
+            slots = tensordict["_reset"].reshape(-1).nonzero().flatten().tolist()
+            tasks = tensordict["task_id"].reshape(-1) if "task_id" in tensordict.keys() else None
+            self.rebuilds += sum(tasks is not None and int(tasks[s]) != self.task_ids[s] for s in slots)
 
     def _log_result(self, out):
         if out is not None:
@@ -303,6 +308,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
     env.starts.clear()
+    env.rebuilds = 0
     start, cpu = time.perf_counter(), main_cpu_seconds()
     trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     after = env.worker_time
@@ -320,6 +326,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
         "worker_reset_cpu_s": after.get("reset", 0.0) - before.get("reset", 0.0),
         "successes": int(trajs["success"].sum()),
         "policy_calls": stats.policy_calls,
+        "rebuilds": env.rebuilds,
     }
     row["forward_s"] = row["policy_s"] - row["preprocess_s"]
     row["gpu_busy"] = row["policy_s"] / row["wall_s"]
@@ -504,7 +511,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
     print(f"{'envs':>4} {'mode':>9} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
           f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9} "
-          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10}")
+          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10} {'rebuilds':>8}")
     for r in results:
         print(f"{r['num_envs']:>4} {'bare sim':>9} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
               f"(physics {1e3 * r['bare_sim']['physics_s_per_step']:.1f} ms/step, "
@@ -533,7 +540,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('env_wait_s', float('nan')):>10.1f} "
                   f"{row.get('worker_step_cpu_s', float('nan')):>9.1f} {row.get('gpu_busy', float('nan')):>8.2f} "
                   f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f} "
-                  f"{row.get('main_cpu_s', float('nan')):>10.1f}")
+                  f"{row.get('main_cpu_s', float('nan')):>10.1f} {row.get('rebuilds', -1):>8}")
         if "reward" in r:
             rw = r["reward"]
             print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "
@@ -552,7 +559,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU, 2 envs, short episodes")
     parser.add_argument("--num-envs", type=int, nargs="+", default=None, help="default 16 32 (tiny: 2)")
     parser.add_argument("--suite", default="libero_object")
-    parser.add_argument("--requests-per-env", type=int, default=2)
+    parser.add_argument("--requests-per-env", type=int, default=None,
+                        help="default 4 (tiny 2); the recipe runs 32 (512 rollouts on 16 envs)")
     parser.add_argument("--group-size", type=int, default=None, help="rollouts per prompt (default 8; tiny 2)")
     parser.add_argument("--max-steps", type=int, default=None, help="default 512 (tiny 32)")
     parser.add_argument("--success-min", type=int, default=None, help="default 150 (tiny 9)")
@@ -568,9 +576,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 10; tiny 3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    tiny = {"num_envs": [2], "group_size": 2, "max_steps": 32, "success_min": 9, "success_max": 24,
+    tiny = {"num_envs": [2], "requests_per_env": 2, "group_size": 2,
+            "max_steps": 32, "success_min": 9, "success_max": 24,
             "ceiling_steps": 16, "repeats": 3}
-    full = {"num_envs": [16, 32], "group_size": 8, "max_steps": 512, "success_min": 150, "success_max": 400,
+    full = {"num_envs": [16, 32], "requests_per_env": 4, "group_size": 8,
+            "max_steps": 512, "success_min": 150, "success_max": 400,
             "ceiling_steps": 256, "repeats": 10}
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:

@@ -35,6 +35,7 @@ from tensordict import NestedKey, TensorDictBase
 from torch import nn
 from torchrl.envs.transforms import Transform
 
+from srpo_rl.cuda_wait import wait_for_stream
 from srpo_rl.models.vjepa2 import sample_frame_indices
 
 __all__ = ["BackgroundEmbedder", "SRPOProgressReward", "srpo_progress_scores", "trajectory_videos"]
@@ -507,7 +508,9 @@ class BackgroundEmbedder:
         try:
             videos = [trajectory_videos(row.unsqueeze(0), [[0]], num_frames=self.num_frames)[0] for row in rows]
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                embeddings = torch.as_tensor(self.embedder(videos)).to("cpu", torch.float32)
+                embeddings = torch.as_tensor(self.embedder(videos))
+                wait_for_stream(self._stream)  # asleep: the simulation workers need the cores
+                embeddings = embeddings.to("cpu", torch.float32)
             results = dict(zip(ids, embeddings, strict=True))
         except Exception as error:  # handed to pop(), which raises it in the caller
             results = dict.fromkeys(ids, error)

@@ -7,10 +7,13 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
 
 - a slot runs one :class:`RolloutRequest`; the policy is queried only for active slots and only those
   slots are stepped (no padding steps, no queries for finished envs);
-- a finished slot takes the next pending request at once, preferring one of the task it already has loaded
-  so that its reset stays soft; the reset rides in the next round of steps (the env's ``step_send``), so it
-  holds up no other slot; a task change rebuilds the simulation (seconds) and goes out on its own (the
-  env's ``reset_send``): the slot rejoins the rounds when it is done;
+- a finished slot takes the next pending request at once, of the task it already has loaded where it can
+  so that its reset stays soft (each task is due a share of the slots in proportion to its rollouts left:
+  only a task above its share gives a slot to one below); the reset rides in the next round of steps (the
+  env's ``step_send``), so it holds up no other slot; a task change rebuilds the simulation (seconds) and
+  goes out on its own (the env's ``reset_send``): the slot rejoins the rounds when it is done;
+- the policy process waits for the GPU asleep (:func:`srpo_rl.cuda_wait.wait_for_stream`), not spinning
+  on a core;
 - each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`);
 - with ``overlap=True`` the slots form an asynchronous pool: the env's ``step_recv_ready`` returns the slots
   whose chunk is done, in whatever order they finish, and the policy decides for them in one batch while the
@@ -45,6 +48,8 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
+
+from .cuda_wait import wait_for_stream
 
 __all__ = ["POLICY_KEYS", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests", "single_cpu_thread"]
 
@@ -94,9 +99,9 @@ class RolloutStats:
     """Counters and wall times of one :func:`collect_rollouts` call (seconds).
 
     ``env_time`` is the time the loop spent in env calls (sending rounds and waiting for their results),
-    ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (the first one of every slot, and
-    every reset of an env without ``step_send``; the others ride in the env rounds or, when they change the
-    task, go out on their own, and count as ``env_time`` only while the loop waits for them).
+    ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (those of an env without
+    ``step_send``; with one, resets ride in the env rounds or, when they change the task, go out on their
+    own, and count as ``env_time`` only while the loop waits for them).
     """
 
     trajectories: int = 0
@@ -205,24 +210,56 @@ class _Rollout:
         self.bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
 
     # -- episodes ---------------------------------------------------------------------------------
-    def assign(self, slot_ids: list[int]) -> dict[int, RolloutRequest]:
-        """Gives each slot the next pending request, preferring its loaded task (a soft reset).
+    def assign(self, slot_ids: Iterable[int]) -> dict[int, RolloutRequest]:
+        """Gives each of the free ``slot_ids`` the next pending request, keeping its loaded task where it can.
 
-        Slots whose task has a pending request take it first; the others then take the oldest ones.
+        Every task with rollouts left (pending or running) is due a share of the slots in proportion to
+        them. A slot keeps its task (a soft reset) while that task has a pending request, unless the task
+        has at least one slot more than its share and another task has less than its own: then the slot
+        moves there (a rebuild: seconds), so that no task is left to a few slots at the end while the
+        others' slots idle or rebuild all at once. A slot whose task has nothing pending takes the task
+        furthest below its share. Within a task, the oldest request goes first.
         """
         chosen = {}
-        for same_task in (True, False):
-            for s in slot_ids:
-                if s in chosen or not self.pending:
-                    continue
-                task = self.slots[s].task_id
-                if same_task and not any(r.task_id == task for r in self.pending):
-                    continue
-                chosen[s] = request = _pick_request(self.pending, task)
-                slot = self.slots[s]
-                slot.rebuilding = self.async_resets and slot.task_id is not None and request.task_id != task
-                slot.request, slot.task_id, slot.started = request, request.task_id, False
+        pending, slots_on, share = self._shares()
+        for s in slot_ids:
+            if not self.pending:
+                break
+            slot = self.slots[s]
+            task = slot.task_id
+            starved = [t for t in pending if pending[t] and t != task and slots_on.get(t, 0) < share[t]]
+            surplus = slots_on.get(task, 0) - 1 >= share.get(task, 0.0)
+            if pending.get(task) and not (surplus and starved):
+                new_task = task
+            else:
+                # furthest below its share; among equals the task of the oldest request (dicts keep order)
+                new_task = max(starved or [t for t in pending if pending[t]],
+                               key=lambda t: share[t] - slots_on.get(t, 0))
+            chosen[s] = request = _pick_request(self.pending, new_task)
+            pending[new_task] -= 1
+            if new_task != task:
+                slots_on[task] = slots_on.get(task, 0) - 1
+                slots_on[new_task] = slots_on.get(new_task, 0) + 1
+            slot.rebuilding = self.async_resets and task is not None and new_task != task
+            slot.request, slot.task_id, slot.started = request, new_task, False
         return dict(sorted(chosen.items()))
+
+    def _shares(self) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
+        """Pending requests per task (in order of their oldest), slots per loaded task, and each task's share
+        of the slots (in proportion to its pending and running rollouts)."""
+        pending: dict[int, int] = {}
+        for request in self.pending:
+            pending[request.task_id] = pending.get(request.task_id, 0) + 1
+        left = dict(pending)
+        slots_on: dict[int, int] = {}
+        for slot in self.slots:
+            if slot.request is not None:
+                left[slot.request.task_id] = left.get(slot.request.task_id, 0) + 1
+            if slot.task_id is not None:
+                slots_on[slot.task_id] = slots_on.get(slot.task_id, 0) + 1
+        total = sum(left.values())
+        share = {t: n * self.num_slots / total for t, n in left.items()} if total else {}
+        return pending, slots_on, share
 
     def begin(self, td: TensorDictBase, slot_ids: list[int]) -> None:
         """Reads the first observation of the slots just reset."""
@@ -232,6 +269,14 @@ class _Rollout:
             slot.started, slot.steps = True, []
             slot.initial_frame = slot.obs[("observation", "image")].clone()
             slot.video = [slot.initial_frame] if slot.request.rollout_id in self.video_ids else None
+
+    def start(self) -> None:
+        """Gives every slot its first request. With an asynchronous env nothing waits here: the task changes
+        go out on their own (:meth:`rebuild`), the soft resets with the first rounds."""
+        if self.async_env:
+            self.rebuild(list(self.assign(range(self.num_slots))))
+        else:
+            self.reset(list(range(self.num_slots)))
 
     def reset(self, slot_ids: list[int]) -> None:
         """Synchronous reset of ``slot_ids`` to their next requests."""
@@ -281,7 +326,9 @@ class _Rollout:
         # a new thread starts on CUDA device 0: make the policy's device current (a rank's GPU)
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.no_grad(), on_device:
-            decision = self.policy(td.to(self.device)).to("cpu")
+            decision = self.policy(td.to(self.device))
+            wait_for_stream()  # asleep, not spinning on a core the simulation needs
+            decision = decision.to("cpu")
         self.stats.policy_time += time.perf_counter() - t0
         self.stats.policy_calls += 1
         return decision
@@ -343,7 +390,7 @@ class _Rollout:
         joins its group's rounds once it is done. An env without ``step_send`` runs one group
         synchronously and resets finished slots before the next decision.
         """
-        self.reset(list(range(self.num_slots)))
+        self.start()
         size = -(-self.num_slots // num_groups)
         groups = [range(start, min(start + size, self.num_slots)) for start in range(0, self.num_slots, size)]
         in_flight: deque = deque()
@@ -379,7 +426,7 @@ class _Rollout:
         env calls when the two ran in turn.) One decision is in flight at a time; its slots step as soon as it
         is back, together with the resets that are waiting.
         """
-        self.reset(list(range(self.num_slots)))
+        self.start()
         flying: set[int] = set()  # slots simulating: a chunk or a reset in flight
         deciding: list[int] = []  # slots of the decision in flight
         future: Future | None = None

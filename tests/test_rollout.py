@@ -263,6 +263,30 @@ def test_a_task_change_rebuilds_while_the_other_slots_step(env, policy, overlap)
     assert stats.trajectories == 3 and stats.env_steps == MAX_STEPS + 2
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_task_above_its_share_of_slots_gives_one_away_at_once(env, policy, overlap):
+    n = env.num_envs
+    ids = {k: torch.tensor([[-1], [-1]]) for k in ("rollout_id", "group_id")}
+    env.reset(TensorDict({"_reset": torch.ones(n, 1, dtype=torch.bool), "task_id": torch.tensor([[0], [0]]),
+                          "init_state_id": torch.tensor([[0], [1]]), **ids}, [n]))
+    # both slots hold task 0; two rollouts of task 0 and two of task 2 are pending: a share of one slot each.
+    # Taking the oldest requests of the loaded task would run both task-0 rollouts first, then rebuild
+    # both slots for task 2; one slot moving to task 2 at the start needs one rebuild.
+    requests = group_requests([(0, 3), (2, 6)], rollouts_per_group=2, first_group_id=60)
+    ids = [r.rollout_id for r in requests]  # 120, 121 of task 0; 122, 123 of task 2
+    env.success_chunk, env.log = dict.fromkeys(ids, 1), []
+    trajs, _ = collect_rollouts(env, policy, requests, overlap=overlap,
+                                exploration_type=ExplorationType.DETERMINISTIC)
+    resets = [what for kind, what in env.log if kind == "reset"]
+    assert resets[0] == {0: (0, 2, 122)}  # the move went out first, on its own, while task 0 had requests
+    # slot 1 kept task 0 for both of its rollouts (123 then ran on whichever slot was free first: slot 1
+    # when its two short episodes end before slot 0's rebuild does, as on a slow CPU)
+    assert [r for what in resets for s, (_, _, r) in what.items() if s == 1][:2] == [120, 121]
+    assert resets[1] == {1: (0, 0, 120)}
+    assert trajs["rollout_id"].tolist() == ids and trajs["task_id"].tolist() == [0, 0, 2, 2]
+    assert trajs["success"].all() and env.task_ids[0] == 2 and env.pending_resets == []
+
+
 def test_async_steps_come_back_in_send_order(env):
     n = env.num_envs
     ids = {k: torch.tensor([[5], [6]]) for k in ("rollout_id", "group_id")}
