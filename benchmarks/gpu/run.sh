@@ -37,7 +37,7 @@ trap 'kill $CPULOG 2>/dev/null' EXIT
 status=0
 for job in "$@"; do
   case "$job" in
-    rollout16) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 16) limit=500 ;;  # shares call 2 with stage2
+    rollout16) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 16) limit=570 ;;
     rollout32) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 32) limit=570 ;;
     train) cmd=(python3 benchmarks/train_throughput.py) limit=420 ;;
     policy) cmd=(python3 benchmarks/policy_latency.py) limit=150 ;;
