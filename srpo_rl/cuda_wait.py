@@ -5,7 +5,7 @@ waits for the GPU (``.cpu()``, ``.item()``, ``torch.cuda.synchronize()``) spin o
 wait. In a rollout the policy process waits for every forward (tens of milliseconds) and the reward's
 V-JEPA 2 embedding (hundreds), while the simulation workers need every core: a spinning wait takes a
 core from them, and the workers, being niced, lose it. An event created with ``blocking=True`` makes the
-waiting thread sleep until the GPU work is done (``tests/test_cuda_graphs.py`` shows the difference in
+waiting thread sleep until the GPU work is done (``tests/test_cuda_wait.py`` checks the difference in
 CPU time on a GPU).
 
 Example:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -227,37 +227,30 @@ class _Rollout:
                 break
             slot = self.slots[s]
             task = slot.task_id
-            starved = [t for t in pending if pending[t] and t != task and slots_on.get(t, 0) < share[t]]
-            surplus = slots_on.get(task, 0) - 1 >= share.get(task, 0.0)
+            starved = [t for t in pending if pending[t] and t != task and slots_on[t] < share[t]]
+            surplus = slots_on[task] - 1 >= share.get(task, 0.0)
             if pending.get(task) and not (surplus and starved):
                 new_task = task
             else:
                 # furthest below its share; among equals the task of the oldest request (dicts keep order)
                 new_task = max(starved or [t for t in pending if pending[t]],
-                               key=lambda t: share[t] - slots_on.get(t, 0))
+                               key=lambda t: share[t] - slots_on[t])
             chosen[s] = request = _pick_request(self.pending, new_task)
             pending[new_task] -= 1
             if new_task != task:
-                slots_on[task] = slots_on.get(task, 0) - 1
-                slots_on[new_task] = slots_on.get(new_task, 0) + 1
+                slots_on[task] -= 1
+                slots_on[new_task] += 1
             slot.rebuilding = self.async_resets and task is not None and new_task != task
             slot.request, slot.task_id, slot.started = request, new_task, False
         return dict(sorted(chosen.items()))
 
-    def _shares(self) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
+    def _shares(self) -> tuple[Counter, Counter, dict[int, float]]:
         """Pending requests per task (in order of their oldest), slots per loaded task, and each task's share
         of the slots (in proportion to its pending and running rollouts)."""
-        pending: dict[int, int] = {}
-        for request in self.pending:
-            pending[request.task_id] = pending.get(request.task_id, 0) + 1
-        left = dict(pending)
-        slots_on: dict[int, int] = {}
-        for slot in self.slots:
-            if slot.request is not None:
-                left[slot.request.task_id] = left.get(slot.request.task_id, 0) + 1
-            if slot.task_id is not None:
-                slots_on[slot.task_id] = slots_on.get(slot.task_id, 0) + 1
-        total = sum(left.values())
+        pending = Counter(request.task_id for request in self.pending)
+        left = pending + Counter(slot.request.task_id for slot in self.slots if slot.request is not None)
+        slots_on = Counter(slot.task_id for slot in self.slots if slot.task_id is not None)
+        total = left.total()
         share = {t: n * self.num_slots / total for t, n in left.items()} if total else {}
         return pending, slots_on, share
 
