@@ -432,20 +432,6 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
     def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
         """Preprocesses the observation, then samples (RANDOM exploration) or takes the argmax of every token."""
         self.preprocess(tensordict)
-        return self.act(tensordict, **kwargs)
-
-    def act(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
-        """:meth:`forward` without the preprocessing: decides from the ``policy_image``, ``prompt_ids`` and
-        ``prompt_mask`` that :meth:`preprocess` wrote.
-
-        Lets a caller preprocess each observation as it arrives, while another batch's forward runs
-        (:func:`srpo_rl.rollout.collect_rollouts` does, on a side CUDA stream).
-
-        Example:
-            >>> td = policy.preprocess(observation)  # e.g. as soon as the env returns it
-            >>> policy.act(td)["action"].shape  # later, possibly batched with other prepared rows
-            torch.Size([1, 8, 7])
-        """
         return super().forward(tensordict, **kwargs)
 
     def get_dist(self, tensordict: TensorDictBase, **kwargs) -> Categorical:

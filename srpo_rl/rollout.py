@@ -12,9 +12,6 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
   only a task above its share gives a slot to one below); the reset rides in the next round of steps (the
   env's ``step_send``), so it holds up no other slot; a task change rebuilds the simulation (seconds) and
   goes out on its own (the env's ``reset_send``): the slot rejoins the rounds when it is done;
-- a policy with ``preprocess`` and ``act`` (:class:`srpo_rl.policy.OpenVLAOFTPolicy`) has each observation
-  preprocessed as soon as it arrives (on a GPU on a side stream, overlapping the forward in flight), so
-  a policy call is only the forward;
 - the policy process waits for the GPU asleep (:func:`srpo_rl.cuda_wait.wait_for_stream`), not spinning
   on a core;
 - each finished episode becomes one row of the trajectory batch (layout in :func:`collect_rollouts`);
@@ -102,8 +99,7 @@ class RolloutStats:
     """Counters and wall times of one :func:`collect_rollouts` call (seconds).
 
     ``env_time`` is the time the loop spent in env calls (sending rounds and waiting for their results),
-    ``policy_time`` in policy calls, ``preprocess_time`` preprocessing observations ahead of the policy
-    calls (a policy with ``preprocess`` and ``act``; its GPU part runs asynchronously), ``reset_time`` in synchronous resets (those of an env without
+    ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (those of an env without
     ``step_send``; with one, resets ride in the env rounds or, when they change the task, go out on their
     own, and count as ``env_time`` only while the loop waits for them).
     """
@@ -115,7 +111,6 @@ class RolloutStats:
     wall_time: float = 0.0
     env_time: float = 0.0
     policy_time: float = 0.0
-    preprocess_time: float = 0.0
     reset_time: float = 0.0
     videos: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -133,7 +128,6 @@ class RolloutStats:
             "time_wall": self.wall_time,
             "time_env": self.env_time,
             "time_policy": self.policy_time,
-            "time_preprocess": self.preprocess_time,
             "time_reset": self.reset_time,
         }
 
@@ -149,7 +143,6 @@ class _Slot:
         self.obs: dict = {}
         self.steps: list[TensorDictBase | None] = []
         self.decision: TensorDictBase | None = None  # the policy output of the chunk in flight
-        self.prepared: TensorDictBase | None = None  # the policy inputs of ``obs`` (a policy with ``act``)
         self.initial_frame: torch.Tensor | None = None
         self.video: list[torch.Tensor] | None = None
 
@@ -183,47 +176,6 @@ def _policy_input(slots: list[_Slot], active: list[int]) -> TensorDict:
     return td
 
 
-class _AheadPreprocessing:
-    """Runs the policy's ``preprocess`` on observations as they arrive; a policy call then stacks the
-    prepared inputs and runs the policy's ``act`` (the forward without preprocessing).
-
-    Preprocessing (for OpenVLA-OFT: a JPEG round trip on the CPU, a Lanczos resize on the GPU) then no
-    longer stands between two forwards on the policy thread: the loop does it while the GPU computes.
-    On a GPU its kernels go to a side stream, so they neither wait for the forward in flight nor make the
-    loop wait for it; the policy call waits for that stream on the GPU only.
-    """
-
-    def __init__(self, policy, device: torch.device) -> None:
-        self.policy, self.device = policy, device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def _on_stream(self):
-        if self.stream is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(self.device))
-        stack.enter_context(torch.cuda.stream(self.stream))
-        return stack
-
-    def prepare(self, td: TensorDictBase) -> list[TensorDictBase]:
-        """The policy inputs of each row of the observation batch ``td`` (the keys ``preprocess`` adds)."""
-        before = set(td.keys(True, True))
-        with self._on_stream():
-            prepared = self.policy.preprocess(td)
-        added = [k for k in prepared.keys(True, True) if k not in before]
-        return list(prepared.select(*added).unbind(0))
-
-    def batch(self, rows: list[TensorDictBase]) -> TensorDictBase:
-        """One policy input from prepared rows, on the current stream, after their preprocessing."""
-        if self.stream is None:
-            return torch.stack(rows)
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(self.stream)
-        for row in rows:  # allocated on the side stream, read on this one: not reused before that is done
-            row.record_stream(current)
-        return torch.stack(rows)
-
-
 def _reset_fields(num_slots: int, chosen: dict[int, RolloutRequest]) -> dict[str, torch.Tensor]:
     """``_reset`` mask and the request ids of the chosen slots, in the env's reset layout."""
     names = ("task_id", "init_state_id", "rollout_id", "group_id")
@@ -254,8 +206,6 @@ class _Rollout:
         self.finished: dict[int, TensorDict] = {}
         self.stats = RolloutStats()
         self.device = next((p.device for p in policy.parameters()), torch.device("cpu"))
-        splits = callable(getattr(policy, "preprocess", None)) and callable(getattr(policy, "act", None))
-        self.ahead = _AheadPreprocessing(policy, self.device) if splits else None
         desc = progress if isinstance(progress, str) else "rollout"
         self.bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
 
@@ -312,22 +262,6 @@ class _Rollout:
             slot.started, slot.steps = True, []
             slot.initial_frame = slot.obs[("observation", "image")].clone()
             slot.video = [slot.initial_frame] if slot.request.rollout_id in self.video_ids else None
-        self.prepare(slot_ids)
-
-    def prepare(self, slot_ids: list[int]) -> None:
-        """Preprocesses the latest observations of ``slot_ids`` for their next decision (policies with ``act``)."""
-        if self.ahead is None or not slot_ids:
-            return
-        t0 = time.perf_counter()
-        for s, row in zip(slot_ids, self.ahead.prepare(_policy_input(self.slots, slot_ids))):
-            self.slots[s].prepared = row
-        self.stats.preprocess_time += time.perf_counter() - t0
-
-    def policy_input(self, active: list[int]) -> TensorDictBase:
-        """The policy's input for the ``active`` slots: their prepared inputs, else their observations."""
-        if self.ahead is None:
-            return _policy_input(self.slots, active)
-        return self.ahead.batch([self.slots[s].prepared for s in active])
 
     def start(self) -> None:
         """Gives every slot its first request. With an asynchronous env nothing waits here: the task changes
@@ -373,7 +307,7 @@ class _Rollout:
     def decide(self, active: list[int]) -> torch.Tensor:
         """The policy's decision for the active slots (kept on each slot); the env's actions
         ``[num_slots, chunk, dims]``."""
-        return self.apply_decision(active, self.call_policy(self.policy_input(active)))
+        return self.apply_decision(active, self.call_policy(_policy_input(self.slots, active)))
 
     def call_policy(self, td: TensorDict) -> TensorDictBase:
         """One timed policy call on a batch of observations; the decision comes back on the CPU.
@@ -384,9 +318,8 @@ class _Rollout:
         t0 = time.perf_counter()
         # a new thread starts on CUDA device 0: make the policy's device current (a rank's GPU)
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        act = self.policy if self.ahead is None else self.policy.act
         with torch.no_grad(), on_device:
-            decision = act(td.to(self.device))
+            decision = self.policy(td.to(self.device))
             wait_for_stream()  # asleep, not spinning on a core the simulation needs
             decision = decision.to("cpu")
         self.stats.policy_time += time.perf_counter() - t0
@@ -433,7 +366,6 @@ class _Rollout:
                 slot.request, slot.started = None, False
                 ended.append(s)
                 self.bar.update(1)
-        self.prepare([s for s in active if s not in ended])
         return ended
 
     def running(self, slot_ids) -> list[int]:
@@ -500,7 +432,7 @@ class _Rollout:
                     ready = [s for s in self.running(range(self.num_slots)) if s not in flying]
                     if ready:
                         deciding = ready
-                        future = policy_thread.submit(self.call_policy, self.policy_input(ready))
+                        future = policy_thread.submit(self.call_policy, _policy_input(self.slots, ready))
                 self._step_decided([], None, flying)  # soft resets go out at once, decision or not
                 if flying:
                     # while a decision is computed, look at the env and at the decision in turn

@@ -8,13 +8,11 @@ sub-step of that chunk. The env logs every round it runs, so the tests check the
 import math
 import os
 import resource
-import threading
 import time
 
 import pytest
 import torch
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModuleBase
 from torchrl.envs.utils import ExplorationType
 
 from srpo_rl.envs import LiberoVecEnv
@@ -224,58 +222,6 @@ def test_overlap_gives_the_same_trajectories(runs, overlap):
         assert torch.equal(plain["steps", key][mask], overlapped["steps", key][mask]), key
 
 
-class ForwardOnly(TensorDictModuleBase):
-    """The same policy without ``preprocess`` / ``act``: every call preprocesses its own batch."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy, self.in_keys, self.out_keys = policy, policy.in_keys, policy.out_keys
-
-    def forward(self, tensordict):
-        return self.policy(tensordict)
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_observations_are_preprocessed_as_they_arrive_not_in_the_policy_calls(env, policy, runs, overlap,
-                                                                              monkeypatch):
-    preprocessed, inside_calls = [], []
-    in_call = threading.local()
-    preprocess = policy.preprocess
-
-    def counting_preprocess(td):
-        preprocessed.append(td.batch_size[0])
-        inside_calls.append(getattr(in_call, "on", False))
-        return preprocess(td)
-
-    def marked(call):  # a policy call: its preprocessing (if any) counts as inside it
-        def run(td, **kwargs):
-            in_call.on = True
-            try:
-                return call(td, **kwargs)
-            finally:
-                in_call.on = False
-        return run
-
-    monkeypatch.setattr(policy, "preprocess", counting_preprocess)
-    monkeypatch.setattr(policy, "act", marked(policy.act))
-    monkeypatch.setattr(policy, "forward", marked(policy.forward))
-    env.success_chunk, env.log = dict(SCHEDULE), []
-    ahead, stats = collect_rollouts(env, policy, _requests(), overlap=overlap,
-                                    exploration_type=ExplorationType.DETERMINISTIC)
-    # every decided observation was preprocessed once, as it arrived, and never inside a policy call
-    assert sum(preprocessed) == stats.decisions and not any(inside_calls)
-    assert stats.preprocess_time > 0
-    # the same trajectories as a policy that preprocesses each batch inside its call (float64: exact)
-    monkeypatch.undo()
-    env.success_chunk, env.log = dict(SCHEDULE), []
-    plain, _ = collect_rollouts(env, ForwardOnly(policy), _requests(), overlap=overlap,
-                                exploration_type=ExplorationType.DETERMINISTIC)
-    mask = plain["steps", "mask"]
-    assert torch.equal(mask, ahead["steps", "mask"])
-    for key in ("action_tokens", "action", "policy_image", "prompt_ids"):
-        assert torch.equal(plain["steps", key][mask], ahead["steps", key][mask]), key
-
-
 @pytest.mark.parametrize("overlap", [False, True, "halves"])
 def test_each_trajectory_is_handed_over_when_it_ends(runs, overlap):
     trajs, _, log, finished = runs[overlap]
@@ -474,31 +420,3 @@ def test_one_cpu_thread_stops_openmp_threads_spinning_between_ops():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.mark.gpu
-def test_ahead_preprocessing_runs_beside_a_busy_default_stream(tmp_path):
-    from srpo_rl.rollout import _AheadPreprocessing
-
-    write_tiny_checkpoint(tmp_path)
-    device = torch.device("cuda")
-    policy = OpenVLAOFTPolicy.from_pretrained(tmp_path, unnorm_key="libero_object").to(device)
-    g = torch.Generator().manual_seed(0)
-    obs = TensorDict({("observation", "image"): torch.randint(0, 256, (3, 3, 256, 256), dtype=torch.uint8,
-                                                             generator=g)}, [3])
-    obs.set_non_tensor("instruction", ["pick up the ketchup and place it in the basket"] * 3)
-    expected = policy.preprocess(obs.clone())
-    ahead = _AheadPreprocessing(policy, device)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # the default stream is busy (a forward in flight) for about a second
-    t0 = time.perf_counter()
-    rows = ahead.prepare(obs.clone())
-    prepared_s = time.perf_counter() - t0
-    ahead.stream.synchronize()
-    assert not torch.cuda.current_stream().query()  # the side stream finished while the default one still runs
-    assert prepared_s < 0.5, prepared_s  # the loop did not wait for the default stream
-    batch = ahead.batch(rows)  # on the default stream, after the side stream's work
-    torch.cuda.synchronize()
-    assert sorted(batch.keys()) == ["policy_image", "prompt_ids", "prompt_mask"]
-    for key in batch.keys():
-        assert torch.equal(batch[key], expected[key]), key
