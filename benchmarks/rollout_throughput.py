@@ -18,6 +18,10 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``pool_eager``: the same without the policy's CUDA graphs (every forward launches its kernels one by
   one); every other mode runs the forward through the graphs, captured for every batch size up to
   ``num_envs`` before the first timed mode (``graph_capture_s``).
+- ``pool_env_jpeg``: ``pool`` with the policy's JPEG round trip done in the simulation workers
+  (``rollout.jpeg_in_workers=true``: ``LiberoVecEnv(jpeg_quality=95)`` + ``OpenVLAOFTPolicy(jpeg_quality=None)``)
+  instead of in the policy's process, whose threads share one GIL with the loop
+  (``benchmarks/gil_contention.py``); switched on the built env, so it needs no rebuild.
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
@@ -63,13 +67,14 @@ from _common import command, machine, versions
 
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
+from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.rewards import BackgroundEmbedder
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 CHUNK = 8
-# mode -> (collect_rollouts(overlap=...), the policy's CUDA graphs on)
-SCHEDULER_MODES = {"sync": (False, True), "halves": ("halves", True), "pool": (True, True),
-                   "pool_eager": (True, False)}
+# mode -> (collect_rollouts(overlap=...), the policy's CUDA graphs on, the JPEG round trip in the workers)
+SCHEDULER_MODES = {"sync": (False, True, False), "halves": ("halves", True, False), "pool": (True, True, False),
+                   "pool_eager": (True, False, False), "pool_env_jpeg": (True, True, True)}
 
 
 def log(message: str) -> None:
@@ -304,7 +309,8 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
 
 
 def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
-    overlap, policy.cuda_graphs = SCHEDULER_MODES[mode]
+    overlap, policy.cuda_graphs, jpeg_in_workers = SCHEDULER_MODES[mode]
+    set_jpeg_in_workers(env, policy, jpeg_in_workers)
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
     env.starts.clear()
@@ -334,7 +340,17 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
     row["mean_batch"] = row["decisions"] / max(1, row["policy_calls"])
     row.update(steady_state(env, start))
     policy.cuda_graphs = True
+    set_jpeg_in_workers(env, policy, False)
     return row, trajs
+
+
+def set_jpeg_in_workers(env, policy, on: bool) -> None:
+    """Moves the JPEG round trip between the policy and the env's workers (``rollout.jpeg_in_workers``) on the
+    built env: the A/B of one run needs no rebuild. (A user sets ``LiberoVecEnv(jpeg_quality=95)`` instead.)"""
+    quality = JPEG_QUALITY if on else None
+    env._workers.call({s: ("__setattr__", ("jpeg_quality", quality)) for s in range(env.num_envs)})
+    env._workers._sim_kwargs["jpeg_quality"] = quality  # a restarted worker keeps it
+    policy.jpeg_quality = None if on else JPEG_QUALITY
 
 
 def bare_policy(policy, batch: int, names: tuple[str, ...], device: torch.device, repeats: int) -> dict:
@@ -509,22 +525,22 @@ def ratios(result: dict) -> None:
 # -- report -------------------------------------------------------------------------------------------
 def print_table(results: list[dict], policy_name: str, reward_name: str) -> None:
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
-    print(f"{'envs':>4} {'mode':>9} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
+    print(f"{'envs':>4} {'mode':>13} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
           f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9} "
           f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10} {'rebuilds':>8}")
     for r in results:
-        print(f"{r['num_envs']:>4} {'bare sim':>9} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
+        print(f"{r['num_envs']:>4} {'bare sim':>13} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
               f"(physics {1e3 * r['bare_sim']['physics_s_per_step']:.1f} ms/step, "
               f"render {1e3 * r['bare_sim']['render_s_per_frame']:.1f} ms/frame, per process)")
         for b in r["bare_policy"]:
             graph = (f", CUDA graph {b['graph_forward_ms']:.1f} ms (max |logit diff| {b['graph_max_abs_logit_diff']:.1e})"
                      if "graph_forward_ms" in b else "")
-            print(f"{r['num_envs']:>4} {'bare pol':>9} {b['forward_env_steps_per_s']:>8.1f}  "
+            print(f"{r['num_envs']:>4} {'bare pol':>13} {b['forward_env_steps_per_s']:>8.1f}  "
                   f"(batch {b['batch']}: forward eager {b['eager_forward_ms']:.1f} ms{graph}; policy step "
                   f"{b['policy_step_ms']:.1f} ms, eager {b['eager_policy_step_ms']:.1f} ms)")
         if r.get("cuda_graphs"):
             g = r["cuda_graphs"]
-            print(f"{r['num_envs']:>4} {'graphs':>9} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
+            print(f"{r['num_envs']:>4} {'graphs':>13} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
                   f"{g['failed_captures']} failed "
                   f"(prompt widths {g['prompt_widths']})")
         for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
@@ -534,7 +550,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             vs_lock = f"{row['vs_lockstep']:.2f}x" if "vs_lockstep" in row else "-"
             steady = f"{row['steady_env_steps_per_s']:.1f}" if row.get("steady_env_steps_per_s") else "-"
             st_ceil = f"{row['steady_vs_min_ceiling']:.2f}x" if "steady_vs_min_ceiling" in row else "-"
-            print(f"{r['num_envs']:>4} {mode:>9} {row['env_steps_per_s']:>8.1f} {vs_lock:>11} "
+            print(f"{r['num_envs']:>4} {mode:>13} {row['env_steps_per_s']:>8.1f} {vs_lock:>11} "
                   f"{row['vs_min_ceiling']:>10.2f}x {steady:>7} {st_ceil:>10} {row['wall_s']:>7.1f} "
                   f"{row['policy_s']:>8.1f} "
                   f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('env_wait_s', float('nan')):>10.1f} "
@@ -567,7 +583,7 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,embed",
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_env_jpeg,embed",
                         help="embed = the fastest of sync / halves / pool / pool_eager with each finished trajectory "
                              "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")

@@ -56,6 +56,7 @@ from torchrl.envs import EnvBase
 
 from .chunk import num_frames, validate_chunk
 from .slot_fields import slot_mask, slot_values
+from ..jpeg import check_jpeg_quality
 from .sim import ACTION_DIM
 from .suites import RECIPE_MAX_STEPS, default_max_steps, suite_info
 from .workers import Failure, SimWorkers, WorkerError
@@ -93,6 +94,12 @@ class LiberoVecEnv(EnvBase):
         build_timeout: seconds building a task's simulation may take.
         seed: seed of the simulators' random object placement (overwritten by the init states,
             so episodes are determined by task, init state and actions).
+        jpeg_quality: the reference's JPEG round trip at this quality (95) for the policy's camera
+            images, done in the worker processes, where it costs the policy's process no time; pair it with
+            ``OpenVLAOFTPolicy(jpeg_quality=None)`` (the same bytes as the policy's own round trip). The
+            reward ``frames`` stay as rendered; the first observation, which the rollout keeps as the
+            reward video's first frame (``initial_frame``), is then the JPEG-decoded one.
+            ``None`` (the default): raw images.
         device: device of the returned tensors. Defaults to CPU.
 
     Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to
@@ -130,6 +137,7 @@ class LiberoVecEnv(EnvBase):
         step_timeout: float = 120.0,
         build_timeout: float = 600.0,
         seed: int = 0,
+        jpeg_quality: int | None = None,
         device: torch.device | str | None = None,
     ):
         info = suite_info(suite)  # validates the name and imports LIBERO (clear errors)
@@ -181,6 +189,7 @@ class LiberoVecEnv(EnvBase):
             wrist_image=self.wrist_image,
             channels_first=True,
             seed=self._seed,
+            jpeg_quality=check_jpeg_quality(jpeg_quality),
         )
         self._workers = SimWorkers(sim_kwargs, task_ids, timeout=step_timeout, build_timeout=build_timeout)
 

@@ -17,7 +17,9 @@ what the batched env and the gymnasium env need on top of it:
   samples it one physics sub-step before the end of the env step). When success ends a chunk on a
   step whose frame was not planned, that frame is rendered afterwards with the same sensor call,
   at the state after the step.
-- **Images as OpenVLA expects them**: rotated 180 degrees (``img[::-1, ::-1]``).
+- **Images as OpenVLA expects them**: rotated 180 degrees (``img[::-1, ::-1]``); with ``jpeg_quality``
+  the policy's camera images also go through the reference's JPEG round trip here, in the worker
+  process, instead of in the policy's (:mod:`srpo_rl.jpeg`); the reward ``frames`` stay as rendered.
 
 Examples:
     >>> import numpy as np
@@ -35,6 +37,7 @@ import math
 
 import numpy as np
 
+from ..jpeg import check_jpeg_quality, jpeg_roundtrip
 from .chunk import ChunkResult, run_chunk, validate_chunk
 from .suites import RECIPE_MAX_STEPS, configure_rendering, import_libero, load_init_states, suite_info
 
@@ -99,6 +102,8 @@ class LiberoSim:
         legacy_look: render textures as MuJoCo <= 3.3.2 did, the look of the LIBERO training
             data, also on MuJoCo >= 3.3.3 (which darkens PNG textures tagged sRGB); a no-op on
             older MuJoCo. See :mod:`.render_fidelity`. Defaults to ``False``.
+        jpeg_quality: JPEG round trip at this quality for ``image`` and ``wrist_image`` (the policy's
+            inputs; pair with ``OpenVLAOFTPolicy(jpeg_quality=None)``), ``None`` for none. Defaults to ``None``.
 
     Observations (dicts of numpy arrays) hold ``image``, ``state`` (8: eef pos, eef axis-angle,
     gripper qpos), ``wrist_image`` when asked, ``success``, ``done``, ``truncated``,
@@ -117,6 +122,7 @@ class LiberoSim:
         channels_first: bool = False,
         seed: int = 0,
         legacy_look: bool = False,
+        jpeg_quality: int | None = None,
     ):
         configure_rendering()
         self.info = suite_info(suite)
@@ -131,6 +137,7 @@ class LiberoSim:
         self.channels_first = bool(channels_first)
         self.seed = int(seed)
         self.legacy_look = bool(legacy_look)
+        self.jpeg_quality = check_jpeg_quality(jpeg_quality)
         #: ids of the textures :func:`apply_legacy_look` turned linear in the current model
         self.legacy_look_textures: tuple[int, ...] = ()
         self.env = None
@@ -296,7 +303,7 @@ class LiberoSim:
     def _observation(self, result: ChunkResult, image: np.ndarray) -> dict:
         obs = result.obs
         out = {
-            "image": self._to_policy(image),
+            "image": self._to_policy(image, jpeg=True),
             "state": np.concatenate(
                 [obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]]
             ).astype(np.float32),
@@ -309,12 +316,15 @@ class LiberoSim:
             "frames_mask": result.frames_mask,
         }
         if self.wrist_image:
-            out["wrist_image"] = self._to_policy(obs[f"{_WRIST}_image"])
+            out["wrist_image"] = self._to_policy(obs[f"{_WRIST}_image"], jpeg=True)
         return out
 
-    def _to_policy(self, image: np.ndarray, batch: bool = False) -> np.ndarray:
-        """Rotates by 180 degrees (OpenVLA's orientation), channels first when asked."""
+    def _to_policy(self, image: np.ndarray, batch: bool = False, jpeg: bool = False) -> np.ndarray:
+        """Rotates by 180 degrees (OpenVLA's orientation), then (``jpeg``, one image) the JPEG round trip
+        when ``jpeg_quality`` is set, channels first when asked."""
         image = image[..., ::-1, ::-1, :]
+        if jpeg and self.jpeg_quality is not None:
+            image = jpeg_roundtrip(np.ascontiguousarray(image), self.jpeg_quality)
         if self.channels_first:
             image = np.moveaxis(image, -1, -3)
         return np.ascontiguousarray(image)

@@ -16,6 +16,7 @@ from srpo_rl.loggers import MetricLogger
 from srpo_rl.envs import canonical_suite
 from srpo_rl.manifest import ensure_manifests
 from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
+from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.policy import OpenVLAOFTPolicy
 
 __all__ = [
@@ -118,6 +119,7 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
         attention=cfg.model.attention,
         dtype=torch.float32,  # fp32 master weights; FSDP2 computes in actor.fsdp.mixed_precision
         max_prompt_length=cfg.data.max_prompt_length,
+        jpeg_quality=None if cfg.rollout.jpeg_in_workers else JPEG_QUALITY,  # else the env's workers do it
     )
     if cfg.actor.enable_gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()
@@ -140,6 +142,7 @@ def make_env(cfg: DictConfig, info: DistInfo):
         wrist_image=cfg.embodied.num_images_in_input > 1,
         step_timeout=cfg.env.step_timeout,
         seed=cfg.seed + 1000 * info.rank,
+        jpeg_quality=JPEG_QUALITY if cfg.rollout.jpeg_in_workers else None,
     )
 
 

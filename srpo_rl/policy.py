@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tensordict import NonTensorData, TensorDictBase
 from tensordict.nn import InteractionType
 from tensordict.utils import NestedKey
@@ -47,6 +45,7 @@ from torchrl.modules.vla import VLAWrapperBase
 from torchrl.data.vla.preprocessing import _fractional_center_crop, _lanczos3_resize
 
 from .cuda_graphs import GraphedActionLogits, graphs_supported
+from .jpeg import JPEG_QUALITY, check_jpeg_quality, jpeg_roundtrip
 from .models.llama_tokenizer import SPIECE_UNDERLINE_ID, load_llama_tokenizer
 from .models.openvla_oft import OpenVLAOFT
 from .models.openvla_oft_files import REQUIRED_POLICY_FILES, check_files
@@ -85,19 +84,12 @@ def _jpeg_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="jpeg")
 
 
-def _jpeg_roundtrip_one(image: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
 def _jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
     arrays = list(images.cpu().permute(0, 2, 3, 1).numpy())
     if len(arrays) > 2:
-        decoded = list(_jpeg_pool().map(_jpeg_roundtrip_one, arrays, [quality] * len(arrays)))
+        decoded = list(_jpeg_pool().map(jpeg_roundtrip, arrays, [quality] * len(arrays)))
     else:
-        decoded = [_jpeg_roundtrip_one(a, quality) for a in arrays]
+        decoded = [jpeg_roundtrip(a, quality) for a in arrays]
     return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -106,13 +98,15 @@ def preprocess_images(
     *,
     size: int = 224,
     center_crop: bool = True,
-    jpeg_quality: int = 95,
+    jpeg_quality: int | None = JPEG_QUALITY,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The reference LIBERO frame pipeline: JPEG round trip, Lanczos3 resize to ``size``, 0.9-area center crop.
 
     Args:
         images: uint8 ``[N, 3, H, W]`` (already rotated by the env).
+        jpeg_quality: quality of the JPEG round trip; ``None`` skips it (the env did it:
+            ``LiberoVecEnv(jpeg_quality=95)``, see :mod:`srpo_rl.jpeg`).
         device: where the resize and crop run (the JPEG codec runs on the CPU); default ``images.device``.
 
     Returns:
@@ -127,7 +121,9 @@ def preprocess_images(
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 [N, 3, H, W] (channels first, RGB); got shape {list(images.shape)}")
     device = images.device if device is None else torch.device(device)
-    decoded = _jpeg_roundtrip(images, jpeg_quality).to(device)
+    if check_jpeg_quality(jpeg_quality) is not None:
+        images = _jpeg_roundtrip(images, jpeg_quality)
+    decoded = images.to(device)
     resized = [
         _lanczos3_resize(chunk.float(), (size, size)).round_().clamp_(0, 255).to(torch.uint8)
         for chunk in decoded.split(_RESIZE_CHUNK)
@@ -193,7 +189,9 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         unnorm_key: dataset statistics to unnormalise with (``libero_10`` or ``libero_10_no_noops``, ...).
         temperature: sampling temperature (1.6 in the SRPO recipe); also scales the log-probs.
         center_crop: apply the 0.9-area center crop (as the SRPO/OFT LIBERO rollouts do).
-        jpeg_quality: quality of the JPEG round trip (the reference's TensorFlow default, 95).
+        jpeg_quality: quality of the JPEG round trip (the reference's TensorFlow default, 95); ``None`` when the
+            env already applied it in its worker processes (``LiberoVecEnv(jpeg_quality=95)``: the same bytes,
+            none of this process's time; see :mod:`srpo_rl.jpeg`).
         num_images_in_input: 1 (third-person camera) or 2 (+ wrist camera).
         libero_gripper: binarise and invert the gripper dimension for LIBERO, as the reference env wrapper does.
         max_prompt_length: width of the stored ``prompt_ids`` (right-padded), so that steps stack across batches.
@@ -212,7 +210,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         unnorm_key: str | None = None,
         temperature: float = 1.6,
         center_crop: bool = True,
-        jpeg_quality: int = 95,
+        jpeg_quality: int | None = JPEG_QUALITY,
         num_images_in_input: int = 1,
         libero_gripper: bool = True,
         max_prompt_length: int = 64,
@@ -250,7 +248,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         self._update_keys()  # the wrist camera is an input when asked for
         self.temperature = float(temperature)
         self.center_crop = center_crop
-        self.jpeg_quality = jpeg_quality
+        self.jpeg_quality = check_jpeg_quality(jpeg_quality)
         self.tokenizer = tokenizer
         self.unnorm_key = resolve_unnorm_key(model.norm_stats, unnorm_key) if (model.norm_stats or unnorm_key) else None
         mean, std = _normalization(preprocessor_config)

@@ -3,10 +3,13 @@
 Real LIBERO (libero-pro) with Mesa EGL rendering; one simulation is built for the module.
 """
 
+import io
+
 import gymnasium
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from srpo_rl.envs import LiberoSim, num_frames
@@ -253,3 +256,28 @@ def test_gymnasium_make_and_step(sim):
     finally:
         env.close()
         sim.set_task(0)
+
+
+def test_jpeg_in_the_worker_gives_the_policy_round_trip_of_the_raw_image(sim):
+    actions = _actions(4)
+    raw = sim.reset(init_state_id=3)
+    raw_step = sim.step_chunk(actions)
+    sim.jpeg_quality = 95
+    try:
+        jpeg = sim.reset(init_state_id=3)
+        jpeg_step = sim.step_chunk(actions)
+    finally:
+        sim.jpeg_quality = None
+    # the PIL round trip of the rotated frame, done here by hand: the bytes the policy's own round trip gives
+    for before, after in ((raw, jpeg), (raw_step, jpeg_step)):
+        buffer = io.BytesIO()
+        Image.fromarray(before["image"]).save(buffer, format="JPEG", quality=95)
+        expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        assert np.array_equal(after["image"], expected)
+        assert not np.array_equal(after["image"], before["image"])  # it did change the image
+    assert np.array_equal(jpeg_step["frames"], raw_step["frames"])  # the reward frames stay as rendered
+
+
+def test_bad_jpeg_quality_is_named():
+    with pytest.raises(ValueError, match=r"jpeg_quality .* 1\.\.100; got 0"):
+        LiberoSim("libero_object", jpeg_quality=0)

@@ -1,5 +1,6 @@
 """OpenVLAOFTPolicy: preprocessing, token <-> bin <-> action, temperature log-probs, ratio 1 on recompute, errors."""
 
+import io
 import json
 import math
 import shutil
@@ -7,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensordict import NonTensorStack, TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -165,6 +167,28 @@ def test_preprocessing_resizes_and_crops_like_the_reference_geometry(policy):
     assert flat.shape == (2, 3, 224, 224) and (flat.int() - 100).abs().max() <= 1
     obs = _obs()
     assert torch.equal(policy(obs)["policy_image"], preprocess_images(obs["observation", "image"]))
+
+
+def test_without_its_jpeg_round_trip_the_policy_sees_the_env_decoded_image(policy, path):
+    obs = _obs()
+    raw = obs["observation", "image"]
+    # the env's workers did the round trip (LiberoVecEnv(jpeg_quality=95)): PIL by hand, on [H, W, 3]
+    decoded = []
+    for image in raw.permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        decoded.append(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    env_decoded = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+    skipping = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, jpeg_quality=None)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        own = policy(obs.clone())
+        env_side = skipping(obs.clone().set(("observation", "image"), env_decoded))
+    assert torch.equal(own["policy_image"], env_side["policy_image"])
+    assert torch.equal(own["action_tokens"], env_side["action_tokens"])
+    # and the skip is real: on the raw image it sees something else
+    assert not torch.equal(skipping(obs.clone())["policy_image"], own["policy_image"])
+    with pytest.raises(ValueError, match=r"jpeg_quality .* got 101"):
+        OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", jpeg_quality=101)
 
 
 def test_wrist_camera_adds_a_second_image(policy):

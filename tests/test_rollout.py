@@ -10,6 +10,7 @@ import os
 import resource
 import time
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
@@ -17,6 +18,7 @@ from torchrl.envs.utils import ExplorationType
 
 from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
+from srpo_rl.jpeg import jpeg_roundtrip
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import OpenVLAOFTPolicy
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
@@ -220,6 +222,26 @@ def test_overlap_gives_the_same_trajectories(runs, overlap):
     assert torch.equal(mask, overlapped["steps", "mask"])
     for key in ("action_tokens", "action", "policy_image", ("next", "frames"), ("next", "chunk_steps")):
         assert torch.equal(plain["steps", key][mask], overlapped["steps", key][mask]), key
+
+
+def test_jpeg_in_the_workers_gives_the_same_rollouts(runs, policy, monkeypatch):
+    env = ScheduledSuccessEnv("libero_object", N, max_steps=MAX_STEPS, task_ids=[0, 1], step_timeout=120,
+                              jpeg_quality=95)
+    try:
+        env.success_chunk, env.log = dict(SCHEDULE), []
+        monkeypatch.setattr(policy, "jpeg_quality", None)  # the workers did the round trip
+        trajs, _ = collect_rollouts(env, policy, _requests(), exploration_type=ExplorationType.DETERMINISTIC)
+    finally:
+        env.close()
+    plain = runs[False][0]
+    mask = plain["steps", "mask"]
+    assert torch.equal(mask, trajs["steps", "mask"])
+    for key in ("policy_image", "action_tokens", "action", ("next", "frames")):
+        assert torch.equal(plain["steps", key][mask], trajs["steps", key][mask]), key
+    assert torch.equal(plain["success"], trajs["success"])
+    # the reward video's first frame is the first observation: JPEG-decoded here
+    expected = [jpeg_roundtrip(frame.permute(1, 2, 0).numpy()) for frame in plain["initial_frame"]]
+    assert torch.equal(trajs["initial_frame"].permute(0, 2, 3, 1), torch.from_numpy(np.stack(expected)))
 
 
 @pytest.mark.parametrize("overlap", [False, True, "halves"])

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs benchmarks on the staged GPU machine (after stage1.sh and stage2.sh, while it stays warm).
-#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train policy reward recipe smoke
+#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train policy reward recipe gil smoke
 # Each job writes $OUT/JOB.log (all its output) and $OUT/JOB.json (its JSON line); every JSON line also
 # goes to $OUT/results.jsonl. Extra arguments for a job: JOB_ARGS="..." (applied to every job).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-JOBS="rollout16 rollout32 train policy reward recipe smoke"
+JOBS="rollout16 rollout32 train policy reward recipe gil smoke"
 for job in "$@"; do
   [[ " $JOBS " == *" $job "* ]] || { echo "run.sh: unknown job '$job'; choose from $JOBS"; exit 2; }
 done
@@ -43,6 +43,7 @@ for job in "$@"; do
     policy) cmd=(python3 benchmarks/policy_latency.py) limit=150 ;;
     reward) cmd=(python3 benchmarks/reward_throughput.py) limit=240 ;;
     recipe) cmd=(python3 benchmarks/recipe_iteration.py --out /tmp/recipe) limit=480 ;;
+    gil) cmd=(python3 benchmarks/gil_contention.py) limit=60 ;;
     smoke) continue ;;
   esac
   echo "=== $job: ${cmd[*]} ${JOB_ARGS:-}"
