@@ -37,6 +37,7 @@ import torch
 
 from _common import command, machine, versions
 
+from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.policy import _jpeg_roundtrip
 
 
@@ -77,11 +78,11 @@ class BusyLoop:
 
 def round_trip_ms(batch: torch.Tensor, repeats: int) -> float:
     """Median wall time of one round trip of ``batch`` (ms)."""
-    _jpeg_roundtrip(batch, 95)
+    _jpeg_roundtrip(batch, JPEG_QUALITY)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _jpeg_roundtrip(batch, 95)
+        _jpeg_roundtrip(batch, JPEG_QUALITY)
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 

@@ -26,7 +26,7 @@ executes the same env steps, so its env-steps/s compare directly.
   frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
   ``min_ceiling`` is the smaller.
-- ``embed``: the fastest of ``sync`` / ``halves`` / ``pool`` with ``on_finished`` handing each finished trajectory
+- ``embed``: the fastest scheduler mode of the run with ``on_finished`` handing each finished trajectory
   to :class:`srpo_rl.rewards.BackgroundEmbedder`, which embeds its video (V-JEPA 2) on a side CUDA stream
   while the rollout goes on: the reward's embedding cost moved into the GPU's idle time (``extra_wall_s``
   against the same mode without it; the reward row is the batch embedded after the rollout).
@@ -584,7 +584,7 @@ def main() -> None:
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
     parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_env_jpeg,embed",
-                        help="embed = the fastest of sync / halves / pool / pool_eager with each finished trajectory "
+                        help="embed = the fastest scheduler mode of the run with each finished trajectory "
                              "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")
     parser.add_argument("--check-embeddings", action="store_true",
