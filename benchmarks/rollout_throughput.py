@@ -22,6 +22,8 @@ executes the same env steps, so its env-steps/s compare directly.
   (``rollout.jpeg_in_workers=true``: ``LiberoVecEnv(jpeg_quality=95)`` + ``OpenVLAOFTPolicy(jpeg_quality=None)``)
   instead of in the policy's process, whose threads share one GIL with the loop
   (``benchmarks/gil_contention.py``); switched on the built env, so it needs no rebuild.
+- ``pool_env_jpeg_switch1ms``: ``pool_env_jpeg`` with the interpreter's thread switch interval at 1 ms
+  instead of 5 (``sys.setswitchinterval``): a thread that waits for the GIL gets it sooner.
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
@@ -36,7 +38,8 @@ executes the same env steps, so its env-steps/s compare directly.
 - utilisation: ``gpu_busy`` = policy time / wall time (time in policy calls: the pool runs them on its
   policy thread), ``busy_sims`` = worker time (steps + resets) / wall time, the mean number of
   simulations at work, and
-  ``mean_batch`` = decisions / policy calls.
+  ``mean_batch`` = decisions / policy calls; ``loop_cpu_s`` / ``policy_cpu_s``: the CPU time of the loop
+  thread and of the policy thread (``RolloutStats.loop_cpu_time`` / ``policy_cpu_time``).
 - split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
   frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
   reward (V-JEPA 2 embedding + scores) of the embed run's trajectories, after the rollout.
@@ -72,9 +75,11 @@ from srpo_rl.rewards import BackgroundEmbedder
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 CHUNK = 8
-# mode -> (collect_rollouts(overlap=...), the policy's CUDA graphs on, the JPEG round trip in the workers)
-SCHEDULER_MODES = {"sync": (False, True, False), "halves": ("halves", True, False), "pool": (True, True, False),
-                   "pool_eager": (True, False, False), "pool_env_jpeg": (True, True, True)}
+# mode -> (collect_rollouts(overlap=...), the policy's CUDA graphs on, the JPEG round trip in the workers,
+#          the interpreter's thread switch interval in ms: None = Python's default, 5)
+SCHEDULER_MODES = {"sync": (False, True, False, None), "halves": ("halves", True, False, None),
+                   "pool": (True, True, False, None), "pool_eager": (True, False, False, None),
+                   "pool_env_jpeg": (True, True, True, None), "pool_env_jpeg_switch1ms": (True, True, True, 1.0)}
 
 
 def log(message: str) -> None:
@@ -309,17 +314,25 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
 
 
 def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
-    overlap, policy.cuda_graphs, jpeg_in_workers = SCHEDULER_MODES[mode]
+    overlap, policy.cuda_graphs, jpeg_in_workers, switch_ms = SCHEDULER_MODES[mode]
     set_jpeg_in_workers(env, policy, jpeg_in_workers)
+    default_switch = sys.getswitchinterval()
+    if switch_ms is not None:
+        sys.setswitchinterval(switch_ms / 1e3)
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
     env.starts.clear()
     env.rebuilds = 0
     start, cpu = time.perf_counter(), main_cpu_seconds()
-    trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
+    try:
+        trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
+    finally:
+        sys.setswitchinterval(default_switch)
     after = env.worker_time
     row = {
         "main_cpu_s": main_cpu_seconds() - cpu,
+        "loop_cpu_s": stats.loop_cpu_time,
+        "policy_cpu_s": stats.policy_cpu_time,
         "env_steps_per_s": stats.env_steps_per_second,
         "wall_s": stats.wall_time,
         "env_steps": stats.env_steps,
@@ -525,22 +538,23 @@ def ratios(result: dict) -> None:
 # -- report -------------------------------------------------------------------------------------------
 def print_table(results: list[dict], policy_name: str, reward_name: str) -> None:
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
-    print(f"{'envs':>4} {'mode':>13} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
+    print(f"{'envs':>4} {'mode':>23} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
           f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9} "
-          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10} {'rebuilds':>8}")
+          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10} {'loop cpu s':>10} {'pol cpu s':>9} "
+          f"{'rebuilds':>8}")
     for r in results:
-        print(f"{r['num_envs']:>4} {'bare sim':>13} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
+        print(f"{r['num_envs']:>4} {'bare sim':>23} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
               f"(physics {1e3 * r['bare_sim']['physics_s_per_step']:.1f} ms/step, "
               f"render {1e3 * r['bare_sim']['render_s_per_frame']:.1f} ms/frame, per process)")
         for b in r["bare_policy"]:
             graph = (f", CUDA graph {b['graph_forward_ms']:.1f} ms (max |logit diff| {b['graph_max_abs_logit_diff']:.1e})"
                      if "graph_forward_ms" in b else "")
-            print(f"{r['num_envs']:>4} {'bare pol':>13} {b['forward_env_steps_per_s']:>8.1f}  "
+            print(f"{r['num_envs']:>4} {'bare pol':>23} {b['forward_env_steps_per_s']:>8.1f}  "
                   f"(batch {b['batch']}: forward eager {b['eager_forward_ms']:.1f} ms{graph}; policy step "
                   f"{b['policy_step_ms']:.1f} ms, eager {b['eager_policy_step_ms']:.1f} ms)")
         if r.get("cuda_graphs"):
             g = r["cuda_graphs"]
-            print(f"{r['num_envs']:>4} {'graphs':>13} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
+            print(f"{r['num_envs']:>4} {'graphs':>23} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
                   f"{g['failed_captures']} failed "
                   f"(prompt widths {g['prompt_widths']})")
         for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
@@ -550,13 +564,14 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             vs_lock = f"{row['vs_lockstep']:.2f}x" if "vs_lockstep" in row else "-"
             steady = f"{row['steady_env_steps_per_s']:.1f}" if row.get("steady_env_steps_per_s") else "-"
             st_ceil = f"{row['steady_vs_min_ceiling']:.2f}x" if "steady_vs_min_ceiling" in row else "-"
-            print(f"{r['num_envs']:>4} {mode:>13} {row['env_steps_per_s']:>8.1f} {vs_lock:>11} "
+            print(f"{r['num_envs']:>4} {mode:>23} {row['env_steps_per_s']:>8.1f} {vs_lock:>11} "
                   f"{row['vs_min_ceiling']:>10.2f}x {steady:>7} {st_ceil:>10} {row['wall_s']:>7.1f} "
                   f"{row['policy_s']:>8.1f} "
                   f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('env_wait_s', float('nan')):>10.1f} "
                   f"{row.get('worker_step_cpu_s', float('nan')):>9.1f} {row.get('gpu_busy', float('nan')):>8.2f} "
                   f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f} "
-                  f"{row.get('main_cpu_s', float('nan')):>10.1f} {row.get('rebuilds', -1):>8}")
+                  f"{row.get('main_cpu_s', float('nan')):>10.1f} {row.get('loop_cpu_s', float('nan')):>10.1f} "
+                  f"{row.get('policy_cpu_s', float('nan')):>9.1f} {row.get('rebuilds', -1):>8}")
         if "reward" in r:
             rw = r["reward"]
             print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "
@@ -583,7 +598,7 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_env_jpeg,embed",
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_env_jpeg,pool_env_jpeg_switch1ms,embed",
                         help="embed = the fastest scheduler mode of the run with each finished trajectory "
                              "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")

@@ -101,7 +101,11 @@ class RolloutStats:
     ``env_time`` is the time the loop spent in env calls (sending rounds and waiting for their results),
     ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (those of an env without
     ``step_send``; with one, resets ride in the env rounds or, when they change the task, go out on their
-    own, and count as ``env_time`` only while the loop waits for them).
+    own, and count as ``env_time`` only while the loop waits for them). ``policy_cpu_time`` is the CPU time of
+    the thread that ran the policy calls (preprocessing, kernel launches, decoding; not its JPEG helper threads),
+    ``loop_cpu_time`` that
+    of the loop around them (taking in the env's results, bookkeeping, resets): where the policy runs on a
+    thread of its own (``overlap=True``) the two compete for the interpreter's lock.
     """
 
     trajectories: int = 0
@@ -112,6 +116,8 @@ class RolloutStats:
     env_time: float = 0.0
     policy_time: float = 0.0
     reset_time: float = 0.0
+    policy_cpu_time: float = 0.0
+    loop_cpu_time: float = 0.0
     videos: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -129,6 +135,8 @@ class RolloutStats:
             "time_env": self.env_time,
             "time_policy": self.policy_time,
             "time_reset": self.reset_time,
+            "cpu_policy": self.policy_cpu_time,
+            "cpu_loop": self.loop_cpu_time,
         }
 
 
@@ -315,7 +323,7 @@ class _Rollout:
         Thread-safe against the loop's bookkeeping (the pool runs it on its policy thread): it touches only
         its input and the policy. Grad mode is per thread, so it is switched off here.
         """
-        t0 = time.perf_counter()
+        t0, cpu = time.perf_counter(), time.thread_time()
         # a new thread starts on CUDA device 0: make the policy's device current (a rank's GPU)
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.no_grad(), on_device:
@@ -323,6 +331,7 @@ class _Rollout:
             wait_for_stream()  # asleep, not spinning on a core the simulation needs
             decision = decision.to("cpu")
         self.stats.policy_time += time.perf_counter() - t0
+        self.stats.policy_cpu_time += time.thread_time() - cpu
         self.stats.policy_calls += 1
         return decision
 
@@ -582,6 +591,7 @@ def collect_rollouts(
     start = time.perf_counter()
     run = _Rollout(env, policy, requests, keep_steps=keep_steps, record_videos=record_videos, progress=progress,
                    on_finished=on_finished, policy_keys=policy_keys)
+    cpu = time.thread_time()
     with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(run.device.type != "cpu"):
         if overlap == "halves":
             run.run(num_groups=2)
@@ -589,6 +599,9 @@ def collect_rollouts(
             run.run_pool()
         else:
             run.run(num_groups=1)
+    run.stats.loop_cpu_time = time.thread_time() - cpu
+    if overlap is not True:  # the policy ran on this thread: its time is in both counters
+        run.stats.loop_cpu_time -= run.stats.policy_cpu_time
     return run.result(requests, start)
 
 

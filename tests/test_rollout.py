@@ -211,6 +211,15 @@ def test_overlap_keeps_the_schedule_rules(runs, overlap):
     assert stats.env_steps == int(trajs["num_steps"].sum())
 
 
+@pytest.mark.parametrize("overlap", [False, True, "halves"])
+def test_the_cpu_time_of_loop_and_policy_is_counted_apart(runs, overlap):
+    _, stats, _, _ = runs[overlap]
+    # a thread's CPU time cannot exceed the wall time it ran for; both threads did some work
+    assert 0 < stats.policy_cpu_time <= stats.policy_time + 1e-3
+    same_thread = overlap is not True  # only the pool runs the policy on a thread of its own
+    assert 0 < stats.loop_cpu_time <= stats.wall_time - stats.policy_cpu_time * same_thread + 1e-3
+
+
 @pytest.mark.parametrize("overlap", [True, "halves"])
 def test_overlap_gives_the_same_trajectories(runs, overlap):
     plain, overlapped = runs[False][0], runs[overlap][0]
