@@ -13,17 +13,20 @@ executes the same env steps, so its env-steps/s compare directly.
   finished slots take the next request at once (same task first: soft reset).
 - ``halves``: ``collect_rollouts(overlap="halves")``: two fixed halves in ping-pong, the policy runs on
   one half while the other simulates; each half's round waits for its slowest slot.
-- ``pool``: ``collect_rollouts(overlap=True)``: an asynchronous pool, the policy decides for the slots
-  whose chunk came back (in one batch) while the others simulate; no slot waits for another.
-- ``pool_eager``: the same without the policy's CUDA graphs (every forward launches its kernels one by
-  one); every other mode runs the forward through the graphs, captured for every batch size up to
-  ``num_envs`` before the first timed mode (``graph_capture_s``).
-- ``pool_env_jpeg``: ``pool`` with the policy's JPEG round trip done in the simulation workers
-  (``rollout.jpeg_in_workers=true``: ``LiberoVecEnv(jpeg_quality=95)`` + ``OpenVLAOFTPolicy(jpeg_quality=None)``)
-  instead of in the policy's process, whose threads share one GIL with the loop
-  (``benchmarks/gil_contention.py``); switched on the built env, so it needs no rebuild.
-- ``pool_env_jpeg_switch1ms``: ``pool_env_jpeg`` with the interpreter's thread switch interval at 1 ms
-  instead of 5 (``sys.setswitchinterval``): a thread that waits for the GIL gets it sooner.
+- ``pool``: ``collect_rollouts(overlap=True)`` with the library's defaults: an asynchronous pool, the
+  policy decides for the slots whose chunk came back (in one batch) while the others simulate; no slot
+  waits for another. The JPEG round trip runs in the simulation workers (``rollout.jpeg_in_workers``:
+  ``LiberoVecEnv(jpeg_quality=95)`` + ``OpenVLAOFTPolicy(jpeg_quality=None)``), the decoder waits for the
+  forward asleep. Each variant below changes one thing, on the built env (no rebuild):
+- ``pool_eager``: without the policy's CUDA graphs (every forward launches its kernels one by one); every
+  other mode runs the forward through the graphs, captured for every batch size up to ``num_envs`` before
+  the first timed mode (``graph_capture_s``).
+- ``pool_policy_jpeg``: the JPEG round trip in the policy's process, whose threads share one GIL with the
+  loop (``benchmarks/gil_contention.py``).
+- ``pool_switch1ms``: the interpreter's thread switch interval at 1 ms instead of 5
+  (``sys.setswitchinterval``): a thread that waits for the GIL gets it sooner.
+- ``pool_spinning_decode``: torchrl's ``VocabTailActionTokenizer`` decoding the actions, whose copy of the
+  tokens to the host spins a CPU core for the whole forward (``OpenVLAOFTPolicy`` waits asleep first).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
@@ -53,6 +56,7 @@ Prints a table, then one JSON line with every figure, the machine, the versions 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -64,6 +68,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tensordict import TensorDict
+from torchrl.data.vla import VocabTailActionTokenizer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from _common import command, machine, versions
@@ -75,11 +80,19 @@ from srpo_rl.rewards import BackgroundEmbedder
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 CHUNK = 8
-# mode -> (collect_rollouts(overlap=...), the policy's CUDA graphs on, the JPEG round trip in the workers,
-#          the interpreter's thread switch interval in ms: None = Python's default, 5)
-SCHEDULER_MODES = {"sync": (False, True, False, None), "halves": ("halves", True, False, None),
-                   "pool": (True, True, False, None), "pool_eager": (True, False, False, None),
-                   "pool_env_jpeg": (True, True, True, None), "pool_env_jpeg_switch1ms": (True, True, True, 1.0)}
+# mode -> collect_rollouts(overlap=...) and how it differs from the library's defaults: the policy's CUDA graphs
+# off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
+# default is 5), torchrl's decoder (which spins a core while it waits for the forward)
+DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "sleeping_decode": True}
+SCHEDULER_MODES = {
+    "sync": {"overlap": False},
+    "halves": {"overlap": "halves"},
+    "pool": {"overlap": True},
+    "pool_eager": {"overlap": True, "graphs": False},
+    "pool_policy_jpeg": {"overlap": True, "env_jpeg": False},
+    "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
+    "pool_spinning_decode": {"overlap": True, "sleeping_decode": False},
+}
 
 
 def log(message: str) -> None:
@@ -314,11 +327,16 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
 
 
 def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
-    overlap, policy.cuda_graphs, jpeg_in_workers, switch_ms = SCHEDULER_MODES[mode]
-    set_jpeg_in_workers(env, policy, jpeg_in_workers)
+    options = {**DEFAULTS, **SCHEDULER_MODES[mode]}
+    overlap, policy.cuda_graphs = options["overlap"], options["graphs"]
+    set_jpeg_in_workers(env, policy, options["env_jpeg"])
+    decoder = policy.action_tokenizer
+    if not options["sleeping_decode"]:  # torchrl's own class, same statistics
+        policy.__dict__["action_tokenizer"] = copy.copy(decoder)
+        policy.action_tokenizer.__class__ = VocabTailActionTokenizer
     default_switch = sys.getswitchinterval()
-    if switch_ms is not None:
-        sys.setswitchinterval(switch_ms / 1e3)
+    if options["switch_ms"] is not None:
+        sys.setswitchinterval(options["switch_ms"] / 1e3)
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
     env.starts.clear()
@@ -328,6 +346,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
         trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     finally:
         sys.setswitchinterval(default_switch)
+        policy.__dict__["action_tokenizer"] = decoder
     after = env.worker_time
     row = {
         "main_cpu_s": main_cpu_seconds() - cpu,
@@ -353,7 +372,6 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
     row["mean_batch"] = row["decisions"] / max(1, row["policy_calls"])
     row.update(steady_state(env, start))
     policy.cuda_graphs = True
-    set_jpeg_in_workers(env, policy, False)
     return row, trajs
 
 
@@ -598,7 +616,7 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_env_jpeg,pool_env_jpeg_switch1ms,embed",
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_switch1ms,pool_spinning_decode,embed",
                         help="embed = the fastest scheduler mode of the run with each finished trajectory "
                              "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")

@@ -45,6 +45,7 @@ from torchrl.modules.vla import VLAWrapperBase
 from torchrl.data.vla.preprocessing import _fractional_center_crop, _lanczos3_resize
 
 from .cuda_graphs import GraphedActionLogits, graphs_supported
+from .cuda_wait import wait_for_stream
 from .jpeg import JPEG_QUALITY, check_jpeg_quality, jpeg_roundtrip
 from .models.llama_tokenizer import SPIECE_UNDERLINE_ID, load_llama_tokenizer
 from .models.openvla_oft import OpenVLAOFT
@@ -54,6 +55,22 @@ __all__ = ["OpenVLAOFTPolicy", "preprocess_images", "prompt_for", "resolve_unnor
 
 _UNNORM_ALIASES = {"libero_long": "libero_10"}  # suite name -> dataset name of its statistics
 _RESIZE_CHUNK = 8  # images per Lanczos call: bounds the [N, 3, H, W', taps] intermediate
+
+
+class _SleepingDecoder(VocabTailActionTokenizer):
+    """torchrl's decoder, waiting for the GPU asleep first.
+
+    ``VocabTailActionTokenizer.decode`` de-tokenises in NumPy float64 (reference parity), so it copies the
+    sampled tokens to the host; that copy waits for the forward that produces them, spinning a CPU core for
+    the whole forward (on an H200, 32 envs: 78 s of the policy thread's CPU in a 90 s rollout, a core the
+    simulation workers need). Waiting with :func:`~srpo_rl.cuda_wait.wait_for_stream` first leaves the copy
+    nothing to wait for. ``tests/test_policy.py`` checks the CPU time on a GPU.
+    """
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.is_cuda:
+            wait_for_stream()
+        return super().decode(tokens)
 
 
 def prompt_for(instruction: str) -> str:
@@ -256,7 +273,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         self.register_buffer("image_std", std.view(1, 2, 3, 1, 1), persistent=False)
         # Window ids 0..255 are action-vocabulary indices (LM id = action_token_begin + index).
         codec = (
-            VocabTailActionTokenizer.from_norm_stats(
+            _SleepingDecoder.from_norm_stats(
                 model.norm_stats,
                 self.unnorm_key,
                 num_bins=cfg.n_action_bins,
@@ -265,7 +282,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
                 gripper_invert=libero_gripper,
             )
             if self.unnorm_key is not None
-            else VocabTailActionTokenizer(cfg.n_action_bins)
+            else _SleepingDecoder(cfg.n_action_bins)
         )
         # Kept out of the module tree: a policy-wide .to(bfloat16) (or FSDP) must not round the float64 q01/q99
         # statistics that the decoder uses (reference parity in float64). The codec moves its lookups itself.
@@ -401,6 +418,8 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         batch = tensordict.batch_size
         image = tensordict.get("policy_image")
         mask = tensordict.get("prompt_mask")
+        if mask.is_cuda:  # the checks below read the mask on the host: wait for the preprocessing asleep
+            wait_for_stream()
         used = int(mask.sum(-1).max())  # no compute on the fixed-width padding
         ids = tensordict.get("prompt_ids")[..., :used]
         mask = mask[..., :used]

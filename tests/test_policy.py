@@ -4,12 +4,14 @@ import io
 import json
 import math
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tensordict import NonTensorStack, TensorDict
+from torchrl.data.vla import VocabTailActionTokenizer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
@@ -266,3 +268,27 @@ def test_bf16_on_gpu_recomputes_the_rollout_log_probs(path):
         ratio = (policy.log_prob(out) - out["action_log_prob"]).exp()
     assert out["action_log_prob"].dtype == torch.float32
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-3, rtol=0)
+
+
+def _decode_cpu_and_wall(decoder, tokens: torch.Tensor) -> tuple[float, float]:
+    """(CPU seconds of this thread, wall seconds) of decoding tokens behind a GPU kernel of about 0.3 s."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(5e8))  # stands in for the forward that produces the tokens
+    cpu, wall = time.thread_time(), time.perf_counter()
+    decoder.decode(tokens)
+    return time.thread_time() - cpu, time.perf_counter() - wall
+
+
+@pytest.mark.gpu
+def test_decoding_waits_for_the_forward_asleep(policy):
+    tokens = torch.randint(0, 256, (4, 8, 7), device="cuda")
+    decoder = policy.action_tokenizer
+    cpu, wall = _decode_cpu_and_wall(decoder, tokens)
+    assert wall > 0.05 and cpu < 0.2 * wall, (cpu, wall)
+    # why the subclass exists: torchrl's decoder copies the tokens to the host, spinning through the wait
+    plain = VocabTailActionTokenizer.from_norm_stats(
+        policy.model.norm_stats, "libero_10", num_bins=256, gripper_binarize=True, gripper_invert=True
+    )
+    cpu, wall = _decode_cpu_and_wall(plain, tokens)
+    assert wall > 0.05 and cpu > 0.8 * wall, (cpu, wall)
+    torch.testing.assert_close(decoder.decode(tokens), plain.decode(tokens), rtol=0, atol=0)
