@@ -102,10 +102,9 @@ class RolloutStats:
     ``policy_time`` in policy calls, ``reset_time`` in synchronous resets (those of an env without
     ``step_send``; with one, resets ride in the env rounds or, when they change the task, go out on their
     own, and count as ``env_time`` only while the loop waits for them). ``policy_cpu_time`` is the CPU time of
-    the thread that ran the policy calls (preprocessing, kernel launches, decoding; not its JPEG helper threads),
-    ``loop_cpu_time`` that
-    of the loop around them (taking in the env's results, bookkeeping, resets): where the policy runs on a
-    thread of its own (``overlap=True``) the two compete for the interpreter's lock.
+    the thread that ran the policy calls (preprocessing, kernel launches, decoding; not its JPEG helper
+    threads), ``loop_cpu_time`` that of the loop around them (taking in the env's results, bookkeeping,
+    resets): where the policy runs on a thread of its own (``overlap=True``) the two compete for the GIL.
     """
 
     trajectories: int = 0
