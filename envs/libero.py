@@ -97,16 +97,16 @@ class LiberoVecEnv(EnvBase):
         jpeg_quality: the reference's JPEG round trip at this quality (95) for the policy's camera
             images, done in the worker processes, where it costs the policy's process no time; pair it with
             ``OpenVLAOFTPolicy(jpeg_quality=None)`` (the same bytes as the policy's own round trip). The
-            reward ``frames`` stay as rendered; the first observation, which the rollout keeps as the
-            reward video's first frame (``initial_frame``), is then the JPEG-decoded one.
-            ``None`` (the default): raw images.
+            reward ``frames`` stay as rendered. ``None`` (the default): raw images.
         device: device of the returned tensors. Defaults to CPU.
 
     Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to
     ``td["task_id"]`` / ``td["init_state_id"]`` and stamps ``td["rollout_id"]`` /
     ``td["group_id"]`` (all int64 ``[N, 1]``). Missing ids default to the slot's current task
     (initially ``i % num_tasks``), init state 0, and rollout / group id -1. A reset on the slot's
-    current task is a soft reset (0.1 s); a new task rebuilds that slot's simulation (2-8 s).
+    current task is a soft reset (0.1 s); a new task rebuilds that slot's simulation (2-8 s). A reset
+    slot's ``frames[:, 0]`` is its first reward frame, as rendered (``frames_mask[:, 0]`` true): the
+    observation's ``image`` is the same frame, JPEG-decoded when ``jpeg_quality`` is set.
 
     Step: ``td["action"]`` float ``[N, action_chunks_len, 7]`` in ``[-1, 1]``; an optional
     ``td["_step"]`` bool ``[N]`` steps only those slots (the others report their last data with
@@ -256,8 +256,8 @@ class LiberoVecEnv(EnvBase):
         self._check_idle(requests)
         timeout = self._reset_timeout(requests)
         results = self._workers.call(self._reset_commands(requests), timeout=timeout)
-        self._apply_resets(requests, ids, results)
-        return self._output(chunk_steps=torch.zeros(n, 1, dtype=torch.int64), frames=None)
+        results = self._apply_resets(requests, ids, results)
+        return self._output(chunk_steps=torch.zeros(n, 1, dtype=torch.int64), resets=results)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         slots, actions = self._step_slots(tensordict, slot_mask(tensordict, "_step", self.num_envs))
@@ -315,8 +315,8 @@ class LiberoVecEnv(EnvBase):
             raise RuntimeError("step_recv() without a pending step_send()")
         slots, requests, ids = self._sent.popleft()
         results = self._workers.recv([*slots, *requests])
-        self._apply_resets(requests, ids, {s: results[s] for s in requests})
-        return self._step_proc_data(self._step_output(slots, {s: results[s] for s in slots}))
+        resets = self._apply_resets(requests, ids, {s: results[s] for s in requests})
+        return self._step_proc_data(self._step_output(slots, {s: results[s] for s in slots}, resets=resets))
 
     def step_recv_ready(self, timeout: float | None = None) -> TensorDictBase | None:
         """Collects every slot of any pending :meth:`step_send` whose result is in, in whatever order they
@@ -343,16 +343,16 @@ class LiberoVecEnv(EnvBase):
         if not done:
             return None
         results = self._workers.recv(sorted(done))
-        stepped, kept = [], deque()
+        stepped, kept, resets = [], deque(), {}
         for slots, requests, ids in self._sent:
             finished = {s: r for s, r in requests.items() if s in done}
-            self._apply_resets(finished, ids, {s: results[s] for s in finished})
+            resets.update(self._apply_resets(finished, ids, {s: results[s] for s in finished}))
             stepped += [s for s in slots if s in done]
             rest = ([s for s in slots if s not in done], {s: r for s, r in requests.items() if s not in done}, ids)
             if rest[0] or rest[1]:
                 kept.append(rest)
         self._sent = kept
-        out = self._step_proc_data(self._step_output(stepped, {s: results[s] for s in stepped}))
+        out = self._step_proc_data(self._step_output(stepped, {s: results[s] for s in stepped}, resets=resets))
         mask = torch.zeros(self.num_envs, 1, dtype=torch.bool)
         mask[sorted(done)] = True
         out.set("_ready", mask.to(out.device))
@@ -395,10 +395,11 @@ class LiberoVecEnv(EnvBase):
         if not done:
             return None
         results = self._workers.recv(done)
+        resets = {}
         for slot in done:
             request, ids = self._resetting.pop(slot)
-            self._apply_resets({slot: request}, ids, {slot: results[slot]})
-        out = self._output(chunk_steps=torch.zeros(self.num_envs, 1, dtype=torch.int64), frames=None)
+            resets.update(self._apply_resets({slot: request}, ids, {slot: results[slot]}))
+        out = self._output(chunk_steps=torch.zeros(self.num_envs, 1, dtype=torch.int64), resets=resets)
         mask = torch.zeros(self.num_envs, 1, dtype=torch.bool)
         mask[done] = True
         out.set("_reset", mask.to(out.device))
@@ -442,7 +443,9 @@ class LiberoVecEnv(EnvBase):
     def _reset_commands(requests: dict[int, tuple[int, int]]) -> dict:
         return {slot: ("reset", (init,), {"task_id": task}) for slot, (task, init) in requests.items()}
 
-    def _apply_resets(self, requests: dict[int, tuple[int, int]], ids: dict, results: dict) -> None:
+    def _apply_resets(self, requests: dict[int, tuple[int, int]], ids: dict, results: dict) -> dict:
+        """Writes the reset slots' first observations and ids; returns their results (a failed reset is
+        retried once on the restarted worker; a second failure raises)."""
         retry = {s: command for s, command in self._reset_commands(requests).items() if isinstance(results[s], Failure)}
         if retry:  # once, on the restarted worker
             results = {**results, **self._workers.call(retry, timeout=self._workers.build_timeout)}
@@ -458,6 +461,7 @@ class LiberoVecEnv(EnvBase):
             for key in ("rollout_id", "group_id"):
                 row[key].fill_(int(ids[key][slot]) if ids[key] is not None else -1)
             row["worker_failed"].fill_(False)
+        return {slot: results[slot] for slot in requests}
 
     def _step_slots(self, tensordict: TensorDictBase, mask: torch.Tensor) -> tuple[list[int], np.ndarray]:
         actions = self._check_action(tensordict.get("action", None))
@@ -473,7 +477,9 @@ class LiberoVecEnv(EnvBase):
     def _step_commands(self, slots: list[int], actions: np.ndarray | None) -> dict:
         return {s: ("step_chunk", (actions[s],), {"frame_stride": self.frame_stride}) for s in slots}
 
-    def _step_output(self, slots: list[int], results: dict) -> TensorDictBase:
+    def _step_output(self, slots: list[int], results: dict, resets: dict | None = None) -> TensorDictBase:
+        """The output of a call that stepped ``slots`` (``results``: their chunk results) and reset the slots
+        of ``resets`` (their reset results, whose one frame is the first reward frame)."""
         n = self.num_envs
         frames = torch.zeros(n, self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
         frames_mask = torch.zeros(n, self.num_frames, dtype=torch.bool)
@@ -495,7 +501,7 @@ class LiberoVecEnv(EnvBase):
             frames_mask[slot] = torch.from_numpy(result["frames_mask"])
             chunk_steps[slot] = result["chunk_steps"]
             reward[slot] = float(result["success"])
-        out = self._output(chunk_steps=chunk_steps, frames=(frames, frames_mask))
+        out = self._output(chunk_steps=chunk_steps, frames=(frames, frames_mask), resets=resets)
         out["reward"] = reward.to(self.device)
         return out
 
@@ -524,13 +530,19 @@ class LiberoVecEnv(EnvBase):
         row["done"].fill_(bool(result["done"]))
         row["step_count"].fill_(int(result["step_count"]))
 
-    def _output(self, *, chunk_steps: torch.Tensor, frames) -> TensorDict:
+    def _output(self, *, chunk_steps: torch.Tensor, frames=None, resets: dict | None = None) -> TensorDict:
+        """Every slot's latest data, with ``frames`` (the stepped slots' reward frames) and the first reward
+        frame of each slot in ``resets`` (reset results) at ``frames[:, 0]``."""
         slots, n = self._slots, self.num_envs
         if frames is None:
             frames = (
                 torch.zeros(n, self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8),
                 torch.zeros(n, self.num_frames, dtype=torch.bool),
             )
+        for slot, result in (resets or {}).items():
+            first = torch.from_numpy(result["frames"])
+            frames[0][slot, : len(first)] = first
+            frames[1][slot, : len(first)] = torch.from_numpy(result["frames_mask"])
         observation = {"image": slots["image"].clone()}
         if self.wrist_image:
             observation["wrist_image"] = slots["wrist_image"].clone()

@@ -107,7 +107,8 @@ class LiberoSim:
 
     Observations (dicts of numpy arrays) hold ``image``, ``state`` (8: eef pos, eef axis-angle,
     gripper qpos), ``wrist_image`` when asked, ``success``, ``done``, ``truncated``,
-    ``step_count``, ``chunk_steps``, ``frames`` and ``frames_mask``.
+    ``step_count``, ``chunk_steps``, ``frames`` and ``frames_mask`` (the reward frames: after a reset the
+    first frame, after a chunk the frames it rendered; never JPEG-decoded).
     """
 
     def __init__(
@@ -249,8 +250,8 @@ class LiberoSim:
         image = obs[f"{_AGENTVIEW}_image"] if self.num_steps_wait else self._cameras[_AGENTVIEW].render()
         if self.wrist_image and not self.num_steps_wait:
             obs = dict(obs, **{f"{_WRIST}_image": self._cameras[_WRIST].render()})
-        frames = np.zeros((0, self.image_size, self.image_size, 3), dtype=np.uint8)
-        result = ChunkResult(0, bool(self.env.check_success()), False, frames, np.zeros(0, bool), obs)
+        # the first reward frame, as rendered (the policy's ``image`` may be JPEG-decoded)
+        result = ChunkResult(0, bool(self.env.check_success()), False, image[None], np.ones(1, bool), obs)
         return self._observation(result, image)
 
     def _step(self, action: np.ndarray, want_frame: bool, last: bool):

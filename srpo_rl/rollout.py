@@ -262,12 +262,16 @@ class _Rollout:
         return pending, slots_on, share
 
     def begin(self, td: TensorDictBase, slot_ids: list[int]) -> None:
-        """Reads the first observation of the slots just reset."""
+        """Reads the first observation of the slots just reset, and their first reward frame: the env's
+        ``frames[:, 0]`` where it gives one (as rendered: the observation may be JPEG-decoded), else the
+        observation's image."""
         _read_obs(td, slot_ids, self.slots)
+        has_frames = "frames_mask" in td.keys()
         for s in slot_ids:
             slot = self.slots[s]
             slot.started, slot.steps = True, []
-            slot.initial_frame = slot.obs[("observation", "image")].clone()
+            first = td.get("frames")[s, 0] if has_frames and bool(td.get("frames_mask")[s, 0]) else None
+            slot.initial_frame = (first if first is not None else slot.obs[("observation", "image")]).clone()
             slot.video = [slot.initial_frame] if slot.request.rollout_id in self.video_ids else None
 
     def start(self) -> None:

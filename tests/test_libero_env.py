@@ -65,6 +65,9 @@ def test_plain_reset_defaults(env):
     assert list(td["instruction"]) == list(suite_info("libero_object").instructions[:2])
     assert td["observation", "image"].shape == (N, 3, 256, 256)
     assert td["observation", "state"].shape == (N, 8)
+    # a reset slot's first reward frame is its first image (no JPEG round trip here)
+    assert td["frames_mask"].flatten().tolist() == [True, True]
+    assert torch.equal(td["frames"][:, 0], td["observation", "image"])
 
 
 def test_slot_resets_with_and_without_task_change(env):
@@ -84,6 +87,8 @@ def test_slot_resets_with_and_without_task_change(env):
     assert td["step_count"].flatten().tolist() == [8, 0]
     assert td["rollout_id"].flatten().tolist() == [100, 102]
     assert torch.equal(td["observation", "image"][0], image_before)
+    assert td["frames_mask"][1].all()  # the reset slot's first frame (slot 0 keeps its entries of ``base``)
+    assert torch.equal(td["frames"][1, 0], td["observation", "image"][1])
 
     # slot 0 moves to another task (rebuild), slot 1 keeps its episode
     td = env.reset(_reset_td([True, False], [6, 3], [1, 2], [103, 102], [10, 9], base=td))

@@ -275,7 +275,10 @@ def test_jpeg_in_the_worker_gives_the_policy_round_trip_of_the_raw_image(sim):
         expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
         assert np.array_equal(after["image"], expected)
         assert not np.array_equal(after["image"], before["image"])  # it did change the image
-    assert np.array_equal(jpeg_step["frames"], raw_step["frames"])  # the reward frames stay as rendered
+    # the reward frames stay as rendered: a reset's first frame is the raw first image
+    assert np.array_equal(jpeg_step["frames"], raw_step["frames"])
+    assert np.array_equal(jpeg["frames"], raw["frames"]) and np.array_equal(raw["frames"], raw["image"][None])
+    assert raw["frames_mask"].tolist() == [True]
 
 
 def test_bad_jpeg_quality_is_named():
