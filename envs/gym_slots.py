@@ -114,7 +114,7 @@ class GymSlotEnv(EnvBase):
     Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to
     ``td["task_id"]`` / ``td["init_state_id"]`` and stamps ``td["rollout_id"]`` /
     ``td["group_id"]`` (all int64 ``[N, 1]``); missing ids default to the slot's task, init
-    state 0 and ids -1.
+    state 0 and ids -1. A reset slot's ``frames[:, 0]`` is its first reward frame (its first image).
 
     Step: ``td["action"]`` float ``[N, chunk_len, action_dim]`` in ``[-1, 1]``; an optional
     ``td["_step"]`` bool ``[N]`` steps only those slots (the others report their last data with
@@ -203,9 +203,11 @@ class GymSlotEnv(EnvBase):
             self._seed = int(seed)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
-        n = self.num_envs
+        n, k, image = self.num_envs, self.num_frames, self.image_shape
         mask = slot_mask(tensordict, "_reset", n)
         ids = {key: slot_values(tensordict, key, n) for key in _ID_KEYS}
+        frames = torch.zeros(n, k, *image, dtype=torch.uint8)
+        frames_mask = torch.zeros(n, k, dtype=torch.bool)
         for s in torch.nonzero(mask).flatten().tolist():
             slot = self._slots[s]
             task = int(ids["task_id"][s]) if ids["task_id"] is not None else slot.task_id
@@ -223,12 +225,8 @@ class GymSlotEnv(EnvBase):
             slot.image = self._render(slot.env)
             slot.step_count = 0
             slot.success = slot.terminated = slot.truncated = slot.failed = slot.done = False
-        k, image = self.num_frames, self.image_shape
-        return self._output(
-            torch.zeros(n, 1, dtype=torch.int64),
-            torch.zeros(n, k, *image, dtype=torch.uint8),
-            torch.zeros(n, k, dtype=torch.bool),
-        )
+            frames[s, 0], frames_mask[s, 0] = torch.from_numpy(slot.image), True  # the first reward frame
+        return self._output(torch.zeros(n, 1, dtype=torch.int64), frames, frames_mask)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         n, k, image = self.num_envs, self.num_frames, self.image_shape

@@ -106,6 +106,8 @@ def test_reset_replays_the_init_state_of_its_id(env):
     assert out["rollout_id"].flatten().tolist() == [0, 1, 2]
     assert not out["done"].any() and out["step_count"].eq(0).all()
     assert list(out["instruction"]) == ["reach"] * 3
+    assert out["frames_mask"][:, 0].all() and not out["frames_mask"][:, 1:].any()  # the first reward frame
+    assert torch.equal(out["frames"][:, 0], image)
 
 
 def test_specs_match_the_data():
