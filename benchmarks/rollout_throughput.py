@@ -25,6 +25,8 @@ executes the same env steps, so its env-steps/s compare directly.
   loop (``benchmarks/gil_contention.py``).
 - ``pool_switch1ms``: the interpreter's thread switch interval at 1 ms instead of 5
   (``sys.setswitchinterval``): a thread that waits for the GIL gets it sooner.
+- ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
+  in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ``pool_spinning_decode``: torchrl's ``VocabTailActionTokenizer`` decoding the actions, whose copy of the
   tokens to the host spins a CPU core for the whole forward (``OpenVLAOFTPolicy`` waits asleep first).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -82,8 +84,9 @@ from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, si
 CHUNK = 8
 # mode -> collect_rollouts(overlap=...) and how it differs from the library's defaults: the policy's CUDA graphs
 # off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
-# default is 5), torchrl's decoder (which spins a core while it waits for the forward)
-DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "sleeping_decode": True}
+# default is 5), torchrl's decoder (which spins a core while it waits for the forward), the pool's wait (ms at a
+# time on the simulations, then a look at the decision; None: asleep on both)
+DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "sleeping_decode": True, "poll_ms": None}
 SCHEDULER_MODES = {
     "sync": {"overlap": False},
     "halves": {"overlap": "halves"},
@@ -91,6 +94,7 @@ SCHEDULER_MODES = {
     "pool_eager": {"overlap": True, "graphs": False},
     "pool_policy_jpeg": {"overlap": True, "env_jpeg": False},
     "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
+    "pool_polling": {"overlap": True, "poll_ms": 1.0},
     "pool_spinning_decode": {"overlap": True, "sleeping_decode": False},
 }
 
@@ -139,6 +143,7 @@ class ForcedSuccessEnv(LiberoVecEnv):
         self.rounds: list[tuple[float, int]] = []
         self.starts: list[float] = []
         self.rebuilds = 0  # resets that changed a slot's task
+        self.poll_s: float | None = None  # pool_polling: wait on the simulations this long at a time
 
     def _stepped(self, tensordict) -> list[int]:
         mask = tensordict.get("_step", torch.ones(self.num_envs, dtype=torch.bool)).reshape(-1)
@@ -184,8 +189,10 @@ class ForcedSuccessEnv(LiberoVecEnv):
     def step_recv(self):
         return self._log_result(super().step_recv())
 
-    def step_recv_ready(self, timeout=None):
-        return self._log_result(super().step_recv_ready(timeout))
+    def step_recv_ready(self, timeout=None, wake=()):
+        if self.poll_s is not None and wake:  # the pool's wait as it was: 1 ms on the env, then the decision
+            timeout, wake = self.poll_s, ()
+        return self._log_result(super().step_recv_ready(timeout, wake))
 
 
 def steady_state(env: ForcedSuccessEnv, start: float) -> dict:
@@ -337,6 +344,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
     default_switch = sys.getswitchinterval()
     if options["switch_ms"] is not None:
         sys.setswitchinterval(options["switch_ms"] / 1e3)
+    env.poll_s = None if options["poll_ms"] is None else options["poll_ms"] / 1e3
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
     env.starts.clear()
@@ -347,6 +355,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
     finally:
         sys.setswitchinterval(default_switch)
         policy.__dict__["action_tokenizer"] = decoder
+        env.poll_s = None
     after = env.worker_time
     row = {
         "main_cpu_s": main_cpu_seconds() - cpu,
@@ -616,7 +625,7 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_switch1ms,pool_spinning_decode,embed",
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_switch1ms,pool_polling,pool_spinning_decode,embed",
                         help="embed = the fastest scheduler mode of the run with each finished trajectory "
                              "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")

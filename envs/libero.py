@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -318,9 +319,12 @@ class LiberoVecEnv(EnvBase):
         resets = self._apply_resets(requests, ids, {s: results[s] for s in requests})
         return self._step_proc_data(self._step_output(slots, {s: results[s] for s in slots}, resets=resets))
 
-    def step_recv_ready(self, timeout: float | None = None) -> TensorDictBase | None:
+    def step_recv_ready(self, timeout: float | None = None, wake: Sequence[Any] = ()) -> TensorDictBase | None:
         """Collects every slot of any pending :meth:`step_send` whose result is in, in whatever order they
         finish, waiting up to ``timeout`` seconds for one (``None``: as long as it takes); ``None`` when none is.
+        The wait also ends when one of ``wake`` is readable (anything :func:`multiprocessing.connection.wait`
+        takes, e.g. the read end of a pipe another thread writes to when its work is done), so a caller can
+        sleep on the simulations and on its own threads at once instead of polling either.
 
         For an asynchronous pool of slots: the caller decides for the slots as they come back instead of
         waiting for a whole round, so one slow slot (a reset, a long chunk) holds up no other. The result has
@@ -339,7 +343,7 @@ class LiberoVecEnv(EnvBase):
         flying = [s for slots, requests, _ in self._sent for s in (*slots, *requests)]
         if not flying:
             raise RuntimeError("step_recv_ready() without a pending step_send()")
-        done = set(self._workers.ready(flying, timeout))
+        done = set(self._workers.ready(flying, timeout, wake))
         if not done:
             return None
         results = self._workers.recv(sorted(done))

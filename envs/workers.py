@@ -317,10 +317,12 @@ class SimWorkers:
                     results[slot] = self._fail(slot, f"did not answer {method!r} within {timeout:.0f} s")
         return results
 
-    def ready(self, slots: Sequence[int], timeout: float | None = 0.0) -> list[int]:
+    def ready(self, slots: Sequence[int], timeout: float | None = 0.0, wake: Sequence[Any] = ()) -> list[int]:
         """Those of ``slots`` (each with a command in flight) whose result :meth:`recv` can take at once,
-        waiting up to ``timeout`` seconds for one (``None``: until one is ready); a crashed worker or one
-        past its command's deadline counts as ready (``recv`` turns it into a :class:`Failure`)."""
+        waiting up to ``timeout`` seconds for one (``None``: until one is ready) or until one of ``wake``
+        (objects :func:`multiprocessing.connection.wait` accepts: another thread's signal) is readable;
+        a crashed worker or one past its command's deadline counts as ready (``recv`` turns it into a
+        :class:`Failure`)."""
         missing = sorted(s for s in slots if s not in self._inflight and s not in self._failed)
         if missing:
             raise RuntimeError(f"slots {missing} have no command in flight; send() one first")
@@ -330,7 +332,7 @@ class SimWorkers:
             deadline = min(self._inflight[s][2] for s in pending.values())
             wait_for = max(0.0, deadline - time.monotonic())
             wait_for = wait_for if timeout is None else min(wait_for, timeout)
-            ready.update(pending[conn] for conn in wait(list(pending), timeout=wait_for))
+            ready.update(pending[conn] for conn in wait([*pending, *wake], timeout=wait_for) if conn in pending)
         now = time.monotonic()
         ready.update(s for s in pending.values() if self._inflight[s][2] <= now)
         return sorted(ready)

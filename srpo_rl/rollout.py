@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,7 +59,6 @@ POLICY_KEYS = ("policy_image", "prompt_ids", "prompt_mask", "action_tokens", "ac
 # What it keeps from the env's ("next", ...) output (the reward frames and how far the chunk got).
 NEXT_KEYS = ("frames", "frames_mask", "chunk_steps")
 OBS_KEYS = (("observation", "image"), ("observation", "wrist_image"), ("observation", "state"))
-_POLL_S = 0.001  # how long the pool waits for the env before it looks at the decision in flight again
 
 
 @dataclass(frozen=True)
@@ -435,32 +435,37 @@ class _Rollout:
         flying: set[int] = set()  # slots simulating: a chunk or a reset in flight
         deciding: list[int] = []  # slots of the decision in flight
         future: Future | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") as policy_thread:
+        # the policy thread writes to this pipe when a decision is done, so the loop sleeps on the simulations
+        # and on the decision at once instead of waking every millisecond to look at the decision
+        decided, signal_decided = multiprocessing.Pipe(duplex=False)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") as policy_thread, decided, signal_decided:
             while True:
                 if future is not None and (future.done() or not flying):
-                    self._step_decided(deciding, future.result(), flying)
+                    decision = future.result()
+                    decided.recv_bytes()  # this decision's signal, so the next wait sleeps again
+                    self._step_decided(deciding, decision, flying)
                     future, deciding = None, []
                 if future is None:
                     ready = [s for s in self.running(range(self.num_slots)) if s not in flying]
                     if ready:
                         deciding = ready
                         future = policy_thread.submit(self.call_policy, _policy_input(self.slots, ready))
+                        future.add_done_callback(lambda _: signal_decided.send_bytes(b""))
                 self._step_decided([], None, flying)  # soft resets go out at once, decision or not
                 if flying:
-                    # while a decision is computed, look at the env and at the decision in turn
-                    self._take_ready(flying, timeout=None if future is None else _POLL_S)
+                    self._take_ready(flying, wake=() if future is None else (decided,))
                     self.collect_rebuilds(wait=False)
                 elif future is None:  # nothing simulates, nothing to decide: rebuilds left, or the end
                     if not any(slot.rebuilding for slot in self.slots):
                         return
                     self.collect_rebuilds(wait=True)
 
-    def _take_ready(self, flying: set[int], timeout: float | None) -> None:
-        """Takes in the slots whose chunk or reset is back (waiting up to ``timeout``)."""
+    def _take_ready(self, flying: set[int], wake: tuple = ()) -> None:
+        """Takes in the slots whose chunk or reset is back, waiting for one or for one of ``wake``."""
         t0 = time.perf_counter()
-        nxt = self.env.step_recv_ready(timeout=timeout)
+        nxt = self.env.step_recv_ready(timeout=None, wake=wake)
         self.stats.env_time += time.perf_counter() - t0
-        if nxt is not None:  # None: the wait ended without a result
+        if nxt is not None:  # None: woken without a result
             got = nxt.get("_ready").reshape(-1).nonzero().flatten().tolist()
             flying.difference_update(got)
             started = [s for s in got if self.slots[s].started]

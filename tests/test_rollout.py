@@ -6,6 +6,7 @@ sub-step of that chunk. The env logs every round it runs, so the tests check the
 """
 
 import math
+import multiprocessing
 import os
 import resource
 import time
@@ -365,6 +366,11 @@ def test_ready_slots_come_back_without_waiting_for_a_slower_one(env):
     assert out["_ready"].flatten().tolist() == [False, True]  # slot 1 is back; slot 0 is still rebuilding
     assert out["chunk_steps"].flatten().tolist() == [0, CHUNK] and out["step_count"][1].item() == CHUNK
     assert env.step_recv_ready(timeout=0.0) is None
+    # another thread's signal ends the wait (no timeout) with slot 0 still rebuilding
+    woken, signal = multiprocessing.Pipe(duplex=False)
+    signal.send_bytes(b"")
+    assert env.step_recv_ready(timeout=None, wake=(woken,)) is None and env.pending_steps == 1
+    woken.recv_bytes()
     # slot 1 goes on at once, in a round of its own
     env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True])}, [n]))
     got = {}
