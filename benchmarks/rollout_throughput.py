@@ -30,7 +30,8 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``pool_spinning_decode``: torchrl's ``VocabTailActionTokenizer`` decoding the actions, whose copy of the
   tokens to the host spins a CPU core for the whole forward (``OpenVLAOFTPolicy`` waits asleep first).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
-  frame per chunk, no policy) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
+  frame per chunk, no policy, each process on its own: its next chunk goes out as soon as its last one is
+  back; ``--ceiling-s`` seconds after an untimed chunk each, which compiles numba's kernels) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
   ``min_ceiling`` is the smaller.
 - ``embed``: the fastest scheduler mode of the run with ``on_finished`` handing each finished trajectory
@@ -263,29 +264,49 @@ def sim_kwargs(args) -> dict:
 
 
 def bare_sim(workers: SimWorkers, args, tasks: list[int]) -> dict:
-    """Every process steps random chunks (one frame each), all together, no policy; then bare renders."""
+    """Every process steps random chunks (one frame each) on its own for ``--ceiling-s`` seconds, no policy.
+
+    A process gets its next chunk as soon as its last one is back, so none waits for a slower one (a
+    round-by-round loop would pace every process to the slowest of each round), and one untimed chunk each
+    comes first (numba's kernels compile, the first frame renders). Counted: the env steps of the chunks
+    back within the window. Then bare renders, for the frame's share of a chunk.
+    """
     n = len(workers)
     workers.call({s: ("reset", (0,), {"task_id": t}) for s, t in enumerate(tasks)}, timeout=workers.build_timeout)
     rng = np.random.default_rng(0)
+
+    def chunk() -> tuple:
+        return ("step_chunk", (rng.uniform(-1, 1, (CHUNK, 7)).astype(np.float32),))
+
+    workers.call({s: chunk() for s in range(n)})  # warm-up, untimed
     before = dict(workers.busy_time)
-    executed, start = 0, time.perf_counter()
-    for _ in range(args.ceiling_steps // CHUNK):
-        actions = rng.uniform(-1, 1, (n, CHUNK, 7)).astype(np.float32)
-        results = workers.call({s: ("step_chunk", (actions[s],)) for s in range(n)})
-        executed += sum(r["chunk_steps"] for r in results.values())
-        ended = [s for s, r in results.items() if r["done"]]
-        if ended:
-            workers.call({s: ("reset", (0,)) for s in ended})
-    wall = time.perf_counter() - start
+    counted = executed = chunks = 0
+    start = time.perf_counter()
+    end = start + args.ceiling_s
+    workers.send({s: chunk() for s in range(n)})
+    stepping, flying = set(range(n)), set(range(n))  # stepping: a chunk in flight (else a reset)
+    while flying:
+        back = workers.recv(workers.ready(sorted(flying), timeout=None))
+        in_window = time.perf_counter() <= end
+        again = {}
+        for s, result in back.items():
+            if s in stepping:
+                executed, chunks = executed + result["chunk_steps"], chunks + 1
+                counted += result["chunk_steps"] if in_window else 0
+            if in_window:
+                again[s] = ("reset", (0,)) if s in stepping and result["done"] else chunk()
+        stepping = {s for s in stepping if s not in back} | {s for s, c in again.items() if c[0] == "step_chunk"}
+        flying = (flying - back.keys()) | again.keys()
+        if again:
+            workers.send(again)
     step_cpu = workers.busy_time["step_chunk"] - before.get("step_chunk", 0.0)
     for _ in range(3):  # the frame alone: what one chunk's render costs inside step_chunk
         workers.call({s: ("render", ()) for s in range(n)})
     render_s = workers.busy_time["render"] / (3 * n)
-    chunks = args.ceiling_steps // CHUNK * n
     return {
-        "env_steps_per_s": executed / wall,
-        "wall_s": wall,
-        "env_steps": executed,
+        "env_steps_per_s": counted / args.ceiling_s,
+        "wall_s": args.ceiling_s,
+        "env_steps": counted,
         "worker_step_cpu_s": step_cpu,
         "render_s_per_frame": render_s,
         "physics_s_per_step": (step_cpu - chunks * render_s) / executed,
@@ -624,7 +645,7 @@ def main() -> None:
     parser.add_argument("--success-min", type=int, default=None, help="default 150 (tiny 9)")
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
-    parser.add_argument("--ceiling-steps", type=int, default=None, help="env steps per env of bare sim (256; tiny 16)")
+    parser.add_argument("--ceiling-s", type=float, default=None, help="seconds of bare simulation (default 30; tiny 5)")
     parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_switch1ms,pool_polling,pool_spinning_decode,embed",
                         help="embed = the fastest scheduler mode of the run with each finished trajectory "
                              "embedded for the reward meanwhile")
@@ -636,10 +657,10 @@ def main() -> None:
     args = parser.parse_args()
     tiny = {"num_envs": [2], "requests_per_env": 2, "group_size": 2,
             "max_steps": 32, "success_min": 9, "success_max": 24,
-            "ceiling_steps": 16, "repeats": 3}
+            "ceiling_s": 5.0, "repeats": 3}
     full = {"num_envs": [16, 32], "requests_per_env": 4, "group_size": 8,
             "max_steps": 512, "success_min": 150, "success_max": 400,
-            "ceiling_steps": 256, "repeats": 10}
+            "ceiling_s": 30.0, "repeats": 10}
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
