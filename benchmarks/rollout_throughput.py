@@ -258,11 +258,6 @@ class PreprocessTimer:
 
 
 # -- modes ------------------------------------------------------------------------------------------
-def sim_kwargs(args) -> dict:
-    return dict(suite=args.suite, max_steps=args.max_steps, num_steps_wait=10, image_size=256,
-                wrist_image=False, channels_first=True, seed=0)
-
-
 def bare_sim(workers: SimWorkers, args, tasks: list[int]) -> dict:
     """Every process steps random chunks (one frame each) on its own for ``--ceiling-s`` seconds, no policy.
 
@@ -484,20 +479,18 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
         result["cuda_graphs"] = capture_graphs(policy, names, num_envs)
     sizes = sorted({num_envs, max(1, num_envs // 2), max(1, num_envs // 4)})
     result["bare_policy"] = [bare_policy(policy, b, names, device, args.repeats) for b in sizes]
-    workers = SimWorkers(sim_kwargs(args), tasks, build_timeout=900)
-    try:
-        result["bare_sim"] = bare_sim(workers, args, tasks)
-        log(f"[{num_envs} envs] bare sim {result['bare_sim']['env_steps_per_s']:.1f} env-steps/s")
-        if "lockstep" in args.modes:
-            result["lockstep"] = lockstep(workers, policy, requests, success_step, args, device)
-            log(f"[{num_envs} envs] lockstep {result['lockstep']['env_steps_per_s']:.1f}")
-    finally:
-        workers.close()
-
     env = ForcedSuccessEnv(args.suite, num_envs, max_steps=args.max_steps, task_ids=tasks, success_step=success_step,
                            build_timeout=900)
     trajs = background = embeddings = None
     try:
+        # the ceiling and the lockstep loop run on the env's own processes, with the JPEG round trip where the
+        # library's default puts it (in the workers): the same processes and the same work as the pool's
+        set_jpeg_in_workers(env, policy, True)
+        result["bare_sim"] = bare_sim(env._workers, args, tasks)
+        log(f"[{num_envs} envs] bare sim {result['bare_sim']['env_steps_per_s']:.1f} env-steps/s")
+        if "lockstep" in args.modes:
+            result["lockstep"] = lockstep(env._workers, policy, requests, success_step, args, device)
+            log(f"[{num_envs} envs] lockstep {result['lockstep']['env_steps_per_s']:.1f}")
         # every worker builds its task and compiles numba's kernels here, so that no measured mode pays for it
         env.reset()
         env.step(TensorDict({"action": torch.zeros(num_envs, CHUNK, 7)}, [num_envs]))
@@ -652,7 +645,7 @@ def main() -> None:
     parser.add_argument("--no-reward", action="store_true")
     parser.add_argument("--check-embeddings", action="store_true",
                         help="embed the batch again after the rollout and compare with the background embeddings")
-    parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 10; tiny 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 5; tiny 3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tiny = {"num_envs": [2], "requests_per_env": 2, "group_size": 2,
@@ -660,7 +653,7 @@ def main() -> None:
             "ceiling_s": 5.0, "repeats": 3}
     full = {"num_envs": [16, 32], "requests_per_env": 4, "group_size": 8,
             "max_steps": 512, "success_min": 150, "success_max": 400,
-            "ceiling_s": 30.0, "repeats": 10}
+            "ceiling_s": 30.0, "repeats": 5}
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -685,7 +678,7 @@ def main() -> None:
                      "success_steps": [args.success_min, args.success_max], "chunk": CHUNK,
                      "temperature": 1.6, "frames": "one 256x256 agentview frame per chunk"},
         "baselines": {"lockstep": "siiRL loop: rebuild every env per batch, 64 chunk-steps querying every env",
-                      "bare_sim": "same number of LIBERO processes, random chunks, no policy",
+                      "bare_sim": "the env's LIBERO processes stepping random chunks, each on its own, no policy",
                       "bare_policy": "model forward alone at batch num_envs (env steps = batch x 8), "
                                      "the faster of eager and CUDA graph"},
         "results": results,
