@@ -31,7 +31,7 @@ executes the same env steps, so its env-steps/s compare directly.
   tokens to the host spins a CPU core for the whole forward (``OpenVLAOFTPolicy`` waits asleep first).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy, each process on its own: its next chunk goes out as soon as its last one is
-  back; ``--ceiling-s`` seconds after an untimed chunk each, which compiles numba's kernels) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
+  back; ``--ceiling-s`` seconds after an untimed chunk each) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
   ``min_ceiling`` is the smaller.
 - ``embed``: the fastest scheduler mode of the run with ``on_finished`` handing each finished trajectory
@@ -263,8 +263,8 @@ def bare_sim(workers: SimWorkers, args, tasks: list[int]) -> dict:
 
     A process gets its next chunk as soon as its last one is back, so none waits for a slower one (a
     round-by-round loop would pace every process to the slowest of each round), and one untimed chunk each
-    comes first (numba's kernels compile, the first frame renders). Counted: the env steps of the chunks
-    back within the window. Then bare renders, for the frame's share of a chunk.
+    comes first (first-use costs). Counted: the env steps of the chunks back within the window. Then bare
+    renders, for the frame's share of a chunk.
     """
     n = len(workers)
     workers.call({s: ("reset", (0,), {"task_id": t}) for s, t in enumerate(tasks)}, timeout=workers.build_timeout)
