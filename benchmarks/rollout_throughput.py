@@ -468,7 +468,9 @@ def capture_graphs(policy, names: tuple[str, ...], num_envs: int) -> dict:
 
 
 # -- one size -----------------------------------------------------------------------------------------
-def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device: torch.device) -> dict:
+def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device: torch.device,
+            checkpoint=lambda result: None) -> dict:
+    """Every ceiling, baseline and mode at ``num_envs``; ``checkpoint(result)`` after each (the figures so far)."""
     requests, success_step = workload(args, num_envs)
     tasks = [r.task_id for r in requests[:num_envs]]
     names = suite_info(args.suite).instructions
@@ -487,9 +489,11 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
         # library's default puts it (in the workers): the same processes and the same work as the pool's
         set_jpeg_in_workers(env, policy, True)
         result["bare_sim"] = bare_sim(env._workers, args, tasks)
+        checkpoint(result)
         log(f"[{num_envs} envs] bare sim {result['bare_sim']['env_steps_per_s']:.1f} env-steps/s")
         if "lockstep" in args.modes:
             result["lockstep"] = lockstep(env._workers, policy, requests, success_step, args, device)
+            checkpoint(result)
             log(f"[{num_envs} envs] lockstep {result['lockstep']['env_steps_per_s']:.1f}")
         # every worker builds its task and compiles numba's kernels here, so that no measured mode pays for it
         env.reset()
@@ -497,6 +501,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
         for mode in SCHEDULER_MODES:
             if mode in args.modes:
                 result[mode], trajs = scheduler(env, policy, requests, mode, timer)
+                checkpoint(result)
                 log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
         if "embed" in args.modes and reward is not None:
             # the faster scheduler mode of this run, with every finished trajectory embedded for the reward
@@ -514,6 +519,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
             row["env_steps_per_s"] = row["env_steps"] / row["wall_with_drain_s"]
             background.close()
             result["embed"] = row
+            checkpoint(result)
             log(f"[{num_envs} envs] {mode} + background embedding {row['env_steps_per_s']:.1f}")
     finally:
         env.close()
@@ -647,6 +653,9 @@ def main() -> None:
                         help="embed the batch again after the rollout and compare with the background embeddings")
     parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 5; tiny 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partial", default=None, metavar="PATH",
+                        help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "
+                             "may be cut off")
     args = parser.parse_args()
     tiny = {"num_envs": [2], "requests_per_env": 2, "group_size": 2,
             "max_steps": 32, "success_min": 9, "success_max": 24,
@@ -666,10 +675,26 @@ def main() -> None:
     policy, policy_name = make_policy(args, device)
     reward, reward_name = (None, "none") if args.no_reward else make_reward(args, device)
     timer = PreprocessTimer(policy, device)
-    results = [measure(args, n, policy, timer, reward, device) for n in args.num_envs]
+    results: list[dict] = []
+
+    def save_partial(current: dict) -> None:  # what a run cut off (a call's time limit) still leaves behind
+        if args.partial is not None:
+            Path(args.partial + ".tmp").write_text(json.dumps(report(args, policy_name, reward_name, device,
+                                                                     [*results, current], partial=True)))
+            Path(args.partial + ".tmp").replace(args.partial)
+
+    for n in args.num_envs:
+        results.append(measure(args, n, policy, timer, reward, device, checkpoint=save_partial))
     print_table(results, policy_name, reward_name)
-    print(json.dumps({
+    print(json.dumps(report(args, policy_name, reward_name, device, results)))
+
+
+def report(args, policy_name: str, reward_name: str, device: torch.device, results: list[dict],
+           partial: bool = False) -> dict:
+    """The JSON line: every figure, the workload, the machine, the versions and the command."""
+    return {
         "benchmark": "rollout_throughput",
+        **({"partial": True} if partial else {}),
         "policy": policy_name,
         "reward_model": reward_name,
         "suite": args.suite,
@@ -685,7 +710,7 @@ def main() -> None:
         "machine": machine(device),
         "versions": versions(),
         "command": command(),
-    }))
+    }
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 # Runs benchmarks on the staged GPU machine (after stage1.sh and stage2.sh, while it stays warm).
 #   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train policy reward recipe gil smoke
 # Each job writes $OUT/JOB.log (all its output) and $OUT/JOB.json (its JSON line); every JSON line also
-# goes to $OUT/results.jsonl. Extra arguments for a job: JOB_ARGS="..." (applied to every job).
+# goes to $OUT/results.jsonl. The rollout jobs also keep $OUT/JOB.partial.json, the figures so far after each
+# mode: what a run cut off by the call's time limit leaves. Extra arguments for a job: JOB_ARGS="..."
+# (applied to every job).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 JOBS="rollout16 rollout32 train policy reward recipe gil smoke"
@@ -37,8 +39,8 @@ trap 'kill $CPULOG 2>/dev/null' EXIT
 status=0
 for job in "$@"; do
   case "$job" in
-    rollout16) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 16) limit=570 ;;
-    rollout32) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 32) limit=570 ;;
+    rollout16) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 16 --partial "$OUT/$job.partial.json") limit=570 ;;
+    rollout32) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 32 --partial "$OUT/$job.partial.json") limit=570 ;;
     train) cmd=(python3 benchmarks/train_throughput.py) limit=420 ;;
     policy) cmd=(python3 benchmarks/policy_latency.py) limit=150 ;;
     reward) cmd=(python3 benchmarks/reward_throughput.py) limit=240 ;;
