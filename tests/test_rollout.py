@@ -408,6 +408,28 @@ def test_a_reset_sent_on_its_own_is_collected_later(env):
         env.reset_recv()
 
 
+def test_a_policy_error_in_the_pool_reaches_the_caller(policy, monkeypatch):
+    # the pool's policy runs on a thread that signals the loop through a pipe: its error must come out, not
+    # leave the loop asleep
+    calls = []
+    forward = policy.forward
+
+    def failing_second_call(td):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("policy failed on call 2")
+        return forward(td)
+
+    monkeypatch.setattr(policy, "forward", failing_second_call)
+    env = LiberoVecEnv("libero_object", 1, max_steps=4 * CHUNK, task_ids=[1])
+    try:
+        with pytest.raises(RuntimeError, match="policy failed on call 2"):
+            collect_rollouts(env, policy, group_requests([(1, 0)], rollouts_per_group=1), overlap=True)
+    finally:
+        env.close()
+    assert calls == [0, 1]
+
+
 def test_overlap_needs_an_async_env(policy):
     class NoAsync:
         batch_size = torch.Size([1])
