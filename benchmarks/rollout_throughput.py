@@ -263,8 +263,9 @@ def bare_sim(workers: SimWorkers, args, tasks: list[int]) -> dict:
 
     A process gets its next chunk as soon as its last one is back, so none waits for a slower one (a
     round-by-round loop would pace every process to the slowest of each round), and one untimed chunk each
-    comes first (first-use costs). Counted: the env steps of the chunks back within the window. Then bare
-    renders, for the frame's share of a chunk.
+    comes first (first-use costs). Counted: the env steps of the chunks back within the window, and of a
+    chunk that straddles its end the share that fell inside it (so the ceiling is not biased low by the
+    chunks cut off). Then bare renders, for the frame's share of a chunk.
     """
     n = len(workers)
     workers.call({s: ("reset", (0,), {"task_id": t}) for s, t in enumerate(tasks)}, timeout=workers.build_timeout)
@@ -275,21 +276,24 @@ def bare_sim(workers: SimWorkers, args, tasks: list[int]) -> dict:
 
     workers.call({s: chunk() for s in range(n)})  # warm-up, untimed
     before = dict(workers.busy_time)
-    counted = executed = chunks = 0
+    counted, executed, chunks = 0.0, 0, 0
     start = time.perf_counter()
     end = start + args.ceiling_s
     workers.send({s: chunk() for s in range(n)})
+    sent = dict.fromkeys(range(n), start)  # when each process's command in flight went out
     stepping, flying = set(range(n)), set(range(n))  # stepping: a chunk in flight (else a reset)
     while flying:
         back = workers.recv(workers.ready(sorted(flying), timeout=None))
-        in_window = time.perf_counter() <= end
+        now = time.perf_counter()
         again = {}
         for s, result in back.items():
             if s in stepping:
                 executed, chunks = executed + result["chunk_steps"], chunks + 1
-                counted += result["chunk_steps"] if in_window else 0
-            if in_window:
+                inside = 1.0 if now <= end else max(0.0, end - sent[s]) / (now - sent[s])
+                counted += inside * result["chunk_steps"]
+            if now <= end:
                 again[s] = ("reset", (0,)) if s in stepping and result["done"] else chunk()
+                sent[s] = now
         stepping = {s for s in stepping if s not in back} | {s for s, c in again.items() if c[0] == "step_chunk"}
         flying = (flying - back.keys()) | again.keys()
         if again:
