@@ -438,7 +438,8 @@ class _Rollout:
         # the policy thread writes to this pipe when a decision is done, so the loop sleeps on the simulations
         # and on the decision at once instead of waking every millisecond to look at the decision
         decided, signal_decided = multiprocessing.Pipe(duplex=False)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") as policy_thread, decided, signal_decided:
+        # the thread is joined before the pipe closes: a decision's callback never writes to a closed pipe
+        with decided, signal_decided, ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") as policy_thread:
             while True:
                 if future is not None and (future.done() or not flying):
                     decision = future.result()
