@@ -33,7 +33,9 @@ executes the same env steps, so its env-steps/s compare directly.
   frame per chunk, no policy, each process on its own: its next chunk goes out as soon as its last one is
   back; ``--ceiling-s`` seconds after an untimed chunk each) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
-  ``min_ceiling`` is the smaller.
+  ``min_ceiling`` is the smaller. ``bare_policy_sustained``: the batch-8 forward back to back for
+  ``--sustain-s`` seconds (first and last quarter's ms a call: a GPU that slows down under load shows it),
+  ``min_sustained_ceiling`` the smaller of it and ``bare_sim``.
 - ``embed``: the fastest scheduler mode of the run with ``on_finished`` handing each finished trajectory
   to :class:`srpo_rl.rewards.BackgroundEmbedder`, which embeds its video (V-JEPA 2) on a side CUDA stream
   while the rollout goes on: the reward's embedding cost moved into the GPU's idle time (``extra_wall_s``
@@ -45,7 +47,9 @@ executes the same env steps, so its env-steps/s compare directly.
   policy thread), ``busy_sims`` = worker time (steps + resets) / wall time, the mean number of
   simulations at work, and
   ``mean_batch`` = decisions / policy calls; ``loop_cpu_s`` / ``policy_cpu_s``: the CPU time of the loop
-  thread and of the policy thread (``RolloutStats.loop_cpu_time`` / ``policy_cpu_time``).
+  thread and of the policy thread (``RolloutStats.loop_cpu_time`` / ``policy_cpu_time``);
+  ``forward_gpu_s``: the GPU span of every logits forward from CUDA events (``forward_gpu_ms_by_batch``: its
+  median by batch size), ``policy_beside_forward_s`` what the policy calls spent beside it and preprocessing.
 - split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
   frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
   reward (V-JEPA 2 embedding + scores) of the embed run's trajectories, after the rollout.
@@ -241,6 +245,42 @@ def make_reward(args, device: torch.device):
     return SRPOProgressReward(embedder), "V-JEPA 2 ViT-g/16 384px fp16 (random)"
 
 
+class ForwardTimer:
+    """GPU time of every logits forward (``policy._action_logits``), from CUDA events around it.
+
+    The events are read at :meth:`seconds` (after the work is done), so timing adds no wait to a policy
+    call. The policy call's wall time minus this and the preprocessing is what the call spends beside the
+    forward: sampling, decoding, waiting for the GIL.
+    """
+
+    def __init__(self, policy, device: torch.device):
+        self._inner, self._cuda, self._events = policy._action_logits, device.type == "cuda", []
+        policy._action_logits = self
+
+    def __call__(self, tensordict):
+        if not self._cuda:
+            return self._inner(tensordict)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self._inner(tensordict)
+        end.record()
+        self._events.append((tensordict.batch_size.numel(), start, end))
+        return out
+
+    def pop(self) -> tuple[float | None, dict[int, float]]:
+        """GPU seconds of the forwards since the last call (None without CUDA) and the median ms of a forward
+        by batch size (the batch sizes of at least 10 calls)."""
+        if not self._cuda:
+            return None, {}
+        torch.cuda.synchronize()
+        by_batch: dict[int, list[float]] = {}
+        for batch, a, b in self._events:
+            by_batch.setdefault(batch, []).append(a.elapsed_time(b))
+        self._events.clear()
+        seconds = sum(map(sum, by_batch.values())) / 1e3
+        return seconds, {b: statistics.median(ms) for b, ms in sorted(by_batch.items()) if len(ms) >= 10}
+
+
 class PreprocessTimer:
     """Times ``policy.preprocess`` (JPEG round trip, resize, crop, prompts) inside every policy call."""
 
@@ -353,7 +393,8 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
             "rebuild_s": rebuild_s, "rebuilds": rebuilds, "main_cpu_s": main_cpu_seconds() - cpu}
 
 
-def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finished=None) -> tuple[dict, object]:
+def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_timer: ForwardTimer,
+              on_finished=None) -> tuple[dict, object]:
     options = {**DEFAULTS, **SCHEDULER_MODES[mode]}
     overlap, policy.cuda_graphs = options["overlap"], options["graphs"]
     set_jpeg_in_workers(env, policy, options["env_jpeg"])
@@ -370,6 +411,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
     env.starts.clear()
     env.rebuilds = 0
     start, cpu = time.perf_counter(), main_cpu_seconds()
+    forward_timer.pop()
     try:
         trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     finally:
@@ -396,6 +438,9 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, on_finis
         "rebuilds": env.rebuilds,
     }
     row["forward_s"] = row["policy_s"] - row["preprocess_s"]
+    row["forward_gpu_s"], row["forward_gpu_ms_by_batch"] = forward_timer.pop()  # the logits forwards alone
+    if row["forward_gpu_s"] is not None:  # sampling, decoding and waits of the policy calls
+        row["policy_beside_forward_s"] = row["forward_s"] - row["forward_gpu_s"]
     row["gpu_busy"] = row["policy_s"] / row["wall_s"]
     row["busy_sims"] = (row["worker_step_cpu_s"] + row["worker_reset_cpu_s"]) / row["wall_s"]
     row["mean_batch"] = row["decisions"] / max(1, row["policy_calls"])
@@ -411,6 +456,41 @@ def set_jpeg_in_workers(env, policy, on: bool) -> None:
     env._workers.call({s: ("__setattr__", ("jpeg_quality", quality)) for s in range(env.num_envs)})
     env._workers._sim_kwargs["jpeg_quality"] = quality  # a restarted worker keeps it
     policy.jpeg_quality = None if on else JPEG_QUALITY
+
+
+def sustained_forward(policy, batch: int, names: tuple[str, ...], device: torch.device, seconds: float) -> dict:
+    """The forward at ``batch`` back to back for ``seconds`` (through the CUDA graph where one runs), as the
+    pool keeps the GPU busy: a GPU that slows down under sustained load (power, clocks) shows it here and
+    not in a handful of calls."""
+    g = torch.Generator().manual_seed(batch)
+    obs = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,
+                                                             generator=g)}, [batch])
+    obs.set_non_tensor("instruction", [names[i % len(names)] for i in range(batch)])
+    prepared = policy.preprocess(obs)
+    ids, mask = prepared["prompt_ids"], prepared["prompt_mask"]
+    pixels = policy.pixel_values(prepared["policy_image"])
+    with torch.inference_mode():
+        graphed = policy._graphed_forward() if device.type == "cuda" else None
+        if graphed is not None:
+            lengths = policy.model.prompt_lengths(ids, mask)
+            ids = ids[:, : int(lengths.max())]
+            forward = lambda: graphed(ids, lengths, pixels)  # noqa: E731
+        else:
+            forward = lambda: policy.model(ids, mask, pixels)  # noqa: E731
+        forward()
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            forward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((t0 - start, 1e3 * (time.perf_counter() - t0)))
+    total = time.perf_counter() - start
+    first = [ms for t, ms in times if t < min(2.0, seconds / 4)] or [times[0][1]]
+    last = [ms for t, ms in times if t >= seconds * 0.75] or [times[-1][1]]
+    return {"batch": batch, "seconds": total, "calls": len(times),
+            "env_steps_per_s": batch * CHUNK * len(times) / total,
+            "first_ms": statistics.median(first), "last_ms": statistics.median(last)}
 
 
 def bare_policy(policy, batch: int, names: tuple[str, ...], device: torch.device, repeats: int) -> dict:
@@ -472,8 +552,8 @@ def capture_graphs(policy, names: tuple[str, ...], num_envs: int) -> dict:
 
 
 # -- one size -----------------------------------------------------------------------------------------
-def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device: torch.device,
-            checkpoint=lambda result: None) -> dict:
+def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: ForwardTimer, reward,
+            device: torch.device, checkpoint=lambda result: None) -> dict:
     """Every ceiling, baseline and mode at ``num_envs``; ``checkpoint(result)`` after each (the figures so far)."""
     requests, success_step = workload(args, num_envs)
     tasks = [r.task_id for r in requests[:num_envs]]
@@ -485,6 +565,8 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
         result["cuda_graphs"] = capture_graphs(policy, names, num_envs)
     sizes = sorted({num_envs, max(1, num_envs // 2), max(1, num_envs // 4)})
     result["bare_policy"] = [bare_policy(policy, b, names, device, args.repeats) for b in sizes]
+    result["bare_policy_sustained"] = sustained_forward(policy, min(8, num_envs), names, device, args.sustain_s)
+    log(f"[{num_envs} envs] bare policy sustained {result['bare_policy_sustained']}")
     env = ForcedSuccessEnv(args.suite, num_envs, max_steps=args.max_steps, task_ids=tasks, success_step=success_step,
                            build_timeout=900)
     trajs = background = embeddings = None
@@ -504,7 +586,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
         env.step(TensorDict({"action": torch.zeros(num_envs, CHUNK, 7)}, [num_envs]))
         for mode in SCHEDULER_MODES:
             if mode in args.modes:
-                result[mode], trajs = scheduler(env, policy, requests, mode, timer)
+                result[mode], trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
                 checkpoint(result)
                 log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
         if "embed" in args.modes and reward is not None:
@@ -513,7 +595,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, reward, device:
             mode = max((m for m in SCHEDULER_MODES if m in result), key=lambda m: result[m]["env_steps_per_s"],
                        default="pool")
             background = BackgroundEmbedder(reward.embedder, device=device)
-            row, trajs = scheduler(env, policy, requests, mode, timer, on_finished=background)
+            row, trajs = scheduler(env, policy, requests, mode, timer, forward_timer, on_finished=background)
             t0 = time.perf_counter()
             embeddings = background.pop(trajs["rollout_id"])
             row["drain_s"] = time.perf_counter() - t0
@@ -552,6 +634,10 @@ def ratios(result: dict) -> None:
     ceilings = {"bare_sim": result["bare_sim"]["env_steps_per_s"],
                 "bare_policy": max(b["forward_env_steps_per_s"] for b in result["bare_policy"])}
     result["ceilings"] = {**ceilings, "min_ceiling": min(ceilings.values())}
+    if "bare_policy_sustained" in result:  # the forward as it runs for minutes, not for a few calls
+        result["ceilings"]["bare_policy_sustained"] = result["bare_policy_sustained"]["env_steps_per_s"]
+        result["ceilings"]["min_sustained_ceiling"] = min(ceilings["bare_sim"],
+                                                          result["ceilings"]["bare_policy_sustained"])
     sim = result["bare_sim"]
     for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
         row = result.get(mode)
@@ -561,6 +647,8 @@ def ratios(result: dict) -> None:
         row["vs_min_ceiling"] = rate / result["ceilings"]["min_ceiling"]
         row["vs_bare_sim"] = rate / ceilings["bare_sim"]
         row["vs_bare_policy"] = rate / ceilings["bare_policy"]
+        if "min_sustained_ceiling" in result["ceilings"]:
+            row["vs_min_sustained_ceiling"] = rate / result["ceilings"]["min_sustained_ceiling"]
         if row.get("steady_env_steps_per_s"):
             row["steady_vs_min_ceiling"] = row["steady_env_steps_per_s"] / result["ceilings"]["min_ceiling"]
         if "lockstep" in result:
@@ -590,7 +678,7 @@ def ratios(result: dict) -> None:
 def print_table(results: list[dict], policy_name: str, reward_name: str) -> None:
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
     print(f"{'envs':>4} {'mode':>23} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
-          f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'env wait s':>10} {'sim cpu s':>9} "
+          f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'fwd gpu s':>9} {'env wait s':>10} {'sim cpu s':>9} "
           f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10} {'loop cpu s':>10} {'pol cpu s':>9} "
           f"{'rebuilds':>8}")
     for r in results:
@@ -603,6 +691,13 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             print(f"{r['num_envs']:>4} {'bare pol':>23} {b['forward_env_steps_per_s']:>8.1f}  "
                   f"(batch {b['batch']}: forward eager {b['eager_forward_ms']:.1f} ms{graph}; policy step "
                   f"{b['policy_step_ms']:.1f} ms, eager {b['eager_policy_step_ms']:.1f} ms)")
+        if "bare_policy_sustained" in r:
+            b = r["bare_policy_sustained"]
+            print(f"{r['num_envs']:>4} {'bare pol sustained':>23} {b['env_steps_per_s']:>8.1f}  (batch {b['batch']} "
+                  f"back to back for {b['seconds']:.0f} s: {b['first_ms']:.1f} ms a forward at first, "
+                  f"{b['last_ms']:.1f} ms in the last quarter; vs min(bare sim, this): "
+                  + ", ".join(f"{m} {r[m]['vs_min_sustained_ceiling']:.2f}x" for m in ("lockstep", *SCHEDULER_MODES, "embed")
+                              if m in r and "vs_min_sustained_ceiling" in r[m]) + ")")
         if r.get("cuda_graphs"):
             g = r["cuda_graphs"]
             print(f"{r['num_envs']:>4} {'graphs':>23} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
@@ -618,7 +713,8 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             print(f"{r['num_envs']:>4} {mode:>23} {row['env_steps_per_s']:>8.1f} {vs_lock:>11} "
                   f"{row['vs_min_ceiling']:>10.2f}x {steady:>7} {st_ceil:>10} {row['wall_s']:>7.1f} "
                   f"{row['policy_s']:>8.1f} "
-                  f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('env_wait_s', float('nan')):>10.1f} "
+                  f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('forward_gpu_s') or float('nan'):>9.1f} "
+                  f"{row.get('env_wait_s', float('nan')):>10.1f} "
                   f"{row.get('worker_step_cpu_s', float('nan')):>9.1f} {row.get('gpu_busy', float('nan')):>8.2f} "
                   f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f} "
                   f"{row.get('main_cpu_s', float('nan')):>10.1f} {row.get('loop_cpu_s', float('nan')):>10.1f} "
@@ -656,6 +752,8 @@ def main() -> None:
     parser.add_argument("--check-embeddings", action="store_true",
                         help="embed the batch again after the rollout and compare with the background embeddings")
     parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 5; tiny 3)")
+    parser.add_argument("--sustain-s", type=float, default=None,
+                        help="seconds of back-to-back bare forwards at batch 8 (default 20; tiny 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
                         help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "
@@ -663,10 +761,10 @@ def main() -> None:
     args = parser.parse_args()
     tiny = {"num_envs": [2], "requests_per_env": 2, "group_size": 2,
             "max_steps": 32, "success_min": 9, "success_max": 24,
-            "ceiling_s": 5.0, "repeats": 3}
+            "ceiling_s": 5.0, "repeats": 3, "sustain_s": 1.0}
     full = {"num_envs": [16, 32], "requests_per_env": 4, "group_size": 8,
             "max_steps": 512, "success_min": 150, "success_max": 400,
-            "ceiling_s": 30.0, "repeats": 5}
+            "ceiling_s": 30.0, "repeats": 5, "sustain_s": 20.0}
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -678,7 +776,7 @@ def main() -> None:
         sys.exit("the full-size benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
     policy, policy_name = make_policy(args, device)
     reward, reward_name = (None, "none") if args.no_reward else make_reward(args, device)
-    timer = PreprocessTimer(policy, device)
+    timer, forward_timer = PreprocessTimer(policy, device), ForwardTimer(policy, device)
     results: list[dict] = []
 
     def save_partial(current: dict) -> None:  # what a run cut off (a call's time limit) still leaves behind
@@ -688,7 +786,7 @@ def main() -> None:
             Path(args.partial + ".tmp").replace(args.partial)
 
     for n in args.num_envs:
-        results.append(measure(args, n, policy, timer, reward, device, checkpoint=save_partial))
+        results.append(measure(args, n, policy, timer, forward_timer, reward, device, checkpoint=save_partial))
     print_table(results, policy_name, reward_name)
     print(json.dumps(report(args, policy_name, reward_name, device, results)))
 
