@@ -441,18 +441,22 @@ class _Rollout:
         # the thread is joined before the pipe closes: a decision's callback never writes to a closed pipe
         with decided, signal_decided, ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") as policy_thread:
             while True:
+                decided_slots, decision = [], None
                 if future is not None and (future.done() or not flying):
                     decision = future.result()
                     decided.recv_bytes()  # this decision's signal, so the next wait sleeps again
-                    self._step_decided(deciding, decision, flying)
-                    future, deciding = None, []
+                    decided_slots, future, deciding = deciding, None, []
                 if future is None:
-                    ready = [s for s in self.running(range(self.num_slots)) if s not in flying]
+                    # the next batch goes to the policy before the decided chunks go out: the GPU starts on it
+                    # while this loop sends them
+                    busy = flying.union(decided_slots)
+                    ready = [s for s in self.running(range(self.num_slots)) if s not in busy]
                     if ready:
                         deciding = ready
                         future = policy_thread.submit(self.call_policy, _policy_input(self.slots, ready))
                         future.add_done_callback(lambda _: signal_decided.send_bytes(b""))
-                self._step_decided([], None, flying)  # soft resets go out at once, decision or not
+                # the decided chunks, and the soft resets (they go out at once, decision or not)
+                self._step_decided(decided_slots, decision, flying)
                 if flying:
                     self._take_ready(flying, wake=() if future is None else (decided,))
                     self.collect_rebuilds(wait=False)

@@ -465,8 +465,9 @@ def test_one_cpu_thread_stops_openmp_threads_spinning_between_ops():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cpu, inside, wall = _cpu_of_small_ops()
-        assert cpu - inside > 0.25 * (wall - inside), (cpu, inside, wall)  # a thread spun through the sleeps
+        # a thread spun through the sleeps (best of 3: a core busy with another process delays the spinner)
+        spun = [_cpu_of_small_ops() for _ in range(3)]
+        assert max((cpu - inside) / (wall - inside) for cpu, inside, wall in spun) > 0.25, spun
         with single_cpu_thread():
             assert torch.get_num_threads() == 1
             cpu, inside, wall = _cpu_of_small_ops()
