@@ -248,7 +248,7 @@ def make_reward(args, device: torch.device):
 class ForwardTimer:
     """GPU time of every logits forward (``policy._action_logits``), from CUDA events around it.
 
-    The events are read at :meth:`seconds` (after the work is done), so timing adds no wait to a policy
+    The events are read at :meth:`pop` (after the work is done), so timing adds no wait to a policy
     call. The policy call's wall time minus this and the preprocessing is what the call spends beside the
     forward: sampling, decoding, waiting for the GIL.
     """
@@ -458,25 +458,31 @@ def set_jpeg_in_workers(env, policy, on: bool) -> None:
     policy.jpeg_quality = None if on else JPEG_QUALITY
 
 
-def sustained_forward(policy, batch: int, names: tuple[str, ...], device: torch.device, seconds: float) -> dict:
-    """The forward at ``batch`` back to back for ``seconds`` (through the CUDA graph where one runs), as the
-    pool keeps the GPU busy: a GPU that slows down under sustained load (power, clocks) shows it here and
-    not in a handful of calls."""
+def forward_inputs(policy, batch: int, names: tuple[str, ...], device: torch.device):
+    """A random observation of ``batch`` frames and the model forward on it: ``(obs, eager, graphed)``, each
+    forward a no-argument callable returning the logits (``graphed`` None where no CUDA graph runs)."""
     g = torch.Generator().manual_seed(batch)
     obs = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,
                                                              generator=g)}, [batch])
     obs.set_non_tensor("instruction", [names[i % len(names)] for i in range(batch)])
-    prepared = policy.preprocess(obs)
+    prepared = policy.preprocess(obs.clone())
     ids, mask = prepared["prompt_ids"], prepared["prompt_mask"]
     pixels = policy.pixel_values(prepared["policy_image"])
+    graph = policy._graphed_forward() if device.type == "cuda" else None
+    if graph is None:
+        return obs, lambda: policy.model(ids, mask, pixels), None
+    lengths = policy.model.prompt_lengths(ids, mask)
+    trimmed = ids[:, : int(lengths.max())]
+    return obs, lambda: policy.model(ids, mask, pixels), lambda: graph(trimmed, lengths, pixels)
+
+
+def sustained_forward(policy, batch: int, names: tuple[str, ...], device: torch.device, seconds: float) -> dict:
+    """The forward at ``batch`` back to back for ``seconds`` (through the CUDA graph where one runs), as the
+    pool keeps the GPU busy: a GPU that slows down under sustained load (power, clocks) shows it here and
+    not in a handful of calls."""
     with torch.inference_mode():
-        graphed = policy._graphed_forward() if device.type == "cuda" else None
-        if graphed is not None:
-            lengths = policy.model.prompt_lengths(ids, mask)
-            ids = ids[:, : int(lengths.max())]
-            forward = lambda: graphed(ids, lengths, pixels)  # noqa: E731
-        else:
-            forward = lambda: policy.model(ids, mask, pixels)  # noqa: E731
+        _, eager, graphed = forward_inputs(policy, batch, names, device)
+        forward = graphed or eager
         forward()
         times, start = [], time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -495,14 +501,6 @@ def sustained_forward(policy, batch: int, names: tuple[str, ...], device: torch.
 
 def bare_policy(policy, batch: int, names: tuple[str, ...], device: torch.device, repeats: int) -> dict:
     """The model forward alone and the whole policy step, median over ``repeats`` calls."""
-    g = torch.Generator().manual_seed(batch)
-    obs = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,
-                                                             generator=g)}, [batch])
-    obs.set_non_tensor("instruction", [names[i % len(names)] for i in range(batch)])
-    prepared = policy.preprocess(obs.clone())
-    ids, mask = prepared["prompt_ids"], prepared["prompt_mask"]
-    pixels = policy.pixel_values(prepared["policy_image"])
-
     def median_ms(fn) -> float:
         fn()
         times = []
@@ -517,15 +515,12 @@ def bare_policy(policy, batch: int, names: tuple[str, ...], device: torch.device
         return statistics.median(times)
 
     with torch.inference_mode(), set_exploration_type(ExplorationType.RANDOM):
-        eager = median_ms(lambda: policy.model(ids, mask, pixels))
+        obs, eager_forward, graphed = forward_inputs(policy, batch, names, device)
+        eager = median_ms(eager_forward)
         row = {"batch": batch, "eager_forward_ms": eager}
-        graphed = policy._graphed_forward() if device.type == "cuda" else None
         if graphed is not None:
-            lengths = policy.model.prompt_lengths(ids, mask)
-            trimmed = ids[:, : int(lengths.max())]
-            row["graph_forward_ms"] = median_ms(lambda: graphed(trimmed, lengths, pixels))
-            diff = graphed(trimmed, lengths, pixels) - policy.model(ids, mask, pixels)
-            row["graph_max_abs_logit_diff"] = float(diff.abs().max())
+            row["graph_forward_ms"] = median_ms(graphed)
+            row["graph_max_abs_logit_diff"] = float((graphed() - eager_forward()).abs().max())
         row["policy_step_ms"] = median_ms(lambda: policy(obs.clone()))  # through the graphs where they run
         policy.cuda_graphs = False
         row["eager_policy_step_ms"] = median_ms(lambda: policy(obs.clone()))
