@@ -267,18 +267,23 @@ class ForwardTimer:
         self._events.append((tensordict.batch_size.numel(), start, end))
         return out
 
-    def pop(self) -> tuple[float | None, dict[int, float]]:
-        """GPU seconds of the forwards since the last call (None without CUDA) and the median ms of a forward
-        by batch size (the batch sizes of at least 10 calls)."""
+    def pop(self) -> tuple[float | None, dict[int, float], dict[str, float]]:
+        """GPU seconds of the forwards since the last call (None without CUDA), the median ms of a forward
+        by batch size (the batch sizes of at least 10 calls), and the GPU time from the end of one forward to
+        the start of the next (``between_s``: their sum, ``between_median_ms``), which is what the policy
+        call does beside the logits (sampling, decoding, the next batch's preprocessing) plus the GPU's idle
+        time."""
         if not self._cuda:
-            return None, {}
+            return None, {}, {}
         torch.cuda.synchronize()
         by_batch: dict[int, list[float]] = {}
         for batch, a, b in self._events:
             by_batch.setdefault(batch, []).append(a.elapsed_time(b))
+        between = [end.elapsed_time(start) for (_, _, end), (_, start, _) in zip(self._events, self._events[1:])]
         self._events.clear()
         seconds = sum(map(sum, by_batch.values())) / 1e3
-        return seconds, {b: statistics.median(ms) for b, ms in sorted(by_batch.items()) if len(ms) >= 10}
+        gaps = {"between_s": sum(between) / 1e3, "between_median_ms": statistics.median(between) if between else None}
+        return seconds, {b: statistics.median(ms) for b, ms in sorted(by_batch.items()) if len(ms) >= 10}, gaps
 
 
 class PreprocessTimer:
@@ -438,7 +443,8 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
         "rebuilds": env.rebuilds,
     }
     row["forward_s"] = row["policy_s"] - row["preprocess_s"]
-    row["forward_gpu_s"], row["forward_gpu_ms_by_batch"] = forward_timer.pop()  # the logits forwards alone
+    row["forward_gpu_s"], row["forward_gpu_ms_by_batch"], gaps = forward_timer.pop()  # the logits forwards alone
+    row.update({f"gpu_{k}": v for k, v in gaps.items()})
     if row["forward_gpu_s"] is not None:  # sampling, decoding and waits of the policy calls
         row["policy_beside_forward_s"] = row["forward_s"] - row["forward_gpu_s"]
     row["gpu_busy"] = row["policy_s"] / row["wall_s"]
@@ -536,8 +542,7 @@ def capture_graphs(policy, names: tuple[str, ...], num_envs: int) -> dict:
     graphed = policy._graphed_forward()
     if graphed is None:
         return {}
-    _, mask = policy._prompts(list(names))
-    widths = sorted(set(mask.sum(-1).tolist()))
+    widths = sorted(set(policy._prompts(list(names))[2].tolist()))
     size = policy.model.config.dino.image_size
     before = graphed.capture_seconds
     for width in widths:
@@ -674,7 +679,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
     print(f"\nRollout env-steps/s, {policy_name}, reward {reward_name}")
     print(f"{'envs':>4} {'mode':>23} {'steps/s':>8} {'vs lockstep':>11} {'vs min ceil':>11} {'steady':>7} "
           f"{'st vs ceil':>10} {'wall s':>7} {'policy s':>8} {'prep s':>7} {'fwd gpu s':>9} {'env wait s':>10} {'sim cpu s':>9} "
-          f"{'gpu busy':>8} {'busy sims':>9} {'batch':>5} {'main cpu s':>10} {'loop cpu s':>10} {'pol cpu s':>9} "
+          f"{'gpu busy':>8} {'gap ms':>6} {'busy sims':>9} {'batch':>5} {'main cpu s':>10} {'loop cpu s':>10} {'pol cpu s':>9} "
           f"{'rebuilds':>8}")
     for r in results:
         print(f"{r['num_envs']:>4} {'bare sim':>23} {r['bare_sim']['env_steps_per_s']:>8.1f}  "
@@ -711,6 +716,7 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   f"{row.get('preprocess_s', float('nan')):>7.1f} {row.get('forward_gpu_s') or float('nan'):>9.1f} "
                   f"{row.get('env_wait_s', float('nan')):>10.1f} "
                   f"{row.get('worker_step_cpu_s', float('nan')):>9.1f} {row.get('gpu_busy', float('nan')):>8.2f} "
+                  f"{row.get('gpu_between_median_ms') or float('nan'):>6.1f} "
                   f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f} "
                   f"{row.get('main_cpu_s', float('nan')):>10.1f} {row.get('loop_cpu_s', float('nan')):>10.1f} "
                   f"{row.get('policy_cpu_s', float('nan')):>9.1f} {row.get('rebuilds', -1):>8}")

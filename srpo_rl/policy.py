@@ -73,6 +73,14 @@ class _SleepingDecoder(VocabTailActionTokenizer):
         return super().decode(tokens)
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device`` without a host sync: a plain ``.to("cuda")`` of pageable memory
+    waits for the stream's queued work; from pinned memory the copy is queued behind it instead."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def prompt_for(instruction: str) -> str:
     """The OpenVLA prompt for an instruction (lower-cased, as the reference rollout does)."""
     return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
@@ -140,7 +148,7 @@ def preprocess_images(
     device = images.device if device is None else torch.device(device)
     if check_jpeg_quality(jpeg_quality) is not None:
         images = _jpeg_roundtrip(images, jpeg_quality)
-    decoded = images.to(device)
+    decoded = _to_device(images, device)
     resized = [
         _lanczos3_resize(chunk.float(), (size, size)).round_().clamp_(0, 255).to(torch.uint8)
         for chunk in decoded.split(_RESIZE_CHUNK)
@@ -291,6 +299,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         self._prompt_cache: dict[str, list[int]] = {}
         self.cuda_graphs = cuda_graphs
         self.__dict__["_graphed"] = None  # (parameters' identity, GraphedActionLogits or None), built on first use
+        self.__dict__["_known_prompts"] = None  # (prompt_mask as preprocess stored it, its lengths on the CPU)
 
     @classmethod
     def from_pretrained(
@@ -350,7 +359,8 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             )
         return image.reshape(-1, *image.shape[-3:])
 
-    def _prompts(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompts(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt ids and mask ``[B, max_prompt_length]`` on the model's device, and the lengths ``[B]`` on the CPU."""
         rows = []
         for instruction in instructions:
             ids = self._prompt_cache.get(instruction)
@@ -370,8 +380,9 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         prompt_ids = torch.full((len(rows), length), self.model.config.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
             prompt_ids[i, : len(r)] = torch.tensor(r)
-        mask = torch.arange(length)[None] < torch.tensor([len(r) for r in rows])[:, None]
-        return prompt_ids.to(self._device()), mask.to(self._device())
+        lengths = torch.tensor([len(r) for r in rows])
+        mask = torch.arange(length)[None] < lengths[:, None]
+        return _to_device(prompt_ids, self._device()), _to_device(mask, self._device()), lengths
 
     def preprocess(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Writes ``policy_image``, ``prompt_ids`` and ``prompt_mask`` from the raw observation."""
@@ -394,10 +405,12 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             raise KeyError(
                 f"the policy input has no {keys.instruction!r}: one language instruction per batch element is required"
             )
-        prompt_ids, prompt_mask = self._prompts(_flat_instructions(instructions, batch.numel()))
+        prompt_ids, prompt_mask, lengths = self._prompts(_flat_instructions(instructions, batch.numel()))
         tensordict.set("policy_image", torch.cat(frames, dim=1).reshape(*batch, -1, size, size))
         tensordict.set("prompt_ids", prompt_ids.reshape(*batch, -1))
         tensordict.set("prompt_mask", prompt_mask.reshape(*batch, -1))
+        # what the forward would otherwise read back from the GPU (a host sync, with the GPU idle meanwhile)
+        self.__dict__["_known_prompts"] = (tensordict.get("prompt_mask"), lengths)
         return tensordict
 
     def pixel_values(self, policy_image: torch.Tensor) -> torch.Tensor:
@@ -418,10 +431,15 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         batch = tensordict.batch_size
         image = tensordict.get("policy_image")
         mask = tensordict.get("prompt_mask")
-        if mask.is_cuda:  # the checks below read the mask on the host: wait for the preprocessing asleep
-            wait_for_stream()
-        used = int(mask.sum(-1).max())  # no compute on the fixed-width padding
-        ids = tensordict.get("prompt_ids")[..., :used]
+        known_mask, lengths = self._known_prompts or (None, None)
+        if mask is not known_mask:  # stored prompts (training): their lengths are read on the host
+            if mask.is_cuda:  # wait for the GPU asleep, not spinning
+                wait_for_stream()
+            lengths = None
+            used = int(mask.sum(-1).max())
+        else:  # prompts this forward's preprocess built: their lengths are known on the host
+            used = int(lengths.max())
+        ids = tensordict.get("prompt_ids")[..., :used]  # no compute on the fixed-width padding
         mask = mask[..., :used]
         ids = ids.reshape(-1, ids.shape[-1]).to(self._device())
         mask = mask.reshape(-1, mask.shape[-1]).to(self._device())
@@ -429,8 +447,9 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         graphed = self._graphed_forward()
         if graphed is None:
             logits = self.model(ids, mask, pixels)
-        else:
-            logits = graphed(ids, self.model.prompt_lengths(ids, mask), pixels)
+        else:  # the preprocess's mask is a prefix of ones by construction: no check (a host sync) needed
+            lengths = self.model.prompt_lengths(ids, mask) if lengths is None else _to_device(lengths, ids.device)
+            logits = graphed(ids, lengths, pixels)
         cfg = self.model.config
         return (logits / self.temperature).reshape(*batch, cfg.num_actions_chunk, cfg.action_dim, cfg.n_action_bins)
 
@@ -449,7 +468,10 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
     def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
         """Preprocesses the observation, then samples (RANDOM exploration) or takes the argmax of every token."""
         self.preprocess(tensordict)
-        return super().forward(tensordict, **kwargs)
+        try:
+            return super().forward(tensordict, **kwargs)
+        finally:
+            self.__dict__["_known_prompts"] = None  # valid for this forward only
 
     def get_dist(self, tensordict: TensorDictBase, **kwargs) -> Categorical:
         """``Categorical`` with batch ``[*batch, 8, 7]`` over the 256 action tokens at ``temperature``, recomputed

@@ -292,3 +292,24 @@ def test_decoding_waits_for_the_forward_asleep(policy):
     cpu, wall = _decode_cpu_and_wall(plain, tokens)
     assert wall > 0.05 and cpu > 0.8 * wall, (cpu, wall)
     torch.testing.assert_close(decoder.decode(tokens), plain.decode(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_the_rollout_forward_reaches_its_graph_without_a_host_sync(path):
+    # every host sync before the graph replay leaves the GPU idle while the thread wakes up (and waits for the
+    # GIL): the preprocessing and the logits of a rollout batch are queued without one
+    policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, device="cuda")
+    obs = _obs(batch=3).to("cuda")
+    with torch.no_grad():
+        expected = policy._action_logits(policy.preprocess(obs.clone()))  # captures the graph, reads the mask
+        td = obs.clone()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = policy._action_logits(policy.preprocess(td))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            policy.__dict__["_known_prompts"] = None
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    # stored prompts (training's recomputation) still work: their lengths are read back from the GPU
+    torch.testing.assert_close(policy._action_logits(td), expected, rtol=1e-5, atol=1e-5)

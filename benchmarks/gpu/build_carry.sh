@@ -3,7 +3,8 @@
 #   .carry   LIBERO code + libero_object assets + their dist-info (xz archives), the mujoco wheel  (call 1)
 #   .gl      EGL/GL loader debs, used only if the GPU image cannot render without them          (call 1)
 #   .carry2  numba + llvmlite (their wheels unpacked and xz-compressed: 64 MB -> 44 MB), torchrl,
-#            tensordict, scikit-learn and their pure dependencies, Hydra, a wheel of this project (call 2)
+#            tensordict, scikit-learn and their pure dependencies, pytest (for the GPU tests), Hydra, a wheel
+#            of this project (call 2)
 # Usage: PACK_LIBERO=path/to/pack_libero.py bash benchmarks/gpu/build_carry.sh
 # (pack_libero.py writes assets.tar.xz and code.tar.xz for a suite; see benchmarks/gpu/README.md).
 set -euo pipefail
@@ -38,7 +39,7 @@ download "$WHL" numba==0.68.1 llvmlite==0.50.0
   && tar cf - . | xz -6 -T0) > .carry2/numba_llvmlite.tar.xz
 download .carry2 torchrl==0.14.1 tensordict==0.14.3 pyvers==0.2.3 orjson==3.13.0 hoptorch==0.1.4 \
   lazy-importer==0.1.0 importlib_metadata==10.2.0 cloudpickle==3.1.3 scikit-learn==1.9.1 joblib==1.6.0 \
-  threadpoolctl==3.8.0 narwhals==2.29.0
+  threadpoolctl==3.8.0 narwhals==2.29.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4
 # Hydra for the example script (antlr4's runtime is an sdist only: its installed files travel instead)
 (cd "$SP" && tar cf - hydra hydra_core-*.dist-info omegaconf omegaconf-*.dist-info antlr4 \
   antlr4_python3_runtime-*.dist-info) | xz -6 > .carry2/hydra.tar.xz
