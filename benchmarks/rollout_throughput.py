@@ -16,19 +16,21 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``pool``: ``collect_rollouts(overlap=True)`` with the library's defaults: an asynchronous pool, the
   policy decides for the slots whose chunk came back (in one batch) while the others simulate; no slot
   waits for another. The JPEG round trip runs in the simulation workers (``rollout.jpeg_in_workers``:
-  ``LiberoVecEnv(jpeg_quality=95)`` + ``OpenVLAOFTPolicy(jpeg_quality=None)``), the decoder waits for the
-  forward asleep. Each variant below changes one thing, on the built env (no rebuild):
+  ``LiberoVecEnv(jpeg_quality=95)`` + ``OpenVLAOFTPolicy(jpeg_quality=None)``), the policy thread launches
+  each batch right behind the decision in flight and waits for the GPU asleep. Each variant below changes one
+  thing, on the built env (no rebuild):
 - ``pool_eager``: without the policy's CUDA graphs (every forward launches its kernels one by one); every
   other mode runs the forward through the graphs, captured for every batch size up to ``num_envs`` before
   the first timed mode (``graph_capture_s``).
 - ``pool_policy_jpeg``: the JPEG round trip in the policy's process, whose threads share one GIL with the
   loop (``benchmarks/gil_contention.py``).
-- ``pool_switch1ms``: the interpreter's thread switch interval at 1 ms instead of 5
-  (``sys.setswitchinterval``): a thread that waits for the GIL gets it sooner.
+- ``pool_one_phase``: the policy called whole (preprocess, forward, sampling, decoding, copy to the host)
+  instead of in two halves (``OpenVLAOFTPolicy.launch`` / ``finish``): the next batch's forward is launched
+  only once the last decision is done, not right behind it.
+- ``pool_switch5ms``: the interpreter's thread switch interval at Python's default of 5 ms instead of the
+  pool's 1 ms (``rollout.POOL_SWITCH_INTERVAL_S``): a thread that waits for the GIL gets it later.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
-- ``pool_spinning_decode``: torchrl's ``VocabTailActionTokenizer`` decoding the actions, whose copy of the
-  tokens to the host spins a CPU core for the whole forward (``OpenVLAOFTPolicy`` waits asleep first).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy, each process on its own: its next chunk goes out as soon as its last one is
   back; ``--ceiling-s`` seconds after an untimed chunk each) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
@@ -63,7 +65,6 @@ Prints a table, then one JSON line with every figure, the machine, the versions 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import statistics
@@ -75,7 +76,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from tensordict import TensorDict
-from torchrl.data.vla import VocabTailActionTokenizer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from _common import command, machine, versions
@@ -84,23 +84,24 @@ from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
 from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.rewards import BackgroundEmbedder
+from srpo_rl import rollout
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 CHUNK = 8
 # mode -> collect_rollouts(overlap=...) and how it differs from the library's defaults: the policy's CUDA graphs
-# off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
-# default is 5), torchrl's decoder (which spins a core while it waits for the forward), the pool's wait (ms at a
-# time on the simulations, then a look at the decision; None: asleep on both)
-DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "sleeping_decode": True, "poll_ms": None}
+# off, the JPEG round trip in the policy's process, the pool's thread switch interval (ms), the policy called
+# whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
+# decision; None: asleep on both)
+DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None}
 SCHEDULER_MODES = {
     "sync": {"overlap": False},
     "halves": {"overlap": "halves"},
     "pool": {"overlap": True},
     "pool_eager": {"overlap": True, "graphs": False},
     "pool_policy_jpeg": {"overlap": True, "env_jpeg": False},
-    "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
+    "pool_one_phase": {"overlap": True, "two_phase": False},
+    "pool_switch5ms": {"overlap": True, "switch_ms": 5.0},
     "pool_polling": {"overlap": True, "poll_ms": 1.0},
-    "pool_spinning_decode": {"overlap": True, "sleeping_decode": False},
 }
 
 
@@ -287,7 +288,8 @@ class ForwardTimer:
 
 
 class PreprocessTimer:
-    """Times ``policy.preprocess`` (JPEG round trip, resize, crop, prompts) inside every policy call."""
+    """Times ``policy.preprocess`` (JPEG round trip, resize, crop, prompts) inside every policy call: the CPU
+    time it takes to queue it (on a GPU its kernels run later, in the forward's GPU span)."""
 
     def __init__(self, policy, device: torch.device):
         self.seconds, self._inner, self._cuda = 0.0, policy.preprocess, device.type == "cuda"
@@ -295,9 +297,7 @@ class PreprocessTimer:
 
     def __call__(self, tensordict):
         t0 = time.perf_counter()
-        out = self._inner(tensordict)
-        if self._cuda:
-            torch.cuda.synchronize()
+        out = self._inner(tensordict)  # no sync: the pool queues it behind the forward in flight
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -403,13 +403,11 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     options = {**DEFAULTS, **SCHEDULER_MODES[mode]}
     overlap, policy.cuda_graphs = options["overlap"], options["graphs"]
     set_jpeg_in_workers(env, policy, options["env_jpeg"])
-    decoder = policy.action_tokenizer
-    if not options["sleeping_decode"]:  # torchrl's own class, same statistics
-        policy.__dict__["action_tokenizer"] = copy.copy(decoder)
-        policy.action_tokenizer.__class__ = VocabTailActionTokenizer
-    default_switch = sys.getswitchinterval()
+    if not options["two_phase"]:  # the rollout then calls the policy whole
+        policy.__dict__["launch"] = None
+    default_switch = rollout.POOL_SWITCH_INTERVAL_S
     if options["switch_ms"] is not None:
-        sys.setswitchinterval(options["switch_ms"] / 1e3)
+        rollout.POOL_SWITCH_INTERVAL_S = options["switch_ms"] / 1e3
     env.poll_s = None if options["poll_ms"] is None else options["poll_ms"] / 1e3
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
@@ -420,8 +418,8 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     try:
         trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     finally:
-        sys.setswitchinterval(default_switch)
-        policy.__dict__["action_tokenizer"] = decoder
+        rollout.POOL_SWITCH_INTERVAL_S = default_switch
+        policy.__dict__.pop("launch", None)
         env.poll_s = None
     after = env.worker_time
     row = {
@@ -746,7 +744,7 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-s", type=float, default=None, help="seconds of bare simulation (default 30; tiny 5)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_switch1ms,pool_polling,pool_spinning_decode,embed",
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_one_phase,pool_switch5ms,pool_polling,embed",
                         help="embed = the fastest scheduler mode of the run with each finished trajectory "
                              "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")

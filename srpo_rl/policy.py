@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from tensordict import NonTensorData, TensorDictBase
+from tensordict import NonTensorData, TensorDict, TensorDictBase
 from tensordict.nn import InteractionType
 from tensordict.utils import NestedKey
 from tokenizers import Tokenizer
@@ -51,7 +52,7 @@ from .models.llama_tokenizer import SPIECE_UNDERLINE_ID, load_llama_tokenizer
 from .models.openvla_oft import OpenVLAOFT
 from .models.openvla_oft_files import REQUIRED_POLICY_FILES, check_files
 
-__all__ = ["OpenVLAOFTPolicy", "preprocess_images", "prompt_for", "resolve_unnorm_key"]
+__all__ = ["LaunchedDecision", "OpenVLAOFTPolicy", "preprocess_images", "prompt_for", "resolve_unnorm_key"]
 
 _UNNORM_ALIASES = {"libero_long": "libero_10"}  # suite name -> dataset name of its statistics
 _RESIZE_CHUNK = 8  # images per Lanczos call: bounds the [N, 3, H, W', taps] intermediate
@@ -79,6 +80,37 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or tensor.device == device:
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of the CUDA ``tensor``, queued on the current stream (valid once it is done)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+@dataclass
+class LaunchedDecision:
+    """A decision :meth:`OpenVLAOFTPolicy.launch` queued: its results on the host once ``done`` has fired.
+
+    Attributes:
+        batch_size: the input's batch size.
+        results: preprocessed inputs, action tokens and log-probs (pinned host copies, in flight, on CUDA).
+        started, done: CUDA events around its GPU work (None off CUDA); :meth:`gpu_ms` reads them.
+    """
+
+    batch_size: torch.Size
+    results: dict
+    started: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        """Sleeps until its GPU work is done (at once off CUDA)."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def gpu_ms(self) -> float | None:
+        """Milliseconds from the start of its GPU work to its end (once done); None off CUDA."""
+        return None if self.done is None else self.started.elapsed_time(self.done)
 
 
 def prompt_for(instruction: str) -> str:
@@ -472,6 +504,52 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             return super().forward(tensordict, **kwargs)
         finally:
             self.__dict__["_known_prompts"] = None  # valid for this forward only
+
+    def launch(self, tensordict: TensorDictBase) -> LaunchedDecision:
+        """Queues a sampling decision for ``tensordict`` on the model's device and returns without waiting.
+
+        The first half of :meth:`forward` for a caller that has other work while the GPU computes (a rollout
+        pool queues the next batch's forward behind this one before it post-processes this one): the
+        preprocessing, the logits, the sampling and the copies of the results to (pinned) host memory are
+        all queued; nothing waits for the GPU. :meth:`finish` waits (asleep) and decodes.
+        """
+        cuda = self._device().type == "cuda"
+        started = torch.cuda.Event(enable_timing=True) if cuda else None
+        if started is not None:
+            started.record()
+        try:
+            self.preprocess(tensordict)
+            logits = self._action_logits(tensordict)
+        finally:
+            self.__dict__["_known_prompts"] = None
+        dist = self._dist_from_logits(logits, tensordict.get(self._tensor_keys.action_mask, None))
+        tokens = self._sample_tokens(dist, logits)
+        keys = self._tensor_keys
+        results = {
+            "policy_image": tensordict.get("policy_image"),
+            "prompt_ids": tensordict.get("prompt_ids"),
+            "prompt_mask": tensordict.get("prompt_mask"),
+            keys.action_tokens: tokens,
+            keys.log_probs: self._log_prob_tokens(dist, tokens, logits),
+        }
+        done = None
+        if cuda:
+            results = {key: _to_host(value) for key, value in results.items()}
+            done = torch.cuda.Event(enable_timing=True, blocking=True)  # blocking: finish sleeps on it
+            done.record()
+        return LaunchedDecision(tensordict.batch_size, results, started, done)
+
+    def finish(self, launched: LaunchedDecision) -> TensorDict:
+        """The decision :meth:`launch` queued, on the CPU: ``policy_image``, ``prompt_ids``, ``prompt_mask``,
+        the action tokens, their log-probs and the decoded action chunk (what :meth:`forward` writes)."""
+        launched.wait()  # asleep: the simulation needs the cores
+        results = launched.results
+        if launched.done is not None:  # out of pinned memory, which goes back to torch's cache for the next call
+            results = {key: value.clone() for key, value in results.items()}
+        out = TensorDict(results, batch_size=launched.batch_size)
+        keys = self._tensor_keys
+        out.set(keys.action_chunk, self.action_tokenizer.decode(out.get(keys.action_tokens)))
+        return out
 
     def get_dist(self, tensordict: TensorDictBase, **kwargs) -> Categorical:
         """``Categorical`` with batch ``[*batch, 8, 7]`` over the 256 action tokens at ``temperature``, recomputed

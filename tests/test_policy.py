@@ -127,6 +127,23 @@ def test_log_probs_are_the_tempered_softmax_of_the_model_logits(policy, path):
     assert torch.equal(greedy["action_tokens"], logits.argmax(-1))
 
 
+def test_launch_then_finish_is_the_forward(policy):
+    # the pool's two halves of a decision: what forward writes, the same random draws, on the CPU
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        torch.manual_seed(3)
+        expected = policy(_obs(seed=4))
+        torch.manual_seed(3)
+        launched = policy.launch(_obs(seed=4))
+        out = policy.finish(launched)
+    assert launched.gpu_ms() is None  # off CUDA: nothing to time, the clock predicts nothing
+    assert set(out.keys()) == {"policy_image", "prompt_ids", "prompt_mask", "action_tokens", "action_log_prob",
+                               "action"}
+    assert out.batch_size == expected.batch_size
+    for key in out.keys():
+        assert torch.equal(out[key], expected[key]), key
+    assert policy._known_prompts is None  # the host-side prompt lengths do not outlive the call
+
+
 def test_recomputed_log_probs_give_ratio_one(policy):
     with set_exploration_type(ExplorationType.RANDOM):
         first = policy(_obs(seed=1))
@@ -295,21 +312,46 @@ def test_decoding_waits_for_the_forward_asleep(policy):
 
 
 @pytest.mark.gpu
-def test_the_rollout_forward_reaches_its_graph_without_a_host_sync(path):
-    # every host sync before the graph replay leaves the GPU idle while the thread wakes up (and waits for the
-    # GIL): the preprocessing and the logits of a rollout batch are queued without one
+def test_launch_queues_the_decision_without_a_host_sync(path):
+    # a host sync in launch would leave the GPU idle while this thread wakes up (and waits for the GIL), and
+    # would wait for the forward queued ahead of it: the pool's next batch could not run right behind it
     policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, device="cuda")
-    obs = _obs(batch=3).to("cuda")
+    obs = _obs().to("cuda")
     with torch.no_grad():
-        expected = policy._action_logits(policy.preprocess(obs.clone()))  # captures the graph, reads the mask
+        expected = policy.finish(policy.launch(obs.clone()))  # captures the graph (that syncs)
         td = obs.clone()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            logits = policy._action_logits(policy.preprocess(td))
+            launched = policy.launch(td)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            policy.__dict__["_known_prompts"] = None
-    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
-    # stored prompts (training's recomputation) still work: their lengths are read back from the GPU
-    torch.testing.assert_close(policy._action_logits(td), expected, rtol=1e-5, atol=1e-5)
+        out = policy.finish(launched)
+    for key in out.keys():
+        torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0, msg=key)
+    # stored prompts (training's recomputation, eager, lengths read back from the GPU): the same log-probs
+    recomputed = policy.log_prob(out.to("cuda")).detach().cpu()
+    torch.testing.assert_close(recomputed, out["action_log_prob"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_launch_returns_before_the_gpu_is_done(path):
+    policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, device="cuda")
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        torch.manual_seed(1)
+        expected = policy(_obs().to("cuda"))  # also captures the graph
+        obs = _obs().to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(5e8))  # a forward in flight ahead of it (about 0.3 s)
+        torch.manual_seed(1)
+        wall = time.perf_counter()
+        launched = policy.launch(obs)
+        launch_s = time.perf_counter() - wall
+        cpu = time.thread_time()
+        out = policy.finish(launched)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    assert launch_s < 0.5 * wall, (launch_s, wall)  # queued, not waited for
+    assert cpu < 0.2 * wall, (cpu, wall)  # finish waits asleep
+    assert 0 < launched.gpu_ms() < 1e3 * wall
+    for key in out.keys():
+        torch.testing.assert_close(out[key], expected[key].cpu(), rtol=0, atol=0, msg=key)

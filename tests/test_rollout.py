@@ -20,7 +20,7 @@ from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
+from srpo_rl.rollout import RolloutRequest, _ForwardClock, collect_rollouts, group_requests, single_cpu_thread
 
 N = 2
 CHUNK = 8
@@ -408,19 +408,23 @@ def test_a_reset_sent_on_its_own_is_collected_later(env):
         env.reset_recv()
 
 
-def test_a_policy_error_in_the_pool_reaches_the_caller(policy, monkeypatch):
+@pytest.mark.parametrize("method", ["launch", "finish", "forward"])
+def test_a_policy_error_in_the_pool_reaches_the_caller(policy, monkeypatch, method):
     # the pool's policy runs on a thread that signals the loop through a pipe: its error must come out, not
-    # leave the loop asleep
+    # leave the loop asleep, whether it is raised launching a decision, finishing one, or in a policy called
+    # whole (one without launch / finish)
     calls = []
-    forward = policy.forward
+    inner = getattr(policy, method)
 
-    def failing_second_call(td):
+    def failing_second_call(arg):
         calls.append(len(calls))
         if len(calls) == 2:
             raise RuntimeError("policy failed on call 2")
-        return forward(td)
+        return inner(arg)
 
-    monkeypatch.setattr(policy, "forward", failing_second_call)
+    monkeypatch.setattr(policy, method, failing_second_call)
+    if method == "forward":
+        monkeypatch.setattr(policy, "launch", None)
     env = LiberoVecEnv("libero_object", 1, max_steps=4 * CHUNK, task_ids=[1])
     try:
         with pytest.raises(RuntimeError, match="policy failed on call 2"):
@@ -477,3 +481,35 @@ def test_one_cpu_thread_stops_openmp_threads_spinning_between_ops():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class _Timed:
+    """A launched decision that reports its GPU time, as srpo_rl.policy.LaunchedDecision does."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+
+    def gpu_ms(self) -> float:
+        return self.ms
+
+
+def test_the_forward_clock_predicts_when_a_batch_is_due():
+    clock = _ForwardClock()
+    assert clock.due(8, launched_at=time.perf_counter()) is None  # nothing measured yet: launch at once
+    clock.finished(_Timed(80.0), rows=8)
+    free_at = time.perf_counter()
+    later = free_at + 1.0
+    # a batch launched after the GPU was free starts at its launch; one launched before starts when it frees
+    assert clock.due(8, launched_at=later) == pytest.approx(later + 0.080, abs=1e-9)
+    assert clock.due(8, launched_at=0.0) == pytest.approx(free_at + 0.080, abs=2e-3)
+    assert clock.due(4, launched_at=later) == pytest.approx(later + 4 * 0.010, abs=1e-9)  # 10 ms a row
+    clock.finished(_Timed(100.0), rows=8)  # running averages, the newest weighted 0.2
+    assert clock.due(8, launched_at=later) == pytest.approx(later + 0.080 + 0.2 * (0.100 - 0.080), abs=1e-9)
+    assert clock.due(2, launched_at=later) == pytest.approx(later + 2 * (0.010 + 0.2 * (0.0125 - 0.010)), abs=1e-9)
+    # it wakes the launch thread this long before the batch in flight is due: the launch's time + 1 ms
+    clock.launched(0.004)
+    due = time.perf_counter() + 0.060
+    clock.sleep_until_launch(due)
+    assert due - 0.005 - 0.002 <= time.perf_counter() <= due - 0.005 + 0.030
+    clock.finished(object(), rows=8)  # a decision that reports no GPU time changes no estimate
+    assert clock.due(8, launched_at=later) == pytest.approx(later + 0.084, abs=1e-9)
