@@ -27,8 +27,8 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``pool_one_phase``: the policy called whole (preprocess, forward, sampling, decoding, copy to the host)
   instead of in two halves (``OpenVLAOFTPolicy.launch`` / ``finish``): the next batch's forward is launched
   only once the last decision is done, not right behind it.
-- ``pool_switch5ms``: the interpreter's thread switch interval at Python's default of 5 ms instead of the
-  pool's 1 ms (``rollout.POOL_SWITCH_INTERVAL_S``): a thread that waits for the GIL gets it later.
+- ``pool_switch1ms``: the interpreter's thread switch interval at 1 ms instead of Python's 5
+  (``sys.setswitchinterval``): a thread that waits for the GIL gets it sooner.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -84,12 +84,12 @@ from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
 from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.rewards import BackgroundEmbedder
-from srpo_rl import rollout
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
 CHUNK = 8
 # mode -> collect_rollouts(overlap=...) and how it differs from the library's defaults: the policy's CUDA graphs
-# off, the JPEG round trip in the policy's process, the pool's thread switch interval (ms), the policy called
+# off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
+# default is 5), the policy called
 # whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
 # decision; None: asleep on both)
 DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None}
@@ -100,7 +100,7 @@ SCHEDULER_MODES = {
     "pool_eager": {"overlap": True, "graphs": False},
     "pool_policy_jpeg": {"overlap": True, "env_jpeg": False},
     "pool_one_phase": {"overlap": True, "two_phase": False},
-    "pool_switch5ms": {"overlap": True, "switch_ms": 5.0},
+    "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
     "pool_polling": {"overlap": True, "poll_ms": 1.0},
 }
 
@@ -405,9 +405,9 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     set_jpeg_in_workers(env, policy, options["env_jpeg"])
     if not options["two_phase"]:  # the rollout then calls the policy whole
         policy.__dict__["launch"] = None
-    default_switch = rollout.POOL_SWITCH_INTERVAL_S
+    default_switch = sys.getswitchinterval()
     if options["switch_ms"] is not None:
-        rollout.POOL_SWITCH_INTERVAL_S = options["switch_ms"] / 1e3
+        sys.setswitchinterval(options["switch_ms"] / 1e3)
     env.poll_s = None if options["poll_ms"] is None else options["poll_ms"] / 1e3
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
@@ -418,7 +418,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     try:
         trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     finally:
-        rollout.POOL_SWITCH_INTERVAL_S = default_switch
+        sys.setswitchinterval(default_switch)
         policy.__dict__.pop("launch", None)
         env.poll_s = None
     after = env.worker_time
@@ -744,7 +744,7 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-s", type=float, default=None, help="seconds of bare simulation (default 30; tiny 5)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_one_phase,pool_switch5ms,pool_polling,embed",
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_one_phase,pool_switch1ms,pool_polling,embed",
                         help="embed = the fastest scheduler mode of the run with each finished trajectory "
                              "embedded for the reward meanwhile")
     parser.add_argument("--no-reward", action="store_true")

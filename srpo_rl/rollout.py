@@ -18,8 +18,9 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
 - with ``overlap=True`` the slots form an asynchronous pool: the env's ``step_recv_ready`` returns the slots
   whose chunk is done, in whatever order they finish, and the policy decides for them in one batch while the
   others simulate, so neither the GPU nor the CPUs wait for the other and no slot waits for a slower one;
-  the policy runs on a thread of its own, so taking in the returning chunks overlaps the forward
-  (``overlap="halves"``: two fixed halves in ping-pong instead);
+  the policy runs on a thread of its own, so taking in the returning chunks overlaps the forward, and a
+  policy with ``launch`` / ``finish`` (:class:`~srpo_rl.policy.OpenVLAOFTPolicy`) has each batch queued on the
+  GPU right behind the decision in flight (``overlap="halves"``: two fixed halves in ping-pong instead);
 - with the policy on an accelerator, torch's CPU ops in this process run on one thread during the rollout
   (:func:`single_cpu_thread`): idle OpenMP threads would otherwise spin on the simulation workers' cores.
 
@@ -39,7 +40,6 @@ import contextlib
 import multiprocessing
 import multiprocessing.connection
 import queue
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -56,10 +56,7 @@ from tqdm.auto import tqdm
 
 from .cuda_wait import wait_for_stream
 
-__all__ = [
-    "POLICY_KEYS", "POOL_SWITCH_INTERVAL_S", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests",
-    "single_cpu_thread", "switch_interval",
-]
+__all__ = ["POLICY_KEYS", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests", "single_cpu_thread"]
 
 # What a step record keeps from the policy output (training recomputes log-probs from these).
 POLICY_KEYS = ("policy_image", "prompt_ids", "prompt_mask", "action_tokens", "action_log_prob", "action")
@@ -598,7 +595,7 @@ class _Rollout:
         self.start()
         flying: set[int] = set()  # slots simulating: a chunk or a reset in flight
         deciding: set[int] = set()  # slots handed to the policy thread, their decision not yet sent
-        with switch_interval(POOL_SWITCH_INTERVAL_S), _PolicyThread(self.launch_policy, self.finish_policy) as policy:
+        with _PolicyThread(self.launch_policy, self.finish_policy) as policy:
             while True:
                 for s in self.running(range(self.num_slots)):
                     if s not in flying and s not in deciding:
@@ -719,7 +716,9 @@ def collect_rollouts(
 
     Args:
         env: a batched slot env (:func:`srpo_rl.envs.make_libero_env` or one with the same reset/step contract).
-        policy: writes ``action`` (plus tokens and log-probs) from ``("observation", "image")`` and ``instruction``.
+        policy: writes ``action`` (plus tokens and log-probs) from ``("observation", "image")`` and ``instruction``;
+            one with ``launch(td)`` / ``finish(launched)`` methods is called in those two halves (the pool queues
+            the next batch behind the last before it finishes the last).
         requests: the episodes to run, any number (more than ``env.batch_size`` is the normal case).
         exploration_type: ``RANDOM`` samples (training), ``DETERMINISTIC`` takes the argmax (validation).
         keep_steps: keep the per-decision ``"steps"`` (needed for training; validation needs only outcomes).
@@ -769,31 +768,6 @@ def collect_rollouts(
     if overlap is not True:  # the policy ran on this thread: its time is in both counters
         run.stats.loop_cpu_time -= run.stats.policy_cpu_time
     return run.result(requests, start)
-
-
-# The interpreter's thread switch interval while the pool runs: a thread waiting for the GIL gets it after at
-# most this long. Each op the policy thread launches gives the GIL up and takes it back, and the loop, busy
-# taking in chunks, keeps it for a whole interval each time: at Python's 5 ms the pool ran 3-4 % slower in
-# two A/Bs on an H200 with 32 envs (585.3 vs 604.0 and 573.9 vs 596.7 env-steps/s at 1 ms).
-POOL_SWITCH_INTERVAL_S = 0.001
-
-
-@contextlib.contextmanager
-def switch_interval(seconds: float):
-    """Sets the interpreter's thread switch interval (``sys.setswitchinterval``) inside the block.
-
-    Example:
-        >>> import sys
-        >>> with switch_interval(0.001):
-        ...     sys.getswitchinterval()
-        0.001
-    """
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 @contextlib.contextmanager

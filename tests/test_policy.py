@@ -315,7 +315,9 @@ def test_decoding_waits_for_the_forward_asleep(policy):
 def test_launch_queues_the_decision_without_a_host_sync(path):
     # a host sync in launch would leave the GPU idle while this thread wakes up (and waits for the GIL), and
     # would wait for the forward queued ahead of it: the pool's next batch could not run right behind it
-    policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, device="cuda")
+    # as in a rollout: the env applies the JPEG round trip (a host copy in the policy's process)
+    policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, device="cuda",
+                                              jpeg_quality=None)
     obs = _obs().to("cuda")
     with torch.no_grad():
         expected = policy.finish(policy.launch(obs.clone()))  # captures the graph (that syncs)
@@ -336,7 +338,9 @@ def test_launch_queues_the_decision_without_a_host_sync(path):
 
 @pytest.mark.gpu
 def test_launch_returns_before_the_gpu_is_done(path):
-    policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, device="cuda")
+    # as in a rollout: the env applies the JPEG round trip (a host copy in the policy's process)
+    policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32, device="cuda",
+                                              jpeg_quality=None)
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         torch.manual_seed(1)
         expected = policy(_obs().to("cuda"))  # also captures the graph
