@@ -175,7 +175,8 @@ def _instructions(td: TensorDictBase) -> list[str]:
 def _read_obs(td: TensorDictBase, slot_ids: Sequence[int], slots: list[_Slot]) -> None:
     instructions = _instructions(td)
     for s in slot_ids:
-        obs = {key: td.get(key)[s] for key in OBS_KEYS if key in td.keys(True)}
+        # copies: a view of one row would keep the whole [num_slots, ...] result alive
+        obs = {key: td.get(key)[s].clone() for key in OBS_KEYS if key in td.keys(True)}
         obs["instruction"] = instructions[s]
         slots[s].obs = obs
 
@@ -520,7 +521,9 @@ class _Rollout:
             slot = self.slots[s]
             if self.keep_steps:
                 record, slot.decision = slot.decision, None
-                env_out = nxt[s].select(*NEXT_KEYS)
+                # a copy: a view of slot s would keep every slot's frames of this result alive until the
+                # episode ends (at 32 slots, 6 MB a result for one frame a chunk)
+                env_out = nxt[s].select(*NEXT_KEYS).clone()
                 env_out.set("chunk_steps", env_out.get("chunk_steps").reshape(()))  # env's [1] -> per step
                 record.set("next", env_out)
                 slot.steps.append(record)

@@ -20,7 +20,8 @@ from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.rollout import RolloutRequest, _ForwardClock, collect_rollouts, group_requests, single_cpu_thread
+from srpo_rl.rollout import (RolloutRequest, _ForwardClock, _Rollout, collect_rollouts, group_requests,
+                             single_cpu_thread)
 
 N = 2
 CHUNK = 8
@@ -513,3 +514,23 @@ def test_the_forward_clock_predicts_when_a_batch_is_due():
     assert due - 0.005 - 0.002 <= time.perf_counter() <= due - 0.005 + 0.030
     clock.finished(object(), rows=8)  # a decision that reports no GPU time changes no estimate
     assert clock.due(8, launched_at=later) == pytest.approx(later + 0.084, abs=1e-9)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_step_records_hold_only_their_own_slot(env, policy, monkeypatch, overlap):
+    # a step record that viewed one row of the env's [num_slots, ...] result would keep every slot's frames
+    # of that result alive until its episode ended (gigabytes at 32 slots over a rollout)
+    held = []
+    record = _Rollout.record
+
+    def checked_record(self, active, nxt):
+        ended = record(self, active, nxt)
+        for s in active:
+            tensors = [self.slots[s].steps[-1]["next", key] for key in ("frames", "frames_mask")]
+            tensors += [value for value in self.slots[s].obs.values() if isinstance(value, torch.Tensor)]
+            held.extend((t.untyped_storage().nbytes(), t.numel() * t.element_size()) for t in tensors)
+        return ended
+
+    monkeypatch.setattr(_Rollout, "record", checked_record)
+    collect_rollouts(env, policy, _requests(), overlap=overlap, exploration_type=ExplorationType.DETERMINISTIC)
+    assert held and all(storage == own for storage, own in held), held[:4]
