@@ -192,7 +192,11 @@ class LiberoVecEnv(EnvBase):
             seed=self._seed,
             jpeg_quality=check_jpeg_quality(jpeg_quality),
         )
-        self._workers = SimWorkers(sim_kwargs, task_ids, timeout=step_timeout, build_timeout=build_timeout)
+        # a reply's frames (observation, wrist, reward frames) through shared memory, not the pipe
+        frame_bytes = 3 * self.image_size**2
+        reply_bytes = (1 + self.wrist_image + self.num_frames) * frame_bytes + (1 << 16)
+        self._workers = SimWorkers(sim_kwargs, task_ids, timeout=step_timeout, build_timeout=build_timeout,
+                                   reply_bytes=reply_bytes)
 
     # -- specs ------------------------------------------------------------------------------------
     def _make_specs(self) -> None:

@@ -5,10 +5,12 @@ Real LIBERO in worker processes (about 2 GB each): one 2-slot env for the module
 """
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
@@ -16,6 +18,7 @@ from torchrl.envs.utils import check_env_specs
 
 from srpo_rl.envs import INSTALL_COMMAND, LiberoVecEnv, make_libero_env, suite_info
 from srpo_rl.envs.suites import canonical_suite
+from srpo_rl.envs.workers import SimWorkers, _SharedArray, _share_arrays, _unshare_arrays
 
 N = 2
 MAX_STEPS = 16
@@ -289,3 +292,36 @@ def test_suite_builds_resets_and_succeeds(suite, task_id):
 
 def _step_one(env) -> TensorDict:
     return env.step(TensorDict({"action": torch.zeros(1, 8, 7)}, [1]))["next"]
+
+
+def test_shared_memory_carries_the_large_reply_arrays():
+    buffer = memoryview(bytearray(3 * 256 * 256 + 100))
+    image = np.arange(256 * 256 * 3, dtype=np.uint8).reshape(256, 256, 3)[::-1, ::-1].transpose(2, 0, 1)
+    big = np.ones((4, 256, 256, 3), dtype=np.uint8)  # does not fit after the image: through the pipe
+    reply = {"image": image, "state": np.zeros(8, np.float32), "frames": big, "done": True}
+    shared = _share_arrays(reply, buffer)
+    assert isinstance(shared["image"], _SharedArray) and shared["image"].offset == 0
+    assert shared["state"] is reply["state"] and shared["frames"] is big and shared["done"] is True
+    assert len(pickle.dumps(shared["image"])) < 200  # what the pipe carries instead of 196 KB
+    back = _unshare_arrays(shared, buffer)
+    assert np.array_equal(back["image"], image) and back["image"].flags.c_contiguous
+    buffer[:10] = bytes(10)  # the worker's next reply overwrites the block: the copy taken stays
+    assert np.array_equal(back["image"], image)
+    assert _share_arrays(reply, None) is reply and _unshare_arrays(reply, None) is reply
+
+
+def test_replies_through_shared_memory_equal_replies_through_the_pipe():
+    kwargs = {"suite": "libero_object", "max_steps": 64, "image_size": 128, "channels_first": True, "seed": 3}
+    through_pipe = SimWorkers(kwargs, [2])
+    through_shared = SimWorkers(kwargs, [2], reply_bytes=4 * 3 * 128 * 128)
+    try:
+        for command in (("reset", (5,)), ("step_chunk", (np.full((8, 7), 0.3, np.float32),))):
+            a, b = through_pipe.call({0: command})[0], through_shared.call({0: command})[0]
+            assert a.keys() == b.keys()
+            for key in a:
+                assert np.array_equal(a[key], b[key]), (command[0], key)
+    finally:
+        through_pipe.close()
+        through_shared.close()
+    with pytest.raises(ValueError, match="reply_bytes must be >= 0"):
+        SimWorkers(kwargs, [2], reply_bytes=-1)
