@@ -18,6 +18,9 @@ Example:
     ...                  "instruction": NonTensorStack("open the drawer", "put the bowl on the plate")}, [2])
     >>> policy(td)["action"].shape
     torch.Size([2, 8, 7])
+    >>> launched = policy.launch(td)  # queued on the model's device; finish waits for it and decodes
+    >>> policy.finish(launched)["action_tokens"].shape
+    torch.Size([2, 8, 7])
 """
 
 from __future__ import annotations

@@ -25,13 +25,20 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
   (:func:`single_cpu_thread`): idle OpenMP threads would otherwise spin on the simulation workers' cores.
 
 Example:
+    >>> import tempfile, torch
     >>> from srpo_rl.envs import make_libero_env
+    >>> from srpo_rl.models.openvla_oft import write_tiny_checkpoint
+    >>> from srpo_rl.policy import OpenVLAOFTPolicy
     >>> from srpo_rl.rollout import collect_rollouts, group_requests
+    >>> path = tempfile.mkdtemp()
+    >>> _ = write_tiny_checkpoint(path)
+    >>> policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_object", dtype=torch.float32)
     >>> env = make_libero_env("libero_object", num_envs=2, max_steps=16)
     >>> requests = group_requests([(0, 0), (1, 0)], rollouts_per_group=2)
-    >>> trajs, stats = collect_rollouts(env, policy, requests)  # policy: e.g. srpo_rl.policy.OpenVLAOFTPolicy
+    >>> trajs, stats = collect_rollouts(env, policy, requests, overlap=True)
     >>> trajs.batch_size, trajs["steps"].batch_size
     (torch.Size([4]), torch.Size([4, 2]))
+    >>> env.close()
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -593,7 +600,8 @@ class _Rollout:
         does not wait for this loop to finish what it is doing (taking in a chunk, stacking a finished
         trajectory) before its next forward starts. (On an H200, 32 envs, with the loop handing each batch
         over when it saw the last decision, the policy thread sat idle 10.5 ms between two calls of 108 ms.)
-        This loop sends each decided chunk as soon as it sees the decision.
+        A policy with ``launch`` / ``finish`` has its next batch queued on the GPU right behind the decision in
+        flight. This loop sends each decided chunk as soon as it sees the decision.
         """
         self.start()
         flying: set[int] = set()  # slots simulating: a chunk or a reset in flight
