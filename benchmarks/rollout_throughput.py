@@ -45,13 +45,15 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``steady``: each scheduler mode's env-steps/s until the last episode start (no request left after
   it), i.e. without the batch's tail, which shrinks as requests per env grow (512 rollouts per
   iteration on 16 envs in the recipe: 32 per env).
-- utilisation: ``gpu_busy`` = policy time / wall time (time in policy calls: the pool runs them on its
-  policy thread), ``busy_sims`` = worker time (steps + resets) / wall time, the mean number of
+- utilisation: ``gpu_busy`` = policy time / wall time (time in policy calls, waits for the GPU included:
+  the pool runs them on its policy thread; with ``launch`` / ``finish`` the thread's sleep until the next
+  launch is not in it, so this is no measure of the GPU there: ``forward_gpu_share`` is), ``busy_sims`` = worker time (steps + resets) / wall time, the mean number of
   simulations at work, and
   ``mean_batch`` = decisions / policy calls; ``loop_cpu_s`` / ``policy_cpu_s``: the CPU time of the loop
   thread and of the policy thread (``RolloutStats.loop_cpu_time`` / ``policy_cpu_time``);
   ``forward_gpu_s``: the GPU span of every logits forward from CUDA events (``forward_gpu_ms_by_batch``: its
-  median by batch size), ``policy_beside_forward_s`` what the policy calls spent beside it and preprocessing.
+  median by batch size), ``forward_gpu_share`` their sum / wall time, ``gpu_between_s`` /
+  ``gpu_between_median_ms`` the GPU time from the end of one forward to the start of the next.
 - split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
   frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
   reward (V-JEPA 2 embedding + scores) of the embed run's trajectories, after the rollout.
@@ -89,8 +91,7 @@ from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, si
 CHUNK = 8
 # mode -> collect_rollouts(overlap=...) and how it differs from the library's defaults: the policy's CUDA graphs
 # off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
-# default is 5), the policy called
-# whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
+# default is 5), the policy called whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
 # decision; None: asleep on both)
 DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None}
 SCHEDULER_MODES = {
@@ -250,8 +251,8 @@ class ForwardTimer:
     """GPU time of every logits forward (``policy._action_logits``), from CUDA events around it.
 
     The events are read at :meth:`pop` (after the work is done), so timing adds no wait to a policy
-    call. The policy call's wall time minus this and the preprocessing is what the call spends beside the
-    forward: sampling, decoding, waiting for the GIL.
+    call. A span starts when the GPU reaches it: behind the forward in flight, a launched batch's span is
+    its own GPU time.
     """
 
     def __init__(self, policy, device: torch.device):
@@ -291,8 +292,8 @@ class PreprocessTimer:
     """Times ``policy.preprocess`` (JPEG round trip, resize, crop, prompts) inside every policy call: the CPU
     time it takes to queue it (on a GPU its kernels run later, in the forward's GPU span)."""
 
-    def __init__(self, policy, device: torch.device):
-        self.seconds, self._inner, self._cuda = 0.0, policy.preprocess, device.type == "cuda"
+    def __init__(self, policy):
+        self.seconds, self._inner = 0.0, policy.preprocess
         policy.preprocess = self
 
     def __call__(self, tensordict):
@@ -443,8 +444,8 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     row["forward_s"] = row["policy_s"] - row["preprocess_s"]
     row["forward_gpu_s"], row["forward_gpu_ms_by_batch"], gaps = forward_timer.pop()  # the logits forwards alone
     row.update({f"gpu_{k}": v for k, v in gaps.items()})
-    if row["forward_gpu_s"] is not None:  # sampling, decoding and waits of the policy calls
-        row["policy_beside_forward_s"] = row["forward_s"] - row["forward_gpu_s"]
+    if row["forward_gpu_s"] is not None:
+        row["forward_gpu_share"] = row["forward_gpu_s"] / row["wall_s"]
     row["gpu_busy"] = row["policy_s"] / row["wall_s"]
     row["busy_sims"] = (row["worker_step_cpu_s"] + row["worker_reset_cpu_s"]) / row["wall_s"]
     row["mean_batch"] = row["decisions"] / max(1, row["policy_calls"])
@@ -775,7 +776,7 @@ def main() -> None:
         sys.exit("the full-size benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
     policy, policy_name = make_policy(args, device)
     reward, reward_name = (None, "none") if args.no_reward else make_reward(args, device)
-    timer, forward_timer = PreprocessTimer(policy, device), ForwardTimer(policy, device)
+    timer, forward_timer = PreprocessTimer(policy), ForwardTimer(policy, device)
     results: list[dict] = []
 
     def save_partial(current: dict) -> None:  # what a run cut off (a call's time limit) still leaves behind
