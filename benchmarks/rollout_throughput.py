@@ -41,7 +41,11 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``embed``: the fastest scheduler mode of the run with ``on_finished`` handing each finished trajectory
   to :class:`srpo_rl.rewards.BackgroundEmbedder`, which embeds its video (V-JEPA 2) on a side CUDA stream
   while the rollout goes on: the reward's embedding cost moved into the GPU's idle time (``extra_wall_s``
-  against the same mode without it; the reward row is the batch embedded after the rollout).
+  against the same mode without it; the reward row is the batch embedded after the rollout). As in the
+  recipe, a group is embedded once its rollouts are done and only if the sampler keeps it (success rate in
+  [0.1, 0.9]; with this workload's coin-flip successes nearly every group passes), and the policy's
+  stream has a higher priority than the embedder's (:data:`srpo_rl.rollout.POLICY_STREAM_PRIORITY`).
+  ``embed_flat``: the same with the policy's stream at the default priority, the embedder's equal.
 - ``steady``: each scheduler mode's env-steps/s until the last episode start (no request left after
   it), i.e. without the batch's tail, which shrinks as requests per env grow (512 rollouts per
   iteration on 16 envs in the recipe: 32 per env).
@@ -82,9 +86,11 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from _common import command, machine, versions
 
+import srpo_rl.rollout as rollout_module
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
 from srpo_rl.jpeg import JPEG_QUALITY
+from srpo_rl.objectives import EmbodiedSampler
 from srpo_rl.rewards import BackgroundEmbedder
 from srpo_rl.rollout import RolloutRequest, collect_rollouts, group_requests, single_cpu_thread
 
@@ -94,6 +100,8 @@ CHUNK = 8
 # default is 5), the policy called whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
 # decision; None: asleep on both)
 DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None}
+# embedding mode -> the CUDA priority of the policy's stream during the rollout (the embedder's is 0)
+EMBED_MODES = {"embed": rollout_module.POLICY_STREAM_PRIORITY, "embed_flat": 0}
 SCHEDULER_MODES = {
     "sync": {"overlap": False},
     "halves": {"overlap": "halves"},
@@ -568,7 +576,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
     log(f"[{num_envs} envs] bare policy sustained {result['bare_policy_sustained']}")
     env = ForcedSuccessEnv(args.suite, num_envs, max_steps=args.max_steps, task_ids=tasks, success_step=success_step,
                            build_timeout=900)
-    trajs = background = embeddings = None
+    trajs = embeddings = None
     try:
         # the ceiling and the lockstep loop run on the env's own processes, with the JPEG round trip where the
         # library's default puts it (in the workers): the same processes and the same work as the pool's
@@ -588,24 +596,13 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
                 result[mode], trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
                 checkpoint(result)
                 log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
-        if "embed" in args.modes and reward is not None:
-            # the faster scheduler mode of this run, with every finished trajectory embedded for the reward
-            # while the others run
-            mode = max((m for m in SCHEDULER_MODES if m in result), key=lambda m: result[m]["env_steps_per_s"],
-                       default="pool")
-            background = BackgroundEmbedder(reward.embedder, device=device)
-            row, trajs = scheduler(env, policy, requests, mode, timer, forward_timer, on_finished=background)
-            t0 = time.perf_counter()
-            embeddings = background.pop(trajs["rollout_id"])
-            row["drain_s"] = time.perf_counter() - t0
-            row["embed_busy_s"] = background.busy_time
-            row["mode"] = mode
-            row["wall_with_drain_s"] = row["wall_s"] + row["drain_s"]
-            row["env_steps_per_s"] = row["env_steps"] / row["wall_with_drain_s"]
-            background.close()
-            result["embed"] = row
-            checkpoint(result)
-            log(f"[{num_envs} envs] {mode} + background embedding {row['env_steps_per_s']:.1f}")
+        for mode, priority in EMBED_MODES.items():
+            if mode in args.modes and reward is not None:
+                result[mode], trajs, embeddings = embedded(env, policy, requests, result, reward, device, timer,
+                                                           forward_timer, args.group_size, priority)
+                checkpoint(result)
+                log(f"[{num_envs} envs] {result[mode]['mode']} + background embedding ({mode}) "
+                    f"{result[mode]['env_steps_per_s']:.1f}")
     finally:
         env.close()
 
@@ -618,15 +615,41 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         result["reward"] = {"trajectories": len(trajs), "seconds": seconds, "s_per_trajectory": seconds / len(trajs)}
-        if background is not None and args.check_embeddings:
+        if embeddings is not None and args.check_embeddings:
             # the background embeddings against the reward's own (same videos, other batches)
             from srpo_rl.rewards import trajectory_videos
 
             videos = trajectory_videos(trajs, [[i] for i in range(len(trajs))], num_frames=reward.embedder.num_frames)
             again = reward.embedder([videos[i] for i in range(len(trajs))])
-            result["embed"]["max_abs_diff_vs_batch"] = float((embeddings - again.float().cpu()).abs().max())
+            kept = ~embeddings.isnan().any(-1)  # a group the sampler drops is not embedded
+            last = [m for m in EMBED_MODES if m in result][-1]
+            result[last]["max_abs_diff_vs_batch"] = float((embeddings[kept] - again.float().cpu()[kept]).abs().max())
     ratios(result)
     return result
+
+
+def embedded(env, policy, requests, result: dict, reward, device: torch.device, timer: PreprocessTimer,
+             forward_timer: ForwardTimer, group_size: int, priority: int) -> tuple[dict, object, torch.Tensor]:
+    """The fastest scheduler mode of this run so far with the reward's background embedding, the policy's
+    stream at CUDA ``priority``: ``(row, trajectories, embeddings)``."""
+    mode = max((m for m in SCHEDULER_MODES if m in result), key=lambda m: result[m]["env_steps_per_s"],
+               default="pool")
+    background = BackgroundEmbedder(reward.embedder, device=device, keep_group=EmbodiedSampler(1).keeps,
+                                    group_size=group_size)
+    default_priority, rollout_module.POLICY_STREAM_PRIORITY = rollout_module.POLICY_STREAM_PRIORITY, priority
+    try:
+        row, trajs = scheduler(env, policy, requests, mode, timer, forward_timer, on_finished=background)
+        t0 = time.perf_counter()
+        embeddings = background.pop(trajs["rollout_id"])
+        row["drain_s"] = time.perf_counter() - t0
+    finally:
+        rollout_module.POLICY_STREAM_PRIORITY = default_priority
+        background.close()
+    row.update(mode=mode, policy_stream_priority=priority, embed_busy_s=background.busy_time,
+               embedded=len(trajs) - background.dropped, not_embedded=background.dropped)
+    row["wall_with_drain_s"] = row["wall_s"] + row["drain_s"]
+    row["env_steps_per_s"] = row["env_steps"] / row["wall_with_drain_s"]
+    return row, trajs, embeddings
 
 
 def ratios(result: dict) -> None:
@@ -638,7 +661,7 @@ def ratios(result: dict) -> None:
         result["ceilings"]["min_sustained_ceiling"] = min(ceilings["bare_sim"],
                                                           result["ceilings"]["bare_policy_sustained"])
     sim = result["bare_sim"]
-    for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
+    for mode in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES):
         row = result.get(mode)
         if row is None:
             continue
@@ -661,16 +684,17 @@ def ratios(result: dict) -> None:
             }
             row["split_main_s"] = {"preprocessing": row["preprocess_s"], "policy_forward": row["forward_s"],
                                    "waiting_for_env": row["env_wait_s"]}
-    if "reward" in result and "embed" in result:
-        reward, embed = result["reward"], result["embed"]
-        plain = result.get(embed["mode"])  # the same scheduler mode, no embedding
-        if plain is None:
-            return
+    for mode in EMBED_MODES:
+        embed, plain = result.get(mode), result.get(result.get(mode, {}).get("mode"))  # plain: no embedding
+        if "reward" not in result or embed is None or plain is None:
+            continue
+        reward = result["reward"]
         reward["vs_rollout_wall"] = reward["seconds"] / plain["wall_s"]
         # what embedding during the rollout adds to the wall time, against embedding after it
         embed["extra_wall_s"] = embed["wall_with_drain_s"] - plain["wall_s"]
         embed["extra_vs_serial_reward"] = embed["extra_wall_s"] / reward["seconds"]
         embed["extra_vs_rollout_wall"] = embed["extra_wall_s"] / plain["wall_s"]
+        embed["extra_s_per_embedded"] = embed["extra_wall_s"] / max(1, embed["embedded"])
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -695,14 +719,14 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             print(f"{r['num_envs']:>4} {'bare pol sustained':>23} {b['env_steps_per_s']:>8.1f}  (batch {b['batch']} "
                   f"back to back for {b['seconds']:.0f} s: {b['first_ms']:.1f} ms a forward at first, "
                   f"{b['last_ms']:.1f} ms in the last quarter; vs min(bare sim, this): "
-                  + ", ".join(f"{m} {r[m]['vs_min_sustained_ceiling']:.2f}x" for m in ("lockstep", *SCHEDULER_MODES, "embed")
+                  + ", ".join(f"{m} {r[m]['vs_min_sustained_ceiling']:.2f}x" for m in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES)
                               if m in r and "vs_min_sustained_ceiling" in r[m]) + ")")
         if r.get("cuda_graphs"):
             g = r["cuda_graphs"]
             print(f"{r['num_envs']:>4} {'graphs':>23} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
                   f"{g['failed_captures']} failed "
                   f"(prompt widths {g['prompt_widths']})")
-        for mode in ("lockstep", *SCHEDULER_MODES, "embed"):
+        for mode in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES):
             row = r.get(mode)
             if row is None:
                 continue
@@ -724,12 +748,14 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "
                   f"({rw['s_per_trajectory']:.3f} s each; {100 * rw.get('vs_rollout_wall', 0):.1f}% of the "
                   "rollout's wall time)")
-        if "embed" in r and "extra_wall_s" in r["embed"]:
-            e = r["embed"]
-            print(f"{r['num_envs']:>4} {'embed':>9} embedding during the {e['mode']} rollout added "
-                  f"{e['extra_wall_s']:.1f} s "
-                  f"(drain {e['drain_s']:.1f} s) against {r['reward']['seconds']:.1f} s after it; "
-                  f"max |diff| of embeddings {e.get('max_abs_diff_vs_batch', float('nan')):.2e}")
+        for mode in EMBED_MODES:
+            if "extra_wall_s" in r.get(mode, {}):
+                e = r[mode]
+                print(f"{r['num_envs']:>4} {mode:>9} embedding {e['embedded']} trajectories (of "
+                      f"{e['embedded'] + e['not_embedded']}) during the {e['mode']} rollout, policy stream priority "
+                      f"{e['policy_stream_priority']}, added {e['extra_wall_s']:.1f} s (drain {e['drain_s']:.1f} s) "
+                      f"against {r['reward']['seconds']:.1f} s after it; max |diff| of embeddings "
+                      f"{e.get('max_abs_diff_vs_batch', float('nan')):.2e}")
 
 
 def main() -> None:
@@ -745,9 +771,10 @@ def main() -> None:
     parser.add_argument("--success-max", type=int, default=None, help="default 400 (tiny 24)")
     parser.add_argument("--success-fraction", type=float, default=0.5)
     parser.add_argument("--ceiling-s", type=float, default=None, help="seconds of bare simulation (default 30; tiny 5)")
-    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_one_phase,pool_switch1ms,pool_polling,embed",
+    parser.add_argument("--modes", default="lockstep,sync,halves,pool,pool_eager,pool_policy_jpeg,pool_one_phase,pool_switch1ms,pool_polling,embed,embed_flat",
                         help="embed = the fastest scheduler mode of the run with each finished trajectory "
-                             "embedded for the reward meanwhile")
+                             "embedded for the reward meanwhile (embed_flat: the policy's stream at the "
+                             "embedder's priority)")
     parser.add_argument("--no-reward", action="store_true")
     parser.add_argument("--check-embeddings", action="store_true",
                         help="embed the batch again after the rollout and compare with the background embeddings")

@@ -68,9 +68,9 @@ def main(cfg: DictConfig) -> None:
 
     # Reward, advantage, sampling filters, loss and optimizer
     reward_module = make_reward(cfg, info)
-    background = make_background_embedder(cfg, reward_module, info)  # V-JEPA in the GPU's idle rollout time
     advantage_module = make_advantage(cfg)
     sampler = make_sampler(cfg, info)
+    background = make_background_embedder(cfg, reward_module, sampler, info)  # V-JEPA beside the rollout
     loss_module = make_loss(cfg, policy)
     optimizer = make_optimizer(cfg, policy)
 
@@ -115,7 +115,7 @@ def main(cfg: DictConfig) -> None:
             trajectories, stats = collect_rollouts(env, policy, requests, exploration_type=exploration,
                                                    overlap=cfg.rollout.overlap, on_finished=background,
                                                    progress=info.is_main and "rollout")
-            if background is not None:  # waits only for the last trajectories' embeddings
+            if background is not None:  # waits only for the last embeddings (NaN: a group the sampler drops)
                 trajectories.set("video_embedding", background.pop(trajectories["rollout_id"]))
             collected.append((trajectories, stats))
             sampler.add(trajectories)

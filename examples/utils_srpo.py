@@ -163,13 +163,15 @@ def make_reward(cfg: DictConfig, info: DistInfo):
                               video_key_by=alg.video_key_by)
 
 
-def make_background_embedder(cfg: DictConfig, reward_module, info: DistInfo):
-    """Embeds trajectories for the reward while the rollout runs (None for the binary or group-video reward)."""
+def make_background_embedder(cfg: DictConfig, reward_module, sampler: EmbodiedSampler, info: DistInfo):
+    """Embeds the trajectories of the groups the sampler keeps, for the reward, while the rollout runs (None
+    for the binary or group-video reward)."""
     from srpo_rl.rewards import BackgroundEmbedder
 
     if cfg.algorithm.reward == "binary" or cfg.algorithm.video_key_by != "rollout":
         return None
-    return BackgroundEmbedder(reward_module.embedder, device=info.device)
+    return BackgroundEmbedder(reward_module.embedder, device=info.device, keep_group=sampler.keeps,
+                              group_size=cfg.rollout.n)
 
 
 def make_advantage(cfg: DictConfig) -> GroupAdvantage:

@@ -253,6 +253,18 @@ class EmbodiedSampler:
         # round() first so 1.1 * 10 asks for 11 groups, not 12
         return math.ceil(round(self.oversample_factor * missing, 9))
 
+    def keeps(self, group: TensorDictBase) -> bool:
+        """Whether the trajectories of one whole group (batch ``[n]``) pass this sampler's filters.
+
+        What :meth:`add` will decide for that group, known as soon as its rollouts end: e.g.
+        :class:`~srpo_rl.rewards.BackgroundEmbedder` embeds only the groups the sampler keeps.
+        """
+        ids = group.get(self.tensor_keys.group_id).reshape(-1).unique().tolist()
+        if len(ids) != 1:
+            raise ValueError(f"keeps() takes the trajectories of one group; got group ids {ids}")
+        kept, _ = self._filter(group)
+        return bool(kept)
+
     def add(self, batch: TensorDictBase | None) -> Counter:
         """Filters a rollout round's trajectories and caches the groups that pass.
 
@@ -266,7 +278,13 @@ class EmbodiedSampler:
         self._stats["rounds"] += 1
         if batch is None or batch.numel() == 0:
             return Counter()
-        kept, stats = filter_groups(
+        kept, stats = self._filter(batch)
+        self._cache.extend(batch[rows] for rows in kept)
+        self._stats.update(stats)
+        return stats
+
+    def _filter(self, batch: TensorDictBase) -> tuple[list[torch.Tensor], Counter]:
+        return filter_groups(
             batch,
             filter_accuracy=self.filter_accuracy,
             accuracy_lower_bound=self.accuracy_lower_bound,
@@ -275,9 +293,6 @@ class EmbodiedSampler:
             drop_failed=self.drop_failed,
             keys=self.tensor_keys,
         )
-        self._cache.extend(batch[rows] for rows in kept)
-        self._stats.update(stats)
-        return stats
 
     def pop(self, num_groups: int | None = None) -> TensorDictBase:
         """Removes the oldest ``num_groups`` cached groups (default ``train_batch_size``).

@@ -22,7 +22,10 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
   policy with ``launch`` / ``finish`` (:class:`~srpo_rl.policy.OpenVLAOFTPolicy`) has each batch queued on the
   GPU right behind the decision in flight (``overlap="halves"``: two fixed halves in ping-pong instead);
 - with the policy on an accelerator, torch's CPU ops in this process run on one thread during the rollout
-  (:func:`single_cpu_thread`): idle OpenMP threads would otherwise spin on the simulation workers' cores.
+  (:func:`single_cpu_thread`): idle OpenMP threads would otherwise spin on the simulation workers' cores;
+- on a CUDA device the policy's work goes to a stream of higher priority than every default one
+  (:data:`POLICY_STREAM_PRIORITY`), so that work sharing the GPU on an ordinary stream (the reward's
+  :class:`~srpo_rl.rewards.BackgroundEmbedder`) fills the GPU around the forwards rather than delaying them.
 
 Example:
     >>> import tempfile, torch
@@ -44,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import multiprocessing.connection
 import queue
@@ -63,13 +67,23 @@ from tqdm.auto import tqdm
 
 from .cuda_wait import wait_for_stream
 
-__all__ = ["POLICY_KEYS", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests", "single_cpu_thread"]
+__all__ = ["POLICY_KEYS", "POLICY_STREAM_PRIORITY", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests", "single_cpu_thread"]
 
 # What a step record keeps from the policy output (training recomputes log-probs from these).
 POLICY_KEYS = ("policy_image", "prompt_ids", "prompt_mask", "action_tokens", "action_log_prob", "action")
 # What it keeps from the env's ("next", ...) output (the reward frames and how far the chunk got).
 NEXT_KEYS = ("frames", "frames_mask", "chunk_steps")
 OBS_KEYS = (("observation", "image"), ("observation", "wrist_image"), ("observation", "state"))
+# CUDA priority of the stream the policy runs on during a rollout (lower is higher; torch's default streams
+# have 0, the lowest): when the GPU has work of both, its scheduler dispatches the policy's blocks first.
+POLICY_STREAM_PRIORITY = -1
+
+
+@functools.cache
+def _policy_stream(device: torch.device, priority: int) -> torch.cuda.Stream:
+    """One stream per device and priority for every rollout: the caching allocator keeps the memory it frees
+    for its own stream, so a new stream per rollout would strand the last one's cache."""
+    return torch.cuda.Stream(device, priority=priority)
 
 
 @dataclass(frozen=True)
@@ -363,6 +377,7 @@ class _Rollout:
         self.stats = RolloutStats()
         self.device = next((p.device for p in policy.parameters()), torch.device("cpu"))
         self.two_phase = callable(getattr(policy, "launch", None)) and callable(getattr(policy, "finish", None))
+        self.stream = _policy_stream(self.device, POLICY_STREAM_PRIORITY) if self.device.type == "cuda" else None
         desc = progress if isinstance(progress, str) else "rollout"
         self.bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
 
@@ -499,9 +514,11 @@ class _Rollout:
     @contextlib.contextmanager
     def _timed_policy(self):
         t0, cpu = time.perf_counter(), time.thread_time()
-        # a new thread starts on CUDA device 0: make the policy's device current (a rank's GPU)
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with torch.no_grad(), on_device:
+        # a new thread starts on CUDA device 0: make the policy's device current (a rank's GPU); launch and
+        # finish run on the one stream, so a decision's copies, events and waits are all on it
+        on_device = torch.cuda.device(self.device) if self.stream is not None else contextlib.nullcontext()
+        on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with torch.no_grad(), on_device, on_stream:
             yield
         self.stats.policy_time += time.perf_counter() - t0
         self.stats.policy_cpu_time += time.thread_time() - cpu

@@ -4,6 +4,7 @@ import torch
 from tensordict import NonTensorStack, TensorDict
 
 from srpo_rl.models.vjepa2 import VideoEmbedder, write_tiny_vjepa2_checkpoint
+from srpo_rl.objectives import EmbodiedSampler
 from srpo_rl.rewards import BackgroundEmbedder, SRPOProgressReward, srpo_progress_scores, trajectory_videos
 
 T, K, H = 4, 2, 32  # decisions, frames per decision, frame side
@@ -371,3 +372,40 @@ def test_background_embedding_errors_reach_the_caller(batch):
     background.close()
     with pytest.raises(RuntimeError, match="closed"):
         background(_rows_of(batch)[1])
+
+
+def test_background_embeds_only_the_groups_the_sampler_keeps(batch, embedder):
+    # group 0 succeeds 1 of 4 times: below a lower bound of 0.3 the sampler drops it; groups 1 and 2 pass
+    sampler = EmbodiedSampler(2, accuracy_lower_bound=0.3)
+    counting = CountingEmbedder(embedder)
+    counting.batch_size = embedder.batch_size
+    background = BackgroundEmbedder(counting, keep_group=sampler.keeps, group_size=4)
+    for row in reversed(_rows_of(batch)):  # groups complete in any order
+        background(row)
+    given = background.pop(batch["rollout_id"])
+    background.close()
+    assert sum(counting.calls) == 8 and background.dropped == 4  # group 0's videos were never embedded
+    assert given[:4].isnan().all() and not given[4:].isnan().any()
+    expected = embedder([manual_video(batch, [i]) for i in range(4, 12)])
+    torch.testing.assert_close(given[4:], expected, rtol=1e-5, atol=1e-5)
+    # the sampler drops the NaN rows with their group; the reward of what it keeps is the reward of embedding
+    # the kept groups after the rollout
+    sampler.add(batch.clone().set("video_embedding", given))
+    kept = sampler.pop()
+    assert kept["group_id"].tolist() == GROUP[4:]
+    out = SRPOProgressReward(CountingEmbedder(embedder))(kept)
+    np.testing.assert_allclose(out["progress"].numpy(), srpo_progress_scores(expected, SUCCESS[4:], TASK[4:]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_background_embeds_a_group_left_incomplete_when_popped(batch, embedder):
+    background = BackgroundEmbedder(embedder, keep_group=lambda group: False, group_size=4)
+    rows = _rows_of(batch)
+    for row in rows[:6]:  # group 0 complete (and dropped), group 1 half done
+        background(row)
+    given = background.pop([4, 5])  # a batch that ends inside group 1: embedded, unjudged
+    background.close()
+    torch.testing.assert_close(given, embedder([manual_video(batch, [4]), manual_video(batch, [5])]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keep_group needs group_size"):
+        BackgroundEmbedder(embedder, keep_group=lambda group: True)

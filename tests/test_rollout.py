@@ -20,8 +20,8 @@ from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.rollout import (RolloutRequest, _ForwardClock, _Rollout, collect_rollouts, group_requests,
-                             single_cpu_thread)
+from srpo_rl.rollout import (POLICY_STREAM_PRIORITY, RolloutRequest, _ForwardClock, _Rollout, collect_rollouts,
+                             group_requests, single_cpu_thread)
 
 N = 2
 CHUNK = 8
@@ -534,3 +534,25 @@ def test_step_records_hold_only_their_own_slot(env, policy, monkeypatch, overlap
     monkeypatch.setattr(_Rollout, "record", checked_record)
     collect_rollouts(env, policy, _requests(), overlap=overlap, exploration_type=ExplorationType.DETERMINISTIC)
     assert held and all(storage == own for storage, own in held), held[:4]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_policy_runs_on_a_stream_above_the_default_priority(env, tmp_path, monkeypatch, overlap):
+    # so that the reward's background embedder, on an ordinary stream, fills the GPU around the forwards
+    write_tiny_checkpoint(tmp_path)
+    policy = OpenVLAOFTPolicy.from_pretrained(tmp_path, unnorm_key="libero_object", dtype=torch.float32,
+                                              device="cuda")
+    seen, launch = [], policy.launch
+
+    def recording_launch(td):
+        seen.append(torch.cuda.current_stream())
+        return launch(td)
+
+    monkeypatch.setattr(policy, "launch", recording_launch)
+    env.success_chunk, env.log = dict(SCHEDULE), []
+    trajs, stats = collect_rollouts(env, policy, _requests(), overlap=overlap)
+    assert len(seen) == stats.policy_calls > 0 and len(set(seen)) == 1  # one stream for every call
+    assert seen[0].priority < torch.cuda.default_stream().priority == torch.cuda.Stream().priority
+    assert [int(n) for n in trajs["num_steps"]] == [_expected_steps(r) for r in trajs["rollout_id"].tolist()]
+    assert POLICY_STREAM_PRIORITY < 0

@@ -128,6 +128,24 @@ def test_interleaved_groups_are_gathered_in_order_of_appearance():
     assert [r.tolist() for r in kept] == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
+def test_keeps_judges_one_group_as_add_does():
+    # per group: all fail, 1 of 4, all succeed, 3 of 4 with a truncated rollout, 2 of 4 with a crashed worker
+    successes = [[False] * 4, [True, False, False, False], [True] * 4, [True, True, True, False],
+                 [True, True, False, False]]
+    truncated = [False] * 15 + [True] + [False] * 4  # group 3's last rollout
+    failed = [False] * 17 + [True] + [False] * 2  # in group 4
+    batch = make_batch(successes, truncated=truncated, failed=failed)
+    for sampler in (EmbodiedSampler(8), EmbodiedSampler(8, filter_truncated=True),
+                    EmbodiedSampler(8, accuracy_lower_bound=0.5), EmbodiedSampler(8, filter_accuracy=False)):
+        sampler.add(batch)
+        kept = set(sampler.pop(sampler.num_groups)["group_id"].tolist()) if sampler.num_groups else set()
+        judged = {g for g in range(5) if sampler.keeps(batch[batch["group_id"] == g])}
+        assert judged == kept
+    assert {g for g in range(5) if EmbodiedSampler(8).keeps(batch[batch["group_id"] == g])} == {1, 3}
+    with pytest.raises(ValueError, match=r"one group; got group ids \[0, 1\]"):
+        EmbodiedSampler(8).keeps(batch[:8])
+
+
 # ---- oversampling and refill -------------------------------------------------------------------
 @pytest.mark.parametrize(
     "factor,cached,expected", [(1.0, 0, 10), (1.5, 3, 11), (1.1, 0, 11), (2.0, 10, 0), (0.5, 7, 2)]
