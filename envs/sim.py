@@ -17,6 +17,9 @@ what the batched env and the gymnasium env need on top of it:
   samples it one physics sub-step before the end of the env step). When success ends a chunk on a
   step whose frame was not planned, that frame is rendered afterwards with the same sensor call,
   at the state after the step.
+- **robosuite's arm control without its Python overhead**: the operational-space controller runs before each
+  of the 25 MuJoCo substeps of an env step; :mod:`.fast_osc` computes it with the same floating-point
+  operations at a fraction of the Python cost, so the physics stays bit-identical to robosuite's.
 - **Images as OpenVLA expects them**: rotated 180 degrees (``img[::-1, ::-1]``); with ``jpeg_quality``
   the policy's camera images also go through the reference's JPEG round trip here, in the worker
   process, instead of in the policy's (:mod:`srpo_rl.jpeg`); the reward ``frames`` stay as rendered.
@@ -38,6 +41,7 @@ import math
 import numpy as np
 
 from ..jpeg import check_jpeg_quality, jpeg_roundtrip
+from . import fast_osc
 from .chunk import ChunkResult, run_chunk, validate_chunk
 from .suites import RECIPE_MAX_STEPS, configure_rendering, import_libero, load_init_states, suite_info
 
@@ -184,6 +188,7 @@ class LiberoSim:
             ignore_done=True,
         )
         self.env.seed(self.seed)
+        fast_osc.install(self.env.env)  # robosuite's arm control substeps, bit for bit, without its overhead
         self._apply_look()
         self.task_id = task_id
         self.init_states = load_init_states(self.suite, task_id)

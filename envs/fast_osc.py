@@ -1,0 +1,167 @@
+"""robosuite's OSC_POSE control substeps without their Python overhead, bit for bit the same physics.
+
+A LIBERO env step is 25 MuJoCo substeps, and before each one robosuite runs the arm's operational-space
+controller in Python: about 40 small NumPy calls, Jacobians queried twice, the action size recomputed by
+concatenating limit arrays three times. On a 2-core CPU that is 0.15-0.2 ms of a 0.35 ms substep, more than
+the physics (``benchmarks/osc_substeps.py``).
+
+:class:`FastOSCSubsteps` replaces the env's ``_pre_action`` for the substeps between two actions (24 of
+25; the first of each env step, which sets the controller's goal and the robot's history buffers, runs
+robosuite's own code). It does the same floating-point operations in the same order on arrays of the same
+memory layout (robosuite's fancy indexing yields Fortran-ordered Jacobians and mass matrix, and the numba
+kernels it calls, ``opspace_matrices`` among them, round differently on another layout), keeps the
+controller's second ``mj_forward`` of the same state (in MuJoCo 3.3 each forward refines the constraint
+solver's warm start: skipping it changes the trajectory at 1e-15 and, through contacts, beyond), and leaves
+the controller's attributes as robosuite would. ``tests/test_libero_sim.py`` checks that positions,
+velocities, warm starts and controls stay bit-identical to robosuite's over episodes with resets and task
+changes.
+
+It applies only where it reproduces robosuite exactly: one single-arm robot whose controller is robosuite's
+own fixed-impedance ``OSC_POSE`` / ``OSC_POSITION`` without interpolators; otherwise :func:`install` leaves
+the env alone and returns False.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FastOSCSubsteps", "install", "uninstall"]
+
+
+def _as_slice(index) -> slice | list[int]:
+    """A basic slice where the index list is a contiguous range (same elements, no fancy-index copy)."""
+    index = [int(i) for i in index]
+    if index and index == list(range(index[0], index[0] + len(index))):
+        return slice(index[0], index[0] + len(index))
+    return index
+
+
+def _supported(env) -> bool:
+    from robosuite.controllers.base_controller import Controller
+    from robosuite.controllers.osc import OperationalSpaceController
+    from robosuite.environments.robot_env import RobotEnv
+    from robosuite.robots.single_arm import SingleArm
+
+    pre_action_owners = {RobotEnv}
+    try:  # LIBERO's task envs override _pre_action with a plain call of robosuite's
+        from libero.libero.envs.bddl_base_domain import BDDLBaseDomain
+
+        pre_action_owners.add(BDDLBaseDomain)
+    except ImportError:
+        pass
+    owner = next(cls for cls in type(env).__mro__ if "_pre_action" in cls.__dict__)
+    if owner not in pre_action_owners or len(env.robots) != 1:
+        return False
+    robot = env.robots[0]
+    controller = robot.controller
+    return (
+        type(robot).control is SingleArm.control
+        and type(controller).run_controller is OperationalSpaceController.run_controller
+        and type(controller).update is Controller.update
+        and controller.impedance_mode == "fixed"
+        and controller.interpolator_pos is None
+        and controller.interpolator_ori is None
+        and robot.has_gripper
+    )
+
+
+class FastOSCSubsteps:
+    """The env's ``_pre_action`` for the substeps between actions (see the module docstring).
+
+    Binds to the env's current simulation, robot and controller, and binds again when robosuite replaces
+    them (every reset loads a new controller; a hard reset a new simulation and robot).
+    """
+
+    def __init__(self, env) -> None:
+        self.env = env
+        self.stock_pre_action = env._pre_action
+        self.robot = self.controller = self.sim = None
+
+    def _bind(self) -> None:
+        import mujoco
+        from robosuite.utils import control_utils
+
+        self.mujoco, self.control_utils = mujoco, control_utils
+        env = self.env
+        self.robot = robot = env.robots[0]
+        self.controller = c = robot.controller
+        self.sim = sim = env.sim
+        self.model, self.data = sim.model._model, sim.data._data
+        self.site = sim.model.site_name2id(c.eef_name)
+        self.qpos = _as_slice(c.qpos_index)
+        self.qvel = _as_slice(c.qvel_index)
+        self.torque_low, self.torque_high = robot.torque_limits
+        self.arm_actuators = _as_slice(robot._ref_joint_actuator_indexes)
+        gripper_ids = [sim.model.actuator_name2id(name) for name in robot.gripper.actuators]
+        self.gripper_actuators = _as_slice(gripper_ids)
+        ctrl_range = sim.model.actuator_ctrlrange[gripper_ids]  # as robosuite's grip_action computes it
+        self.gripper_bias = 0.5 * (ctrl_range[:, 1] + ctrl_range[:, 0])
+        self.gripper_weight = 0.5 * (ctrl_range[:, 1] - ctrl_range[:, 0])
+        self.kp_pos, self.kp_ori = np.array(c.kp[0:3]), np.array(c.kp[3:6])
+        self.kd_pos, self.kd_ori = c.kd[0:3], c.kd[3:6]
+        nv = sim.model.nv
+        self.jacp, self.jacr, self.full_mass = np.zeros((3, nv)), np.zeros((3, nv)), np.zeros((nv, nv))
+
+    def __call__(self, action: np.ndarray, policy_step: bool = False) -> None:
+        if policy_step:  # the goal, the robot's history buffers: robosuite's own code
+            return self.stock_pre_action(action, policy_step)
+        if self.robot is not self.env.robots[0] or self.controller is not self.robot.controller \
+                or self.sim is not self.env.sim:
+            self._bind()
+        robot, d = self.robot, self.data
+        robot.torques = torques = np.clip(self._run_controller(), self.torque_low, self.torque_high)
+        gripper_action = robot.gripper.format_action(action[self.controller.control_dim:])
+        d.ctrl[self.gripper_actuators] = self.gripper_bias + self.gripper_weight * gripper_action
+        d.ctrl[self.arm_actuators] = torques
+
+    def _run_controller(self) -> np.ndarray:
+        """``OperationalSpaceController.run_controller`` (with its ``update``), the same operations."""
+        mujoco, utils = self.mujoco, self.control_utils
+        c, m, d, qvel = self.controller, self.model, self.data, self.qvel
+        mujoco.mj_forward(m, d)
+        c.ee_pos = np.array(d.site_xpos[self.site])
+        c.ee_ori_mat = np.array(d.site_xmat[self.site].reshape([3, 3]))
+        jacp, jacr = self.jacp, self.jacr
+        mujoco.mj_jacSite(m, d, jacp, jacr, self.site)  # robosuite queries each twice: the same values
+        c.ee_pos_vel = np.dot(jacp, d.qvel)
+        c.ee_ori_vel = np.dot(jacr, d.qvel)
+        c.joint_pos = np.array(d.qpos[self.qpos])
+        c.joint_vel = np.array(d.qvel[qvel])
+        c.J_pos = np.asfortranarray(jacp[:, qvel])  # the layouts robosuite's fancy indexing gives
+        c.J_ori = np.asfortranarray(jacr[:, qvel])
+        c.J_full = np.vstack([c.J_pos, c.J_ori])
+        mujoco.mj_fullM(m, self.full_mass, d.qM)
+        c.mass_matrix = np.asfortranarray(self.full_mass[qvel, :][:, qvel])
+        c.new_update = False
+
+        ori_error = utils.orientation_error(np.array(c.goal_ori), c.ee_ori_mat)
+        desired_force = (c.goal_pos - c.ee_pos) * self.kp_pos + (-c.ee_pos_vel) * self.kd_pos
+        desired_torque = ori_error * self.kp_ori + (-c.ee_ori_vel) * self.kd_ori
+        lambda_full, lambda_pos, lambda_ori, nullspace_matrix = utils.opspace_matrices(c.mass_matrix, c.J_full,
+                                                                                       c.J_pos, c.J_ori)
+        if c.uncoupling:
+            wrench = np.concatenate([np.dot(lambda_pos, desired_force), np.dot(lambda_ori, desired_torque)])
+        else:
+            wrench = np.dot(lambda_full, np.concatenate([desired_force, desired_torque]))
+        c.torques = np.dot(c.J_full.T, wrench) + d.qfrc_bias[qvel]
+        c.torques += utils.nullspace_torques(c.mass_matrix, nullspace_matrix, c.initial_joint, c.joint_pos,
+                                             c.joint_vel)
+        c.new_update = True  # what Controller.run_controller leaves
+        return c.torques
+
+
+def install(env) -> bool:
+    """Gives the robosuite ``env`` the fast control substeps; False (env untouched) where they would not
+    reproduce robosuite exactly. Installing twice is a no-op."""
+    if isinstance(env.__dict__.get("_pre_action"), FastOSCSubsteps):
+        return True
+    if not _supported(env):
+        return False
+    env._pre_action = FastOSCSubsteps(env)
+    return True
+
+
+def uninstall(env) -> None:
+    """Gives the robosuite ``env`` robosuite's own control substeps back (for comparisons)."""
+    if isinstance(env.__dict__.get("_pre_action"), FastOSCSubsteps):
+        del env._pre_action
