@@ -1,20 +1,21 @@
-"""robosuite's OSC_POSE control substeps without their Python overhead, bit for bit the same physics.
+"""robosuite's OSC_POSE control substeps without their overhead, bit for bit the same physics.
 
 A LIBERO env step is 25 MuJoCo substeps, and before each one robosuite runs the arm's operational-space
-controller in Python: about 40 small NumPy calls, Jacobians queried twice, the action size recomputed by
-concatenating limit arrays three times. On a 2-core CPU that is 0.15-0.2 ms of a 0.35 ms substep, more than
-the physics (``benchmarks/osc_substeps.py``).
+controller in Python: a second ``mj_forward`` of the state its step loop has just forwarded, about 40 small
+NumPy calls, Jacobians queried twice, the action size recomputed by concatenating limit arrays three times.
+On a 2-core CPU that is about 0.2 ms of a 0.35 ms substep; without it physics-only env steps run 1.41x
+(``benchmarks/osc_substeps.py``).
 
 :class:`FastOSCSubsteps` replaces the env's ``_pre_action`` for the substeps between two actions (24 of
 25; the first of each env step, which sets the controller's goal and the robot's history buffers, runs
 robosuite's own code). It does the same floating-point operations in the same order on arrays of the same
-memory layout (robosuite's fancy indexing yields Fortran-ordered Jacobians and mass matrix, and the numba
-kernels it calls, ``opspace_matrices`` among them, round differently on another layout), keeps the
-controller's second ``mj_forward`` of the same state (in MuJoCo 3.3 each forward refines the constraint
-solver's warm start: skipping it changes the trajectory at 1e-15 and, through contacts, beyond), and leaves
-the controller's attributes as robosuite would. ``tests/test_libero_sim.py`` checks that positions,
-velocities, warm starts and controls stay bit-identical to robosuite's over episodes with resets and task
-changes.
+memory layout (robosuite's fancy indexing yields Fortran-ordered Jacobians and mass matrix; C-ordered copies
+of the same values changed the results in their last bits), keeps what the controller's second forward
+changes (in MuJoCo 3.3 each forward refines the constraint solver's warm start: dropping it moved the state
+by up to 1e-12 within the first chunk and 4e-6 after 40, contacts amplifying it) by running the only stages that give new values, the
+constraint solver and the acceleration sensors, and leaves the controller's attributes as robosuite would.
+``tests/test_fast_osc.py`` checks that positions, velocities, warm starts, controls and frames stay
+bit-identical to robosuite's over episodes with soft and hard resets and a task change.
 
 It applies only where it reproduces robosuite exactly: one single-arm robot whose controller is robosuite's
 own fixed-impedance ``OSC_POSE`` / ``OSC_POSITION`` without interpolators; otherwise :func:`install` leaves
@@ -42,15 +43,20 @@ def _supported(env) -> bool:
     from robosuite.environments.robot_env import RobotEnv
     from robosuite.robots.single_arm import SingleArm
 
-    pre_action_owners = {RobotEnv}
-    try:  # LIBERO's task envs override _pre_action with a plain call of robosuite's
+    from robosuite.environments.base import MujocoEnv
+
+    # robosuite's step loop forwards the state right before each _pre_action; LIBERO's task envs override
+    # step and _pre_action with calls of robosuite's
+    step_owners, pre_action_owners = {MujocoEnv}, {RobotEnv}
+    try:
         from libero.libero.envs.bddl_base_domain import BDDLBaseDomain
 
+        step_owners.add(BDDLBaseDomain)
         pre_action_owners.add(BDDLBaseDomain)
     except ImportError:
         pass
-    owner = next(cls for cls in type(env).__mro__ if "_pre_action" in cls.__dict__)
-    if owner not in pre_action_owners or len(env.robots) != 1:
+    owner = lambda name: next(cls for cls in type(env).__mro__ if name in cls.__dict__)  # noqa: E731
+    if owner("step") not in step_owners or owner("_pre_action") not in pre_action_owners or len(env.robots) != 1:
         return False
     robot = env.robots[0]
     controller = robot.controller
@@ -118,7 +124,12 @@ class FastOSCSubsteps:
         """``OperationalSpaceController.run_controller`` (with its ``update``), the same operations."""
         mujoco, utils = self.mujoco, self.control_utils
         c, m, d, qvel = self.controller, self.model, self.data, self.qvel
-        mujoco.mj_forward(m, d)
+        # robosuite's update forwards the state that its step loop forwarded just before: every stage gives the
+        # same values again but the constraint solver's, which starts from the last solution (MuJoCo 3.3 keeps
+        # it as the warm start) and refines it. That stage, and the acceleration sensors that read it, are
+        # what a second forward changes, at a third of the cost.
+        mujoco.mj_fwdConstraint(m, d)
+        mujoco.mj_sensorAcc(m, d)
         c.ee_pos = np.array(d.site_xpos[self.site])
         c.ee_ori_mat = np.array(d.site_xmat[self.site].reshape([3, 3]))
         jacp, jacr = self.jacp, self.jacr
