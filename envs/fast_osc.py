@@ -1,21 +1,27 @@
 """robosuite's OSC_POSE control substeps without their overhead, bit for bit the same physics.
 
-A LIBERO env step is 25 MuJoCo substeps, and before each one robosuite runs the arm's operational-space
-controller in Python: a second ``mj_forward`` of the state its step loop has just forwarded, about 40 small
-NumPy calls, Jacobians queried twice, the action size recomputed by concatenating limit arrays three times.
-On a 2-core CPU that is about 0.2 ms of a 0.35 ms substep; without it physics-only env steps run 1.41x
-(``benchmarks/osc_substeps.py``).
+A LIBERO env step is 25 MuJoCo substeps. In each one robosuite forwards the state, runs the arm's
+operational-space controller in Python (a second ``mj_forward`` of the same state, about 40 small NumPy
+calls, the Jacobians queried twice, the action size recomputed by concatenating limit arrays three times),
+then ``mj_step``, which forwards the same positions and velocities a third time before it integrates. On a
+2-core CPU the fast substeps run physics-only env steps 1.53-1.58x (``benchmarks/osc_substeps.py``).
 
-:class:`FastOSCSubsteps` replaces the env's ``_pre_action`` for the substeps between two actions (24 of
-25; the first of each env step, which sets the controller's goal and the robot's history buffers, runs
-robosuite's own code). It does the same floating-point operations in the same order on arrays of the same
-memory layout (robosuite's fancy indexing yields Fortran-ordered Jacobians and mass matrix; C-ordered copies
-of the same values changed the results in their last bits), keeps what the controller's second forward
-changes (in MuJoCo 3.3 each forward refines the constraint solver's warm start: dropping it moved the state
-by up to 1e-12 within the first chunk and 4e-6 after 40, contacts amplifying it) by running the only stages that give new values, the
-constraint solver and the acceleration sensors, and leaves the controller's attributes as robosuite would.
+:class:`FastOSCSubsteps` replaces the env's ``_pre_action`` and its simulation's ``step``:
+
+- the controller, on the substeps between two actions (24 of 25; the first of each env step, which sets the
+  controller's goal and the robot's history buffers, runs robosuite's own code), does the same floating-point
+  operations in the same order on arrays of the same memory layout (robosuite's fancy indexing yields
+  Fortran-ordered Jacobians and mass matrix; C-ordered copies of the same values changed the results in their
+  last bits), and leaves the controller's attributes as robosuite would;
+- of the controller's second forward only the stages that give new values run: the constraint solver (in
+  MuJoCo 3.3 each forward refines the solver's warm start; dropping that forward moved the state by up to
+  1e-12 within the first chunk and 4e-6 after 40, contacts amplifying it) and the acceleration sensors;
+- ``step`` after that runs ``mj_step2``, the stages of ``mj_step`` that follow the position and velocity
+  stages (see :meth:`FastOSCSubsteps._step`).
+
 ``tests/test_fast_osc.py`` checks that positions, velocities, warm starts, controls and frames stay
-bit-identical to robosuite's over episodes with soft and hard resets and a task change.
+bit-identical to robosuite's over episodes with soft and hard resets and a task change (on the pinned
+MuJoCo 3.3.2; other versions are not checked).
 
 It applies only where it reproduces robosuite exactly: one single-arm robot whose controller is robosuite's
 own fixed-impedance ``OSC_POSE`` / ``OSC_POSITION`` without interpolators; otherwise :func:`install` leaves
@@ -40,10 +46,9 @@ def _as_slice(index) -> slice | list[int]:
 def _supported(env) -> bool:
     from robosuite.controllers.base_controller import Controller
     from robosuite.controllers.osc import OperationalSpaceController
+    from robosuite.environments.base import MujocoEnv
     from robosuite.environments.robot_env import RobotEnv
     from robosuite.robots.single_arm import SingleArm
-
-    from robosuite.environments.base import MujocoEnv
 
     # robosuite's step loop forwards the state right before each _pre_action; LIBERO's task envs override
     # step and _pre_action with calls of robosuite's
@@ -72,10 +77,16 @@ def _supported(env) -> bool:
 
 
 class FastOSCSubsteps:
-    """The env's ``_pre_action`` for the substeps between actions (see the module docstring).
+    """The env's ``_pre_action``, and its simulation's ``step`` (see the module docstring).
 
     Binds to the env's current simulation, robot and controller, and binds again when robosuite replaces
     them (every reset loads a new controller; a hard reset a new simulation and robot).
+
+    Example:
+        >>> from srpo_rl.envs import LiberoSim
+        >>> sim = LiberoSim("libero_object")  # doctest: +SKIP
+        >>> type(sim.env.env._pre_action).__name__  # LiberoSim installs it  # doctest: +SKIP
+        'FastOSCSubsteps'
     """
 
     def __init__(self, env) -> None:
@@ -107,18 +118,40 @@ class FastOSCSubsteps:
         self.kd_pos, self.kd_ori = c.kd[0:3], c.kd[3:6]
         nv = sim.model.nv
         self.jacp, self.jacr, self.full_mass = np.zeros((3, nv)), np.zeros((3, nv)), np.zeros((nv, nv))
+        self.forwarded = False
+        sim.step = self._step  # this simulation's: a hard reset or a new task brings another
 
     def __call__(self, action: np.ndarray, policy_step: bool = False) -> None:
-        if policy_step:  # the goal, the robot's history buffers: robosuite's own code
-            return self.stock_pre_action(action, policy_step)
         if self.robot is not self.env.robots[0] or self.controller is not self.robot.controller \
                 or self.sim is not self.env.sim:
             self._bind()
-        robot, d = self.robot, self.data
-        robot.torques = torques = np.clip(self._run_controller(), self.torque_low, self.torque_high)
-        gripper_action = robot.gripper.format_action(action[self.controller.control_dim:])
-        d.ctrl[self.gripper_actuators] = self.gripper_bias + self.gripper_weight * gripper_action
-        d.ctrl[self.arm_actuators] = torques
+        if policy_step:  # the goal, the robot's history buffers: robosuite's own code
+            self.stock_pre_action(action, policy_step)
+        else:
+            robot, d = self.robot, self.data
+            robot.torques = torques = np.clip(self._run_controller(), self.torque_low, self.torque_high)
+            gripper_action = robot.gripper.format_action(action[self.controller.control_dim:])
+            d.ctrl[self.gripper_actuators] = self.gripper_bias + self.gripper_weight * gripper_action
+            d.ctrl[self.arm_actuators] = torques
+        # robosuite's step loop forwarded this state before calling here, and steps it next (sim.step)
+        self.forwarded = True
+
+    def _step(self, with_udd: bool = True) -> None:
+        """``MjSim.step``: ``mj_step``, or right after robosuite's forward of the same state its second half.
+
+        ``mj_step`` checks the state, forwards it and integrates. Between robosuite's forward and this call only
+        the controls changed, so the position and velocity stages would give the same values again:
+        ``mj_step2`` runs the rest (actuation, acceleration, constraint solver, acceleration sensors, the
+        acceleration check, the integrator), as ``mj_step`` would. A state ``mj_step`` would reset (a NaN, or a
+        value past ``mjMAXVAL``) and the RK4 integrator (which ``mj_step2`` replaces by Euler) take ``mj_step``.
+        """
+        mujoco, m, d = self.mujoco, self.model, self.data
+        forwarded, self.forwarded = self.forwarded, False
+        if (not forwarded or m.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
+                or not (np.all(np.abs(d.qpos) <= mujoco.mjMAXVAL) and np.all(np.abs(d.qvel) <= mujoco.mjMAXVAL))):
+            mujoco.mj_step(m, d)
+        else:
+            mujoco.mj_step2(m, d)
 
     def _run_controller(self) -> np.ndarray:
         """``OperationalSpaceController.run_controller`` (with its ``update``), the same operations."""
@@ -174,5 +207,8 @@ def install(env) -> bool:
 
 def uninstall(env) -> None:
     """Gives the robosuite ``env`` robosuite's own control substeps back (for comparisons)."""
-    if isinstance(env.__dict__.get("_pre_action"), FastOSCSubsteps):
+    substeps = env.__dict__.get("_pre_action")
+    if isinstance(substeps, FastOSCSubsteps):
         del env._pre_action
+        if substeps.sim is not None:
+            substeps.sim.__dict__.pop("step", None)

@@ -41,7 +41,7 @@ def sims():
 def test_the_physics_stays_bit_identical_to_robosuites(sims):
     fast, stock = sims
     assert isinstance(fast.env.env.__dict__.get("_pre_action"), FastOSCSubsteps)
-    assert "_pre_action" not in stock.env.env.__dict__
+    assert "_pre_action" not in stock.env.env.__dict__ and "step" not in stock.env.env.sim.__dict__
     rng = np.random.default_rng(0)
     controllers, sims = [], []  # the objects themselves: an id could be reused once one is freed
     # an episode, a soft reset to another init state, a hard one (a new simulation and robot), a task change
@@ -65,6 +65,7 @@ def test_the_physics_stays_bit_identical_to_robosuites(sims):
     # every reset loads a new controller, a hard reset or a task change a new simulation: the substeps follow
     assert len({id(c) for c in controllers}) == 4 and len({id(s) for s in sims}) == 3
     assert fast.env.env.robots[0].controller is fast.env.env.__dict__["_pre_action"].controller
+    assert fast.env.env.sim.step == substeps._step  # the simulation of the last task steps through it
 
 
 def test_install_refuses_a_controller_it_would_not_reproduce(sims):
