@@ -4,7 +4,7 @@ A LIBERO env step is 25 MuJoCo substeps. In each one robosuite forwards the stat
 operational-space controller in Python (a second ``mj_forward`` of the same state, about 40 small NumPy
 calls, the Jacobians queried twice, the action size recomputed by concatenating limit arrays three times),
 then ``mj_step``, which forwards the same positions and velocities a third time before it integrates. On a
-2-core CPU the fast substeps run physics-only env steps 1.53-1.58x (``benchmarks/osc_substeps.py``).
+2-core CPU the fast substeps run physics-only env steps 1.58x (``benchmarks/osc_substeps.py``).
 
 :class:`FastOSCSubsteps` replaces the env's ``_pre_action`` and its simulation's ``step``:
 
@@ -119,6 +119,7 @@ class FastOSCSubsteps:
         nv = sim.model.nv
         self.jacp, self.jacr, self.full_mass = np.zeros((3, nv)), np.zeros((3, nv)), np.zeros((nv, nv))
         self.forwarded = False
+        self.bad_state_warnings = [int(mujoco.mjtWarning.mjWARN_BADQPOS), int(mujoco.mjtWarning.mjWARN_BADQVEL)]
         sim.step = self._step  # this simulation's: a hard reset or a new task brings another
 
     def __call__(self, action: np.ndarray, policy_step: bool = False) -> None:
@@ -140,15 +141,21 @@ class FastOSCSubsteps:
         """``MjSim.step``: ``mj_step``, or right after robosuite's forward of the same state its second half.
 
         ``mj_step`` checks the state, forwards it and integrates. Between robosuite's forward and this call only
-        the controls changed, so the position and velocity stages would give the same values again:
-        ``mj_step2`` runs the rest (actuation, acceleration, constraint solver, acceleration sensors, the
-        acceleration check, the integrator), as ``mj_step`` would. A state ``mj_step`` would reset (a NaN, or a
-        value past ``mjMAXVAL``) and the RK4 integrator (which ``mj_step2`` replaces by Euler) take ``mj_step``.
+        the controls changed, so the position and velocity stages would give the same values again: after the
+        same checks, ``mj_step2`` runs the rest (actuation, acceleration, constraint solver, acceleration
+        sensors, the acceleration check, the integrator). A state the checks reset (a NaN, or a value past
+        ``mjMAXVAL``) is stepped by ``mj_step`` from its reset, as robosuite's would be, and so is every step
+        under the RK4 integrator (which ``mj_step2`` replaces by Euler).
         """
         mujoco, m, d = self.mujoco, self.model, self.data
         forwarded, self.forwarded = self.forwarded, False
-        if (not forwarded or m.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
-                or not (np.all(np.abs(d.qpos) <= mujoco.mjMAXVAL) and np.all(np.abs(d.qvel) <= mujoco.mjMAXVAL))):
+        if not forwarded or m.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4:
+            mujoco.mj_step(m, d)
+            return
+        warnings = d.warning.number[self.bad_state_warnings].sum()
+        mujoco.mj_checkPos(m, d)
+        mujoco.mj_checkVel(m, d)
+        if d.warning.number[self.bad_state_warnings].sum() != warnings:  # reset: nothing of the forward holds
             mujoco.mj_step(m, d)
         else:
             mujoco.mj_step2(m, d)

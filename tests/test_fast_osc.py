@@ -81,3 +81,19 @@ def test_install_refuses_a_controller_it_would_not_reproduce(sims):
     assert install(env) and install(env)  # a second install is a no-op
     uninstall(env)
     assert "_pre_action" not in env.__dict__
+
+
+def test_a_bad_state_is_reset_and_stepped_as_robosuite_would(sims):
+    import mujoco
+
+    fast, stock = sims
+    _start(fast, stock, 0, hard=False)
+    for sim in (fast, stock):
+        sim.step_chunk(np.zeros((8, 7)))
+        sim.env.env.sim.data._data.qvel[3] = np.nan
+    fast.env.env.__dict__["_pre_action"].forwarded = True  # as right after robosuite's forward and control
+    fast.env.env.sim.step()
+    stock.env.env.sim.step()  # mj_step: the check resets the state, which is then forwarded and stepped
+    np.testing.assert_array_equal(_physics(fast), _physics(stock))
+    for sim in (fast, stock):
+        assert sim.env.env.sim.data._data.warning.number[int(mujoco.mjtWarning.mjWARN_BADQVEL)] == 1
