@@ -24,7 +24,8 @@ bit-identical to robosuite's over episodes with soft and hard resets and a task 
 MuJoCo 3.3.2; other versions are not checked).
 
 It applies only where it reproduces robosuite exactly: one single-arm robot whose controller is robosuite's
-own fixed-impedance ``OSC_POSE`` / ``OSC_POSITION`` without interpolators; otherwise :func:`install` leaves
+own fixed-impedance ``OSC_POSE`` / ``OSC_POSITION`` with position and orientation uncoupled and without
+interpolators (LIBERO's configuration); otherwise :func:`install` leaves
 the env alone and returns False.
 """
 
@@ -70,6 +71,7 @@ def _supported(env) -> bool:
         and type(controller).run_controller is OperationalSpaceController.run_controller
         and type(controller).update is Controller.update
         and controller.impedance_mode == "fixed"
+        and controller.uncoupling  # LIBERO's (and robosuite's default OSC_POSE) configuration
         and controller.interpolator_pos is None
         and controller.interpolator_ori is None
         and robot.has_gripper
@@ -183,17 +185,13 @@ class FastOSCSubsteps:
         c.J_full = np.vstack([c.J_pos, c.J_ori])
         mujoco.mj_fullM(m, self.full_mass, d.qM)
         c.mass_matrix = np.asfortranarray(self.full_mass[qvel, :][:, qvel])
-        c.new_update = False
 
         ori_error = utils.orientation_error(np.array(c.goal_ori), c.ee_ori_mat)
         desired_force = (c.goal_pos - c.ee_pos) * self.kp_pos + (-c.ee_pos_vel) * self.kd_pos
         desired_torque = ori_error * self.kp_ori + (-c.ee_ori_vel) * self.kd_ori
-        lambda_full, lambda_pos, lambda_ori, nullspace_matrix = utils.opspace_matrices(c.mass_matrix, c.J_full,
-                                                                                       c.J_pos, c.J_ori)
-        if c.uncoupling:
-            wrench = np.concatenate([np.dot(lambda_pos, desired_force), np.dot(lambda_ori, desired_torque)])
-        else:
-            wrench = np.dot(lambda_full, np.concatenate([desired_force, desired_torque]))
+        _, lambda_pos, lambda_ori, nullspace_matrix = utils.opspace_matrices(c.mass_matrix, c.J_full, c.J_pos,
+                                                                             c.J_ori)
+        wrench = np.concatenate([np.dot(lambda_pos, desired_force), np.dot(lambda_ori, desired_torque)])
         c.torques = np.dot(c.J_full.T, wrench) + d.qfrc_bias[qvel]
         c.torques += utils.nullspace_torques(c.mass_matrix, nullspace_matrix, c.initial_joint, c.joint_pos,
                                              c.joint_vel)
