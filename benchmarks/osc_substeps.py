@@ -93,7 +93,6 @@ def main() -> None:
             "speedup": median["fast_osc"] / median["robosuite"],
             "same_final_state": bool(np.array_equal(states["fast_osc"], states["robosuite"])),
         }
-    install(sim.env.env)
     sim.close()
 
     print(f"\nLIBERO {args.suite} task {args.task_id}, env steps/s, median of {args.windows} windows of "

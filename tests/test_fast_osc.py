@@ -83,9 +83,10 @@ def test_install_refuses_a_controller_it_would_not_reproduce(sims):
     assert "_pre_action" not in env.__dict__
 
 
-def test_a_bad_state_is_reset_and_stepped_as_robosuite_would(sims):
+def test_a_bad_state_is_reset_and_stepped_as_robosuite_would(sims, tmp_path, monkeypatch):
     import mujoco
 
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warning to MUJOCO_LOG.TXT in the working directory
     fast, stock = sims
     _start(fast, stock, 0, hard=False)
     for sim in (fast, stock):
