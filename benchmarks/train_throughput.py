@@ -18,8 +18,10 @@ Memory plans for the 7B actor on one 80 GB GPU (bytes per parameter in brackets)
   smaller than half a bf16 step of the weight rounds away (``changed_fraction`` measures how many
   weights one step at the recipe's learning rate actually moves);
 - ``host-adamw``: bf16 weights and gradients on the GPU [4]; fp32 master weights and AdamW moments in
-  host memory [12, on the host], the step on the CPU, the new weights copied back: the recipe's
-  precision at the price of the host step.
+  host memory [12, on the host], the step on the CPU, the new weights copied back
+  (:class:`srpo_rl.optim.HostAdamW`, ``actor.fsdp.optimizer_offload=true`` in the recipe): the recipe's
+  precision at the price of the host step. Here the model is not FSDP-wrapped, so gradients accumulate in
+  bf16; the recipe's FSDP2 accumulates them in fp32 (2 more bytes a parameter on the GPU during a mini-batch).
 
     python benchmarks/train_throughput.py            # OpenVLA-OFT-7B random weights, bf16, CUDA
     python benchmarks/train_throughput.py --tiny     # the tiny checkpoint on the CPU (checks the script)
@@ -45,6 +47,7 @@ from tensordict import TensorDict
 from _common import command, machine
 
 from srpo_rl.objectives import SRPOLoss
+from srpo_rl.optim import HostAdamW
 from srpo_rl.trainer import update_policy
 
 LR = 5e-6  # the recipe's actor learning rate
@@ -87,47 +90,6 @@ def trajectory_batch(policy, trajectories: int, decisions: int, device: torch.de
 
 
 # -- optimizers ---------------------------------------------------------------------------------------
-class HostAdamW:
-    """AdamW whose fp32 master weights and moments live in host memory; the GPU keeps bf16 weights.
-
-    ``step`` runs torch's fused CPU AdamW on the master weights, about 1 GiB of them at a time: their
-    gradients come to the host (bf16, converted there), the update runs, the rounded weights go back.
-    So the host never holds all gradients in fp32.
-    """
-
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, chunk_bytes: int = 2**30):
-        self.params = [p for p in params if p.requires_grad]
-        self.master = [p.detach().to("cpu").float() for p in self.params]
-        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay, fused=True)
-        self.chunks, chunk, size = [], [], 0
-        for i, m in enumerate(self.master):
-            chunk.append(i)
-            size += 4 * m.numel()
-            if size >= chunk_bytes:
-                self.chunks.append(chunk)
-                chunk, size = [], 0
-        if chunk:
-            self.chunks.append(chunk)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for chunk in self.chunks:
-            live = [i for i in chunk if self.params[i].grad is not None]
-            for i in live:
-                self.master[i].grad = self.params[i].grad.to("cpu").float()
-            self.optimizer.step()  # fused AdamW skips the master weights without a gradient
-            for i in live:
-                self.params[i].copy_(self.master[i].to(self.params[i].dtype).to(self.params[i].device))
-                self.master[i].grad = None
-
-    def host_bytes(self) -> int:
-        return sum(3 * m.numel() * 4 for m in self.master)
-
-
 class TimedOptimizer:
     """Times ``step`` (synchronised) of the optimizer update_policy drives."""
 
@@ -233,7 +195,7 @@ def run_plan(plan: str, policy, loss, batch, micros, device, repeats) -> dict:
     for micro in micros:
         result["rows"].append(update(loss, optimizer, batch, micro, device, repeats))
     # the weights the optimizer keeps: bf16 ones on the GPU, or the fp32 master copies on the host
-    kept = params if plan == "bf16-adamw" else optimizer.master
+    kept = params if plan == "bf16-adamw" else [optimizer.state[p]["master"] for p in params]
     probe = kept[len(kept) // 2 : len(kept) // 2 + 8]  # a few decoder weights
     before = [p.detach().clone() for p in probe]
     update_policy(loss, optimizer, batch[:1], mini_batch_trajectories=1, traj_mini_batch_size=micros[0], device=device)

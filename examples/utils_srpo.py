@@ -9,18 +9,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from srpo_rl.distributed import DistInfo, shard_actor
+from srpo_rl.distributed import DTYPES, DistInfo, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
 from srpo_rl.loggers import MetricLogger
 from srpo_rl.envs import canonical_suite
 from srpo_rl.manifest import ensure_manifests
 from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
+from srpo_rl.optim import HostAdamW
 from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.policy import OpenVLAOFTPolicy
 
 __all__ = [
-    "batch_metrics", "check_config", "log_evaluation", "make_advantage", "make_background_embedder", "make_env",
+    "batch_metrics", "check_config", "host_optimizer", "log_evaluation", "make_advantage", "make_background_embedder", "make_env",
     "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy", "make_reward", "make_sampler",
     "memory_metrics", "rollout_metrics",
 ]
@@ -72,6 +73,9 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
               f"{rollouts_per_rank} rollouts (train_batch_size / processes x rollout.n); lower env.num_envs")
     if cfg.rollout.temperature <= 0:
         _fail(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
+    if cfg.actor.fsdp.mixed_precision not in DTYPES:
+        _fail(f"unknown actor.fsdp.mixed_precision {cfg.actor.fsdp.mixed_precision!r}; choose one of "
+              f"{', '.join(DTYPES)}")
     if cfg.trainer.resume_mode not in RESUME_MODES:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")
     if cfg.algorithm.adv_estimator != "grpo":
@@ -117,7 +121,9 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
         center_crop=cfg.embodied.center_crop,
         num_images_in_input=cfg.embodied.num_images_in_input,
         attention=cfg.model.attention,
-        dtype=torch.float32,  # fp32 master weights; FSDP2 computes in actor.fsdp.mixed_precision
+        # fp32 master weights, FSDP2 computing in actor.fsdp.mixed_precision; or, with the master weights in the
+        # host optimizer, the weights stored in the compute dtype
+        dtype=DTYPES[cfg.actor.fsdp.mixed_precision] if host_optimizer(cfg) else torch.float32,
         max_prompt_length=cfg.data.max_prompt_length,
         jpeg_quality=None if cfg.rollout.jpeg_in_workers else JPEG_QUALITY,  # else the env's workers do it
     )
@@ -125,7 +131,7 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
         policy.model.gradient_checkpointing_enable()
     fsdp = cfg.actor.fsdp
     shard_actor(policy.model, info, mixed_precision=fsdp.mixed_precision,
-                param_offload=fsdp.param_offload or fsdp.grad_offload or fsdp.optimizer_offload)
+                param_offload=fsdp.param_offload or fsdp.grad_offload)
     return policy.eval()
 
 
@@ -194,8 +200,17 @@ def make_loss(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> SRPOLoss:
                     entropy_coeff=a.entropy_coeff, aggregation=a.loss_agg_mode)
 
 
+def host_optimizer(cfg: DictConfig) -> bool:
+    """``actor.fsdp.optimizer_offload`` alone: :class:`HostAdamW` (with ``param_offload`` / ``grad_offload``
+    FSDP2's CPU offload already keeps the whole optimizer on the host)."""
+    fsdp = cfg.actor.fsdp
+    return bool(fsdp.optimizer_offload and not (fsdp.param_offload or fsdp.grad_offload))
+
+
 def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Optimizer:
     params = [p for p in policy.model.parameters() if p.requires_grad]
+    if host_optimizer(cfg):
+        return HostAdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
     # on a GPU the fused kernel updates in place: the default multi-tensor path allocates temporaries as large
     # as the optimizer state (+30 GB for the 7B), which is what runs one 141 GB GPU out of memory
     fused = all(p.device.type == "cuda" for p in params)

@@ -70,8 +70,10 @@ def shard_actor(
 ) -> torch.nn.Module:
     """Wraps ``model`` with FSDP2 (``fully_shard``) block by block, then the root.
 
-    ``model.fsdp_blocks()`` names the repeated blocks (decoder layers, vision blocks). Parameters stay fp32
-    (the optimizer's master copy); compute runs in ``mixed_precision``; gradients are reduced in fp32.
+    ``model.fsdp_blocks()`` names the repeated blocks (decoder layers, vision blocks). Parameters keep their
+    dtype: fp32 when they are the optimizer's master copy, or already ``mixed_precision`` when the master copy
+    lives in :class:`srpo_rl.optim.HostAdamW`. Compute runs in ``mixed_precision``; gradients are accumulated
+    and reduced in fp32.
     ``param_offload`` keeps parameters, gradients and optimizer states on the CPU (FSDP2's CPUOffloadPolicy).
     On a single CPU process the model is returned as it is: there is nothing to shard.
     """

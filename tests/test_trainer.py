@@ -35,6 +35,7 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["env.num_envs=0"], "env.num_envs must be >= 1, got 0"),
         (["env.num_envs=1000"], "env.num_envs=1000 slots cannot all be used"),
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["actor.fsdp.mixed_precision=int8"], "unknown actor.fsdp.mixed_precision 'int8'; choose one of bf16, fp16, fp32"),
         (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
         (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
@@ -73,10 +74,10 @@ def test_script_fails_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists()  # no manifest, no model, no env was built
 
 
-def _run(out, steps, *, stop_after=None):
+def _run(out, steps, *overrides, stop_after=None):
     """Runs the tiny recipe; with ``stop_after`` SIGKILLs the whole process group once that checkpoint exists."""
     cmd = [sys.executable, str(SCRIPT), "--config-name", "tiny", f"output_dir={out}",
-           f"trainer.total_training_steps={steps}", "trainer.test_freq=0", "env.max_steps=16"]
+           f"trainer.total_training_steps={steps}", "trainer.test_freq=0", "env.max_steps=16", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
                             start_new_session=True)
@@ -90,12 +91,15 @@ def _run(out, steps, *, stop_after=None):
     return proc.returncode, "".join(lines)
 
 
-def _optimizer_steps(checkpoint: Path) -> set[int]:
+def _load_dcp(checkpoint: Path, part: str) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    dcp_to_torch_save(checkpoint / "optim", checkpoint / "optim.pt")
-    state = torch.load(checkpoint / "optim.pt", weights_only=False)
-    return {int(s["step"]) for s in state["state"].values()}
+    dcp_to_torch_save(checkpoint / part, checkpoint / f"{part}.pt")
+    return torch.load(checkpoint / f"{part}.pt", weights_only=False)
+
+
+def _optimizer_steps(checkpoint: Path) -> set[int]:
+    return {int(s["step"]) for s in _load_dcp(checkpoint, "optim")["state"].values()}
 
 
 def _logged_steps(log_dir: Path, tag: str) -> list[int]:
@@ -129,6 +133,30 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
     assert _logged_steps(out / "tensorboard", "train/optimizer_steps") == [1, 2, 3]
     assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_path):
+    # a random policy fails everywhere, so every advantage is 0: the weight decay is what moves the weights
+    out = tmp_path / "run"
+    offload = ["actor.fsdp.optimizer_offload=true", "actor.fsdp.mixed_precision=bf16", "actor.lr=0.01",
+               "actor.weight_decay=0.5"]
+    code, log = _run(out, 1, *offload)
+    assert code == 0, log[-3000:]
+    code, log = _run(out, 2, *offload)
+    assert code == 0, log[-3000:]
+    assert f"resumed from {out}/checkpoints/global_step_1 at step 1" in log
+    checkpoint = out / "checkpoints" / "global_step_2"
+    weights = _load_dcp(checkpoint, "model")
+    optim = _load_dcp(checkpoint, "optim")["state"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert {int(s["step"]) for s in optim.values()} == {4}  # 2 per training step, continued after the resume
+    decayed = 0
+    for name, state in optim.items():
+        assert state["master"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(state["master"].to(torch.bfloat16), weights[name]), name
+        decayed += not torch.equal(state["master"], state["master"].to(torch.bfloat16).float())
+    assert decayed > len(optim) // 2  # the masters moved off the bf16 grid: the update ran in fp32
 
 
 def test_batch_metrics_are_the_shaped_reward_and_advantage_statistics():

@@ -1,0 +1,158 @@
+"""AdamW with its fp32 master weights and moments in host memory: the 7B actor's update on one 80 GB GPU.
+
+The recipe's FSDP2 plan keeps fp32 weights, fp32 gradients and two fp32 AdamW moments on the GPUs: 16 bytes a
+parameter, 112 GiB for OpenVLA-OFT-7B, more than one 80 GB GPU holds. With :class:`HostAdamW` the model's
+parameters stay on the GPU in the dtype the forward computes in (bf16), and the optimizer keeps what only
+the update needs in host memory: the fp32 master copy of every weight and its two moments (12 bytes a
+parameter, 84 GiB for the 7B). A step brings the gradients to the host about ``chunk_bytes`` at a time,
+runs torch's fused AdamW on the master weights and copies the rounded new weights back. Between steps the GPU
+holds bf16 weights and, during a mini-batch, FSDP2's fp32 gradient accumulators (with
+``MixedPrecisionPolicy(reduce_dtype=float32)``, as :func:`srpo_rl.distributed.shard_actor` sets it).
+
+What differs from the fp32-master plan: nothing in the forward (FSDP2 casts fp32 weights to bf16 before
+every forward; here they are stored so), and the mini-batch's summed gradient is rounded to bf16 once when
+FSDP2 hands it to the sharded parameter (a relative error of at most 2^-9 per element) before the fp32 update.
+
+The state has torch AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master``, each tensor on the
+host; for a DTensor parameter (FSDP2) each is a DTensor with the same mesh and placements whose local shard
+lives on the host, as FSDP2's own CPU offload stores parameters, so ``torch.distributed.checkpoint`` saves
+and reloads it shard by shard (:class:`srpo_rl.checkpoint.CheckpointManager`).
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    >>> optimizer = HostAdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    >>> model(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
+    >>> optimizer.step()
+    >>> optimizer.state[model.weight]["master"].dtype
+    torch.float32
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import chain
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.optim.adamw import adamw
+
+__all__ = ["HostAdamW"]
+
+_HOST_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor, the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(param: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """``host`` (this process's part, in host memory) shaped as ``param`` is: a DTensor for a DTensor."""
+    if isinstance(param, DTensor):
+        return DTensor.from_local(host, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride())
+    return host
+
+
+class HostAdamW(torch.optim.Optimizer):
+    """AdamW (torch's, decoupled weight decay) whose fp32 master weights and moments live in host memory.
+
+    Args:
+        params: the parameters (plain tensors or FSDP2 DTensors, on any device, in any floating dtype); the
+            master copies start from their values.
+        lr, betas, eps, weight_decay: as :class:`torch.optim.AdamW`.
+        chunk_bytes: fp32 gradient bytes brought to the host per fused update (bounds the host's
+            temporary gradient memory).
+
+    ``step`` does what :class:`torch.optim.AdamW` (``fused=True``) does to fp32 copies of the parameters with
+    the same gradients, bit for bit (``tests/test_optim.py``), then writes the new master weights into the
+    parameters in their own dtype. Parameters without a gradient are skipped, as torch's AdamW skips them.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        chunk_bytes: int = 2**30,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid HostAdamW settings lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}: lr, eps, weight_decay >= 0 and betas in [0, 1)")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.chunk_bytes = chunk_bytes
+
+    def host_bytes(self) -> int:
+        """Host memory the state holds now (master weights and moments)."""
+        return sum(_local(state[key]).nbytes for state in self.state.values() for key in _HOST_KEYS if key in state)
+
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            master = _local(param).detach().to("cpu", torch.float32, copy=True)
+            state["step"] = torch.tensor(0.0)
+            state["master"] = _like(param, master)
+            state["exp_avg"] = _like(param, torch.zeros_like(master))
+            state["exp_avg_sq"] = _like(param, torch.zeros_like(master))
+        return state
+
+    def _chunks(self, params: list[torch.Tensor]):
+        chunk, size = [], 0
+        for param in params:
+            chunk.append(param)
+            size += 4 * _local(param).numel()
+            if size >= self.chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One AdamW update of the master weights on the host; the parameters get the new weights."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for chunk in self._chunks([p for p in group["params"] if p.grad is not None]):
+                states = [self._state(p) for p in chunk]
+                masters = [_local(s["master"]) for s in states]
+                # the gradient crosses in its own dtype (bf16: half the bytes) and widens on the host
+                grads = [_local(p.grad).to("cpu").float() for p in chunk]
+                adamw(masters, grads, [_local(s["exp_avg"]) for s in states],
+                      [_local(s["exp_avg_sq"]) for s in states], [], [s["step"] for s in states], fused=True,
+                      amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                      eps=group["eps"], maximize=False)
+                for param, master in zip(chunk, masters):
+                    local = _local(param)
+                    local.copy_(master.to(local.dtype))  # rounded on the host, so only the narrow copy crosses
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``, except that the state stays fp32 in host memory.
+
+        (torch's casts every state tensor to its parameter's dtype and device: a bf16 GPU copy of the master.)
+        """
+        state = state_dict["state"]
+        host = {pid: {k: v for k, v in s.items() if k in _HOST_KEYS} for pid, s in state.items()}
+        rest = {pid: {k: v for k, v in s.items() if k not in _HOST_KEYS} for pid, s in state.items()}
+        super().load_state_dict({**state_dict, "state": rest})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        by_id = dict(zip(saved_ids, params))
+        for pid, tensors in host.items():
+            param = by_id[pid]
+            for key, value in tensors.items():
+                local = _local(value).detach().to("cpu", torch.float32)
+                if local.shape != _local(param).shape:
+                    raise ValueError(f"HostAdamW state {key!r} of shape {tuple(local.shape)} does not fit the "
+                                     f"parameter's local shape {tuple(_local(param).shape)}")
+                self.state[param][key] = _like(param, local)

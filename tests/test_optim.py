@@ -1,0 +1,180 @@
+"""HostAdamW: torch's AdamW on fp32 master weights in host memory, checkpointed, and FSDP2-sharded."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from srpo_rl.checkpoint import CheckpointManager
+from srpo_rl.distributed import DistInfo, shard_actor
+from srpo_rl.optim import HostAdamW
+
+LR, BETAS, EPS, WD = 0.05, (0.9, 0.999), 1e-8, 0.1
+
+
+def _gradients(shapes, steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(shape, generator=g) for shape in shapes] for _ in range(steps)]
+
+
+def _adamw_float64(weights: list[torch.Tensor], gradients: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """AdamW written out from Loshchilov & Hutter (decoupled decay) with Adam's bias corrections, in float64."""
+    (b1, b2), out = BETAS, []
+    for i, w in enumerate(weights):
+        w, m, v = w.double(), torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(w, dtype=torch.float64)
+        for t, grads in enumerate(gradients, start=1):
+            g = grads[i].double()
+            w = w * (1 - LR * WD)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            w = w - LR * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + EPS)
+        out.append(w)
+    return out
+
+
+def test_master_weights_follow_adamw_and_the_parameters_their_bf16_rounding():
+    shapes = [(7, 5), (5,), (3, 2, 4)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    params = [torch.nn.Parameter(w.clone()) for w in start]  # fp32 start: the master's exact first value
+    optimizer = HostAdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, chunk_bytes=64)  # several chunks
+    gradients = _gradients(shapes, steps=4)
+    for grads in gradients:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+    expected = _adamw_float64(start, gradients)
+    for p, want in zip(params, expected):
+        master = optimizer.state[p]["master"]
+        assert master.dtype == torch.float32 and master.device.type == "cpu"
+        torch.testing.assert_close(master.double(), want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(p.detach(), master)  # fp32 parameters: the master itself
+        assert int(optimizer.state[p]["step"]) == 4
+
+
+def test_bf16_parameters_get_the_rounded_master_and_torch_adamw_s_bits():
+    shapes = [(16, 8), (8,)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(10 + i)) for i, s in enumerate(shapes)]
+    params = [torch.nn.Parameter(w.to(torch.bfloat16)) for w in start]
+    frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))  # never gets a gradient
+    optimizer = HostAdamW(params + [frozen], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    # torch's own fused AdamW on fp32 copies of the same (bf16-valued) weights with the same fp32 gradients
+    reference = [torch.nn.Parameter(p.detach().float()) for p in params]
+    torch_adamw = torch.optim.AdamW(reference, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    for grads in _gradients(shapes, steps=3, seed=1):
+        for p, r, g in zip(params, reference, grads):
+            p.grad, r.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        optimizer.step()
+        torch_adamw.step()
+    for p, r in zip(params, reference):
+        master = optimizer.state[p]["master"]
+        assert torch.equal(master, r.detach())
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), master.to(torch.bfloat16))
+        assert not torch.equal(master, master.to(torch.bfloat16).float())  # the master keeps more than bf16
+    assert frozen not in optimizer.state and torch.equal(frozen.detach(), torch.ones(3, dtype=torch.bfloat16))
+    assert optimizer.host_bytes() == 3 * 4 * (16 * 8 + 8)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match=r"invalid HostAdamW settings lr=-1"):
+        HostAdamW([torch.nn.Parameter(torch.ones(1))], lr=-1)
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 1, got 0"):
+        HostAdamW([torch.nn.Parameter(torch.ones(1))], chunk_bytes=0)
+
+
+class _Net(torch.nn.Sequential):
+    def fsdp_blocks(self) -> list[torch.nn.Module]:  # what shard_actor wraps block by block
+        return [self[0], self[2]]
+
+
+def _model(dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _Net(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(dtype)
+
+
+def _train(model: torch.nn.Module, optimizer: HostAdamW, steps: range, x: torch.Tensor) -> None:
+    for step in steps:
+        optimizer.zero_grad()
+        (model(x) * torch.linspace(-1, 1, 3, dtype=x.dtype) * (step + 1)).sum().backward()
+        optimizer.step()
+
+
+def test_checkpoint_resume_continues_bit_for_bit(tmp_path):
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    straight = _model()
+    straight_opt = HostAdamW(straight.parameters(), lr=LR, weight_decay=WD)
+    _train(straight, straight_opt, range(4), x)
+
+    first = _model()
+    first_opt = HostAdamW(first.parameters(), lr=LR, weight_decay=WD)
+    _train(first, first_opt, range(2), x)
+    manager = CheckpointManager(tmp_path / "ckpt")
+    manager.save(2, model=first, optimizer=first_opt, trainer_state={"step": 2})
+
+    resumed = _model()
+    resumed_opt = HostAdamW(resumed.parameters(), lr=LR, weight_decay=WD)
+    assert manager.load_latest(model=resumed, optimizer=resumed_opt)["step"] == 2
+    for p in resumed.parameters():
+        state = resumed_opt.state[p]
+        assert int(state["step"]) == 2
+        assert all(state[k].dtype == torch.float32 and state[k].device.type == "cpu"
+                   for k in ("master", "exp_avg", "exp_avg_sq"))
+    _train(resumed, resumed_opt, range(2, 4), x)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+        assert torch.equal(straight_opt.state[a]["master"], resumed_opt.state[b]["master"]), name
+
+
+def _sharded_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Two FSDP2 ranks: two steps, a checkpoint, a fresh model and optimizer that resume, two more steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        info = DistInfo(rank, world_size, rank, torch.device("cpu"))
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))[rank::world_size]
+
+        def build():
+            model = shard_actor(_model(torch.float32), info, mixed_precision="fp32", forward_methods=())
+            return model, HostAdamW(model.parameters(), lr=LR, weight_decay=WD)
+
+        model, optimizer = build()
+        _train(model, optimizer, range(2), x)
+        manager = CheckpointManager(os.path.join(out, "ckpt"))
+        manager.save(2, model=model, optimizer=optimizer, trainer_state={})
+        model, optimizer = build()
+        manager.load_latest(model=model, optimizer=optimizer)
+        assert all(state["master"].to_local().device.type == "cpu" for state in optimizer.state.values())
+        _train(model, optimizer, range(2, 4), x)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(state, os.path.join(out, "sharded.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_resume_and_match_one_process(tmp_path):
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "sharded.pt")
+    single = _model(torch.float32)
+    # FSDP2 averages the two ranks' gradients: the mean over both halves of the batch, 2x each half's sum
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    optimizer = HostAdamW(single.parameters(), lr=LR, weight_decay=WD)
+    for step in range(4):
+        optimizer.zero_grad()
+        (single(x) * torch.linspace(-1, 1, 3) * (step + 1)).sum().div(2).backward()
+        optimizer.step()
+    start = _model(torch.float32).state_dict()
+    for name, value in single.state_dict().items():
+        assert not torch.equal(value, start[name])  # the steps moved every weight
+        torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=name)
