@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
 
@@ -45,6 +46,12 @@ _HOST_KEYS = ("master", "exp_avg", "exp_avg_sq")
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor, the tensor itself otherwise."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _synchronize(tensors: Iterable[torch.Tensor]) -> None:
+    """Waits for the CUDA devices of ``tensors`` (their asynchronous copies to and from pinned memory)."""
+    for device in {t.device for t in tensors}:
+        torch.cuda.synchronize(device)
 
 
 def _like(param: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
@@ -87,6 +94,7 @@ class HostAdamW(torch.optim.Optimizer):
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.chunk_bytes = chunk_bytes
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def host_bytes(self) -> int:
         """Host memory the state holds now (master weights and moments)."""
@@ -113,6 +121,49 @@ class HostAdamW(torch.optim.Optimizer):
         if chunk:
             yield chunk
 
+    def _buffer(self, name: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False) -> list[torch.Tensor]:
+        """Flat host buffers of ``sizes``, kept from step to step: fresh host memory costs a page fault per 4 KiB
+        on first touch, more than the AdamW update itself (``benchmarks/host_adamw.py``)."""
+        buffer, numel = self._buffers.get((name, dtype)), sum(sizes)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, pin_memory=pinned)
+        return list(buffer[:numel].split(sizes))
+
+    def _pinned(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Pinned host buffers shaped as the CUDA ``tensors`` and of their dtypes (reused by the next call)."""
+        out, by_dtype = [None] * len(tensors), defaultdict(list)
+        for i, tensor in enumerate(tensors):
+            by_dtype[tensor.dtype].append(i)
+        for dtype, index in by_dtype.items():
+            buffers = self._buffer("pinned", [tensors[i].numel() for i in index], dtype, pinned=True)
+            for i, buffer in zip(index, buffers):
+                out[i] = buffer.view_as(tensors[i])
+        return out
+
+    def _host_gradients(self, chunk: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The chunk's gradients as fp32 host tensors; CUDA ones cross in their own dtype (bf16: half the bytes)
+        into pinned memory and widen on the host."""
+        grads = [_local(p.grad) for p in chunk]
+        wide = [w.view_as(g) for w, g in zip(self._buffer("wide", [g.numel() for g in grads], torch.float32), grads)]
+        cuda = [i for i, g in enumerate(grads) if g.device.type != "cpu"]
+        for i, pinned in zip(cuda, self._pinned([grads[i] for i in cuda])):
+            grads[i] = pinned.copy_(grads[i], non_blocking=True)
+        _synchronize(chunk[i] for i in cuda)
+        for w, g in zip(wide, grads):
+            w.copy_(g)
+        return wide
+
+    def _write_back(self, chunk: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
+        """The new master weights into the parameters, rounded on the host so that only the narrow copy crosses."""
+        targets = [_local(p) for p in chunk]
+        cuda = [i for i, t in enumerate(targets) if t.device.type != "cpu"]
+        for i, pinned in zip(cuda, self._pinned([targets[i] for i in cuda])):
+            targets[i].copy_(pinned.copy_(masters[i]), non_blocking=True)
+        for target, master in zip(targets, masters):
+            if target.device.type == "cpu":
+                target.copy_(master)
+        _synchronize(chunk[i] for i in cuda)  # before the next chunk writes the pinned buffers again
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One AdamW update of the master weights on the host; the parameters get the new weights."""
@@ -125,15 +176,11 @@ class HostAdamW(torch.optim.Optimizer):
             for chunk in self._chunks([p for p in group["params"] if p.grad is not None]):
                 states = [self._state(p) for p in chunk]
                 masters = [_local(s["master"]) for s in states]
-                # the gradient crosses in its own dtype (bf16: half the bytes) and widens on the host
-                grads = [_local(p.grad).to("cpu").float() for p in chunk]
-                adamw(masters, grads, [_local(s["exp_avg"]) for s in states],
+                adamw(masters, self._host_gradients(chunk), [_local(s["exp_avg"]) for s in states],
                       [_local(s["exp_avg_sq"]) for s in states], [], [s["step"] for s in states], fused=True,
                       amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                       eps=group["eps"], maximize=False)
-                for param, master in zip(chunk, masters):
-                    local = _local(param)
-                    local.copy_(master.to(local.dtype))  # rounded on the host, so only the narrow copy crosses
+                self._write_back(chunk, masters)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -178,3 +178,22 @@ def test_fsdp2_shards_resume_and_match_one_process(tmp_path):
     for name, value in single.state_dict().items():
         assert not torch.equal(value, start[name])  # the steps moved every weight
         torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_cuda_parameters_get_the_same_update_as_host_parameters():
+    """Through pinned staging and asynchronous copies, bit for bit what the same update does on the host."""
+    shapes = [(1024, 96), (96,), (3, 7)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(20 + i)).to(torch.bfloat16)
+             for i, s in enumerate(shapes)]
+    on_host = [torch.nn.Parameter(w.clone()) for w in start]
+    on_gpu = [torch.nn.Parameter(w.cuda()) for w in start]
+    optimizers = [HostAdamW(ps, lr=LR, weight_decay=WD, chunk_bytes=2**17) for ps in (on_host, on_gpu)]
+    for grads in _gradients(shapes, steps=3, seed=2):
+        for p, q, g in zip(on_host, on_gpu, grads):
+            p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).cuda()
+        for optimizer in optimizers:
+            optimizer.step()
+    for p, q in zip(on_host, on_gpu):
+        assert q.device.type == "cuda" and torch.equal(q.detach().cpu(), p.detach())
+        assert torch.equal(optimizers[1].state[q]["master"], optimizers[0].state[p]["master"])
