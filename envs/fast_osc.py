@@ -4,7 +4,7 @@ A LIBERO env step is 25 MuJoCo substeps. In each one robosuite forwards the stat
 operational-space controller in Python (a second ``mj_forward`` of the same state, about 40 small NumPy
 calls, the Jacobians queried twice, the action size recomputed by concatenating limit arrays three times),
 then ``mj_step``, which forwards the same positions and velocities a third time before it integrates. On a
-2-core CPU the fast substeps run physics-only env steps 1.58x (``benchmarks/osc_substeps.py``).
+2-core CPU the fast substeps run physics-only env steps 1.71-1.76x (``benchmarks/osc_substeps.py``).
 
 :class:`FastOSCSubsteps` replaces the env's ``_pre_action`` and its simulation's ``step``:
 
@@ -12,7 +12,8 @@ then ``mj_step``, which forwards the same positions and velocities a third time 
   controller's goal and the robot's history buffers, runs robosuite's own code), does the same floating-point
   operations in the same order on arrays of the same memory layout (robosuite's fancy indexing yields
   Fortran-ordered Jacobians and mass matrix; C-ordered copies of the same values changed the results in their
-  last bits), and leaves the controller's attributes as robosuite would;
+  last bits), and leaves the controller's attributes as robosuite would; so does the gripper's command
+  (``PandaGripper.format_action``, whose per-substep increment depends only on the env step's action);
 - of the controller's second forward only the stages that give new values run: the constraint solver (in
   MuJoCo 3.3 each forward refines the solver's warm start; dropping that forward moved the state by up to
   1e-12 within the first chunk and 4e-6 after 40, contacts amplifying it) and the acceleration sensors;
@@ -42,6 +43,12 @@ def _as_slice(index) -> slice | list[int]:
     if index and index == list(range(index[0], index[0] + len(index))):
         return slice(index[0], index[0] + len(index))
     return index
+
+
+def _is_panda(gripper) -> bool:
+    from robosuite.models.grippers.panda_gripper import PandaGripper
+
+    return type(gripper).format_action is PandaGripper.format_action
 
 
 def _supported(env) -> bool:
@@ -121,7 +128,12 @@ class FastOSCSubsteps:
         nv = sim.model.nv
         self.jacp, self.jacr, self.full_mass = np.zeros((3, nv)), np.zeros((3, nv)), np.zeros((nv, nv))
         self.forwarded = False
-        self.bad_state_warnings = [int(mujoco.mjtWarning.mjWARN_BADQPOS), int(mujoco.mjtWarning.mjWARN_BADQVEL)]
+        self.warnings = sim.data._data.warning.number  # a live view of MuJoCo's warning counters
+        self.bad_qpos, self.bad_qvel = int(mujoco.mjtWarning.mjWARN_BADQPOS), int(mujoco.mjtWarning.mjWARN_BADQVEL)
+        # PandaGripper.format_action (LIBERO's gripper): the step of its state, +-speed * sign(action), is the
+        # same on every substep of an env step, so it is computed once, at the policy step
+        self.gripper_speeds = np.array([-1.0, 1.0]) * robot.gripper.speed if _is_panda(robot.gripper) else None
+        self.gripper_step = None
         sim.step = self._step  # this simulation's: a hard reset or a new task brings another
 
     def __call__(self, action: np.ndarray, policy_step: bool = False) -> None:
@@ -130,10 +142,19 @@ class FastOSCSubsteps:
             self._bind()
         if policy_step:  # the goal, the robot's history buffers: robosuite's own code
             self.stock_pre_action(action, policy_step)
+            if self.gripper_speeds is not None:
+                self.gripper_step = self.gripper_speeds * np.sign(action[self.controller.control_dim:])
         else:
             robot, d = self.robot, self.data
-            robot.torques = torques = np.clip(self._run_controller(), self.torque_low, self.torque_high)
-            gripper_action = robot.gripper.format_action(action[self.controller.control_dim:])
+            # np.clip's values, without its Python wrapper
+            robot.torques = torques = np.minimum(np.maximum(self._run_controller(), self.torque_low),
+                                                 self.torque_high)
+            gripper = robot.gripper
+            if self.gripper_step is not None:
+                gripper.current_action = gripper_action = np.minimum(
+                    np.maximum(gripper.current_action + self.gripper_step, -1.0), 1.0)
+            else:
+                gripper_action = gripper.format_action(action[self.controller.control_dim:])
             d.ctrl[self.gripper_actuators] = self.gripper_bias + self.gripper_weight * gripper_action
             d.ctrl[self.arm_actuators] = torques
         # robosuite's step loop forwarded this state before calling here, and steps it next (sim.step)
@@ -154,10 +175,11 @@ class FastOSCSubsteps:
         if not forwarded or m.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4:
             mujoco.mj_step(m, d)
             return
-        warnings = d.warning.number[self.bad_state_warnings].sum()
+        counts, bad_qpos, bad_qvel = self.warnings, self.bad_qpos, self.bad_qvel
+        warnings = counts[bad_qpos] + counts[bad_qvel]
         mujoco.mj_checkPos(m, d)
         mujoco.mj_checkVel(m, d)
-        if d.warning.number[self.bad_state_warnings].sum() != warnings:  # reset: nothing of the forward holds
+        if counts[bad_qpos] + counts[bad_qvel] != warnings:  # reset: nothing of the forward holds
             mujoco.mj_step(m, d)
         else:
             mujoco.mj_step2(m, d)
