@@ -27,6 +27,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 __all__ = ["GraphedActionLogits", "batch_bucket", "graphs_supported"]
@@ -49,9 +50,15 @@ def batch_bucket(batch: int) -> int:
 
 
 def graphs_supported(model: nn.Module) -> bool:
-    """Whether ``model``'s inference forward can be captured: plain (not FSDP-sharded) parameters on CUDA."""
+    """Whether ``model``'s inference forward can be captured: plain (not FSDP-sharded) parameters on CUDA.
+
+    An FSDP2 module is never captured, even with its parameters gathered (:func:`srpo_rl.distributed.gathered`
+    makes them plain tensors): its forward hooks would run at capture only, and the gathered storage changes
+    from one gathering to the next.
+    """
     params = list(model.parameters())
-    return bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+    return (bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+            and not any(isinstance(m, FSDPModule) for m in model.modules()))
 
 
 class _Graph:

@@ -12,14 +12,21 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 
-__all__ = ["DistInfo", "all_reduce_sum", "init_distributed", "reduce_scalar", "shard_actor"]
+__all__ = ["DistInfo", "all_reduce_sum", "gathered", "init_distributed", "reduce_scalar", "shard_actor"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -75,11 +82,11 @@ def shard_actor(
     lives in :class:`srpo_rl.optim.HostAdamW`. Compute runs in ``mixed_precision``; gradients are accumulated
     and reduced in fp32.
     ``param_offload`` keeps parameters, gradients and optimizer states on the CPU (FSDP2's CPUOffloadPolicy).
-    On a single CPU process the model is returned as it is: there is nothing to shard.
+    On a single CPU process without a process group the model is returned as it is: there is nothing to shard.
     """
     if mixed_precision not in DTYPES:
         raise ValueError(f"unknown mixed_precision {mixed_precision!r}; choose one of {', '.join(DTYPES)}")
-    if info.world_size == 1 and info.device.type == "cpu":
+    if info.world_size == 1 and info.device.type == "cpu" and not dist.is_initialized():
         return model
     model.to(info.device if not param_offload else "cpu")
     options = {
@@ -88,13 +95,47 @@ def shard_actor(
     if param_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     for block in model.fsdp_blocks():
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+        fully_shard(block, reshard_after_forward=True, **options)
+    # the root keeps its parameters after forward: backward gathers them at once (FSDP2's own default)
+    fully_shard(model, reshard_after_forward=False, **options)
     for name in forward_methods:
         # Methods other than forward need FSDP's pre/post hooks to gather the root's parameters.
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return model
+
+
+@contextmanager
+def gathered(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` with the parameters of its FSDP2-sharded parts (:func:`shard_actor`) gathered once for a
+    stretch of inference, such as a rollout or a validation pass, and freed again on exit.
+
+    A sharded model's every forward all-gathers each block's parameters (in ``mixed_precision``): a collective,
+    so every rank must run the same forwards, and on one GPU a copy and cast of all the weights per forward
+    (for the 7B about 45 GB of memory traffic). A rollout's forwards differ in number from rank to rank
+    (episodes end at different steps, the slot pool batches what comes back), so they cannot be collectives.
+    Inside this context every rank has gathered every block once (the same all-gathers in the same order on
+    every rank) and the forwards run on local weights, without collectives; :func:`srpo_rl.rollout.
+    collect_rollouts` runs inside it. While inside, the gathered weights take their full size in device memory
+    (the 7B in bf16: 14 GiB). On exit the flags are as :func:`shard_actor` sets them (an outermost FSDP module
+    keeps its parameters after forward, the blocks inside it do not). Without FSDP2 parts: ``module`` as it is.
+
+    Example:
+        >>> with gathered(policy):  # doctest: +SKIP
+        ...     logits = policy.model.action_logits(ids, mask, pixels)  # no collective, whatever each rank runs
+    """
+    modules = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    inner = {id(d) for m in modules for d in m.modules() if d is not m}
+    for fsdp_module in modules:
+        fsdp_module.set_reshard_after_forward(False, recurse=False)
+    for handle in [fsdp_module.unshard(async_op=True) for fsdp_module in modules]:
+        handle.wait()
+    try:
+        yield module
+    finally:
+        for fsdp_module in modules:
+            fsdp_module.reshard()
+            fsdp_module.set_reshard_after_forward(id(fsdp_module) in inner, recurse=False)
 
 
 def all_reduce_sum(values: Mapping[str, float], device: torch.device) -> dict[str, float]:

@@ -66,6 +66,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
 from .cuda_wait import wait_for_stream
+from .distributed import gathered
 
 __all__ = ["POLICY_KEYS", "POLICY_STREAM_PRIORITY", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests",
            "single_cpu_thread"]
@@ -786,17 +787,20 @@ def collect_rollouts(
     run = _Rollout(env, policy, requests, keep_steps=keep_steps, record_videos=record_videos, progress=progress,
                    on_finished=on_finished, policy_keys=policy_keys)
     cpu = time.thread_time()
-    if run.stream is not None:  # the policy reads weights the caller's stream may still be writing (an update)
-        run.stream.wait_stream(torch.cuda.current_stream(run.device))
-    with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(run.device.type != "cpu"):
-        if overlap == "halves":
-            run.run(num_groups=2)
-        elif overlap:
-            run.run_pool()
-        else:
-            run.run(num_groups=1)
-    if run.stream is not None:  # and what comes after the rollout runs after its GPU work
-        torch.cuda.current_stream(run.device).wait_stream(run.stream)
+    # an FSDP2-sharded policy's weights gathered once: its forwards, different in number on every rank, are
+    # then no collectives
+    with gathered(policy) if isinstance(policy, torch.nn.Module) else contextlib.nullcontext():
+        if run.stream is not None:  # the policy reads weights the caller's stream may still be writing
+            run.stream.wait_stream(torch.cuda.current_stream(run.device))
+        with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(run.device.type != "cpu"):
+            if overlap == "halves":
+                run.run(num_groups=2)
+            elif overlap:
+                run.run_pool()
+            else:
+                run.run(num_groups=1)
+        if run.stream is not None:  # and what comes after the rollout runs after its GPU work
+            torch.cuda.current_stream(run.device).wait_stream(run.stream)
     run.stats.loop_cpu_time = time.thread_time() - cpu
     if overlap is not True:  # the policy ran on this thread: its time is in both counters
         run.stats.loop_cpu_time -= run.stats.policy_cpu_time

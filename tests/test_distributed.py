@@ -85,3 +85,64 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert len(changed) > 50  # the update really moved the trained weights
     for key in single:
         torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _observations() -> TensorDict:
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (NUM_TRAJ, 3, 256, 256), dtype=torch.uint8, generator=g)
+    obs = TensorDict({("observation", "image"): image}, [NUM_TRAJ])
+    obs.set_non_tensor("instruction", "put the bowl on the plate")
+    return obs
+
+
+def _logits(policy: OpenVLAOFTPolicy, obs: TensorDict) -> torch.Tensor:
+    td = policy.preprocess(obs.clone())
+    return policy.model.action_logits(td["prompt_ids"], td["prompt_mask"], policy.pixel_values(td["policy_image"]))
+
+
+def _gathered_worker(rank: int, world_size: int, port: int, checkpoint: str, out: str) -> None:
+    """Inside ``gathered`` the ranks run different numbers of forwards (as rollouts do), without collectives."""
+    from torch.distributed.tensor import DTensor
+
+    from srpo_rl.distributed import gathered
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+        batch = _batch(policy)
+        shard_actor(policy.model, DistInfo(rank, world_size, rank, torch.device("cpu")), mixed_precision="fp32")
+        obs = _observations()
+        logits = []
+        with torch.no_grad(), gathered(policy.model):
+            for _ in range(3 if rank == 0 else 1):  # rank 1 stops early: a per-forward all-gather would hang
+                logits.append(_logits(policy, obs))
+            assert not isinstance(policy.model.language_model.model.layers[0].mlp.up_proj.weight, DTensor)
+        assert isinstance(policy.model.language_model.model.layers[0].mlp.up_proj.weight, DTensor)  # resharded
+        if rank == 0:
+            torch.save(logits, out)
+        # training after it still runs the sharded update (the same collectives on both ranks)
+        loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+        optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.5)
+        update_policy(loss, optimizer, batch[rank::world_size], mini_batch_trajectories=NUM_TRAJ // world_size,
+                      traj_mini_batch_size=2, shuffle=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gathered_weights_let_ranks_run_different_forwards(tmp_path):
+    checkpoint = str(tmp_path / "tiny")
+    write_tiny_checkpoint(checkpoint)
+    mp.spawn(_gathered_worker, args=(2, _free_port(), checkpoint, str(tmp_path / "logits.pt")), nprocs=2, join=True)
+    logits = torch.load(tmp_path / "logits.pt")
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    obs = _observations()
+    with torch.no_grad():
+        expected = _logits(policy, obs)
+    assert len(logits) == 3
+    for got in logits:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

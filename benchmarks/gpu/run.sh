@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs benchmarks on the staged GPU machine (after stage1.sh and stage2.sh, while it stays warm).
-#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train hostadamw policy reward recipe gil gputests smoke
+#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train hostadamw fsdp policy reward recipe gil gputests smoke
 # Each job writes $OUT/JOB.log (all its output) and $OUT/JOB.json (its JSON line); every JSON line also
 # goes to $OUT/results.jsonl. The rollout jobs also keep $OUT/JOB.partial.json, the figures so far after each
 # mode: what a run cut off by the call's time limit leaves. Extra arguments for a job: JOB_ARGS="..."
 # (applied to every job).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-JOBS="rollout16 rollout32 train hostadamw policy reward recipe gil gputests smoke"
+JOBS="rollout16 rollout32 train hostadamw fsdp policy reward recipe gil gputests smoke"
 for job in "$@"; do
   [[ " $JOBS " == *" $job "* ]] || { echo "run.sh: unknown job '$job'; choose from $JOBS"; exit 2; }
 done
@@ -43,6 +43,7 @@ for job in "$@"; do
     rollout32) cmd=(python3 benchmarks/rollout_throughput.py --num-envs 32 --partial "$OUT/$job.partial.json") limit=570 ;;
     train) cmd=(python3 benchmarks/train_throughput.py) limit=420 ;;
     hostadamw) cmd=(python3 benchmarks/host_adamw.py --device cuda --params-m 2048) limit=120 ;;
+    fsdp) cmd=(python3 benchmarks/fsdp_inference.py) limit=240 ;;
     policy) cmd=(python3 benchmarks/policy_latency.py) limit=150 ;;
     reward) cmd=(python3 benchmarks/reward_throughput.py) limit=240 ;;
     recipe) cmd=(python3 benchmarks/recipe_iteration.py --out /tmp/recipe) limit=480 ;;
