@@ -152,6 +152,19 @@ def _sharded_worker(rank: int, world_size: int, port: int, out: str) -> None:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save(state, os.path.join(out, "sharded.pt"))
+
+        # the recipe's configuration: bf16 shards, gradients accumulated over two backwards (FSDP2 keeps the sum
+        # in fp32 between them), one host step; the shards are the rounded fp32 masters
+        model = shard_actor(_model(torch.bfloat16), info, mixed_precision="bf16", forward_methods=())
+        optimizer = HostAdamW(model.parameters(), lr=LR, weight_decay=WD)
+        for last, half in ((False, x[:2]), (True, x[2:])):
+            model.set_requires_gradient_sync(last)
+            model(half.to(torch.bfloat16)).float().square().sum().backward()
+        optimizer.step()
+        for param in model.parameters():
+            master = optimizer.state[param]["master"].to_local()
+            assert param.dtype == torch.bfloat16 and master.dtype == torch.float32
+            assert torch.equal(param.to_local(), master.to(torch.bfloat16))
     finally:
         dist.destroy_process_group()
 
