@@ -21,8 +21,8 @@ from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.policy import OpenVLAOFTPolicy
 
 __all__ = [
-    "batch_metrics", "check_config", "host_optimizer", "log_evaluation", "make_advantage", "make_background_embedder", "make_env",
-    "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy", "make_reward", "make_sampler",
+    "batch_metrics", "check_config", "host_optimizer", "log_evaluation", "make_advantage", "make_background_embedder",
+    "make_env", "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy", "make_reward", "make_sampler",
     "memory_metrics", "rollout_metrics",
 ]
 

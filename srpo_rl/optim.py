@@ -94,7 +94,6 @@ class HostAdamW(torch.optim.Optimizer):
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.chunk_bytes = chunk_bytes
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def host_bytes(self) -> int:
         """Host memory the state holds now (master weights and moments)."""
@@ -124,9 +123,10 @@ class HostAdamW(torch.optim.Optimizer):
     def _buffer(self, name: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False) -> list[torch.Tensor]:
         """Flat host buffers of ``sizes``, kept from step to step: fresh host memory costs a page fault per 4 KiB
         on first touch, more than the AdamW update itself (``benchmarks/host_adamw.py``)."""
-        buffer, numel = self._buffers.get((name, dtype)), sum(sizes)
+        buffers = self.__dict__.setdefault("_buffers", {})  # not state: a copy or an unpickled one starts anew
+        buffer, numel = buffers.get((name, dtype)), sum(sizes)
         if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, pin_memory=pinned)
+            buffer = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, pin_memory=pinned)
         return list(buffer[:numel].split(sizes))
 
     def _pinned(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

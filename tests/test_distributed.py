@@ -1,16 +1,14 @@
-"""FSDP2 over two CPU processes (gloo) gives the same SRPO update as one process on the whole batch."""
-
-import os
-import socket
+"""FSDP2 over two CPU processes (gloo): the same SRPO update as one process on the whole batch, and
+rollout forwards on weights gathered once."""
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from tensordict import TensorDict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
-from srpo_rl.distributed import DistInfo, shard_actor
+from srpo_rl.distributed import DistInfo, gathered, shard_actor
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.objectives import GroupAdvantage, SRPOLoss
 from srpo_rl.policy import OpenVLAOFTPolicy
@@ -55,29 +53,17 @@ def _update(checkpoint: str, rank: int, world_size: int) -> dict[str, torch.Tens
     return get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _worker(rank: int, world_size: int, port: int, checkpoint: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        state = _update(checkpoint, rank, world_size)
-        if rank == 0:
-            torch.save(state, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world_size: int, checkpoint: str, out: str) -> None:
+    state = _update(checkpoint, rank, world_size)
+    if rank == 0:
+        torch.save(state, out)
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
     checkpoint = str(tmp_path / "tiny")
     write_tiny_checkpoint(checkpoint)
-    mp.spawn(_worker, args=(2, _free_port(), checkpoint, str(tmp_path / "fsdp.pt")), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, checkpoint, str(tmp_path / "fsdp.pt"))
     sharded = torch.load(tmp_path / "fsdp.pt")
     single = _update(checkpoint, 0, 1)
     initial = OpenVLAOFTPolicy.from_pretrained(checkpoint, "libero_goal", dtype=torch.float32).model.state_dict()
@@ -100,43 +86,33 @@ def _logits(policy: OpenVLAOFTPolicy, obs: TensorDict) -> torch.Tensor:
     return policy.model.action_logits(td["prompt_ids"], td["prompt_mask"], policy.pixel_values(td["policy_image"]))
 
 
-def _gathered_worker(rank: int, world_size: int, port: int, checkpoint: str, out: str) -> None:
+def _gathered_worker(rank: int, world_size: int, checkpoint: str, out: str) -> None:
     """Inside ``gathered`` the ranks run different numbers of forwards (as rollouts do), without collectives."""
-    from torch.distributed.tensor import DTensor
-
-    from srpo_rl.distributed import gathered
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
-        batch = _batch(policy)
-        shard_actor(policy.model, DistInfo(rank, world_size, rank, torch.device("cpu")), mixed_precision="fp32")
-        obs = _observations()
-        logits = []
-        with torch.no_grad(), gathered(policy.model):
-            for _ in range(3 if rank == 0 else 1):  # rank 1 stops early: a per-forward all-gather would hang
-                logits.append(_logits(policy, obs))
-            assert not isinstance(policy.model.language_model.model.layers[0].mlp.up_proj.weight, DTensor)
-        assert isinstance(policy.model.language_model.model.layers[0].mlp.up_proj.weight, DTensor)  # resharded
-        if rank == 0:
-            torch.save(logits, out)
-        # training after it still runs the sharded update (the same collectives on both ranks)
-        loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
-        optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.5)
-        update_policy(loss, optimizer, batch[rank::world_size], mini_batch_trajectories=NUM_TRAJ // world_size,
-                      traj_mini_batch_size=2, shuffle=False)
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    shard_actor(policy.model, DistInfo(rank, world_size, rank, torch.device("cpu")), mixed_precision="fp32")
+    obs = _observations()
+    logits = []
+    with torch.no_grad(), gathered(policy.model):
+        for _ in range(3 if rank == 0 else 1):  # rank 1 stops early: a per-forward all-gather would hang
+            logits.append(_logits(policy, obs))
+        assert not isinstance(policy.model.language_model.model.layers[0].mlp.up_proj.weight, DTensor)
+    assert isinstance(policy.model.language_model.model.layers[0].mlp.up_proj.weight, DTensor)  # resharded
+    if rank == 0:
+        torch.save(logits, out)
+    # training after it still runs the sharded update (the same collectives on both ranks)
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.5)
+    update_policy(loss, optimizer, batch[rank::world_size], mini_batch_trajectories=NUM_TRAJ // world_size,
+                  traj_mini_batch_size=2, shuffle=False)
 
 
 @pytest.mark.slow
 def test_gathered_weights_let_ranks_run_different_forwards(tmp_path):
     checkpoint = str(tmp_path / "tiny")
     write_tiny_checkpoint(checkpoint)
-    mp.spawn(_gathered_worker, args=(2, _free_port(), checkpoint, str(tmp_path / "logits.pt")), nprocs=2, join=True)
+    spawn_gloo(_gathered_worker, 2, checkpoint, str(tmp_path / "logits.pt"))
     logits = torch.load(tmp_path / "logits.pt")
     torch.manual_seed(0)
     policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)

@@ -1,12 +1,10 @@
 """HostAdamW: torch's AdamW on fp32 master weights in host memory, checkpointed, and FSDP2-sharded."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from srpo_rl.checkpoint import CheckpointManager
@@ -128,56 +126,44 @@ def test_checkpoint_resume_continues_bit_for_bit(tmp_path):
         assert torch.equal(straight_opt.state[a]["master"], resumed_opt.state[b]["master"]), name
 
 
-def _sharded_worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _sharded_worker(rank: int, world_size: int, out: str) -> None:
     """Two FSDP2 ranks: two steps, a checkpoint, a fresh model and optimizer that resume, two more steps."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        info = DistInfo(rank, world_size, rank, torch.device("cpu"))
-        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))[rank::world_size]
+    info = DistInfo(rank, world_size, rank, torch.device("cpu"))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))[rank::world_size]
 
-        def build():
-            model = shard_actor(_model(torch.float32), info, mixed_precision="fp32", forward_methods=())
-            return model, HostAdamW(model.parameters(), lr=LR, weight_decay=WD)
+    def build():
+        model = shard_actor(_model(torch.float32), info, mixed_precision="fp32", forward_methods=())
+        return model, HostAdamW(model.parameters(), lr=LR, weight_decay=WD)
 
-        model, optimizer = build()
-        _train(model, optimizer, range(2), x)
-        manager = CheckpointManager(os.path.join(out, "ckpt"))
-        manager.save(2, model=model, optimizer=optimizer, trainer_state={})
-        model, optimizer = build()
-        manager.load_latest(model=model, optimizer=optimizer)
-        assert all(state["master"].to_local().device.type == "cpu" for state in optimizer.state.values())
-        _train(model, optimizer, range(2, 4), x)
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            torch.save(state, os.path.join(out, "sharded.pt"))
+    model, optimizer = build()
+    _train(model, optimizer, range(2), x)
+    manager = CheckpointManager(os.path.join(out, "ckpt"))
+    manager.save(2, model=model, optimizer=optimizer, trainer_state={})
+    model, optimizer = build()
+    manager.load_latest(model=model, optimizer=optimizer)
+    assert all(state["master"].to_local().device.type == "cpu" for state in optimizer.state.values())
+    _train(model, optimizer, range(2, 4), x)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(state, os.path.join(out, "sharded.pt"))
 
-        # the recipe's configuration: bf16 shards, gradients accumulated over two backwards (FSDP2 keeps the sum
-        # in fp32 between them), one host step; the shards are the rounded fp32 masters
-        model = shard_actor(_model(torch.bfloat16), info, mixed_precision="bf16", forward_methods=())
-        optimizer = HostAdamW(model.parameters(), lr=LR, weight_decay=WD)
-        for last, half in ((False, x[:2]), (True, x[2:])):
-            model.set_requires_gradient_sync(last)
-            model(half.to(torch.bfloat16)).float().square().sum().backward()
-        optimizer.step()
-        for param in model.parameters():
-            master = optimizer.state[param]["master"].to_local()
-            assert param.dtype == torch.bfloat16 and master.dtype == torch.float32
-            assert torch.equal(param.to_local(), master.to(torch.bfloat16))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # the recipe's configuration: bf16 shards, gradients accumulated over two backwards (FSDP2 keeps the sum
+    # in fp32 between them), one host step; the shards are the rounded fp32 masters
+    model = shard_actor(_model(torch.bfloat16), info, mixed_precision="bf16", forward_methods=())
+    optimizer = HostAdamW(model.parameters(), lr=LR, weight_decay=WD)
+    for last, half in ((False, x[:2]), (True, x[2:])):
+        model.set_requires_gradient_sync(last)
+        model(half.to(torch.bfloat16)).float().square().sum().backward()
+    optimizer.step()
+    for param in model.parameters():
+        master = optimizer.state[param]["master"].to_local()
+        assert param.dtype == torch.bfloat16 and master.dtype == torch.float32
+        assert torch.equal(param.to_local(), master.to(torch.bfloat16))
 
 
 @pytest.mark.slow
 def test_fsdp2_shards_resume_and_match_one_process(tmp_path):
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_sharded_worker, 2, str(tmp_path))
     sharded = torch.load(tmp_path / "sharded.pt")
     single = _model(torch.float32)
     # FSDP2 averages the two ranks' gradients: the mean over both halves of the batch, 2x each half's sum
