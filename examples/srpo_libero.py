@@ -22,7 +22,7 @@ from torchrl.envs.utils import ExplorationType
 from tqdm.auto import tqdm
 
 from srpo_rl.checkpoint import CheckpointManager
-from srpo_rl.distributed import init_distributed, reduce_scalar
+from srpo_rl.distributed import DistInfo, close_distributed, init_distributed, reduce_scalar
 from srpo_rl.evaluation import evaluate
 from srpo_rl.examples.utils_srpo import (
     batch_metrics,
@@ -51,6 +51,12 @@ def main(cfg: DictConfig) -> None:
     # Config errors fail here, before any work
     check_config(cfg)
     info = init_distributed(cfg.device)
+    run(cfg, info)
+    close_distributed()  # after run's models are released
+
+
+def run(cfg: DictConfig, info: DistInfo) -> None:
+    """The recipe on this process (one rank of the job)."""
     torch.manual_seed(cfg.seed + info.rank)
 
     # Task manifests (generated on first use) and models

@@ -18,20 +18,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _gloo_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
-    import gc
     import torch.distributed as dist
+
+    from srpo_rl.distributed import close_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-        # FSDP2's state (and the collectives it holds) freed while the group still lives: without this, about
-        # one exit in four aborted in torch's teardown ("terminate called without an active exception")
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    close_distributed()  # fn's models are freed by now
 
 
 def spawn_gloo(fn, world_size: int, *args) -> None:
