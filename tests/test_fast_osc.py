@@ -59,6 +59,11 @@ def test_the_physics_stays_bit_identical_to_robosuites(sims):
             np.testing.assert_array_equal(_physics(fast), _physics(stock))
             for key in ("state", "frames", "image"):
                 np.testing.assert_array_equal(outs[0][key], outs[1][key], err_msg=key)
+            # every observable robosuite keeps, sampled on the same substeps
+            observations = fast.env.env._get_observations(), stock.env.env._get_observations()
+            assert observations[0].keys() == observations[1].keys()
+            for key in observations[0]:
+                np.testing.assert_array_equal(observations[0][key], observations[1][key], err_msg=key)
         substeps = fast.env.env.__dict__["_pre_action"]
         controllers.append(substeps.controller)
         sims.append(substeps.sim)
