@@ -157,6 +157,7 @@ def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_pa
         assert torch.equal(state["master"].to(torch.bfloat16), weights[name]), name
         decayed += not torch.equal(state["master"], state["master"].to(torch.bfloat16).float())
     assert decayed > len(optim) // 2  # the masters moved off the bf16 grid: the update ran in fp32
+    assert (checkpoint / "huggingface" / "config.json").exists()  # the policy in its published format
 
 
 def test_batch_metrics_are_the_shaped_reward_and_advantage_statistics():
