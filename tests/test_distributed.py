@@ -59,10 +59,15 @@ def _worker(rank: int, world_size: int, checkpoint: str, out: str) -> None:
         torch.save(state, out)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny_openvla_oft"))
+    write_tiny_checkpoint(path)
+    return path
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(tmp_path):
-    checkpoint = str(tmp_path / "tiny")
-    write_tiny_checkpoint(checkpoint)
+def test_two_gloo_processes_match_one(checkpoint, tmp_path):
     spawn_gloo(_worker, 2, checkpoint, str(tmp_path / "fsdp.pt"))
     sharded = torch.load(tmp_path / "fsdp.pt")
     single = _update(checkpoint, 0, 1)
@@ -109,9 +114,7 @@ def _gathered_worker(rank: int, world_size: int, checkpoint: str, out: str) -> N
 
 
 @pytest.mark.slow
-def test_gathered_weights_let_ranks_run_different_forwards(tmp_path):
-    checkpoint = str(tmp_path / "tiny")
-    write_tiny_checkpoint(checkpoint)
+def test_gathered_weights_let_ranks_run_different_forwards(checkpoint, tmp_path):
     spawn_gloo(_gathered_worker, 2, checkpoint, str(tmp_path / "logits.pt"))
     logits = torch.load(tmp_path / "logits.pt")
     torch.manual_seed(0)
