@@ -9,6 +9,8 @@ Random weights never succeed, so the accuracy filter is off (every group is trai
 
     python benchmarks/recipe_iteration.py                  # OpenVLA-OFT-7B + ViT-g, one CUDA GPU
     python benchmarks/recipe_iteration.py --tiny           # tiny models on the CPU (checks the script)
+    python benchmarks/recipe_iteration.py --gpu-memory-gib 78 --override actor.fsdp.optimizer_offload=true
+                                                           # would it fit an 80 GB H100? (on a larger GPU)
 
 Prints a table of the phases, then one JSON line with every logged figure, the machine and the command.
 """
@@ -31,6 +33,11 @@ from _common import command, machine, versions
 
 PHASES = ("time/rollout", "time/reward_and_advantage", "time/update", "time/validation")
 LINE = re.compile(r"^\[step (\d+)\] (.*)$")
+# runs the example with PyTorch's CUDA caching allocator capped at argv[1] GiB: past the cap an allocation
+# raises out-of-memory as on a smaller GPU (the CUDA context and the env processes' EGL memory are not counted)
+CAPPED = ("import runpy, sys, torch; cap = float(sys.argv.pop(1)) * 2**30; "
+          "torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory); "
+          "runpy.run_module('srpo_rl.examples.srpo_libero', run_name='__main__', alter_sys=True)")
 
 
 def write_checkpoints(root: Path, device: torch.device) -> tuple[Path, Path, float]:
@@ -108,6 +115,8 @@ def main() -> None:
     parser.add_argument("--overlap", choices=("true", "false", "halves"), default="true",
                         help="rollout.overlap: true = asynchronous env pool (the default), false = one round of all slots at a time")
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for the script")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="cap PyTorch's GPU memory at this many GiB (an 80 GB H100 holds about 78 beside its context)")
     args = parser.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="srpo_recipe_"))
@@ -119,7 +128,10 @@ def main() -> None:
     setup_s = 0.0
     if not args.tiny:
         policy_dir, vjepa_dir, setup_s = write_checkpoints(out, device)
-    script = [sys.executable, "-m", "srpo_rl.examples.srpo_libero", *overrides(args, policy_dir, vjepa_dir, out / "run")]
+    if args.gpu_memory_gib is not None and device.type != "cuda":
+        sys.exit("--gpu-memory-gib caps a CUDA device's memory; this run has none")
+    launch = ["-m", "srpo_rl.examples.srpo_libero"] if args.gpu_memory_gib is None else ["-c", CAPPED, str(args.gpu_memory_gib)]
+    script = [sys.executable, *launch, *overrides(args, policy_dir, vjepa_dir, out / "run")]
     print("running:", " ".join(script), flush=True)
     metrics, wall, code = run_recipe(script, out / "recipe.log")
     if code != 0:
@@ -132,6 +144,7 @@ def main() -> None:
         "suite": "libero_object" if args.tiny else args.suite,
         "wall_s": wall,
         "checkpoint_writing_s": setup_s,
+        "gpu_memory_cap_gib": args.gpu_memory_gib,
         "phases_s": {name: metrics.get(name) for name in PHASES},
         "metrics": metrics,
         "machine": machine(device),
