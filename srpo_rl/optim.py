@@ -36,6 +36,7 @@ from itertools import chain
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.optim.adamw import adamw
 
 __all__ = ["HostAdamW"]
@@ -57,8 +58,10 @@ def _synchronize(tensors: Iterable[torch.Tensor]) -> None:
 def _like(param: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
     """``host`` (this process's part, in host memory) shaped as ``param`` is: a DTensor for a DTensor."""
     if isinstance(param, DTensor):
-        return DTensor.from_local(host, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride())
+        # not DTensor.from_local: it moves the local tensor to the mesh's device type (CUDA under NCCL); FSDP2's
+        # own CPU offload builds its host-sharded parameters this way too
+        meta = TensorMeta(param.shape, param.stride(), host.dtype)
+        return DTensor(host, DTensorSpec(param.device_mesh, param.placements, tensor_meta=meta), requires_grad=False)
     return host
 
 

@@ -453,7 +453,9 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         n, c, h, w = policy_image.shape
         device = self._device()  # the model's: the policy's own buffers may sit elsewhere (FSDP moves the model)
         x = policy_image.to(device).reshape(n, c // 3, 1, 3, h, w).float().div(255.0)
-        mean, std = self.image_mean.to(device), self.image_std.to(device)
+        if self.image_mean.device != device:  # once, not per call: a copy from host memory would sync the GPU
+            self.image_mean, self.image_std = self.image_mean.to(device), self.image_std.to(device)
+        mean, std = self.image_mean, self.image_std
         return ((x - mean) / std).reshape(n, 2 * c, h, w)
 
     # --- VLAWrapperBase hooks ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from conftest import spawn_gloo
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from srpo_rl.checkpoint import CheckpointManager
-from srpo_rl.distributed import DistInfo, shard_actor
+from srpo_rl.distributed import DistInfo, close_distributed, shard_actor
 from srpo_rl.optim import HostAdamW
 
 LR, BETAS, EPS, WD = 0.05, (0.9, 0.999), 1e-8, 0.1
@@ -196,3 +196,28 @@ def test_cuda_parameters_get_the_same_update_as_host_parameters():
     for p, q in zip(on_host, on_gpu):
         assert q.device.type == "cuda" and torch.equal(q.detach().cpu(), p.detach())
         assert torch.equal(optimizers[1].state[q]["master"], optimizers[0].state[p]["master"])
+
+
+@pytest.mark.gpu
+def test_fsdp2_on_a_cuda_mesh_keeps_the_state_on_the_host(tmp_path):
+    """One NCCL rank, the recipe's bf16 shards on the GPU: the state stays in host memory (a CUDA mesh made
+    ``DTensor.from_local`` move it to the GPU, where the host step failed) and the update is the unsharded one."""
+    torch.distributed.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.cuda.set_device(0)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).cuda()
+        info = DistInfo(0, 1, 0, torch.device("cuda", 0))
+        sharded = shard_actor(_model(torch.bfloat16), info, mixed_precision="bf16", forward_methods=())
+        plain = _model(torch.bfloat16).cuda()
+        optimizers = [HostAdamW(m.parameters(), lr=LR, weight_decay=WD) for m in (sharded, plain)]
+        for model, optimizer in zip((sharded, plain), optimizers):
+            _train(model, optimizer, range(2), x)
+        for state in optimizers[0].state.values():
+            assert all(state[k].to_local().device.type == "cpu" for k in ("master", "exp_avg", "exp_avg_sq"))
+        for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+            assert p.to_local().device.type == "cuda"
+            torch.testing.assert_close(p.full_tensor(), q, msg=name)
+            torch.testing.assert_close(optimizers[0].state[p]["master"].full_tensor(), optimizers[1].state[q]["master"],
+                                       rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        close_distributed()
