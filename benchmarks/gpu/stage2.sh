@@ -7,12 +7,19 @@ source benchmarks/gpu/env.sh
 start=$SECONDS
 
 [ -f "$SITE/libero/libero/__init__.py" ] || { echo "stage2: /tmp/site has no LIBERO: the machine went cold; run stage1.sh again first"; exit 2; }
-[ -f .carry2/numba_llvmlite.tar.xz ] || { echo "stage2: .carry2/numba_llvmlite.tar.xz is missing: carry .carry2"; exit 2; }
+# CARRY2: the carried folder (default .carry2); a slim one without numba / scikit-learn serves where the image
+# has them, and then fits one call with stage1's .carry (benchmarks/gpu/README.md)
+CARRY2="${CARRY2:-.carry2}"
+[ -f "$CARRY2/hydra.tar.xz" ] || { echo "stage2: $CARRY2/hydra.tar.xz is missing: carry $CARRY2"; exit 2; }
 
 # numba + llvmlite: their two wheels unpacked and recompressed (64 MB of wheels -> 44 MB of xz)
-tar xJf .carry2/numba_llvmlite.tar.xz -C "$SITE"
-tar xJf .carry2/hydra.tar.xz -C "$SITE"  # Hydra + OmegaConf + antlr4 for examples/srpo_libero.py
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .carry2/*.whl
+if [ -f "$CARRY2/numba_llvmlite.tar.xz" ]; then
+  tar xJf "$CARRY2/numba_llvmlite.tar.xz" -C "$SITE"
+else
+  python3 -c "import numba, sklearn" || { echo "stage2: the image lacks numba or scikit-learn: carry .carry2"; exit 2; }
+fi
+tar xJf "$CARRY2/hydra.tar.xz" -C "$SITE"  # Hydra + OmegaConf + antlr4 for examples/srpo_libero.py
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY2"/*.whl
 install_tree
 
 python3 - <<'PY'
