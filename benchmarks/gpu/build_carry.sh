@@ -5,14 +5,19 @@
 #   .carry2  numba + llvmlite (their wheels unpacked and xz-compressed: 64 MB -> 44 MB), torchrl,
 #            tensordict, scikit-learn and their pure dependencies, pytest (for the GPU tests), Hydra, a wheel
 #            of this project (call 2)
+#   .carry2lite  .carry2 without what the GPU image has (numba, llvmlite, scikit-learn, joblib, pygments,
+#            narwhals) nor the project's wheel (run.sh copies the working tree): small enough to travel with
+#            .carry and .gl in one call (CARRY2=.carry2lite bash benchmarks/gpu/stage2.sh)
 # Usage: PACK_LIBERO=path/to/pack_libero.py bash benchmarks/gpu/build_carry.sh
 # (pack_libero.py writes assets.tar.xz and code.tar.xz for a suite; see benchmarks/gpu/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 WHL=$(mktemp -d)
-grep -qx '/.carry/' .git/info/exclude 2>/dev/null || printf '/.carry/\n/.carry2/\n/.gl/\n' >> .git/info/exclude
-mkdir -p .carry .carry2 .gl
+for folder in .carry .carry2 .carry2lite .gl; do
+  grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >> .git/info/exclude
+done
+mkdir -p .carry .carry2 .carry2lite .gl
 
 download() {  # cp312 manylinux wheels for the GPU machine, no dependencies
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -45,4 +50,8 @@ download .carry2 torchrl==0.14.1 tensordict==0.14.3 pyvers==0.2.3 orjson==3.13.0
   antlr4_python3_runtime-*.dist-info) | xz -6 > .carry2/hydra.tar.xz
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .carry2 .
 rm -rf "$WHL"
-du -sh .carry .carry2 .gl
+# the one-call variant: what the image lacks
+rm -f .carry2lite/*
+cp .carry2/hydra.tar.xz .carry2/*.whl .carry2lite/
+rm -f .carry2lite/{scikit_learn,joblib,pygments,narwhals,srpo_rl}-*.whl
+du -sh .carry .carry2 .carry2lite .gl
