@@ -96,7 +96,7 @@ def _model(dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
 def _train(model: torch.nn.Module, optimizer: HostAdamW, steps: range, x: torch.Tensor) -> None:
     for step in steps:
         optimizer.zero_grad()
-        (model(x) * torch.linspace(-1, 1, 3, dtype=x.dtype) * (step + 1)).sum().backward()
+        (model(x) * torch.linspace(-1, 1, 3, dtype=x.dtype, device=x.device) * (step + 1)).sum().backward()
         optimizer.step()
 
 
@@ -214,10 +214,10 @@ def test_fsdp2_on_a_cuda_mesh_keeps_the_state_on_the_host(tmp_path):
             _train(model, optimizer, range(2), x)
         for state in optimizers[0].state.values():
             assert all(state[k].to_local().device.type == "cpu" for k in ("master", "exp_avg", "exp_avg_sq"))
-        for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+        for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):  # one rank: its shard is all
             assert p.to_local().device.type == "cuda"
-            torch.testing.assert_close(p.full_tensor(), q, msg=name)
-            torch.testing.assert_close(optimizers[0].state[p]["master"].full_tensor(), optimizers[1].state[q]["master"],
+            torch.testing.assert_close(p.to_local(), q, msg=name)
+            torch.testing.assert_close(optimizers[0].state[p]["master"].to_local(), optimizers[1].state[q]["master"],
                                        rtol=1e-5, atol=1e-6, msg=name)
     finally:
         close_distributed()
