@@ -35,7 +35,11 @@ PY
 # the CPU counters every 2 s (user, nice, system, idle, iowait, irq, softirq, steal): what the cores did
 (while sleep 2; do echo "$(date +%s) $(head -n 1 /proc/stat)"; done) > "$OUT/cpustat.log" 2>&1 &
 CPULOG=$!
-trap 'kill $CPULOG 2>/dev/null' EXIT
+# and the host memory (free -m: total used free shared buff/cache available, MiB): the offloaded optimizer
+# state and the LIBERO processes share it
+(while sleep 3; do echo "$(date +%s) $(free -m | sed -n 2p)"; done) > "$OUT/mem.log" 2>&1 &
+MEMLOG=$!
+trap 'kill $CPULOG $MEMLOG 2>/dev/null' EXIT
 status=0
 for job in "$@"; do
   case "$job" in
