@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -39,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.optim.adamw import adamw
 
-__all__ = ["HostAdamW"]
+__all__ = ["HostAdamW", "available_host_bytes"]
 
 _HOST_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -53,6 +54,18 @@ def _synchronize(tensors: Iterable[torch.Tensor]) -> None:
     """Waits for the CUDA devices of ``tensors`` (their asynchronous copies to and from pinned memory)."""
     for device in {t.device for t in tensors}:
         torch.cuda.synchronize(device)
+
+
+def available_host_bytes() -> int | None:
+    """The host memory the kernel can still give without swapping (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _like(param: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
@@ -111,6 +124,26 @@ class HostAdamW(torch.optim.Optimizer):
             state["exp_avg"] = _like(param, torch.zeros_like(master))
             state["exp_avg_sq"] = _like(param, torch.zeros_like(master))
         return state
+
+    def _check_host_memory(self, params: list[torch.Tensor]) -> None:
+        """Raises MemoryError, naming the sizes, before a first step whose new state cannot fit the host: the
+        kernel would kill the process part-way through allocating it, with no message."""
+        new = [p for p in params if not self.state.get(p)]
+        if not new:
+            return
+        needed = sum(4 * len(_HOST_KEYS) * _local(p).numel() for p in new)
+        # the step's buffers: a chunk holds less than chunk_bytes + its last parameter; one fp32 copy of it, and a
+        # pinned one in the gradients' dtype that may be reallocated once as chunks grow
+        needed += 3 * (self.chunk_bytes + max(4 * _local(p).numel() for p in params))
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this host, each its shard
+        available = available_host_bytes()
+        if available is not None and ranks_here * needed > available:
+            gib, each = 2**30, f" on each of {ranks_here} processes" if ranks_here > 1 else ""
+            raise MemoryError(
+                f"HostAdamW needs {needed / gib:.1f} GiB of host memory{each} for the fp32 master weights and moments "
+                f"of {sum(_local(p).numel() for p in new) / 1e9:.2f} B parameters, and {available / gib:.1f} GiB are "
+                f"available; free host memory (fewer env processes: env.num_envs), shard over more GPUs, or "
+                f"keep the optimizer on the GPU (actor.fsdp.optimizer_offload=false)")
 
     def _chunks(self, params: list[torch.Tensor]):
         chunk, size = [], 0
@@ -174,6 +207,7 @@ class HostAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_host_memory([p for group in self.param_groups for p in group["params"] if p.grad is not None])
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for chunk in self._chunks([p for p in group["params"] if p.grad is not None]):

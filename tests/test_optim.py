@@ -9,7 +9,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from srpo_rl.checkpoint import CheckpointManager
 from srpo_rl.distributed import DistInfo, close_distributed, shard_actor
-from srpo_rl.optim import HostAdamW
+from srpo_rl.optim import HostAdamW, available_host_bytes
 
 LR, BETAS, EPS, WD = 0.05, (0.9, 0.999), 1e-8, 0.1
 
@@ -81,6 +81,31 @@ def test_bad_settings_are_named():
         HostAdamW([torch.nn.Parameter(torch.ones(1))], lr=-1)
     with pytest.raises(ValueError, match="chunk_bytes must be >= 1, got 0"):
         HostAdamW([torch.nn.Parameter(torch.ones(1))], chunk_bytes=0)
+
+
+def test_a_state_larger_than_the_host_fails_before_allocating_with_the_sizes_named():
+    # 2e12 parameters on the meta device (no memory behind them): 24 TB of fp32 state, more than any host has;
+    # without the check the kernel kills the process part-way through allocating it, with no message
+    available = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:")).split()[1])
+    assert abs(available_host_bytes() - 1024 * available) < 2**30  # the kernel's MemAvailable, in bytes
+    n = 2 * 10**12
+    huge = torch.nn.Parameter(torch.empty(n, dtype=torch.bfloat16, device="meta"))
+    huge.grad = torch.empty_like(huge)
+    optimizer = HostAdamW([huge], lr=1e-3)
+    # master + two moments in fp32, and the step's buffers: 3 x (chunk_bytes + the largest parameter in fp32)
+    needed_gib = (3 * 4 * n + 3 * (optimizer.chunk_bytes + 4 * n)) / 2**30
+    with pytest.raises(MemoryError, match=rf"HostAdamW needs {needed_gib:.1f} GiB of host memory .* 2000\.00 B "
+                                          rf"parameters, and \d+\.\d GiB are available"):
+        optimizer.step()
+    assert not optimizer.state.get(huge)  # nothing was allocated
+
+
+def test_a_state_that_fits_passes_the_host_memory_check():
+    model = _model()
+    optimizer = HostAdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 6, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()  # 12 bytes a parameter and the chunk buffers: far below any host's available memory
+    assert optimizer.host_bytes() == 12 * sum(p.numel() for p in model.parameters())
 
 
 class _Net(torch.nn.Sequential):
