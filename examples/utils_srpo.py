@@ -210,7 +210,11 @@ def host_optimizer(cfg: DictConfig) -> bool:
 def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Optimizer:
     params = [p for p in policy.model.parameters() if p.requires_grad]
     if host_optimizer(cfg):
-        return HostAdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
+        optimizer = HostAdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
+        # its host memory (84 GiB for the 7B) taken now, beside the built envs: a host too small fails at start-up,
+        # not after the first rollout (an 80 GB H100's 128 GB host ran the 7B with 8 envs, not with 16)
+        optimizer.init_state()
+        return optimizer
     # on a GPU the fused kernel updates in place: the default multi-tensor path allocates temporaries as large
     # as the optimizer state (+30 GB for the 7B), which is what runs one 141 GB GPU out of memory
     fused = all(p.device.type == "cuda" for p in params)

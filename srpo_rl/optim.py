@@ -125,6 +125,18 @@ class HostAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = _like(param, torch.zeros_like(master))
         return state
 
+    def init_state(self) -> None:
+        """Builds every parameter's host state now (its fp32 master copy and zero moments), not at the first step.
+
+        The host memory is then taken at start-up: a state that cannot fit fails here with MemoryError, before
+        any rollout, and whatever starts later (env processes) sees the host as the step will leave it. Every
+        parameter gets a state, also one that never receives a gradient.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._check_host_memory(params)
+        for param in params:
+            self._state(param)
+
     def _check_host_memory(self, params: list[torch.Tensor]) -> None:
         """Raises MemoryError, naming the sizes, before a first step whose new state cannot fit the host: the
         kernel would kill the process part-way through allocating it, with no message."""
