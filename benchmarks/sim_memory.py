@@ -95,12 +95,13 @@ def main() -> None:
     print(f"{'step':<14}" + "".join(f"{s + ' MiB':>13}{s + ' s':>11}" for s in SETTINGS))
     for i, row in enumerate(runs["default"]["rows"]):
         label = f"build task {row['task']}" if i == 0 else f"-> task {row['task']}"
-        cells = "".join(f"{runs[s]['rows'][i]['rss_mib']:>13.0f}{runs[s]['rows'][i]['seconds']:>11.2f}" for s in SETTINGS)
-        print(f"{label:<14}{cells}")
+        cells = [runs[s]["rows"][i] for s in SETTINGS]
+        print(f"{label:<14}" + "".join(f"{c['rss_mib']:>13.0f}{c['seconds']:>11.2f}" for c in cells))
     last = {s: runs[s]["rows"][-1]["rss_mib"] for s in SETTINGS}
     changes = {s: sum(r["seconds"] for r in runs[s]["rows"][1:]) / args.changes for s in SETTINGS}
     print(f"cache off: {last['default'] - last['off']:.0f} MiB less at the end, a task change "
-          f"{changes['off'] / changes['default']:.2f}x the time ({changes['off']:.2f} s against {changes['default']:.2f} s)")
+          f"{changes['off'] / changes['default']:.2f}x the time "
+          f"({changes['off']:.2f} s against {changes['default']:.2f} s)")
     print(json.dumps({
         "benchmark": "sim_memory",
         "suite": args.suite,
