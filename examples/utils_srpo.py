@@ -212,7 +212,8 @@ def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Opt
     if host_optimizer(cfg):
         optimizer = HostAdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
         # its host memory (84 GiB for the 7B) taken now, beside the built envs: a host too small fails at start-up,
-        # not after the first rollout (an 80 GB H100's 128 GB host ran the 7B with 8 envs, not with 16)
+        # not after the first rollout (on an 80 GB H100 with a 128 GB host the 7B ran with 8 envs; with 16 the
+        # process was killed at its first host step, most likely out of host memory)
         optimizer.init_state()
         return optimizer
     # on a GPU the fused kernel updates in place: the default multi-tensor path allocates temporaries as large
