@@ -36,6 +36,8 @@ Examples:
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import math
 
 import numpy as np
@@ -45,12 +47,31 @@ from . import fast_osc
 from .chunk import ChunkResult, run_chunk, validate_chunk
 from .suites import RECIPE_MAX_STEPS, configure_rendering, import_libero, load_init_states, suite_info
 
-__all__ = ["ACTION_DIM", "DUMMY_ACTION", "LiberoSim", "quat2axisangle"]
+__all__ = ["ACTION_DIM", "DUMMY_ACTION", "LiberoSim", "quat2axisangle", "release_free_heap"]
 
 #: LIBERO actions: 6-D OSC_POSE delta + gripper (-1 open, +1 close).
 ACTION_DIM = 7
 #: The settle action of the OpenVLA evaluation: no motion, gripper open.
 DUMMY_ACTION = np.array([0.0] * 6 + [-1.0])
+
+
+
+def release_free_heap() -> bool:
+    """Hands the free pages of this process's C heap back to the kernel (glibc's ``malloc_trim(0)``).
+
+    Compiling a LIBERO scene allocates and frees hundreds of MiB on the C heap (XML, decoded meshes and
+    textures); glibc keeps the freed pages, so a process that changed task a few times holds them for
+    good. With 16 env processes beside the 7B's host-offloaded optimizer state, that is what decides
+    whether an iteration fits the host (``benchmarks/sim_memory.py``). Takes tens of ms. Returns False
+    where the C library has no ``malloc_trim`` (not glibc): nothing is released there.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
 
 _AGENTVIEW = "agentview"
 _WRIST = "robot0_eye_in_hand"
@@ -194,6 +215,7 @@ class LiberoSim:
         self.init_states = load_init_states(self.suite, task_id)
         self._gate_cameras()
         self._over = True
+        release_free_heap()  # the scene compile's freed heap: about 480 MiB a process after a task change
 
     def _apply_look(self) -> None:
         if self.legacy_look:

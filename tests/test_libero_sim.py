@@ -14,7 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from srpo_rl.envs import LiberoSim, num_frames
 from srpo_rl.envs.chunk import frame_slots
-from srpo_rl.envs.sim import DUMMY_ACTION, quat2axisangle
+from srpo_rl.envs.sim import DUMMY_ACTION, quat2axisangle, release_free_heap
 
 SIZE = 256
 
@@ -83,6 +83,24 @@ def test_quat2axisangle_matches_scipy():
 
 
 # -- resets ----------------------------------------------------------------------------------------
+def _resident_mib() -> float:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Rss:")) / 1024
+
+
+def test_release_free_heap_hands_freed_heap_pages_back():
+    # 200 MiB of 64 KiB blocks on the C heap (below glibc's mmap threshold), each followed by a kept 1 KiB block:
+    # once the big ones are freed, the heap cannot shrink from its top, so glibc keeps their pages resident
+    pairs = [(bytearray(64 * 1024), bytearray(1024)) for _ in range(3200)]
+    kept = [small for _, small in pairs]
+    del pairs
+    before = _resident_mib()
+    if not release_free_heap():
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+    assert before - _resident_mib() > 150, "the freed 200 MiB stayed resident"
+    assert len(kept) == 3200
+
+
 def test_reset_runs_settle_steps(sim):
     renders = sim.renders
     obs = sim.reset(init_state_id=3)

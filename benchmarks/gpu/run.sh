@@ -54,7 +54,7 @@ for job in "$@"; do
     reward) cmd=(python3 benchmarks/reward_throughput.py) limit=240 ;;
     recipe) cmd=(python3 benchmarks/recipe_iteration.py --out /tmp/recipe) limit=480 ;;
     gil) cmd=(python3 benchmarks/gil_contention.py) limit=60 ;;
-    simmem) cmd=(python3 benchmarks/sim_memory.py) limit=120 ;;  # a LIBERO process's host memory, asset cache on / off
+    simmem) cmd=(python3 benchmarks/sim_memory.py) limit=180 ;;  # a LIBERO process's host memory: heap trimmed or not, asset cache on / off
     gputests) cmd=(python3 -m pytest -q -p no:cacheprovider -m gpu tests) limit=300 ;;  # the tests CI skips
     smoke) continue ;;
   esac
