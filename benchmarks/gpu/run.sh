@@ -33,13 +33,13 @@ print("run.sh: environment ok,", torch.cuda.get_device_name())
 PY
 
 # the CPU counters every 2 s (user, nice, system, idle, iowait, irq, softirq, steal): what the cores did
-(while sleep 2; do echo "$(date +%s) $(head -n 1 /proc/stat)"; done) > "$OUT/cpustat.log" 2>&1 &
+(while sleep 2; do echo "$(date +%s) $(head -n 1 /proc/stat)"; done) >> "$OUT/cpustat.log" 2>&1 &
 CPULOG=$!
 # and the host memory (free -m: total used free shared buff/cache available, MiB), then each Python process's
 # proportional set size in MiB (shared pages split among their users): the offloaded optimizer state and the
 # LIBERO processes share the host
 pss_mib() { for pid in $(pgrep python); do awk '/^Pss:/ {printf "%d ", $2 / 1024}' "/proc/$pid/smaps_rollup" 2>/dev/null; done; }
-(while sleep 3; do echo "$(date +%s) $(free -m | sed -n 2p) pss: $(pss_mib)"; done) > "$OUT/mem.log" 2>&1 &
+(while sleep 3; do echo "$(date +%s) $(free -m | sed -n 2p) pss: $(pss_mib)"; done) >> "$OUT/mem.log" 2>&1 &
 MEMLOG=$!
 trap 'kill $CPULOG $MEMLOG 2>/dev/null' EXIT
 status=0
