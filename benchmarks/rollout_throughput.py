@@ -29,6 +29,10 @@ executes the same env steps, so its env-steps/s compare directly.
   only once the last decision is done, not right behind it.
 - ``pool_switch1ms``: the interpreter's thread switch interval at 1 ms instead of Python's 5
   (``sys.setswitchinterval``): a thread that waits for the GIL gets it sooner.
+- ``pool_margin5ms``: the policy thread launches the next batch 5 ms before the decision in flight is due (by
+  its estimate of the launch's CPU time) instead of 1 ms: a launch that waits for the GIL (the loop holds it
+  up to the 5 ms switch interval) is then still queued behind the decision in flight, at the price of a
+  batch closed a little earlier.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -98,8 +102,9 @@ CHUNK = 8
 # mode -> collect_rollouts(overlap=...) and how it differs from the library's defaults: the policy's CUDA graphs
 # off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
 # default is 5), the policy called whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
-# decision; None: asleep on both)
-DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None}
+# decision; None: asleep on both), how long before the decision in flight is due the policy thread launches the next
+# batch (ms; None: the library's 1)
+DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None, "margin_ms": None}
 # embedding mode -> the CUDA priority of the policy's stream during the rollout (the embedder's is 0)
 EMBED_MODES = {"embed": rollout_module.POLICY_STREAM_PRIORITY, "embed_flat": 0}
 SCHEDULER_MODES = {
@@ -111,6 +116,7 @@ SCHEDULER_MODES = {
     "pool_one_phase": {"overlap": True, "two_phase": False},
     "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
     "pool_polling": {"overlap": True, "poll_ms": 1.0},
+    "pool_margin5ms": {"overlap": True, "margin_ms": 5.0},
 }
 
 
@@ -414,9 +420,11 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     set_jpeg_in_workers(env, policy, options["env_jpeg"])
     if not options["two_phase"]:  # the rollout then calls the policy whole
         policy.__dict__["launch"] = None
-    default_switch = sys.getswitchinterval()
+    default_switch, default_margin = sys.getswitchinterval(), rollout_module._ForwardClock._MARGIN_S
     if options["switch_ms"] is not None:
         sys.setswitchinterval(options["switch_ms"] / 1e3)
+    if options["margin_ms"] is not None:
+        rollout_module._ForwardClock._MARGIN_S = options["margin_ms"] / 1e3
     env.poll_s = None if options["poll_ms"] is None else options["poll_ms"] / 1e3
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
@@ -428,6 +436,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
         trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap, on_finished=on_finished)
     finally:
         sys.setswitchinterval(default_switch)
+        rollout_module._ForwardClock._MARGIN_S = default_margin
         policy.__dict__.pop("launch", None)
         env.poll_s = None
     after = env.worker_time
