@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -207,14 +208,27 @@ def host_optimizer(cfg: DictConfig) -> bool:
     return bool(fsdp.optimizer_offload and not (fsdp.param_offload or fsdp.grad_offload))
 
 
+# what a LIBERO process grows by after its build (its first renders, task changes): up to 0.5 GiB on a 16-core
+# H100 machine, from 2.0 to 2.5 GiB (docs/gpu_recipe_offload_h100_12envs.json's run, mem.log)
+ENV_PROCESS_GROWTH_BYTES = 2**29
+
+
+def host_reserve_bytes(cfg: DictConfig, image_size: int) -> int:
+    """Host memory the job takes after start-up, beside an offloaded optimizer state: the env processes' growth
+    and one training batch's policy images (uint8 ``image_size``², every trajectory stacked to ``env.max_steps``)."""
+    chunks = math.ceil(cfg.env.max_steps / cfg.embodied.action_chunks_len)
+    image_bytes = 3 * image_size**2 * cfg.embodied.num_images_in_input
+    return cfg.env.num_envs * ENV_PROCESS_GROWTH_BYTES + cfg.data.train_batch_size * cfg.rollout.n * chunks * image_bytes
+
+
 def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Optimizer:
     params = [p for p in policy.model.parameters() if p.requires_grad]
     if host_optimizer(cfg):
         optimizer = HostAdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
-        # its host memory (84 GiB for the 7B) taken now, beside the built envs: a host too small fails at start-up,
-        # not after the first rollout (on an 80 GB H100 with a 128 GB host the 7B ran with 8 envs; with 16 the
-        # process was killed at its first host step, most likely out of host memory)
-        optimizer.init_state()
+        # its host memory (84 GiB for the 7B) taken now, beside the built envs and with room for what grows later:
+        # a host too small fails at start-up, not at the first host step (on an 80 GB H100 with a 128 GB host, 16
+        # envs passed a check without that room, then were killed there with 67 MiB of host memory left)
+        optimizer.init_state(reserve_bytes=host_reserve_bytes(cfg, policy.model.config.dino.image_size))
         return optimizer
     # on a GPU the fused kernel updates in place: the default multi-tensor path allocates temporaries as large
     # as the optimizer state (+30 GB for the 7B), which is what runs one 141 GB GPU out of memory

@@ -125,21 +125,28 @@ class HostAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = _like(param, torch.zeros_like(master))
         return state
 
-    def init_state(self) -> None:
+    def init_state(self, reserve_bytes: int = 0) -> None:
         """Builds every parameter's host state now (its fp32 master copy and zero moments), not at the first step.
 
         The host memory is then taken at start-up: a state that cannot fit fails here with MemoryError, before
         any rollout, and whatever starts later (env processes) sees the host as the step will leave it. Every
         parameter gets a state, also one that never receives a gradient.
+
+        Args:
+            reserve_bytes: host memory the job still takes after this call (this process and the others on the
+                host: env processes that grow as they render and change task, the rollout's data), which must
+                stay free beside the state: counted as needed by the check.
         """
+        if reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes}")
         params = [p for group in self.param_groups for p in group["params"]]
-        self._check_host_memory(params)
+        self._check_host_memory(params, reserve_bytes)
         for param in params:
             self._state(param)
 
-    def _check_host_memory(self, params: list[torch.Tensor]) -> None:
+    def _check_host_memory(self, params: list[torch.Tensor], reserve_bytes: int = 0) -> None:
         """Raises MemoryError, naming the sizes, before a first step whose new state cannot fit the host: the
-        kernel would kill the process part-way through allocating it, with no message."""
+        kernel would kill the process part-way through allocating it, or later, with no message."""
         new = [p for p in params if not self.state.get(p)]
         if not new:
             return
@@ -149,13 +156,14 @@ class HostAdamW(torch.optim.Optimizer):
         needed += 3 * (self.chunk_bytes + max(4 * _local(p).numel() for p in params))
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this host, each its shard
         available = available_host_bytes()
-        if available is not None and ranks_here * needed > available:
+        if available is not None and ranks_here * needed + reserve_bytes > available:
             gib, each = 2**30, f" on each of {ranks_here} processes" if ranks_here > 1 else ""
+            beside = f" plus {reserve_bytes / gib:.1f} GiB that the job takes beside it" if reserve_bytes else ""
             raise MemoryError(
                 f"HostAdamW needs {needed / gib:.1f} GiB of host memory{each} for the fp32 master weights and moments "
-                f"of {sum(_local(p).numel() for p in new) / 1e9:.2f} B parameters, and {available / gib:.1f} GiB are "
-                f"available; free host memory (fewer env processes: env.num_envs), shard over more GPUs, or "
-                f"keep the optimizer on the GPU (actor.fsdp.optimizer_offload=false)")
+                f"of {sum(_local(p).numel() for p in new) / 1e9:.2f} B parameters{beside}, and "
+                f"{available / gib:.1f} GiB are available; free host memory (fewer env processes: env.num_envs), "
+                f"shard over more GPUs, or keep the optimizer on the GPU (actor.fsdp.optimizer_offload=false)")
 
     def _chunks(self, params: list[torch.Tensor]):
         chunk, size = [], 0

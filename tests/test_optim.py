@@ -103,6 +103,23 @@ def test_a_state_larger_than_the_host_fails_before_allocating_with_the_sizes_nam
     assert not optimizer.state.get(huge)  # nothing was allocated
 
 
+def test_the_memory_the_job_takes_beside_the_state_is_counted():
+    # a 1 MiB state fits any host, but not with a reserve of the host's whole available memory beside it: the env
+    # processes and the rollout that grow after start-up must fit too, or the kernel kills the job at its first step
+    param = torch.nn.Parameter(torch.zeros(2**16))
+    optimizer = HostAdamW([param], lr=1e-3, chunk_bytes=2**20)
+    reserve = available_host_bytes()
+    needed = (12 * 2**16 + 3 * (2**20 + 4 * 2**16)) / 2**30
+    with pytest.raises(MemoryError, match=rf"needs {needed:.1f} GiB .* plus {reserve / 2**30:.1f} GiB that the job "
+                                          rf"takes beside it, and \d+\.\d GiB are available"):
+        optimizer.init_state(reserve_bytes=reserve)
+    assert not optimizer.state.get(param)
+    with pytest.raises(ValueError, match="reserve_bytes must be >= 0, got -1"):
+        optimizer.init_state(reserve_bytes=-1)
+    optimizer.init_state(reserve_bytes=2**20)
+    assert optimizer.host_bytes() == 12 * 2**16
+
+
 def test_state_built_up_front_steps_as_the_state_built_at_the_first_step():
     x = torch.linspace(-1, 1, 6, dtype=torch.bfloat16).reshape(1, 6)
     eager_model, lazy_model = _model(), _model()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from srpo_rl.examples.utils_srpo import check_config
+from srpo_rl.examples.utils_srpo import check_config, host_reserve_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "srpo_libero.py"
@@ -61,6 +61,13 @@ def test_missing_model_path_and_unknown_groups():
     with pytest.raises(Exception, match="Could not find 'model/llama'"):
         _compose(["model=llama"])
     check_config(_compose([], name="tiny"), world_size=1)  # the README's main job is valid
+
+
+def test_host_reserve_counts_env_growth_and_one_batch_of_policy_images():
+    # the recipe: 16 envs growing by up to 0.5 GiB each; 64 groups x 8 rollouts x 64 chunks of one 224x224 RGB image
+    assert host_reserve_bytes(_compose(VALID_7B), 224) == 16 * 2**29 + 64 * 8 * (512 // 8) * 224 * 224 * 3
+    two_images = _compose(VALID_7B + ["env.num_envs=4", "env.max_steps=100", "embodied.num_images_in_input=2"])
+    assert host_reserve_bytes(two_images, 224) == 4 * 2**29 + 64 * 8 * 13 * 2 * 224 * 224 * 3  # 100 steps: 13 chunks
 
 
 def test_script_fails_before_any_work(tmp_path):
