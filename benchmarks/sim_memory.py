@@ -1,7 +1,7 @@
 """Host memory of one LIBERO simulation process: the freed C heap handed back, and MuJoCo's asset cache.
 
 With the 7B's optimizer state in host memory (``actor.fsdp.optimizer_offload=true``: 84 GiB), the env
-processes decide whether an iteration fits the host: an 80 GB H100's 128 GB host ran 8 envs beside it and
+processes decide whether an iteration fits the host: an 80 GB H100's 128 GB host ran 12 envs beside it and
 not 16. Each setting runs in a fresh child process that builds a ``LiberoSim``, then changes task
 ``--changes`` times (each change resets an episode), reporting the resident set size (``Rss`` of
 ``/proc/self/smaps_rollup``) and the seconds of each step:
