@@ -20,8 +20,8 @@ from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.rollout import (POLICY_STREAM_PRIORITY, RolloutRequest, _ForwardClock, _Rollout, collect_rollouts,
-                             group_requests, single_cpu_thread)
+from srpo_rl.rollout import (POLICY_STREAM_PRIORITY, RolloutRequest, _ForwardClock, _Rollout, _stack_trajectories,
+                             collect_rollouts, group_requests, single_cpu_thread)
 
 N = 2
 CHUNK = 8
@@ -556,3 +556,32 @@ def test_the_policy_runs_on_a_stream_above_the_default_priority(env, tmp_path, m
     assert seen[0].priority < torch.cuda.default_stream().priority == torch.cuda.Stream().priority
     assert [int(n) for n in trajs["num_steps"]] == [_expected_steps(r) for r in trajs["rollout_id"].tolist()]
     assert POLICY_STREAM_PRIORITY < 0
+
+
+def _row(rollout_id: int, length: int) -> TensorDict:
+    g = torch.Generator().manual_seed(rollout_id)
+    steps = TensorDict({
+        "policy_image": torch.randint(1, 256, (length, 3, 8, 8), dtype=torch.uint8, generator=g),
+        "action_log_prob": torch.rand(length, 8, 7, generator=g) - 2,
+        "next": TensorDict({"chunk_steps": torch.full((length,), 8), "done": torch.ones(length, 1, dtype=torch.bool)},
+                           batch_size=[length]),
+        "mask": torch.ones(length, dtype=torch.bool),
+    }, batch_size=[length])
+    return TensorDict({"rollout_id": torch.tensor(rollout_id), "num_chunks": torch.tensor(length), "steps": steps},
+                      batch_size=[])
+
+
+def test_trajectories_stack_zero_padded_to_the_longest():
+    rows = [_row(0, 3), _row(1, 5), _row(2, 1)]
+    before = [row.clone() for row in rows]
+    stacked = _stack_trajectories(rows, keep_steps=True)
+    assert stacked.batch_size == (3,) and stacked["steps"].batch_size == (3, 5)
+    assert stacked["rollout_id"].tolist() == [0, 1, 2] and stacked["num_chunks"].tolist() == [3, 5, 1]
+    for i, row in enumerate(rows):
+        n = row["num_chunks"].item()
+        for key in row["steps"].keys(include_nested=True, leaves_only=True):
+            value, out = row["steps", key], stacked["steps", key][i]
+            assert torch.equal(out[:n], value)  # the executed steps as recorded
+            assert not out[n:].any()  # zeros beyond them: mask False, nothing executed
+        assert (row == before[i]).all()  # the rows handed to on_finished are left as they were
+    assert stacked["steps", "mask"].sum(-1).tolist() == [3, 5, 1]
