@@ -123,8 +123,10 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
                                                    progress=info.is_main and "rollout")
             if background is not None:  # waits only for the last embeddings (NaN: a group the sampler drops)
                 trajectories.set("video_embedding", background.pop(trajectories["rollout_id"]))
-            collected.append((trajectories, stats))
-            sampler.add(trajectories)
+            sampler.add(trajectories)  # copies the groups it keeps
+            # the metrics need no steps: a round's policy images (4.6 GiB at the recipe's batch) go once it is taken in
+            collected.append((trajectories.exclude("steps"), stats))
+            del trajectories
             if reduce_scalar(float(sampler.ready), "min"):  # every rank trains, or none does
                 break
         batch = sampler.pop() if reduce_scalar(float(sampler.ready), "min") else None

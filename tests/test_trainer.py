@@ -63,11 +63,12 @@ def test_missing_model_path_and_unknown_groups():
     check_config(_compose([], name="tiny"), world_size=1)  # the README's main job is valid
 
 
-def test_host_reserve_counts_env_growth_and_one_batch_of_policy_images():
-    # the recipe: 16 envs growing by up to 0.5 GiB each; 64 groups x 8 rollouts x 64 chunks of one 224x224 RGB image
-    assert host_reserve_bytes(_compose(VALID_7B), 224) == 16 * 2**29 + 64 * 8 * (512 // 8) * 224 * 224 * 3
+def test_host_reserve_counts_env_growth_and_two_copies_of_a_batch_of_policy_images():
+    # the recipe: 16 envs growing by up to 0.5 GiB each; 64 groups x 8 rollouts x 64 chunks of one 224x224 RGB image,
+    # twice (a round's stacked trajectories beside the sampler's copy of the kept groups)
+    assert host_reserve_bytes(_compose(VALID_7B), 224) == 16 * 2**29 + 2 * 64 * 8 * (512 // 8) * 224 * 224 * 3
     two_images = _compose(VALID_7B + ["env.num_envs=4", "env.max_steps=100", "embodied.num_images_in_input=2"])
-    assert host_reserve_bytes(two_images, 224) == 4 * 2**29 + 64 * 8 * 13 * 2 * 224 * 224 * 3  # 100 steps: 13 chunks
+    assert host_reserve_bytes(two_images, 224) == 4 * 2**29 + 2 * 64 * 8 * 13 * 2 * 224 * 224 * 3  # 13 chunks
 
 
 def test_script_fails_before_any_work(tmp_path):
