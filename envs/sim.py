@@ -55,15 +55,14 @@ ACTION_DIM = 7
 DUMMY_ACTION = np.array([0.0] * 6 + [-1.0])
 
 
-
 def release_free_heap() -> bool:
     """Hands the free pages of this process's C heap back to the kernel (glibc's ``malloc_trim(0)``).
 
     Compiling a LIBERO scene allocates and frees hundreds of MiB on the C heap (XML, decoded meshes and
     textures); glibc keeps the freed pages, so a process that changed task a few times holds them for
-    good. With 16 env processes beside the 7B's host-offloaded optimizer state, that is what decides
-    whether an iteration fits the host (``benchmarks/sim_memory.py``). Takes tens of ms. Returns False
-    where the C library has no ``malloc_trim`` (not glibc): nothing is released there.
+    good: 241 MiB a process after four task changes on a 16-core GPU machine (``benchmarks/sim_memory.py``),
+    which counts with 16 env processes beside the 7B's host-offloaded optimizer state. Takes tens of ms.
+    Returns False where the C library has no ``malloc_trim`` (not glibc): nothing is released there.
     """
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
@@ -215,7 +214,7 @@ class LiberoSim:
         self.init_states = load_init_states(self.suite, task_id)
         self._gate_cameras()
         self._over = True
-        release_free_heap()  # the scene compile's freed heap: about 480 MiB a process after a task change
+        release_free_heap()  # what the scene compile freed, back to the kernel (glibc would keep it)
 
     def _apply_look(self) -> None:
         if self.legacy_look:
