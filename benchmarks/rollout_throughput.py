@@ -33,6 +33,9 @@ executes the same env steps, so its env-steps/s compare directly.
   its estimate of the launch's CPU time) instead of 1 ms: a launch that waits for the GIL (the loop holds it
   up to the 5 ms switch interval) is then still queued behind the decision in flight, at the price of a
   batch closed a little earlier.
+- ``pool_exact16``: the policy's CUDA graphs captured for every batch size up to 16 and every even size up to
+  32 (the library's buckets pad 9 to 10, 11 to 12, 17 to 20, ...: a padded row costs a real row's GPU time),
+  captured before the timed run as the default ones are.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -90,6 +93,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from _common import command, machine, versions
 
+import srpo_rl.cuda_graphs as cuda_graphs_module
 import srpo_rl.rollout as rollout_module
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
@@ -103,8 +107,9 @@ CHUNK = 8
 # off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
 # default is 5), the policy called whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
 # decision; None: asleep on both), how long before the decision in flight is due the policy thread launches the next
-# batch (ms; None: the library's 1)
-DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None, "margin_ms": None}
+# batch (ms; None: the library's 1), the largest batch with a graph of its own size (None: the library's buckets)
+DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None, "margin_ms": None,
+            "exact_to": None}
 # embedding mode -> the CUDA priority of the policy's stream during the rollout (the embedder's is 0)
 EMBED_MODES = {"embed": rollout_module.POLICY_STREAM_PRIORITY, "embed_flat": 0}
 SCHEDULER_MODES = {
@@ -117,7 +122,18 @@ SCHEDULER_MODES = {
     "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
     "pool_polling": {"overlap": True, "poll_ms": 1.0},
     "pool_margin5ms": {"overlap": True, "margin_ms": 5.0},
+    "pool_exact16": {"overlap": True, "exact_to": 16},
 }
+LIBRARY_BUCKET = cuda_graphs_module.batch_bucket
+
+
+def exact_buckets(limit: int):
+    """CUDA-graph buckets of every batch size up to ``limit``, of even sizes up to 32, the library's beyond."""
+    def bucket(batch: int) -> int:
+        if batch <= limit:
+            return batch
+        return -(-batch // 2) * 2 if batch <= 32 else LIBRARY_BUCKET(batch)
+    return bucket
 
 
 def log(message: str) -> None:
@@ -425,6 +441,10 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
         sys.setswitchinterval(options["switch_ms"] / 1e3)
     if options["margin_ms"] is not None:
         rollout_module._ForwardClock._MARGIN_S = options["margin_ms"] / 1e3
+    if options["exact_to"] is not None:
+        cuda_graphs_module.batch_bucket = exact_buckets(options["exact_to"])
+        with torch.no_grad():  # the new buckets' graphs before the timed run, as the default ones were
+            capture_graphs(policy, suite_info(env.suite).instructions, env.num_envs)
     env.poll_s = None if options["poll_ms"] is None else options["poll_ms"] / 1e3
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
@@ -437,6 +457,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     finally:
         sys.setswitchinterval(default_switch)
         rollout_module._ForwardClock._MARGIN_S = default_margin
+        cuda_graphs_module.batch_bucket = LIBRARY_BUCKET
         policy.__dict__.pop("launch", None)
         env.poll_s = None
     after = env.worker_time
