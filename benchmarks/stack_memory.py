@@ -9,7 +9,7 @@ drawn between the SFT-like workload's 19 and 64 chunks); the figure is the proce
 (``ru_maxrss``) above what it held once the trajectories were built.
 
     python benchmarks/stack_memory.py                       # 128 trajectories
-    python benchmarks/stack_memory.py --trajectories 512    # the recipe's batch (64 groups x 8): ~7 GB
+    python benchmarks/stack_memory.py --trajectories 512    # the recipe's batch (64 groups x 8)
 
 Prints a table, then one JSON line.
 """

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import math
 
 import numpy as np
@@ -64,11 +63,10 @@ def release_free_heap() -> bool:
     which counts with 16 env processes beside the 7B's host-offloaded optimizer state. Takes tens of ms.
     Returns False where the C library has no ``malloc_trim`` (not glibc): nothing is released there.
     """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "malloc_trim"):
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the C library this process runs on, no lookup
+    if trim is None:
         return False
-    libc.malloc_trim(0)
+    trim(0)
     return True
 
 
