@@ -36,6 +36,9 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``pool_exact16``: the policy's CUDA graphs captured for every batch size up to 16 and every even size up to
   32 (the library's buckets pad 9 to 10, 11 to 12, 17 to 20, ...: a padded row costs a real row's GPU time),
   captured before the timed run as the default ones are.
+- ``pool_preprocess_outside``: the policy as it was before its CUDA graphs took the camera frames: the resize,
+  crop and normalisation launched op by op from Python (each launch waiting for the GIL while the loop runs),
+  then the graph of the model forward from the pixel values.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -62,9 +65,14 @@ executes the same env steps, so its env-steps/s compare directly.
   simulations at work, and
   ``mean_batch`` = decisions / policy calls; ``loop_cpu_s`` / ``policy_cpu_s``: the CPU time of the loop
   thread and of the policy thread (``RolloutStats.loop_cpu_time`` / ``policy_cpu_time``);
-  ``forward_gpu_s``: the GPU span of every logits forward from CUDA events (``forward_gpu_ms_by_batch``: its
-  median by batch size), ``forward_gpu_share`` their sum / wall time, ``gpu_between_s`` /
-  ``gpu_between_median_ms`` the GPU time from the end of one forward to the start of the next.
+  ``forward_gpu_s``: the GPU span of every forward from CUDA events, the frames' resize and crop included
+  (``forward_gpu_ms_by_batch``: its median by batch size), ``forward_gpu_share`` their sum / wall time,
+  ``gpu_between_s`` / ``gpu_between_median_ms`` the GPU time from the end of one forward to the start of the
+  next. (Runs before the graphs took the frames timed the logits forward alone, the resize and crop falling
+  between forwards.)
+- ``bare_policy_beside``: the batch-8 forward back to back (as ``bare_policy_sustained``) while every env
+  process steps random chunks (``sim``: physics and one frame a chunk, EGL on the same GPU) or only renders
+  frames (``render``): what the simulation beside it costs the forward.
 - split: simulation CPU time inside the workers (physics, and rendering from the measured time of one
   frame), policy preprocessing (JPEG + resize + crop) and forward on the main thread, and the SRPO
   reward (V-JEPA 2 embedding + scores) of the embed run's trajectories, after the rollout.
@@ -83,7 +91,9 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +104,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from _common import command, machine, versions
 
 import srpo_rl.cuda_graphs as cuda_graphs_module
+from srpo_rl.cuda_graphs import GraphedActionLogits
 import srpo_rl.rollout as rollout_module
 from srpo_rl.envs import LiberoVecEnv, SimWorkers
 from srpo_rl.envs.suites import configure_rendering, suite_info
@@ -107,9 +118,10 @@ CHUNK = 8
 # off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
 # default is 5), the policy called whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
 # decision; None: asleep on both), how long before the decision in flight is due the policy thread launches the next
-# batch (ms; None: the library's 1), the largest batch with a graph of its own size (None: the library's buckets)
+# batch (ms; None: the library's 1), the largest batch with a graph of its own size (None: the library's buckets),
+# the frames' resize, crop and normalisation inside the forward's graph (the library's) or launched op by op before it
 DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None, "margin_ms": None,
-            "exact_to": None}
+            "exact_to": None, "graph_preprocessing": True}
 # embedding mode -> the CUDA priority of the policy's stream during the rollout (the embedder's is 0)
 EMBED_MODES = {"embed": rollout_module.POLICY_STREAM_PRIORITY, "embed_flat": 0}
 SCHEDULER_MODES = {
@@ -123,7 +135,9 @@ SCHEDULER_MODES = {
     "pool_polling": {"overlap": True, "poll_ms": 1.0},
     "pool_margin5ms": {"overlap": True, "margin_ms": 5.0},
     "pool_exact16": {"overlap": True, "exact_to": 16},
+    "pool_preprocess_outside": {"overlap": True, "graph_preprocessing": False},
 }
+IMAGE_SIZE = 256  # the env's frames (LiberoVecEnv's default)
 LIBRARY_BUCKET = cuda_graphs_module.batch_bucket
 
 
@@ -278,25 +292,32 @@ def make_reward(args, device: torch.device):
 
 
 class ForwardTimer:
-    """GPU time of every logits forward (``policy._action_logits``), from CUDA events around it.
+    """GPU time of every forward (``policy._decision_inputs`` + ``policy._action_logits``: the frames'
+    preprocessing and the logits), from CUDA events around it.
 
     The events are read at :meth:`pop` (after the work is done), so timing adds no wait to a policy
     call. A span starts when the GPU reaches it: behind the forward in flight, a launched batch's span is
-    its own GPU time.
+    its own GPU time. ``decision_inputs`` is what the policy's ``_decision_inputs`` runs (a mode may swap it).
     """
 
     def __init__(self, policy, device: torch.device):
-        self._inner, self._cuda, self._events = policy._action_logits, device.type == "cuda", []
-        policy._action_logits = self
+        self._cuda, self._events, self._start = device.type == "cuda", [], None
+        self.decision_inputs, self._logits = policy._decision_inputs, policy._action_logits
+        policy._decision_inputs, policy._action_logits = self._inputs, self._timed_logits
 
-    def __call__(self, tensordict):
-        if not self._cuda:
-            return self._inner(tensordict)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = self._inner(tensordict)
-        end.record()
-        self._events.append((tensordict.batch_size.numel(), start, end))
+    def _inputs(self, tensordict):
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        return self.decision_inputs(tensordict)
+
+    def _timed_logits(self, tensordict):
+        out = self._logits(tensordict)
+        if self._cuda and self._start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((tensordict.batch_size.numel(), self._start, end))
+            self._start = None
         return out
 
     def pop(self) -> tuple[float | None, dict[int, float], dict[str, float]]:
@@ -319,18 +340,22 @@ class ForwardTimer:
 
 
 class PreprocessTimer:
-    """Times ``policy.preprocess`` (JPEG round trip, resize, crop, prompts) inside every policy call: the CPU
-    time it takes to queue it (on a GPU its kernels run later, in the forward's GPU span)."""
+    """Times the policy's preprocessing inside every policy call (``_frames``: the JPEG round trip where the
+    policy does it, the copy to the GPU; ``_policy_image``: the resize and crop where they are launched op by op):
+    the CPU time it takes to queue it (on a GPU its kernels run later, in the forward's GPU span)."""
 
     def __init__(self, policy):
-        self.seconds, self._inner = 0.0, policy.preprocess
-        policy.preprocess = self
+        self.seconds = 0.0
+        for name in ("_frames", "_policy_image"):
+            setattr(policy, name, self._timed(getattr(policy, name)))
 
-    def __call__(self, tensordict):
-        t0 = time.perf_counter()
-        out = self._inner(tensordict)  # no sync: the pool queues it behind the forward in flight
-        self.seconds += time.perf_counter() - t0
-        return out
+    def _timed(self, inner):
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = inner(*args)  # no sync: the pool queues it behind the forward in flight
+            self.seconds += time.perf_counter() - t0
+            return out
+        return timed
 
 
 # -- modes ------------------------------------------------------------------------------------------
@@ -386,6 +411,46 @@ def bare_sim(workers: SimWorkers, args, tasks: list[int]) -> dict:
         "render_s_per_frame": render_s,
         "physics_s_per_step": (step_cpu - chunks * render_s) / executed,
     }
+
+
+def keep_workers_busy(workers: SimWorkers, work: str, tasks: list[int], stop: threading.Event) -> int:
+    """Every process simulates (``work="sim"``: random chunks, one frame each, a reset when an episode ends)
+    or renders frames (``"render"``), each on its own, until ``stop`` is set; returns the commands done."""
+    n = len(workers)
+    rng = np.random.default_rng(1)
+    workers.call({s: ("reset", (0,), {"task_id": t}) for s, t in enumerate(tasks)}, timeout=workers.build_timeout)
+
+    def command(result) -> tuple:
+        if work == "render":
+            return ("render", ())
+        if isinstance(result, dict) and result.get("done"):
+            return ("reset", (0,))
+        return ("step_chunk", (rng.uniform(-1, 1, (CHUNK, 7)).astype(np.float32),))
+
+    workers.send({s: command(None) for s in range(n)})
+    flying, done = set(range(n)), 0
+    while flying:
+        back = workers.recv(workers.ready(sorted(flying), timeout=None))
+        done += len(back)
+        again = {} if stop.is_set() else {s: command(r) for s, r in back.items()}
+        flying = (flying - back.keys()) | again.keys()
+        if again:
+            workers.send(again)
+    return done
+
+
+def bare_policy_beside(policy, workers: SimWorkers, names, device, args, tasks: list[int], work: str) -> dict:
+    """The batch-8 forward back to back (``sustained_forward``) while the env processes do ``work`` beside it."""
+    stop, done = threading.Event(), []
+    busy = threading.Thread(target=lambda: done.append(keep_workers_busy(workers, work, tasks, stop)))
+    busy.start()
+    try:
+        time.sleep(3.0)  # every process at work
+        row = sustained_forward(policy, min(8, len(workers)), names, device, args.sustain_s)
+    finally:
+        stop.set()
+        busy.join()
+    return {**row, "work": work, "worker_commands": done[0] if done else None}
 
 
 def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) -> dict:
@@ -445,6 +510,9 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
         cuda_graphs_module.batch_bucket = exact_buckets(options["exact_to"])
         with torch.no_grad():  # the new buckets' graphs before the timed run, as the default ones were
             capture_graphs(policy, suite_info(env.suite).instructions, env.num_envs)
+    if not options["graph_preprocessing"]:
+        forward_timer.decision_inputs = preprocess_outside_graph(policy, suite_info(env.suite).instructions,
+                                                                 env.num_envs)
     env.poll_s = None if options["poll_ms"] is None else options["poll_ms"] / 1e3
     before, prep = env.worker_time, timer.seconds
     env.rounds.clear()
@@ -458,6 +526,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
         sys.setswitchinterval(default_switch)
         rollout_module._ForwardClock._MARGIN_S = default_margin
         cuda_graphs_module.batch_bucket = LIBRARY_BUCKET
+        forward_timer.decision_inputs = policy.__class__._decision_inputs.__get__(policy)
         policy.__dict__.pop("launch", None)
         env.poll_s = None
     after = env.worker_time
@@ -501,22 +570,52 @@ def set_jpeg_in_workers(env, policy, on: bool) -> None:
     policy.jpeg_quality = None if on else JPEG_QUALITY
 
 
+@lru_cache(maxsize=1)
+def model_graphs(model) -> GraphedActionLogits:
+    """CUDA graphs of the model forward alone, from pixel values (the ceiling; the policy's own graphs also
+    preprocess the camera frames)."""
+    return GraphedActionLogits(model)
+
+
 def forward_inputs(policy, batch: int, names: tuple[str, ...], device: torch.device):
     """A random observation of ``batch`` frames and the model forward on it: ``(obs, eager, graphed)``, each
     forward a no-argument callable returning the logits (``graphed`` None where no CUDA graph runs)."""
     g = torch.Generator().manual_seed(batch)
-    obs = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,
-                                                             generator=g)}, [batch])
+    obs = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, IMAGE_SIZE, IMAGE_SIZE),
+                                                             dtype=torch.uint8, generator=g)}, [batch])
     obs.set_non_tensor("instruction", [names[i % len(names)] for i in range(batch)])
     prepared = policy.preprocess(obs.clone())
     ids, mask = prepared["prompt_ids"], prepared["prompt_mask"]
     pixels = policy.pixel_values(prepared["policy_image"])
-    graph = policy._graphed_forward() if device.type == "cuda" else None
-    if graph is None:
+    if device.type != "cuda":
         return obs, lambda: policy.model(ids, mask, pixels), None
+    graph = model_graphs(policy.model)
     lengths = policy.model.prompt_lengths(ids, mask)
     trimmed = ids[:, : int(lengths.max())]
-    return obs, lambda: policy.model(ids, mask, pixels), lambda: graph(trimmed, lengths, pixels)
+    return obs, lambda: policy.model(ids, mask, pixels), lambda: graph(trimmed, lengths, pixels)[0]
+
+
+def preprocess_outside_graph(policy, names: tuple[str, ...], num_envs: int):
+    """``policy._decision_inputs`` as it was before the graphs took the frames: the preprocessing launched op by
+    op, then the model's graph from the pixel values (captured here for every batch size, before timing). Without
+    graphs (a CPU model) the policy's own eager path, which is that already."""
+    if not cuda_graphs_module.graphs_supported(policy.model):
+        return type(policy)._decision_inputs.__get__(policy)
+    graphs = model_graphs(policy.model)
+    size = policy.model.config.dino.image_size
+    with torch.no_grad():
+        for width in sorted(set(policy._prompts(list(names))[2].tolist())):
+            graphs.capture(range(1, num_envs + 1), width, (6 * policy.num_images_in_input, size, size))
+
+    def decision_inputs(tensordict):
+        policy.preprocess(tensordict)
+        _, lengths = policy._known_prompts
+        ids = tensordict.get("prompt_ids")[:, : int(lengths.max())]
+        pixels = policy.pixel_values(tensordict.get("policy_image"))
+        logits, _ = graphs(ids, lengths.pin_memory().to(ids.device, non_blocking=True), pixels)
+        policy.__dict__["_known_logits"] = (tensordict.get("policy_image"), logits)
+
+    return decision_inputs
 
 
 def sustained_forward(policy, batch: int, names: tuple[str, ...], device: torch.device, seconds: float) -> dict:
@@ -580,10 +679,10 @@ def capture_graphs(policy, names: tuple[str, ...], num_envs: int) -> dict:
     if graphed is None:
         return {}
     widths = sorted(set(policy._prompts(list(names))[2].tolist()))
-    size = policy.model.config.dino.image_size
     before = graphed.capture_seconds
-    for width in widths:
-        graphed.capture(range(1, num_envs + 1), width, (6 * policy.num_images_in_input, size, size))
+    for width in widths:  # the policy's graphs take the camera frames
+        graphed.capture(range(1, num_envs + 1), width, (3 * policy.num_images_in_input, IMAGE_SIZE, IMAGE_SIZE),
+                        torch.uint8)
     return {"graph_capture_s": graphed.capture_seconds - before, "graphs": len(graphed.graphs),
             "failed_captures": sum(g is None for g in graphed.graphs.values()), "prompt_widths": widths}
 
@@ -614,6 +713,11 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
         result["bare_sim"] = bare_sim(env._workers, args, tasks)
         checkpoint(result)
         log(f"[{num_envs} envs] bare sim {result['bare_sim']['env_steps_per_s']:.1f} env-steps/s")
+        if args.beside:
+            result["bare_policy_beside"] = [bare_policy_beside(policy, env._workers, names, device, args, tasks, w)
+                                            for w in ("sim", "render")]
+            checkpoint(result)
+            log(f"[{num_envs} envs] forward beside the workers {result['bare_policy_beside']}")
         if "lockstep" in args.modes:
             result["lockstep"] = lockstep(env._workers, policy, requests, success_step, args, device)
             checkpoint(result)
@@ -751,6 +855,10 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   f"{b['last_ms']:.1f} ms in the last quarter; vs min(bare sim, this): "
                   + ", ".join(f"{m} {r[m]['vs_min_sustained_ceiling']:.2f}x" for m in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES)
                               if m in r and "vs_min_sustained_ceiling" in r[m]) + ")")
+        for b in r.get("bare_policy_beside", []):
+            print(f"{r['num_envs']:>4} {'bare pol beside ' + b['work']:>23} {b['env_steps_per_s']:>8.1f}  (batch "
+                  f"{b['batch']} back to back for {b['seconds']:.0f} s while every env process does {b['work']!r}: "
+                  f"{b['first_ms']:.1f} ms a forward at first, {b['last_ms']:.1f} ms in the last quarter)")
         if r.get("cuda_graphs"):
             g = r["cuda_graphs"]
             print(f"{r['num_envs']:>4} {'graphs':>23} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
@@ -811,6 +919,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="bare policy calls (default 5; tiny 3)")
     parser.add_argument("--sustain-s", type=float, default=None,
                         help="seconds of back-to-back bare forwards at batch 8 (default 20; tiny 1)")
+    parser.add_argument("--beside", action="store_true",
+                        help="also the batch-8 forward beside the env processes simulating / rendering")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
                         help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "

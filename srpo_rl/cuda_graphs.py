@@ -12,18 +12,23 @@ logit of a real row beyond the rounding of differently shaped GEMMs. Graphs are 
 bucket (one eager warm-up forward, one capture), into one shared memory pool: the graphs reuse one another's
 activation memory (each keeps its own static inputs and output).
 
+With ``prepare`` the graph also turns the camera frames into the model's pixel values (the policy's resize,
+crop and normalisation), so that a decision is one replay rather than a few dozen small kernels launched from
+Python, each of which waits for the GIL while the rollout loop runs beside it.
+
 Example:
     >>> import torch
     >>> from srpo_rl.cuda_graphs import GraphedActionLogits, batch_bucket
     >>> batch_bucket(11), batch_bucket(17), batch_bucket(40)
     (12, 20, 40)
-    >>> # on a CUDA device: graphed = GraphedActionLogits(model); graphed(ids, lengths, pixel_values)
+    >>> # on a CUDA device: graphed = GraphedActionLogits(model); logits, _ = graphed(ids, lengths, pixel_values)
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -62,32 +67,33 @@ def graphs_supported(model: nn.Module) -> bool:
 
 
 class _Graph:
-    """One captured forward at fixed input shapes: copy inputs in, replay, read the static output."""
+    """One captured forward at fixed input shapes: copy inputs in, replay, read the static outputs."""
 
-    def __init__(self, model, batch: int, width: int, pixel_shape: tuple[int, ...], pool, device) -> None:
+    def __init__(self, forward: Callable, batch: int, width: int, image_shape: tuple[int, ...],
+                 image_dtype: torch.dtype, pool, device) -> None:
         self.ids = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.lengths = torch.full((batch,), 2, dtype=torch.long, device=device)
-        self.pixels = torch.zeros(batch, *pixel_shape, dtype=torch.float32, device=device)
-        forward = lambda: model.logits_from_lengths(self.ids, self.lengths, self.pixels)  # noqa: E731
+        self.images = torch.zeros(batch, *image_shape, dtype=image_dtype, device=device)
+        run = lambda: forward(self.ids, self.lengths, self.images)  # noqa: E731
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture: lazy cuBLAS / allocator state
-            forward()
+        with torch.cuda.stream(side):  # warm-up outside the capture: lazy cuBLAS / allocator / cached tables
+            run()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (a background reward embedder) may allocate and sync meanwhile
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = forward()
+            self.outputs = run()
 
-    def __call__(self, ids: torch.Tensor, lengths: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, lengths: torch.Tensor, images: torch.Tensor) -> tuple:
         rows, width = ids.shape
         self.ids[:rows, :width].copy_(ids)
         self.ids[rows:, :width].copy_(ids[:1].expand(self.ids.shape[0] - rows, -1))
         self.lengths[:rows].copy_(lengths)
         self.lengths[rows:].copy_(lengths[:1].expand(self.lengths.shape[0] - rows))
-        self.pixels[:rows].copy_(pixels)  # padded rows keep earlier (finite) pixels: their logits are dropped
+        self.images[:rows].copy_(images)  # padded rows keep earlier (finite) images: their outputs are dropped
         self.graph.replay()
-        return self.logits[:rows].clone()
+        return tuple(None if out is None else out[:rows].clone() for out in self.outputs)
 
 
 class GraphedActionLogits:
@@ -97,6 +103,10 @@ class GraphedActionLogits:
         model: an :class:`~srpo_rl.models.openvla_oft.OpenVLAOFT` with plain parameters on a CUDA device
             (:func:`graphs_supported`); its weights may change between calls (a graph reads them in place),
             its parameter tensors must not be replaced.
+        prepare: ``images -> (kept, pixel_values)``, captured with the forward: the call's ``images`` are then
+            whatever it takes (the policy's uint8 camera frames) and ``kept`` comes back with the logits (the
+            preprocessed frames the policy stores). It must not sync with the host. Without it, ``images``
+            are the pixel values.
         width_multiple: prompt widths are rounded up to a multiple of this (fewer graphs, a little padding).
         max_batch: batches above this run eagerly (each bucket's graph holds its own static inputs).
 
@@ -104,42 +114,51 @@ class GraphedActionLogits:
         capture_seconds: wall time spent capturing so far (warm-up forward included).
     """
 
-    def __init__(self, model: nn.Module, *, width_multiple: int = 16, max_batch: int = 64) -> None:
+    def __init__(self, model: nn.Module, *, prepare: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                 | None = None, width_multiple: int = 16, max_batch: int = 64) -> None:
         if not graphs_supported(model):
             raise ValueError("CUDA graphs need a model whose parameters are plain tensors on a CUDA device "
                              "(not on the CPU, not FSDP-sharded)")
         if not 1 <= max_batch <= _MAX_BUCKET:
             raise ValueError(f"max_batch must be in 1..{_MAX_BUCKET}, got {max_batch}")
-        self.model, self.width_multiple, self.max_batch = model, width_multiple, max_batch
+        self.model, self.prepare = model, prepare
+        self.width_multiple, self.max_batch = width_multiple, max_batch
         self.device = next(model.parameters()).device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, tuple[int, ...]], _Graph | None] = {}
+        self.graphs: dict[tuple, _Graph | None] = {}
         self.capture_seconds = 0.0
 
-    def __call__(
-        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pixel_values: torch.Tensor
-    ) -> torch.Tensor:
-        """Float32 logits ``[B, 56, 256]``, as ``model.logits_from_lengths`` (inputs on the model's device)."""
+    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+                images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a graph captures, run eagerly: ``(logits, kept)`` (``kept`` None without ``prepare``)."""
+        kept, pixels = (None, images) if self.prepare is None else self.prepare(images)
+        return self.model.logits_from_lengths(input_ids, prompt_lengths, pixels), kept
+
+    def __call__(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+                 images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float32 logits ``[B, 56, 256]`` as ``model.logits_from_lengths`` (inputs on the model's device), and
+        ``prepare``'s kept tensor (None without ``prepare``)."""
         rows, width = input_ids.shape
         graph = None
         if rows <= self.max_batch and not torch.is_grad_enabled():
-            graph = self.graph(rows, width, tuple(pixel_values.shape[1:]))
+            graph = self.graph(rows, width, tuple(images.shape[1:]), images.dtype)
         if graph is None:
-            return self.model.logits_from_lengths(input_ids, prompt_lengths, pixel_values)
-        return graph(input_ids, prompt_lengths, pixel_values)
+            return self.forward(input_ids, prompt_lengths, images)
+        return graph(input_ids, prompt_lengths, images)
 
-    def graph(self, rows: int, width: int, pixel_shape: tuple[int, ...]) -> _Graph | None:
+    def graph(self, rows: int, width: int, image_shape: tuple[int, ...],
+              image_dtype: torch.dtype = torch.float32) -> _Graph | None:
         """The graph that runs ``rows`` x ``width`` prompts, captured on the bucket's first use.
 
         None if the capture failed (warned once): that bucket then runs eagerly.
         """
-        key = (batch_bucket(rows), -(-width // self.width_multiple) * self.width_multiple, pixel_shape)
+        key = (batch_bucket(rows), -(-width // self.width_multiple) * self.width_multiple, image_shape, image_dtype)
         if key not in self.graphs:
             t0 = time.perf_counter()
             try:
                 # plain tensors even under inference_mode: later calls copy into them outside of it
                 with torch.inference_mode(False), torch.no_grad():
-                    self.graphs[key] = _Graph(self.model, *key, self.pool, self.device)
+                    self.graphs[key] = _Graph(self.forward, *key, self.pool, self.device)
             except RuntimeError as error:  # e.g. an op that syncs with the host: not capturable
                 warnings.warn(f"CUDA graph capture failed for batch {key[0]} x width {key[1]}; that bucket runs "
                               f"eagerly: {error}", RuntimeWarning, stacklevel=3)
@@ -148,7 +167,8 @@ class GraphedActionLogits:
             self.capture_seconds += time.perf_counter() - t0
         return self.graphs[key]
 
-    def capture(self, batch_sizes, width: int, pixel_shape: tuple[int, ...]) -> None:
+    def capture(self, batch_sizes, width: int, image_shape: tuple[int, ...],
+                image_dtype: torch.dtype = torch.float32) -> None:
         """Captures the buckets of ``batch_sizes`` ahead of use (largest first: the pool is sized once)."""
         for batch in sorted({batch_bucket(b) for b in batch_sizes if b <= self.max_batch}, reverse=True):
-            self.graph(batch, width, pixel_shape)
+            self.graph(batch, width, image_shape, image_dtype)

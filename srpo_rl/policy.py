@@ -183,10 +183,15 @@ def preprocess_images(
     device = images.device if device is None else torch.device(device)
     if check_jpeg_quality(jpeg_quality) is not None:
         images = _jpeg_roundtrip(images, jpeg_quality)
-    decoded = _to_device(images, device)
+    return _resize_and_crop(_to_device(images, device), size, center_crop)
+
+
+def _resize_and_crop(images: torch.Tensor, size: int, center_crop: bool) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, size, size]`` where ``images`` are: Lanczos3, then the crop.
+    No host sync (the span tables are cached per device), so a CUDA graph can capture it."""
     resized = [
         _lanczos3_resize(chunk.float(), (size, size)).round_().clamp_(0, 255).to(torch.uint8)
-        for chunk in decoded.split(_RESIZE_CHUNK)
+        for chunk in images.split(_RESIZE_CHUNK)
     ]
     out = torch.cat(resized)
     return _fractional_center_crop(out, (size, size)) if center_crop else out
@@ -335,6 +340,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         self.cuda_graphs = cuda_graphs
         self.__dict__["_graphed"] = None  # (parameters' identity, GraphedActionLogits or None), built on first use
         self.__dict__["_known_prompts"] = None  # (prompt_mask as preprocess stored it, its lengths on the CPU)
+        self.__dict__["_known_logits"] = None  # (policy_image as _decision_inputs stored it, the graph's logits)
 
     @classmethod
     def from_pretrained(
@@ -421,32 +427,71 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
 
     def preprocess(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Writes ``policy_image``, ``prompt_ids`` and ``prompt_mask`` from the raw observation."""
-        batch = tensordict.batch_size
+        prompts = self._prompt_inputs(tensordict)
+        self._write_inputs(tensordict, self._policy_image(self._frames(tensordict)), prompts)
+        return tensordict
+
+    def _frames(self, tensordict: TensorDictBase) -> torch.Tensor | list[torch.Tensor]:
+        """Every camera's uint8 ``[N, 3, H, W]`` frames on the model's device, after the JPEG round trip:
+        one ``[N, 3k, H, W]`` tensor, or a list where the cameras' sizes differ."""
         keys = self._tensor_keys
         names = [keys.image] + ([keys.wrist_image] if self.num_images_in_input == 2 else [])
+        frames = []
+        for key in names:
+            images = self._image(tensordict, key)
+            if self.jpeg_quality is not None:
+                images = _jpeg_roundtrip(images, self.jpeg_quality)
+            frames.append(_to_device(images, self._device()))
+        return torch.cat(frames, dim=1) if len({f.shape for f in frames}) == 1 else frames
+
+    def _policy_image(self, frames: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`_frames` -> uint8 ``[N, 3k, S, S]``: each camera resized and cropped."""
+        cameras = frames.split(3, dim=1) if isinstance(frames, torch.Tensor) else frames
         size = self.model.config.dino.image_size
-        frames = [
-            preprocess_images(
-                self._image(tensordict, k),
-                size=size,
-                center_crop=self.center_crop,
-                jpeg_quality=self.jpeg_quality,
-                device=self._device(),
-            )
-            for k in names
-        ]
-        instructions = tensordict.get(keys.instruction, None)
+        return torch.cat([_resize_and_crop(c, size, self.center_crop) for c in cameras], dim=1)
+
+    def _prepare_images(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(policy_image, pixel_values)`` of :meth:`_frames`: what the CUDA graphs capture with the forward."""
+        policy_image = self._policy_image(frames)
+        return policy_image, self.pixel_values(policy_image)
+
+    def _prompt_inputs(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_prompts` of the input's instructions."""
+        instructions = tensordict.get(self._tensor_keys.instruction, None)
         if instructions is None:
             raise KeyError(
-                f"the policy input has no {keys.instruction!r}: one language instruction per batch element is required"
+                f"the policy input has no {self._tensor_keys.instruction!r}: one language instruction per batch "
+                "element is required"
             )
-        prompt_ids, prompt_mask, lengths = self._prompts(_flat_instructions(instructions, batch.numel()))
-        tensordict.set("policy_image", torch.cat(frames, dim=1).reshape(*batch, -1, size, size))
+        return self._prompts(_flat_instructions(instructions, tensordict.batch_size.numel()))
+
+    def _write_inputs(self, tensordict: TensorDictBase, policy_image: torch.Tensor, prompts: tuple) -> None:
+        """Writes ``policy_image`` ``[N, 3k, S, S]`` and the :meth:`_prompt_inputs` ``prompts``."""
+        batch = tensordict.batch_size
+        prompt_ids, prompt_mask, lengths = prompts
+        tensordict.set("policy_image", policy_image.reshape(*batch, *policy_image.shape[1:]))
         tensordict.set("prompt_ids", prompt_ids.reshape(*batch, -1))
         tensordict.set("prompt_mask", prompt_mask.reshape(*batch, -1))
         # what the forward would otherwise read back from the GPU (a host sync, with the GPU idle meanwhile)
         self.__dict__["_known_prompts"] = (tensordict.get("prompt_mask"), lengths)
-        return tensordict
+
+    def _decision_inputs(self, tensordict: TensorDictBase) -> None:
+        """:meth:`preprocess`, for a forward that follows at once (sampling or greedy, no gradient).
+
+        Where the forward runs through CUDA graphs, the frames' resize, crop and normalisation run in the
+        same graph as the forward (one replay instead of a few dozen kernels launched from Python, each
+        waiting for the GIL while the rollout loop runs): :meth:`_action_logits` then takes its logits.
+        """
+        prompts = self._prompt_inputs(tensordict)
+        frames = self._frames(tensordict)
+        graphed = self._graphed_forward()
+        if graphed is None or not isinstance(frames, torch.Tensor):
+            self._write_inputs(tensordict, self._policy_image(frames), prompts)
+            return
+        ids, _, lengths = prompts
+        logits, policy_image = graphed(ids[:, : int(lengths.max())], _to_device(lengths, ids.device), frames)
+        self._write_inputs(tensordict, policy_image, prompts)
+        self.__dict__["_known_logits"] = (tensordict.get("policy_image"), logits)
 
     def pixel_values(self, policy_image: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, 3k, S, S]`` -> normalised float ``[N, 6k, S, S]`` (per image: DINOv2 then SigLIP channels)."""
@@ -466,13 +511,21 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         if missing:
             raise KeyError(f"missing {missing}: run the policy forward (or preprocess) on the observation first")
         batch = tensordict.batch_size
+        cfg = self.model.config
+        image = tensordict.get("policy_image")
+        known_image, logits = self._known_logits or (None, None)
+        if image is not known_image:
+            logits = self._eager_logits(tensordict)
+        return (logits / self.temperature).reshape(*batch, cfg.num_actions_chunk, cfg.action_dim, cfg.n_action_bins)
+
+    def _eager_logits(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """Logits ``[N, 56, 256]`` of the stored inputs, through the model's own forward (grad where enabled)."""
         image = tensordict.get("policy_image")
         mask = tensordict.get("prompt_mask")
         known_mask, lengths = self._known_prompts or (None, None)
         if mask is not known_mask:  # stored prompts (training): their lengths are read on the host
             if mask.is_cuda:  # wait for the GPU asleep, not spinning
                 wait_for_stream()
-            lengths = None
             used = int(mask.sum(-1).max())
         else:  # prompts this forward's preprocess built: their lengths are known on the host
             used = int(lengths.max())
@@ -481,14 +534,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         ids = ids.reshape(-1, ids.shape[-1]).to(self._device())
         mask = mask.reshape(-1, mask.shape[-1]).to(self._device())
         pixels = self.pixel_values(image.reshape(-1, *image.shape[-3:]).to(self._device()))
-        graphed = self._graphed_forward()
-        if graphed is None:
-            logits = self.model(ids, mask, pixels)
-        else:  # the preprocess's mask is a prefix of ones by construction: no check (a host sync) needed
-            lengths = self.model.prompt_lengths(ids, mask) if lengths is None else _to_device(lengths, ids.device)
-            logits = graphed(ids, lengths, pixels)
-        cfg = self.model.config
-        return (logits / self.temperature).reshape(*batch, cfg.num_actions_chunk, cfg.action_dim, cfg.n_action_bins)
+        return self.model(ids, mask, pixels)  # the module's call: FSDP2's hooks gather sharded weights
 
     def _graphed_forward(self) -> GraphedActionLogits | None:
         """The CUDA-graph runner when this forward may use one (no grad, plain CUDA parameters), else None."""
@@ -497,18 +543,25 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         probe = self.model.projector.fc1.weight
         # moved, cast, sharded or replaced parameters (a graph reads the old storage): decide and capture again
         local = probe.to_local() if isinstance(probe, DTensor) else probe
-        key = (type(probe), probe.device, probe.dtype, local.data_ptr())
+        # (the center crop is captured with the forward)
+        key = (type(probe), probe.device, probe.dtype, local.data_ptr(), self.center_crop)
         if self._graphed is None or self._graphed[0] != key:
-            self.__dict__["_graphed"] = (key, GraphedActionLogits(self.model) if graphs_supported(self.model) else None)
+            graphed = GraphedActionLogits(self.model, prepare=self._prepare_images) if graphs_supported(self.model) \
+                else None
+            self.__dict__["_graphed"] = (key, graphed)
         return self._graphed[1]
 
     def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
         """Preprocesses the observation, then samples (RANDOM exploration) or takes the argmax of every token."""
-        self.preprocess(tensordict)
         try:
+            self._decision_inputs(tensordict)
             return super().forward(tensordict, **kwargs)
         finally:
-            self.__dict__["_known_prompts"] = None  # valid for this forward only
+            self._forget_inputs()
+
+    def _forget_inputs(self) -> None:
+        """Drops what :meth:`_decision_inputs` knew of its inputs: valid for one forward only."""
+        self.__dict__["_known_prompts"] = self.__dict__["_known_logits"] = None
 
     def launch(self, tensordict: TensorDictBase) -> LaunchedDecision:
         """Queues a sampling decision for ``tensordict`` on the model's device and returns without waiting.
@@ -523,10 +576,10 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         if started is not None:
             started.record()
         try:
-            self.preprocess(tensordict)
+            self._decision_inputs(tensordict)
             logits = self._action_logits(tensordict)
         finally:
-            self.__dict__["_known_prompts"] = None
+            self._forget_inputs()
         dist = self._dist_from_logits(logits, tensordict.get(self._tensor_keys.action_mask, None))
         tokens = self._sample_tokens(dist, logits)
         keys = self._tensor_keys

@@ -1,4 +1,5 @@
-"""CUDA graphs of the policy forward: bucket sizes, padding invariance (CPU), graph replay == eager (GPU)."""
+"""CUDA graphs of the policy forward: bucket sizes, padding invariance (CPU), graph replay == eager (GPU), the
+policy's preprocessing captured with the forward (GPU)."""
 
 import pytest
 import torch
@@ -81,12 +82,54 @@ def test_graph_replay_matches_eager_forward_on_cuda(model):
             lengths = torch.randint(2, width + 1, (batch,), generator=torch.Generator().manual_seed(seed))
             lengths[0] = width
             ids, n, pixels = (t.cuda() for t in _inputs(batch, width, lengths.tolist(), seed))
-            torch.testing.assert_close(graphed(ids, n, pixels), cuda.logits_from_lengths(ids, n, pixels),
-                                       rtol=1e-4, atol=1e-4)
+            logits, kept = graphed(ids, n, pixels)
+            assert kept is None  # no prepare: nothing but the logits
+            torch.testing.assert_close(logits, cuda.logits_from_lengths(ids, n, pixels), rtol=1e-4, atol=1e-4)
         assert {k[:2] for k in graphed.graphs} == {(3, 16), (5, 16), (3, 8), (12, 16)}  # widths: multiples of 8
         # weights changed in place are what the next replay reads
         cuda.projector.fc3.bias.add_(0.5)
         ids, n, pixels = (t.cuda() for t in _inputs(3, 9, [9, 4, 6], 4))
-        torch.testing.assert_close(graphed(ids, n, pixels), cuda.logits_from_lengths(ids, n, pixels),
+        torch.testing.assert_close(graphed(ids, n, pixels)[0], cuda.logits_from_lengths(ids, n, pixels),
                                    rtol=1e-4, atol=1e-4)
+    model.to("cpu")
+
+
+def _camera_obs(batch: int, seed: int) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    td = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,
+                                                            generator=g)}, [batch])
+    td.set_non_tensor("instruction", ["open the drawer", "put the bowl on the plate", "pick up the soup"][:batch])
+    return td
+
+
+@pytest.mark.gpu
+def test_policy_graph_takes_the_frames_and_matches_the_eager_policy(model):
+    # the resize, crop and normalisation run inside the graph: the same policy_image byte for byte, the same
+    # logits up to the rounding of a replay, as the eager policy (preprocess, then the model's forward)
+    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.6,
+                              jpeg_quality=None).to("cuda")
+    eager = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.6,
+                             jpeg_quality=None, cuda_graphs=False).to("cuda")
+    with torch.no_grad():
+        for batch, seed in ((3, 0), (2, 1), (3, 2)):
+            obs = _camera_obs(batch, seed).to("cuda")
+            graphed_out, eager_out = policy(obs.clone()), eager(obs.clone())
+            assert torch.equal(graphed_out["policy_image"], eager_out["policy_image"])
+            assert torch.equal(graphed_out["prompt_ids"], eager_out["prompt_ids"])
+            assert torch.equal(graphed_out["action_tokens"], eager_out["action_tokens"])  # greedy
+            torch.testing.assert_close(graphed_out["action_log_prob"], eager_out["action_log_prob"],
+                                       rtol=1e-4, atol=1e-4)
+            # what training recomputes from the stored inputs (eager, no graph) is what the rollout stored
+            torch.testing.assert_close(policy.log_prob(graphed_out), graphed_out["action_log_prob"],
+                                       rtol=1e-4, atol=1e-4)
+    graphed = policy._graphed[1]
+    assert {k[2:] for k in graphed.graphs} == {((3, 256, 256), torch.uint8)}  # frames in, not pixel values
+    assert all(g is not None for g in graphed.graphs.values())
+    policy.center_crop = False  # captured with the forward: a change captures again
+    with torch.no_grad():
+        obs = _camera_obs(2, 3).to("cuda")
+        out = policy(obs.clone())
+        eager.center_crop = False
+        assert torch.equal(out["policy_image"], eager(obs.clone())["policy_image"])
+    assert policy._graphed[1] is not graphed
     model.to("cpu")
