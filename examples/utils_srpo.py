@@ -72,6 +72,8 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     if cfg.env.num_envs > rollouts_per_rank * sampling.oversample_factor:
         _fail(f"env.num_envs={cfg.env.num_envs} slots cannot all be used: a rollout round of this process has only "
               f"{rollouts_per_rank} rollouts (train_batch_size / processes x rollout.n); lower env.num_envs")
+    if not isinstance(cfg.embodied.embed_during_rollout, bool):
+        _fail(f"embodied.embed_during_rollout must be true or false, got {cfg.embodied.embed_during_rollout!r}")
     if cfg.rollout.temperature <= 0:
         _fail(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     if cfg.actor.fsdp.mixed_precision not in DTYPES:
@@ -172,10 +174,12 @@ def make_reward(cfg: DictConfig, info: DistInfo):
 
 def make_background_embedder(cfg: DictConfig, reward_module, sampler: EmbodiedSampler, info: DistInfo):
     """Embeds the trajectories of the groups the sampler keeps, for the reward, while the rollout runs (None
-    for the binary or group-video reward)."""
+    unless ``embodied.embed_during_rollout``, and for the binary or group-video reward: the reward then embeds
+    the kept groups after the rollout)."""
     from srpo_rl.rewards import BackgroundEmbedder
 
-    if cfg.algorithm.reward == "binary" or cfg.algorithm.video_key_by != "rollout":
+    if (not cfg.embodied.embed_during_rollout or cfg.algorithm.reward == "binary"
+            or cfg.algorithm.video_key_by != "rollout"):
         return None
     return BackgroundEmbedder(reward_module.embedder, device=info.device, keep_group=sampler.keeps,
                               group_size=cfg.rollout.n)

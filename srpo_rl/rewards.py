@@ -11,7 +11,9 @@ same task in the batch; the closer it ends up, the higher its score in ``[0, 0.6
   as a collector ``postproc``, a replay-buffer transform or call it on a batch. ``binary=True`` turns
   it into the plain success reward (GRPO);
 - :class:`BackgroundEmbedder` embeds each trajectory as soon as its episode ends, on a side CUDA stream
-  while the other rollouts go on, so that the reward costs no wall time of its own.
+  while the other rollouts go on: the reward then costs no wall time of its own where the GPU would wait for
+  the simulation. Where the policy's forward keeps the GPU busy it does not pay (the 7B on an H100 with 16
+  envs: 1.19x and 1.33x the embedding's time after the rollout, ``benchmarks/rollout_throughput.py``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ loop over :func:`srpo_rl.envs.make_libero_env`'s per-slot reset and partial step
   (:func:`single_cpu_thread`): idle OpenMP threads would otherwise spin on the simulation workers' cores;
 - on a CUDA device the policy's work goes to a stream of higher priority than every default one
   (:data:`POLICY_STREAM_PRIORITY`), so that work sharing the GPU on an ordinary stream (the reward's
-  :class:`~srpo_rl.rewards.BackgroundEmbedder`) fills the GPU around the forwards rather than delaying them.
+  :class:`~srpo_rl.rewards.BackgroundEmbedder`) is meant to fill the GPU around the forwards rather than
+  delay them (measured with the 7B on an H100, 16 envs: the same rollout speed as at equal priority).
 
 Example:
     >>> import tempfile, torch

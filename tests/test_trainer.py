@@ -35,6 +35,7 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["env.num_envs=0"], "env.num_envs must be >= 1, got 0"),
         (["env.num_envs=1000"], "env.num_envs=1000 slots cannot all be used"),
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["embodied.embed_during_rollout=sometimes"], "embodied.embed_during_rollout must be true or false, got 'sometimes'"),
         (["actor.fsdp.mixed_precision=int8"], "unknown actor.fsdp.mixed_precision 'int8'; choose one of bf16, fp16, fp32"),
         (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
@@ -132,7 +133,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     # tiny preset: 2 groups x 2 rollouts, mini-batches of 1 group -> 2 optimizer steps per training step
     assert _optimizer_steps(checkpoints / "global_step_2") == {4}
 
-    code, log = _run(out, 3)
+    code, log = _run(out, 3, "embodied.embed_during_rollout=true")  # the reward's V-JEPA beside the rollout
     assert code == 0, log[-3000:]
     assert f"resumed from {checkpoints}/global_step_2 at step 2" in log
     assert "[step 3]" in log and "[step 1]" not in log and "[step 2]" not in log
