@@ -224,6 +224,16 @@ def test_wrist_camera_adds_a_second_image(policy):
     obs["observation", "wrist_image"] = obs["observation", "image"].flip(-1)
     out = two(obs)
     assert out["policy_image"].shape == (2, 6, 224, 224) and out["action"].shape == (2, 8, 7)
+    # each camera is preprocessed on its own: the second half of policy_image is the wrist frame's
+    wrist_alone = preprocess_images(obs["observation", "wrist_image"])
+    assert torch.equal(out["policy_image"][:, 3:], wrist_alone)
+    # cameras of different sizes: each resized to the model's size
+    obs = _obs()
+    small = obs["observation", "image"][..., ::2, ::2].contiguous()
+    obs["observation", "wrist_image"] = small
+    out = two(obs)
+    assert out["policy_image"].shape == (2, 6, 224, 224)
+    assert torch.equal(out["policy_image"][:, 3:], preprocess_images(small))
     with pytest.raises(KeyError, match="wrist_image"):
         two(_obs())
 
