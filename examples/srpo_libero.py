@@ -76,7 +76,7 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
     reward_module = make_reward(cfg, info)
     advantage_module = make_advantage(cfg)
     sampler = make_sampler(cfg, info)
-    background = make_background_embedder(cfg, reward_module, sampler, info)  # V-JEPA beside the rollout
+    background = make_background_embedder(cfg, reward_module, sampler, info)  # None: V-JEPA after the rollout
     loss_module = make_loss(cfg, policy)
     optimizer = make_optimizer(cfg, policy)
 
