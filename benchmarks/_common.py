@@ -36,8 +36,10 @@ def machine(device=None) -> dict:
 
 
 def command() -> str:
-    """This run's command line, with the script as ``benchmarks/<name>`` (no path of the machine it ran on)."""
-    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    """This run's command line, with the script as ``benchmarks/<name>`` and path arguments by their file name
+    only (no path of the machine it ran on)."""
+    args = [Path(a).name if a.startswith("/") else a for a in sys.argv[1:]]
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *args])
 
 
 def versions(names: tuple[str, ...] = PACKAGES) -> dict:
