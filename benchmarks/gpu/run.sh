@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs benchmarks on the staged GPU machine (after stage1.sh and stage2.sh, while it stays warm).
-#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train hostadamw fsdp policy reward recipe gil simmem gputests smoke
+#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train hostadamw fsdp policy reward recipe gil simmem render gputests smoke
 # Each job writes $OUT/JOB.log (all its output) and $OUT/JOB.json (its JSON line); every JSON line also
 # goes to $OUT/results.jsonl. The rollout jobs also keep $OUT/JOB.partial.json, the figures so far after each
 # mode: what a run cut off by the call's time limit leaves. Extra arguments for a job: JOB_ARGS="..."
 # (applied to every job).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-JOBS="rollout16 rollout32 train hostadamw fsdp policy reward recipe gil simmem gputests smoke"
+JOBS="rollout16 rollout32 train hostadamw fsdp policy reward recipe gil simmem render gputests smoke"
 for job in "$@"; do
   [[ " $JOBS " == *" $job "* ]] || { echo "run.sh: unknown job '$job'; choose from $JOBS"; exit 2; }
 done
@@ -55,6 +55,7 @@ for job in "$@"; do
     recipe) cmd=(python3 benchmarks/recipe_iteration.py --out /tmp/recipe) limit=480 ;;
     gil) cmd=(python3 benchmarks/gil_contention.py) limit=60 ;;
     simmem) cmd=(python3 benchmarks/sim_memory.py) limit=180 ;;  # a LIBERO process's host memory: heap trimmed or not, asset cache on / off
+    render) cmd=(python3 benchmarks/render_contention.py) limit=300 ;;  # what EGL renders cost a CUDA workload beside them
     gputests) cmd=(python3 -m pytest -q -p no:cacheprovider -m gpu tests) limit=300 ;;  # the tests CI skips
     smoke) continue ;;
   esac
