@@ -11,14 +11,24 @@ stand-in alone (measured before and after) gives the GPU time lost per render. W
 - ``agentview``: robosuite's camera path (``mjv_updateScene``, ``mjr_render``, ``mjr_readPixels``), one camera;
 - ``two_cameras``: that path for the agentview and the wrist camera (what a chunk of the recipe renders);
 - ``two_cameras_one_read``: both cameras rendered into two viewports of the offscreen buffer, one read;
+- ``agentview_small_buffer``: ``agentview`` with robosuite's offscreen buffer at the frame's 256x256 instead of
+  the model's 640x480 (same 4x multisampling; the same pixels, compared once);
+- ``agentview_no_msaa``: ``agentview`` without multisampling (other pixels: for scale only);
 - ``agentview_low_priority``: ``agentview`` from a second EGL context created at low priority
   (``EGL_IMG_context_priority``, where the driver has it), with its own ``MjrContext``: whether the GPU then
   gives the forward precedence;
 - ``empty_scene``: a one-box MuJoCo model rendered at 256x256 through ``mujoco.Renderer`` (the per-render
   cost of a context that draws almost nothing);
-- ``update_only``: ``mjv_updateScene`` alone, no GL call (the CPU side, for scale).
+- ``update_only``: ``mjv_updateScene`` alone, no GL call (the CPU side, for scale);
+- ``simulate``: 8-step chunks of random actions with the recipe's frames (agentview every chunk, the wrist
+  camera's last frame), flat out, a reset when the episode ends: the rollout's simulation without a policy;
+- ``physics``: the same steps without any render, flat out: what the simulation's CPU load alone costs.
 
-A frame counts each camera image (``two_cameras`` renders two a frame). Prints a table and one JSON line;
+A frame counts each camera image (``two_cameras`` renders two a frame; ``physics`` counts its env steps).
+The render kinds run at ``--rate``, the simulation kinds flat out; the workers run at the niceness the
+library gives its simulation workers. ``--standins`` sets the stand-ins (one row each per kind): one long
+graph, the same work as short graphs back to back, and with the GPU idle a moment between them tell apart
+a cost that depends on how long the forward holds the GPU. Prints a table and one JSON line;
 each worker also compares once ``two_cameras_one_read``'s pixels with robosuite's (``one_read_max_diff``,
 ``one_read_pixels_differing``: the worst process).
 
@@ -38,7 +48,9 @@ import numpy as np
 
 from _common import command, machine, versions
 
-KINDS = ("agentview", "two_cameras", "two_cameras_one_read", "agentview_low_priority", "empty_scene", "update_only")
+KINDS = ("agentview", "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read", "agentview_low_priority", "empty_scene", "update_only",
+         "simulate", "physics")
+FLAT_OUT = ("simulate", "physics")
 EGL_CONTEXT_PRIORITY_LEVEL_IMG, EGL_CONTEXT_PRIORITY_LOW_IMG = 0x3100, 0x3103  # EGL_IMG_context_priority
 SIZE = 256
 CAMERAS = ("agentview", "robot0_eye_in_hand")
@@ -139,14 +151,39 @@ def _renderers(sim):
         update(ids[0])
         return [None]
 
-    def robosuite_context(render):  # robosuite renders into whatever context is current: make it its own
+    default_buffer = (model.vis.global_.offwidth, model.vis.global_.offheight, model.vis.quality.offsamples)
+
+    def robosuite_context(render, buffer=default_buffer):
+        """``render`` in robosuite's GL context (robosuite renders into whatever context is current) with its
+        offscreen buffer ``(width, height, samples)`` (rebuilt when another kind changed it)."""
         def run():
             ctx.gl_ctx.make_current()
+            if (ctx.con.offWidth, ctx.con.offHeight, ctx.con.offSamples) != buffer:
+                model.vis.global_.offwidth, model.vis.global_.offheight, model.vis.quality.offsamples = buffer
+                ctx.con.free()
+                ctx._set_mujoco_context_and_buffers()
             return render()
         return run
 
+    rng = np.random.default_rng(0)
+
+    def simulate() -> list:
+        if sim._over:
+            sim.reset(0)
+        sim.step_chunk(rng.uniform(-1, 1, (8, 7)))
+        return [None, None]  # the agentview frame, the wrist camera's
+
+    def physics() -> list:
+        for _ in range(8):
+            sim._step(rng.uniform(-1, 1, 7), False, False)  # cameras closed: no render
+        return [None] * 8
+
     return {
+        "simulate": robosuite_context(simulate),
+        "physics": physics,
         "agentview": robosuite_context(lambda: [robosuite_path(CAMERAS[0])]),
+        "agentview_small_buffer": robosuite_context(lambda: [robosuite_path(CAMERAS[0])], (SIZE, SIZE, 4)),
+        "agentview_no_msaa": robosuite_context(lambda: [robosuite_path(CAMERAS[0])], default_buffer[:2] + (0,)),
         "two_cameras": robosuite_context(lambda: [robosuite_path(c) for c in CAMERAS]),
         "two_cameras_one_read": robosuite_context(one_read),
         "agentview_low_priority": low_priority,
@@ -156,8 +193,12 @@ def _renderers(sim):
 
 
 def _worker(conn, task_id: int) -> None:
-    from srpo_rl.envs.sim import LiberoSim
+    import os
 
+    from srpo_rl.envs.sim import LiberoSim
+    from srpo_rl.envs.workers import WORKER_NICENESS
+
+    os.nice(WORKER_NICENESS)
     sim = LiberoSim("libero_object", task_id, wrist_image=True)
     sim.reset(0)
     render = _renderers(sim)
@@ -166,6 +207,9 @@ def _worker(conn, task_id: int) -> None:
         raise RuntimeError("robosuite's camera path rendered a blank image")
     diffs = [np.abs(a.astype(np.int16) - b) for a, b in zip(separate, merged)]
     facts = gl_facts()
+    for kind in ("agentview_small_buffer", "agentview_no_msaa"):
+        facts[f"{kind}_max_diff"] = int(np.abs(render[kind]()[0].astype(np.int16) - separate[0]).max())
+    render["agentview"]()  # the model's own buffer back
     if facts["egl_context_priority"]:
         try:
             low_image = render["agentview_low_priority"]()[0]
@@ -179,7 +223,7 @@ def _worker(conn, task_id: int) -> None:
         kind, rate, seconds = conn.recv()
         if kind is None:
             sim.close()
-            return
+            os._exit(0)  # robosuite's GL objects would be collected after EGL's atexit teardown: noise, not errors
         frames, busy, start = 0, 0.0, time.perf_counter()
         while (now := time.perf_counter()) - start < seconds:
             due = start + frames / rate if rate > 0 else now  # paced: frame k at k / rate
@@ -197,38 +241,50 @@ def _worker(conn, task_id: int) -> None:
 
 
 class StandIn:
-    """A CUDA-graphed chain of Llama-7B-shaped MLP matmuls (bf16): the policy forward's kind of GPU work."""
+    """A CUDA-graphed chain of Llama-7B-shaped MLP matmuls (bf16): the policy forward's kind of GPU work.
 
-    def __init__(self, tokens: int = 8 * 352, layers: int = 8):
+    ``spec`` is ``"L"`` (one graph of ``L`` layers), ``"L/k"`` (graphs of ``k`` layers replayed back to back:
+    the GPU never idles between them) or ``"L/ks"`` (the same with a host synchronisation after each graph:
+    the GPU idles a moment between them).
+    """
+
+    def __init__(self, spec: str, tokens: int = 8 * 352, distinct: int = 8):
         import torch
 
-        self.torch = torch
+        self.torch, self.spec = torch, spec
+        layers, _, split = spec.partition("/")
+        self.sync_between = split.endswith("s")
+        per_graph = int(split.rstrip("s") or layers)
         device = torch.device("cuda")
         self.x = torch.randn(tokens, 4096, device=device, dtype=torch.bfloat16)
-        self.up = [torch.randn(4096, 11008, device=device, dtype=torch.bfloat16) / 64 for _ in range(layers)]
-        self.down = [torch.randn(11008, 4096, device=device, dtype=torch.bfloat16) / 105 for _ in range(layers)]
-        self.graph = torch.cuda.CUDAGraph()
-        for _ in range(2):
-            self._chain()  # warm-up: cuBLAS picks its kernels before the capture
+        # ``distinct`` weight pairs, used in turn: a long chain's time without its memory
+        self.up = [torch.randn(4096, 11008, device=device, dtype=torch.bfloat16) / 64 for _ in range(distinct)]
+        self.down = [torch.randn(11008, 4096, device=device, dtype=torch.bfloat16) / 105 for _ in range(distinct)]
+        self._chain(self.x, per_graph)  # warm-up: cuBLAS picks its kernels before the capture
         torch.cuda.synchronize()
-        with torch.cuda.graph(self.graph):
-            self.out = self._chain()
+        self.graphs, self.outputs = [], [self.x]  # each graph reads the last one's output: kept alive
+        for _ in range(int(layers) // per_graph):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.outputs.append(self._chain(self.outputs[-1], per_graph))
+            self.graphs.append(graph)
 
-    def _chain(self):
-        h = self.x
-        for up, down in zip(self.up, self.down):
-            h = self.torch.nn.functional.silu(h @ up) @ down
+    def _chain(self, h, layers: int):
+        for i in range(layers):
+            h = self.torch.nn.functional.silu(h @ self.up[i % len(self.up)]) @ self.down[i % len(self.down)]
         return h
 
     def run(self, seconds: float) -> float:
-        """Replays back to back for ``seconds``; returns the median ms a call."""
-        times, start = [], time.perf_counter()
+        """Runs the chain back to back for ``seconds``; returns the mean ms a chain (the throughput)."""
+        calls, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            self.graph.replay()
+            for graph in self.graphs:
+                graph.replay()
+                if self.sync_between:
+                    self.torch.cuda.synchronize()
             self.torch.cuda.synchronize()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return float(np.median(times))
+            calls += 1
+        return 1e3 * (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -236,6 +292,9 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=32, help="LIBERO processes rendering beside the forward")
     parser.add_argument("--rate", type=float, default=10.0, help="frames a second per process (0: flat out)")
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each measured window")
+    parser.add_argument("--standins", default="112,112/8,112/8s", type=lambda v: v.split(","),
+                        help="the stand-ins, comma-separated: L, L/k or L/ks (see StandIn; 8 layers: about 6 ms "
+                             "on an H100)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(KINDS)}")
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -256,49 +315,55 @@ def main() -> None:
         procs.append(proc)
     checks = [p.recv() for p in pipes]
     facts = {**checks[0], **{key: max(c[key] for c in checks)  # the worst process
-                             for key in ("one_read_max_diff", "one_read_pixels_differing", "low_priority_max_diff")
+                             for key in ("one_read_max_diff", "one_read_pixels_differing", "low_priority_max_diff",
+                                         "agentview_small_buffer_max_diff", "agentview_no_msaa_max_diff")
                              if key in checks[0]}}
-    stand_in = StandIn() if cuda else None
-    alone = [stand_in.run(args.seconds)] if cuda else []
+    stand_ins = {spec: StandIn(spec) for spec in args.standins} if cuda else {}
+    alone = {layers: [f.run(args.seconds)] for layers, f in stand_ins.items()}
     rows = []
     for kind in kinds:
+        rate = 0.0 if kind in FLAT_OUT else args.rate
         for p in pipes:
-            p.send((kind, args.rate, args.seconds + 2.0))
+            p.send((kind, rate, args.seconds * max(1, len(stand_ins)) + 2.0))
         time.sleep(1.0)  # every process at work
-        beside = stand_in.run(args.seconds) if cuda else None
+        beside = {layers: f.run(args.seconds) for layers, f in stand_ins.items()}
         replies = [p.recv() for p in pipes]
         if errors := [r["error"] for r in replies if "error" in r]:
             print(f"{kind}: {errors[0]}", flush=True)
             continue
         frames_per_s = sum(r["frames"] / r["wall_s"] for r in replies)
-        row = {"kind": kind, "frames_per_s": frames_per_s,
-               "worker_ms_per_frame": 1e3 * sum(r["busy_s"] for r in replies) / max(1, sum(r["frames"] for r in replies)),
-               "forward_ms": beside}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if cuda:
-        alone.append(stand_in.run(args.seconds))
-        base = float(np.mean(alone))
-        for row in rows:
-            lost = 1.0 - base / row["forward_ms"]  # share of the GPU's time the renders took from the forward
+        worker_ms = 1e3 * sum(r["busy_s"] for r in replies) / max(1, sum(r["frames"] for r in replies))
+        for layers in beside or [None]:
+            row = {"kind": kind, "rate": rate, "frames_per_s": frames_per_s, "worker_ms_per_frame": worker_ms,
+                   "standin": layers, "forward_ms": beside.get(layers)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for layers, f in stand_ins.items():
+        alone[layers].append(f.run(args.seconds))
+    for row in rows:
+        if row["forward_ms"] is not None:
+            base = float(np.mean(alone[row["standin"]]))
+            lost = 1.0 - base / row["forward_ms"]  # share of the GPU's time the work beside took from the forward
             row.update(forward_ratio=base / row["forward_ms"], lost_ms_per_frame=1e3 * lost / row["frames_per_s"])
     for p in pipes:
         p.send((None, 0, 0))
     for proc in procs:
         proc.join(timeout=30)
 
-    print(f"{'work beside the forward':>24} {'frames/s':>9} {'worker ms/frame':>16} {'forward ms':>11} "
-          f"{'vs alone':>9} {'GPU ms lost/frame':>18}")
+    print(f"{'work beside the forward':>24} {'frames/s':>9} {'worker ms/frame':>16} {'stand-in':>9} {'forward ms':>11} "
+          f"{'vs alone':>9} {'ms lost/frame':>14}")
     for r in rows:
         print(f"{r['kind']:>24} {r['frames_per_s']:>9.1f} {r['worker_ms_per_frame']:>16.2f} "
-              + (f"{r['forward_ms']:>11.2f} {r['forward_ratio']:>9.3f} {r['lost_ms_per_frame']:>18.3f}" if cuda else ""))
+              + (f"{r['standin']:>9} {r['forward_ms']:>11.2f} {r['forward_ratio']:>9.3f} {r['lost_ms_per_frame']:>14.3f}"
+                 if cuda else ""))
     print(f"two cameras in one read against robosuite's path: max difference {facts['one_read_max_diff']}, "
           f"{facts['one_read_pixels_differing']} pixels differ")
     if cuda:
-        print(f"forward alone: {', '.join(f'{a:.2f}' for a in alone)} ms (before, after)")
+        for layers, times in alone.items():
+            print(f"stand-in {layers} alone: {', '.join(f'{a:.2f}' for a in times)} ms (before, after)")
     print(json.dumps({"benchmark": "render_contention", "command": command(), "machine": machine(torch.device("cuda") if cuda else None),
                       "versions": versions(), "procs": args.procs, "rate": args.rate, "seconds": args.seconds,
-                      **facts, "forward_alone_ms": alone, "results": rows}))
+                      **facts, "standins": args.standins, "forward_alone_ms": alone, "results": rows}))
 
 
 if __name__ == "__main__":
