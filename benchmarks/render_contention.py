@@ -48,8 +48,8 @@ import numpy as np
 
 from _common import command, machine, versions
 
-KINDS = ("agentview", "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read", "agentview_low_priority", "empty_scene", "update_only",
-         "simulate", "physics")
+KINDS = ("agentview", "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read",
+         "agentview_low_priority", "empty_scene", "update_only", "simulate", "physics")
 FLAT_OUT = ("simulate", "physics")
 EGL_CONTEXT_PRIORITY_LEVEL_IMG, EGL_CONTEXT_PRIORITY_LOW_IMG = 0x3100, 0x3103  # EGL_IMG_context_priority
 SIZE = 256
@@ -95,7 +95,8 @@ def gl_facts() -> dict:
     from robosuite.renderers.context import egl_context
 
     extensions = EGL.eglQueryString(egl_context.EGL_DISPLAY, EGL.EGL_EXTENSIONS) or b""
-    return {"gl_renderer": GL.glGetString(GL.GL_RENDERER).decode(), "gl_version": GL.glGetString(GL.GL_VERSION).decode(),
+    return {"gl_renderer": GL.glGetString(GL.GL_RENDERER).decode(),
+            "gl_version": GL.glGetString(GL.GL_VERSION).decode(),
             "egl_context_priority": b"EGL_IMG_context_priority" in extensions}
 
 
@@ -287,7 +288,7 @@ class StandIn:
         return 1e3 * (time.perf_counter() - start) / calls
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--procs", type=int, default=32, help="LIBERO processes rendering beside the forward")
     parser.add_argument("--rate", type=float, default=10.0, help="frames a second per process (0: flat out)")
@@ -295,75 +296,95 @@ def main() -> None:
     parser.add_argument("--standins", default="112,112/8,112/8s", type=lambda v: v.split(","),
                         help="the stand-ins, comma-separated: L, L/k or L/ks (see StandIn; 8 layers: about 6 ms "
                              "on an H100)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(KINDS)}")
+    parser.add_argument("--kinds", default=",".join(KINDS), type=lambda v: v.split(","),
+                        help=f"comma-separated, from {', '.join(KINDS)}")
     args = parser.parse_args()
-    kinds = args.kinds.split(",")
-    for kind in kinds:
+    for kind in args.kinds:
         if kind not in KINDS:
             parser.error(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    return args
 
-    import torch
 
-    cuda = torch.cuda.is_available()
+def start_workers(n: int) -> tuple[list, list, dict]:
+    """``n`` worker processes (tasks 0-9 in turn), their pipes, and their one-off checks (the worst process)."""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
-    for i in range(args.procs):
+    for i in range(n):
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(child, i % 10), daemon=True)
         proc.start()
         pipes.append(parent)
         procs.append(proc)
     checks = [p.recv() for p in pipes]
-    facts = {**checks[0], **{key: max(c[key] for c in checks)  # the worst process
-                             for key in ("one_read_max_diff", "one_read_pixels_differing", "low_priority_max_diff",
-                                         "agentview_small_buffer_max_diff", "agentview_no_msaa_max_diff")
-                             if key in checks[0]}}
-    stand_ins = {spec: StandIn(spec) for spec in args.standins} if cuda else {}
-    alone = {layers: [f.run(args.seconds)] for layers, f in stand_ins.items()}
-    rows = []
-    for kind in kinds:
-        rate = 0.0 if kind in FLAT_OUT else args.rate
-        for p in pipes:
-            p.send((kind, rate, args.seconds * max(1, len(stand_ins)) + 2.0))
-        time.sleep(1.0)  # every process at work
-        beside = {layers: f.run(args.seconds) for layers, f in stand_ins.items()}
-        replies = [p.recv() for p in pipes]
-        if errors := [r["error"] for r in replies if "error" in r]:
-            print(f"{kind}: {errors[0]}", flush=True)
-            continue
-        frames_per_s = sum(r["frames"] / r["wall_s"] for r in replies)
-        worker_ms = 1e3 * sum(r["busy_s"] for r in replies) / max(1, sum(r["frames"] for r in replies))
-        for layers in beside or [None]:
-            row = {"kind": kind, "rate": rate, "frames_per_s": frames_per_s, "worker_ms_per_frame": worker_ms,
-                   "standin": layers, "forward_ms": beside.get(layers)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    for layers, f in stand_ins.items():
-        alone[layers].append(f.run(args.seconds))
+    worst = {key: max(c[key] for c in checks) for key in checks[0] if key.endswith(("_diff", "_differing"))}
+    return pipes, procs, {**checks[0], **worst}
+
+
+def measure(pipes: list, stand_ins: dict, kind: str, args) -> list[dict]:
+    """Every worker does ``kind`` while each stand-in runs in turn; one row per stand-in (one without CUDA)."""
+    rate = 0.0 if kind in FLAT_OUT else args.rate
+    for p in pipes:
+        p.send((kind, rate, args.seconds * max(1, len(stand_ins)) + 2.0))
+    time.sleep(1.0)  # every process at work
+    beside = {spec: f.run(args.seconds) for spec, f in stand_ins.items()}
+    replies = [p.recv() for p in pipes]
+    if errors := [r["error"] for r in replies if "error" in r]:
+        print(f"{kind}: {errors[0]}", flush=True)
+        return []
+    frames_per_s = sum(r["frames"] / r["wall_s"] for r in replies)
+    worker_ms = 1e3 * sum(r["busy_s"] for r in replies) / max(1, sum(r["frames"] for r in replies))
+    return [{"kind": kind, "rate": rate, "frames_per_s": frames_per_s, "worker_ms_per_frame": worker_ms,
+             "standin": spec, "forward_ms": beside.get(spec)} for spec in beside or [None]]
+
+
+def add_losses(rows: list[dict], alone: dict) -> None:
+    """Each row's stand-in speed against alone (mean of before and after) and the GPU ms lost a frame."""
     for row in rows:
         if row["forward_ms"] is not None:
             base = float(np.mean(alone[row["standin"]]))
             lost = 1.0 - base / row["forward_ms"]  # share of the GPU's time the work beside took from the forward
             row.update(forward_ratio=base / row["forward_ms"], lost_ms_per_frame=1e3 * lost / row["frames_per_s"])
+
+
+def print_table(rows: list[dict], facts: dict, alone: dict) -> None:
+    print(f"{'work beside the forward':>24} {'frames/s':>9} {'worker ms/frame':>16} {'stand-in':>9} "
+          f"{'forward ms':>11} {'vs alone':>9} {'ms lost/frame':>14}")
+    for r in rows:
+        measured = "forward_ratio" in r
+        print(f"{r['kind']:>24} {r['frames_per_s']:>9.1f} {r['worker_ms_per_frame']:>16.2f} "
+              + (f"{r['standin']:>9} {r['forward_ms']:>11.2f} {r['forward_ratio']:>9.3f} "
+                 f"{r['lost_ms_per_frame']:>14.3f}" if measured else ""))
+    print(f"two cameras in one read against robosuite's path: max difference {facts['one_read_max_diff']}, "
+          f"{facts['one_read_pixels_differing']} pixels differ")
+    for spec, times in alone.items():
+        print(f"stand-in {spec} alone: {', '.join(f'{a:.2f}' for a in times)} ms (before, after)")
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    pipes, procs, facts = start_workers(args.procs)
+    stand_ins = {spec: StandIn(spec) for spec in args.standins} if cuda else {}
+    alone = {spec: [f.run(args.seconds)] for spec, f in stand_ins.items()}
+    rows = []
+    for kind in args.kinds:
+        for row in measure(pipes, stand_ins, kind, args):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    for spec, f in stand_ins.items():
+        alone[spec].append(f.run(args.seconds))
+    add_losses(rows, alone)
     for p in pipes:
         p.send((None, 0, 0))
     for proc in procs:
         proc.join(timeout=30)
-
-    print(f"{'work beside the forward':>24} {'frames/s':>9} {'worker ms/frame':>16} {'stand-in':>9} {'forward ms':>11} "
-          f"{'vs alone':>9} {'ms lost/frame':>14}")
-    for r in rows:
-        print(f"{r['kind']:>24} {r['frames_per_s']:>9.1f} {r['worker_ms_per_frame']:>16.2f} "
-              + (f"{r['standin']:>9} {r['forward_ms']:>11.2f} {r['forward_ratio']:>9.3f} {r['lost_ms_per_frame']:>14.3f}"
-                 if cuda else ""))
-    print(f"two cameras in one read against robosuite's path: max difference {facts['one_read_max_diff']}, "
-          f"{facts['one_read_pixels_differing']} pixels differ")
-    if cuda:
-        for layers, times in alone.items():
-            print(f"stand-in {layers} alone: {', '.join(f'{a:.2f}' for a in times)} ms (before, after)")
-    print(json.dumps({"benchmark": "render_contention", "command": command(), "machine": machine(torch.device("cuda") if cuda else None),
-                      "versions": versions(), "procs": args.procs, "rate": args.rate, "seconds": args.seconds,
-                      **facts, "standins": args.standins, "forward_alone_ms": alone, "results": rows}))
+    print_table(rows, facts, alone)
+    print(json.dumps({"benchmark": "render_contention", "command": command(),
+                      "machine": machine(torch.device("cuda") if cuda else None), "versions": versions(),
+                      "procs": args.procs, "rate": args.rate, "seconds": args.seconds, **facts,
+                      "standins": args.standins, "forward_alone_ms": alone, "results": rows}))
 
 
 if __name__ == "__main__":
