@@ -17,6 +17,11 @@ Processes are started with the ``spawn`` method (``forkserver`` also works), so 
 create workers need the usual ``if __name__ == "__main__":`` guard. Workers run with one OpenMP /
 MKL / OpenBLAS thread each.
 
+Workers rendering through EGL render on the GPU their parent computes on (``MUJOCO_EGL_DEVICE_ID``, unless
+set): robosuite would otherwise put the frames of every process on device 0, and on an H100 every frame takes
+about 0.7-1.0 ms of GPU time from the CUDA work beside it (``benchmarks/render_contention.py``), so on a
+multi-GPU host the first GPU would carry every rank's frames and pace the others.
+
 Examples:
     >>> workers = SimWorkers({"suite": "libero_object"}, task_ids=[0, 1])  # doctest: +SKIP
     >>> results = workers.call({0: ("reset", (0,)), 1: ("reset", (3,))})  # doctest: +SKIP
@@ -32,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 from collections import defaultdict
@@ -43,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Failure", "SimWorkers", "WorkerError"]
+__all__ = ["Failure", "SimWorkers", "WorkerError", "egl_device_for", "parent_render_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +149,45 @@ def _worker_main(conn: Connection, sim_kwargs: dict, task_id: int, shared_name: 
         shared.close()
 
 
+def egl_device_for(cuda_index: int, cuda_visible_devices: str | None) -> int | None:
+    """The EGL device index of CUDA device ``cuda_index`` as robosuite counts EGL devices (all of the host's, in
+    the driver's order, taken here as the physical GPU order), or ``None`` where ``CUDA_VISIBLE_DEVICES`` names
+    GPUs by UUID (robosuite's own choice then stands).
+
+    Examples:
+        >>> egl_device_for(1, None), egl_device_for(1, "4,5"), egl_device_for(0, "GPU-8a5e")
+        (1, 5, None)
+    """
+    if not cuda_visible_devices:
+        return cuda_index
+    visible = [name.strip() for name in cuda_visible_devices.split(",")]
+    if not all(name.isdigit() for name in visible) or cuda_index >= len(visible):
+        return None
+    return int(visible[cuda_index])
+
+
+def parent_render_device() -> int | None:
+    """The EGL device for this process's simulation workers: its current CUDA device (:func:`egl_device_for`).
+
+    ``None`` (robosuite chooses) where ``MUJOCO_EGL_DEVICE_ID`` is set, the backend is not EGL, or this
+    process has not initialised CUDA (a CPU run does not start CUDA for this).
+    """
+    if os.environ.get("MUJOCO_EGL_DEVICE_ID") is not None or os.environ.get("MUJOCO_GL") != "egl":
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return egl_device_for(torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
 @contextlib.contextmanager
-def _single_threaded_children() -> Iterator[None]:
-    # spawned children copy os.environ at start: set the thread counts for them only
-    saved = {name: os.environ.get(name) for name in _THREAD_VARS}
-    os.environ.update({name: "1" for name in _THREAD_VARS})
+def _child_environment(render_device: int | None) -> Iterator[None]:
+    # spawned children copy os.environ at start: set the thread counts (and the EGL device) for them only
+    child = dict.fromkeys(_THREAD_VARS, "1")
+    if render_device is not None:
+        child["MUJOCO_EGL_DEVICE_ID"] = str(render_device)
+    saved = {name: os.environ.get(name) for name in child}
+    os.environ.update(child)
     try:
         yield
     finally:
@@ -159,14 +199,15 @@ def _single_threaded_children() -> Iterator[None]:
 
 
 class _Worker:
-    def __init__(self, ctx, slot: int, sim_kwargs: dict, task_id: int, shared_name: str | None = None):
+    def __init__(self, ctx, slot: int, sim_kwargs: dict, task_id: int, shared_name: str | None = None,
+                 render_device: int | None = None):
         self.slot, self.task_id = slot, task_id
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
             target=_worker_main, args=(child, sim_kwargs, task_id, shared_name), name=f"libero-sim-{slot}",
             daemon=True,
         )
-        with _single_threaded_children():
+        with _child_environment(render_device):
             self.process.start()
         child.close()  # so the parent sees EOF when the worker dies
         self.building = True
@@ -199,6 +240,8 @@ class SimWorkers:
         context: multiprocessing start method, ``"spawn"`` (default) or ``"forkserver"``.
         reply_bytes: size of each slot's shared-memory block for the large arrays of its replies (0: none,
             everything through the pipe); arrays beyond it go through the pipe.
+        render_device: the EGL device the workers render on (``MUJOCO_EGL_DEVICE_ID``); defaults to
+            :func:`parent_render_device`, the GPU this process computes on.
 
     Attributes:
         busy_time: seconds the workers spent inside each method, summed over slots
@@ -215,6 +258,7 @@ class SimWorkers:
         build_timeout: float = 600.0,
         context: str = "spawn",
         reply_bytes: int = 0,
+        render_device: int | None = None,
     ):
         if context not in ("spawn", "forkserver"):
             raise ValueError(f"unknown start method {context!r}; choose 'spawn' or 'forkserver'")
@@ -225,8 +269,8 @@ class SimWorkers:
         self.timeout = float(timeout)
         self.build_timeout = float(build_timeout)
         self._shared = [SharedMemory(create=True, size=reply_bytes) for _ in task_ids] if reply_bytes else []
-        self._workers = [_Worker(self._ctx, slot, self._sim_kwargs, int(t), self._shared_name(slot))
-                         for slot, t in enumerate(task_ids)]
+        self._render_device = parent_render_device() if render_device is None else int(render_device)
+        self._workers = [self._start(slot, int(t)) for slot, t in enumerate(task_ids)]
         self.restarts = 0
         self.busy_time: dict[str, float] = defaultdict(float)
         self._inflight: dict[int, tuple[str, float, float]] = {}  # slot -> (method, timeout, deadline)
@@ -236,6 +280,9 @@ class SimWorkers:
         except BaseException:
             self.close()
             raise
+
+    def _start(self, slot: int, task_id: int) -> _Worker:
+        return _Worker(self._ctx, slot, self._sim_kwargs, task_id, self._shared_name(slot), self._render_device)
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -264,7 +311,7 @@ class SimWorkers:
             "LIBERO worker %d (pid %s, task %d) %s; restarting it", slot, old.process.pid, old.task_id, reason
         )
         old.kill()
-        self._workers[slot] = _Worker(self._ctx, slot, self._sim_kwargs, old.task_id, self._shared_name(slot))
+        self._workers[slot] = self._start(slot, old.task_id)
         self.restarts += 1
 
     def _wait_built(self, slots, *, retry: bool) -> None:

@@ -18,7 +18,14 @@ from torchrl.envs.utils import check_env_specs
 
 from srpo_rl.envs import INSTALL_COMMAND, LiberoVecEnv, make_libero_env, suite_info
 from srpo_rl.envs.suites import canonical_suite
-from srpo_rl.envs.workers import SimWorkers, _SharedArray, _share_arrays, _unshare_arrays
+from srpo_rl.envs.workers import (
+    SimWorkers,
+    _SharedArray,
+    _share_arrays,
+    _unshare_arrays,
+    egl_device_for,
+    parent_render_device,
+)
 
 N = 2
 MAX_STEPS = 16
@@ -325,3 +332,54 @@ def test_replies_through_shared_memory_equal_replies_through_the_pipe():
         through_shared.close()
     with pytest.raises(ValueError, match="reply_bytes must be >= 0"):
         SimWorkers(kwargs, [2], reply_bytes=-1)
+
+
+@pytest.mark.parametrize(
+    "cuda_index, visible, expected",
+    [(0, None, 0), (3, "", 3), (1, "4,5", 5), (0, " 6 , 2", 6), (2, "4,5", None), (0, "GPU-8a5e,GPU-77c1", None)],
+)
+def test_egl_device_of_a_cuda_device(cuda_index, visible, expected):
+    # robosuite counts EGL devices over the whole host; CUDA_VISIBLE_DEVICES renumbers CUDA's
+    assert egl_device_for(cuda_index, visible) == expected
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(entry.decode().split("=", 1) for entry in f.read().split(b"\0") if b"=" in entry)
+
+
+def test_workers_render_on_the_egl_device_they_are_given(monkeypatch):
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)
+    workers = SimWorkers({"suite": "libero_object", "image_size": 64}, [0], render_device=0)
+    try:
+        assert _environ(workers.pids[0])["MUJOCO_EGL_DEVICE_ID"] == "0"
+        assert workers.call({0: ("reset", (0,))})[0]["image"].std() > 5  # robosuite rendered on that device
+    finally:
+        workers.close()
+    assert "MUJOCO_EGL_DEVICE_ID" not in os.environ  # set for the children only
+
+
+def test_workers_leave_the_device_to_robosuite_without_cuda_or_when_the_user_chose(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)
+    if not torch.cuda.is_initialized():  # a CPU run never starts CUDA to choose a render device
+        assert parent_render_device() is None
+    monkeypatch.setenv("MUJOCO_EGL_DEVICE_ID", "0")
+    assert parent_render_device() is None
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID")
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    assert parent_render_device() is None
+
+
+@pytest.mark.gpu
+def test_workers_render_on_the_gpu_their_parent_computes_on(monkeypatch):
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    torch.cuda.init()
+    expected = egl_device_for(torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    workers = SimWorkers({"suite": "libero_object", "image_size": 64}, [0])
+    try:
+        assert _environ(workers.pids[0])["MUJOCO_EGL_DEVICE_ID"] == str(expected)
+        assert workers.call({0: ("reset", (0,))})[0]["image"].std() > 5
+    finally:
+        workers.close()
