@@ -93,15 +93,20 @@ def default_max_steps(suite: str) -> int:
     return SUITE_MAX_STEPS[canonical_suite(suite)]
 
 
+def rendering_backend() -> str:
+    """The headless OpenGL backend :func:`configure_rendering` chooses (``""``: MuJoCo's own default)."""
+    return os.environ.get("MUJOCO_GL", "egl" if sys.platform.startswith("linux") else "")
+
+
 def configure_rendering() -> str:
     """Chooses the headless OpenGL backend before robosuite is imported; returns it.
 
     ``MUJOCO_GL`` keeps any value the user set; otherwise Linux gets ``egl`` (Mesa llvmpipe on a
     CPU machine, the GPU driver elsewhere). ``osmesa`` also works where ``libosmesa6`` is installed.
     """
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-    backend = os.environ.get("MUJOCO_GL", "")
+    backend = rendering_backend()
+    if backend:
+        os.environ["MUJOCO_GL"] = backend
     if backend in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", backend)
     return backend

@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from .suites import rendering_backend
+
 __all__ = ["Failure", "SimWorkers", "WorkerError", "egl_device_for", "parent_render_device"]
 
 logger = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ def parent_render_device() -> int | None:
     ``None`` (robosuite chooses) where ``MUJOCO_EGL_DEVICE_ID`` is set, the backend is not EGL, or this
     process has not initialised CUDA (a CPU run does not start CUDA for this).
     """
-    if os.environ.get("MUJOCO_EGL_DEVICE_ID") is not None or os.environ.get("MUJOCO_GL") != "egl":
+    if os.environ.get("MUJOCO_EGL_DEVICE_ID") is not None or rendering_backend() != "egl":
         return None
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():

@@ -374,7 +374,7 @@ def test_workers_leave_the_device_to_robosuite_without_cuda_or_when_the_user_cho
 @pytest.mark.gpu
 def test_workers_render_on_the_gpu_their_parent_computes_on(monkeypatch):
     monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)
-    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.delenv("MUJOCO_GL", raising=False)  # EGL by default on Linux
     torch.cuda.init()
     expected = egl_device_for(torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     workers = SimWorkers({"suite": "libero_object", "image_size": 64}, [0])
