@@ -9,7 +9,9 @@
   the same fused update on the master weights, the rounded weights back into the parameters;
 - ``HostAdamW, fresh buffers``: the same with its host buffers dropped before every step, as a host optimizer
   that allocates its temporaries per step does (the first version of the class): fresh host memory pays a
-  page fault per 4 KiB on first touch.
+  page fault per 4 KiB on first touch;
+- ``HostAdamW, bf16 moments``: ``state_dtype=torch.bfloat16``, a full step with the moments widened to fp32
+  and rounded back stochastically (two thirds of the host memory).
 
     python benchmarks/host_adamw.py                                   # 256 M bf16 parameters on the CPU
     python benchmarks/host_adamw.py --device cuda --params-m 2048     # bf16 on the GPU, the state on the host
@@ -76,6 +78,10 @@ def main() -> None:
     masters = [host.state[p]["master"] for p in params]
     host_bytes = host.host_bytes()
     del host
+    narrow = HostAdamW(params, lr=1e-4, state_dtype=torch.bfloat16)
+    rows.append({"case": "HostAdamW, bf16 moments", "seconds": timed_steps(narrow, device, args.repeats),
+                 "host_gib": narrow.host_bytes() / 2**30})
+    del narrow
     for m in masters:
         m.grad = torch.randn(size, generator=g)
     bare = torch.optim.AdamW(masters, lr=1e-4, fused=True)

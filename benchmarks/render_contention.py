@@ -11,6 +11,9 @@ stand-in alone (measured before and after) gives the GPU time lost per render. W
 - ``agentview``: robosuite's camera path (``mjv_updateScene``, ``mjr_render``, ``mjr_readPixels``), one camera;
 - ``two_cameras``: that path for the agentview and the wrist camera (what a chunk of the recipe renders);
 - ``two_cameras_one_read``: both cameras rendered into two viewports of the offscreen buffer, one read;
+- ``agentview_tiled``: ``B`` (the layout's burst) agentview frames rendered into ``B`` 256x256 tiles of one
+  offscreen buffer and read in one ``mjr_readPixels``: one submission of GL work for the burst, as a process
+  rendering every env's frames would submit them (the tiles' pixels are compared once with robosuite's path);
 - ``agentview_small_buffer``: ``agentview`` with robosuite's offscreen buffer at the frame's 256x256 instead of
   the model's 640x480 (same 4x multisampling; the same pixels, compared once);
 - ``agentview_no_msaa``: ``agentview`` without multisampling (other pixels: for scale only);
@@ -23,6 +26,12 @@ stand-in alone (measured before and after) gives the GPU time lost per render. W
 - ``simulate``: 8-step chunks of random actions with the recipe's frames (agentview every chunk, the wrist
   camera's last frame), flat out, a reset when the episode ends: the rollout's simulation without a policy;
 - ``physics``: the same steps without any render, flat out: what the simulation's CPU load alone costs.
+
+``--layouts`` sets how the same total frame rate (``--procs`` x ``--rate``) is spread over the processes, one
+row each per render kind: ``P/B`` has the first ``P`` processes render bursts of ``B`` frames back to back,
+their bursts spread evenly over each period; ``P/Ba`` starts every process's burst at the same instant. ``32/1``
+is 32 processes each rendering on its own beat (the rollout's shape), ``1/32`` one GL context rendering 32
+frames in a row: whether the loss is paid per frame or per switch between the GPU's GL and CUDA work.
 
 A frame counts each camera image (``two_cameras`` renders two a frame; ``physics`` counts its env steps).
 The render kinds run at ``--rate``, the simulation kinds flat out; the workers run at the niceness the
@@ -48,7 +57,7 @@ import numpy as np
 
 from _common import command, machine, versions
 
-KINDS = ("agentview", "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read",
+KINDS = ("agentview", "agentview_tiled", "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read",
          "agentview_low_priority", "empty_scene", "update_only", "simulate", "physics")
 FLAT_OUT = ("simulate", "physics")
 EGL_CONTEXT_PRIORITY_LEVEL_IMG, EGL_CONTEXT_PRIORITY_LOW_IMG = 0x3100, 0x3103  # EGL_IMG_context_priority
@@ -125,6 +134,23 @@ def _renderers(sim):
         mujoco.mjr_readPixels(rgb, None, mujoco.MjrRect(0, 0, len(ids) * SIZE, SIZE), ctx.con)
         return [rgb[:, i * SIZE:(i + 1) * SIZE] for i in range(len(ids))]
 
+    def tiled(count: int) -> list[np.ndarray]:
+        columns = min(count, 8)
+        rows = -(-count // columns)
+        for i in range(count):
+            update(ids[0])
+            mujoco.mjr_render(mujoco.MjrRect((i % columns) * SIZE, (i // columns) * SIZE, SIZE, SIZE),
+                              ctx.scn, ctx.con)
+        rgb = np.empty((rows * SIZE, columns * SIZE, 3), dtype=np.uint8)
+        mujoco.mjr_readPixels(rgb, None, mujoco.MjrRect(0, 0, columns * SIZE, rows * SIZE), ctx.con)
+        return [rgb[(i // columns) * SIZE:(i // columns + 1) * SIZE, (i % columns) * SIZE:(i % columns + 1) * SIZE]
+                for i in range(count)]
+
+    def tiled_context(count: int) -> list[np.ndarray]:
+        """``count`` tiles, in robosuite's context with a buffer that holds them (8 a row, 4x multisampling)."""
+        columns = min(count, 8)
+        return robosuite_context(lambda: tiled(count), (columns * SIZE, -(-count // columns) * SIZE, 4))()
+
     low = []  # (make_current, MjrContext, granted) once built; [None] without the extension
 
     def low_priority() -> list[np.ndarray]:
@@ -187,6 +213,7 @@ def _renderers(sim):
         "agentview_no_msaa": robosuite_context(lambda: [robosuite_path(CAMERAS[0])], default_buffer[:2] + (0,)),
         "two_cameras": robosuite_context(lambda: [robosuite_path(c) for c in CAMERAS]),
         "two_cameras_one_read": robosuite_context(one_read),
+        "agentview_tiled": tiled_context,  # takes the tile count
         "agentview_low_priority": low_priority,
         "empty_scene": empty_scene,
         "update_only": update_only,
@@ -210,6 +237,8 @@ def _worker(conn, task_id: int) -> None:
     facts = gl_facts()
     for kind in ("agentview_small_buffer", "agentview_no_msaa"):
         facts[f"{kind}_max_diff"] = int(np.abs(render[kind]()[0].astype(np.int16) - separate[0]).max())
+    tiles = render["agentview_tiled"](3)
+    facts["tiled_max_diff"] = max(int(np.abs(t.astype(np.int16) - separate[0]).max()) for t in tiles)
     render["agentview"]()  # the model's own buffer back
     if facts["egl_context_priority"]:
         try:
@@ -221,21 +250,27 @@ def _worker(conn, task_id: int) -> None:
     conn.send({**facts, "one_read_max_diff": max(int(d.max()) for d in diffs),
                "one_read_pixels_differing": sum(int(d.any(-1).sum()) for d in diffs)})
     while True:
-        kind, rate, seconds = conn.recv()
+        kind, rate, burst, start, seconds = conn.recv()
         if kind is None:
             sim.close()
             os._exit(0)  # robosuite's GL objects would be collected after EGL's atexit teardown: noise, not errors
-        frames, busy, start = 0, 0.0, time.perf_counter()
+        frames, busy, calls = 0, 0.0, 0
+        # ``start``: this worker's first burst on the clock every process shares (perf_counter is CLOCK_MONOTONIC)
+        time.sleep(max(0.0, start - time.perf_counter()))
         while (now := time.perf_counter()) - start < seconds:
-            due = start + frames / rate if rate > 0 else now  # paced: frame k at k / rate
+            due = start + calls * burst / rate if rate > 0 else now  # paced: burst k at k * burst / rate
             if due > now:
                 time.sleep(due - now)
             t0 = time.perf_counter()
             try:
-                frames += len(render[kind]())
+                if kind == "agentview_tiled":  # the burst in one submission
+                    frames += len(render[kind](burst))
+                for _ in range(burst if kind != "agentview_tiled" else 0):
+                    frames += len(render[kind]())
             except Exception as error:  # noqa: BLE001 - the row reports it, the other kinds still run
                 conn.send({"error": f"{type(error).__name__}: {error}"})
                 break
+            calls += 1
             busy += time.perf_counter() - t0
         else:
             conn.send({"frames": frames, "busy_s": busy, "wall_s": time.perf_counter() - start})
@@ -298,11 +333,28 @@ def parse_args() -> argparse.Namespace:
                              "on an H100)")
     parser.add_argument("--kinds", default=",".join(KINDS), type=lambda v: v.split(","),
                         help=f"comma-separated, from {', '.join(KINDS)}")
+    parser.add_argument("--layouts", default=None, type=lambda v: v.split(","),
+                        help="comma-separated P/B or P/Ba (see above; default: --procs/1, each process on its beat)")
     args = parser.parse_args()
     for kind in args.kinds:
         if kind not in KINDS:
             parser.error(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    args.layouts = args.layouts or [f"{args.procs}/1"]
+    for layout in args.layouts:
+        try:
+            procs, burst, aligned = parse_layout(layout)
+        except ValueError:
+            parser.error(f"bad layout {layout!r}: expected P/B or P/Ba with whole numbers, e.g. 32/1 or 1/32a")
+        if not 1 <= procs <= args.procs or burst < 1:
+            parser.error(f"layout {layout!r}: P must be 1..{args.procs} (--procs) and B at least 1")
     return args
+
+
+def parse_layout(layout: str) -> tuple[int, int, bool]:
+    """``"P/B"`` or ``"P/Ba"`` -> (processes, frames a burst, bursts aligned)."""
+    procs, _, burst = layout.partition("/")
+    aligned = burst.endswith("a")
+    return int(procs), int(burst.removesuffix("a")), aligned
 
 
 def start_workers(n: int) -> tuple[list, list, dict]:
@@ -320,20 +372,25 @@ def start_workers(n: int) -> tuple[list, list, dict]:
     return pipes, procs, {**checks[0], **worst}
 
 
-def measure(pipes: list, stand_ins: dict, kind: str, args) -> list[dict]:
-    """Every worker does ``kind`` while each stand-in runs in turn; one row per stand-in (one without CUDA)."""
-    rate = 0.0 if kind in FLAT_OUT else args.rate
-    for p in pipes:
-        p.send((kind, rate, args.seconds * max(1, len(stand_ins)) + 2.0))
-    time.sleep(1.0)  # every process at work
+def measure(pipes: list, stand_ins: dict, kind: str, layout: str, args) -> list[dict]:
+    """The workers of ``layout`` do ``kind`` while each stand-in runs in turn; one row per stand-in (one without
+    CUDA)."""
+    flat_out = kind in FLAT_OUT
+    procs, burst, aligned = (len(pipes), 1, False) if flat_out else parse_layout(layout)
+    rate = 0.0 if flat_out else args.rate * args.procs / procs  # the same total frame rate in every layout
+    period, start = burst / rate if rate else 0.0, time.perf_counter() + 0.5
+    for i, p in enumerate(pipes[:procs]):
+        offset = 0.0 if aligned else period * i / procs  # spread: the bursts evenly over the period
+        p.send((kind, rate, burst, start + offset, args.seconds * max(1, len(stand_ins)) + 2.0))
+    time.sleep(1.5)  # every process at work
     beside = {spec: f.run(args.seconds) for spec, f in stand_ins.items()}
-    replies = [p.recv() for p in pipes]
+    replies = [p.recv() for p in pipes[:procs]]
     if errors := [r["error"] for r in replies if "error" in r]:
         print(f"{kind}: {errors[0]}", flush=True)
         return []
     frames_per_s = sum(r["frames"] / r["wall_s"] for r in replies)
     worker_ms = 1e3 * sum(r["busy_s"] for r in replies) / max(1, sum(r["frames"] for r in replies))
-    return [{"kind": kind, "rate": rate, "frames_per_s": frames_per_s, "worker_ms_per_frame": worker_ms,
+    return [{"kind": kind, "layout": "flat out" if flat_out else layout, "rate": rate, "frames_per_s": frames_per_s, "worker_ms_per_frame": worker_ms,
              "standin": spec, "forward_ms": beside.get(spec)} for spec in beside or [None]]
 
 
@@ -347,11 +404,11 @@ def add_losses(rows: list[dict], alone: dict) -> None:
 
 
 def print_table(rows: list[dict], facts: dict, alone: dict) -> None:
-    print(f"{'work beside the forward':>24} {'frames/s':>9} {'worker ms/frame':>16} {'stand-in':>9} "
+    print(f"{'work beside the forward':>24} {'layout':>8} {'frames/s':>9} {'worker ms/frame':>16} {'stand-in':>9} "
           f"{'forward ms':>11} {'vs alone':>9} {'ms lost/frame':>14}")
     for r in rows:
         measured = "forward_ratio" in r
-        print(f"{r['kind']:>24} {r['frames_per_s']:>9.1f} {r['worker_ms_per_frame']:>16.2f} "
+        print(f"{r['kind']:>24} {r['layout']:>8} {r['frames_per_s']:>9.1f} {r['worker_ms_per_frame']:>16.2f} "
               + (f"{r['standin']:>9} {r['forward_ms']:>11.2f} {r['forward_ratio']:>9.3f} "
                  f"{r['lost_ms_per_frame']:>14.3f}" if measured else ""))
     print(f"two cameras in one read against robosuite's path: max difference {facts['one_read_max_diff']}, "
@@ -370,20 +427,21 @@ def main() -> None:
     alone = {spec: [f.run(args.seconds)] for spec, f in stand_ins.items()}
     rows = []
     for kind in args.kinds:
-        for row in measure(pipes, stand_ins, kind, args):
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for layout in args.layouts if kind not in FLAT_OUT else ["flat out"]:
+            for row in measure(pipes, stand_ins, kind, layout, args):
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     for spec, f in stand_ins.items():
         alone[spec].append(f.run(args.seconds))
     add_losses(rows, alone)
     for p in pipes:
-        p.send((None, 0, 0))
+        p.send((None, 0, 0, 0, 0))
     for proc in procs:
         proc.join(timeout=30)
     print_table(rows, facts, alone)
     print(json.dumps({"benchmark": "render_contention", "command": command(),
                       "machine": machine(torch.device("cuda") if cuda else None), "versions": versions(),
-                      "procs": args.procs, "rate": args.rate, "seconds": args.seconds, **facts,
+                      "procs": args.procs, "rate": args.rate, "layouts": args.layouts, "seconds": args.seconds, **facts,
                       "standins": args.standins, "forward_alone_ms": alone, "results": rows}))
 
 

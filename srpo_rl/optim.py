@@ -13,6 +13,13 @@ What differs from the fp32-master plan: nothing in the forward (FSDP2 casts fp32
 every forward; here they are stored so), and the mini-batch's summed gradient is rounded to bf16 once when
 FSDP2 hands it to the sharded parameter (a relative error of at most 2^-9 per element) before the fp32 update.
 
+With ``state_dtype=torch.bfloat16`` the two moments are stored in bf16 (8 bytes a parameter, 56 GiB for the
+7B: room for the recipe's 16 env processes beside it on a 128 GB host). A step widens them to fp32, runs the
+same fused update and rounds them back stochastically (:func:`round_to_bf16_stochastic`): rounded to nearest,
+the second moment's increment of ``(1 - beta2) = 0.1 %`` a step falls below bf16's half spacing (0.2-0.4 %)
+once the average has settled, and the moment stops moving (``tests/test_optim.py`` shows it stalled at about
+half its value); rounded stochastically it is unbiased. The master weights stay fp32.
+
 The state has torch AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master``, each tensor on the
 host; for a DTensor parameter (FSDP2) each is a DTensor with the same mesh and placements whose local shard
 lives on the host, as FSDP2's own CPU offload stores parameters, so ``torch.distributed.checkpoint`` saves
@@ -40,9 +47,54 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.optim.adamw import adamw
 
-__all__ = ["HostAdamW", "available_host_bytes"]
+__all__ = ["HostAdamW", "available_host_bytes", "round_to_bf16_stochastic"]
 
 _HOST_KEYS = ("master", "exp_avg", "exp_avg_sq")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+_NOISE_BLOCK = 2**22  # elements of uniform 16-bit noise drawn once; each block of a step reads it at a random offset
+
+
+class _BlockNoise:
+    """Uniform integers in [0, 2^16) for stochastic rounding, cheap enough for billions of elements a step.
+
+    Drawing fresh noise for the 7B's 15 billion moment elements costs about a minute of CPU a step (torch's CPU
+    ``randint``); instead one table of ``2 x block`` values is drawn once, and every block of ``block`` elements
+    reads ``block`` consecutive values from a random offset. An element so meets a value from a random place of
+    the table at every step: uniform, and independent from step to step (up to the table's 2^22 draws).
+    """
+
+    def __init__(self, seed: int = 0, block: int = _NOISE_BLOCK) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.block = block
+        self.table = torch.randint(0, 2**16, (2 * block,), dtype=torch.int32, generator=self.generator)
+
+    def blocks(self, numel: int):
+        """Yields ``(start, noise)`` covering ``numel`` elements: ``noise`` for the elements from ``start``."""
+        offsets = torch.randint(0, self.block, (-(-numel // self.block),), generator=self.generator).tolist()
+        for i, offset in enumerate(offsets):
+            start = i * self.block
+            yield start, self.table[offset:offset + min(self.block, numel - start)]
+
+
+def round_to_bf16_stochastic(wide: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Rounds the contiguous fp32 tensor ``wide`` in place to a bf16 value, stochastically, and returns it.
+
+    A finite value between the bf16 neighbours ``a < |x| < b`` becomes ``b`` with probability
+    ``(|x| - a) / (b - a)``, else ``a`` (its sign kept): the expectation is ``x``. ``noise``: int32 of ``wide``'s
+    numel, uniform in ``[0, 2^16)``, added to the 16 bits that bf16 drops before they are cleared (a carry
+    moves the value to the next bf16 up). The result converts to bf16 exactly.
+
+    Example:
+        >>> x = torch.full((4,), 1.0 + 2**-9)  # a quarter of the way from bf16's 1.0 to its next value, 1 + 2^-7
+        >>> noise = torch.tensor([0, 30000, 50000, 65535], dtype=torch.int32)
+        >>> round_to_bf16_stochastic(x, noise).tolist()
+        [1.0, 1.0, 1.0078125, 1.0078125]
+    """
+    bits = wide.view(torch.int32)
+    bits.add_(noise.view_as(bits))
+    bits.bitwise_and_(-(2**16))  # 0xFFFF0000: the bits bf16 keeps
+    return wide
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -87,6 +139,9 @@ class HostAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as :class:`torch.optim.AdamW`.
         chunk_bytes: fp32 gradient bytes brought to the host per fused update (bounds the host's
             temporary gradient memory).
+        state_dtype: the moments' dtype in host memory: ``torch.float32`` (torch's AdamW exactly) or
+            ``torch.bfloat16`` (two thirds of the host memory; the moments rounded stochastically after every
+            step: see the module's text).
 
     ``step`` does what :class:`torch.optim.AdamW` (``fused=True``) does to fp32 copies of the parameters with
     the same gradients, bit for bit (``tests/test_optim.py``), then writes the new master weights into the
@@ -102,14 +157,24 @@ class HostAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         *,
         chunk_bytes: int = 2**30,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid HostAdamW settings lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}: lr, eps, weight_decay >= 0 and betas in [0, 1)")
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"HostAdamW state_dtype must be one of {[str(d) for d in STATE_DTYPES]}, "
+                             f"got {state_dtype}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.chunk_bytes = chunk_bytes
+        self.state_dtype = state_dtype
+        self._noise = _BlockNoise() if state_dtype == torch.bfloat16 else None
+
+    def _state_bytes(self, numel: int) -> int:
+        """Host bytes of one parameter's state: the fp32 master and the two moments."""
+        return numel * (4 + 2 * self.state_dtype.itemsize)
 
     def host_bytes(self) -> int:
         """Host memory the state holds now (master weights and moments)."""
@@ -121,8 +186,8 @@ class HostAdamW(torch.optim.Optimizer):
             master = _local(param).detach().to("cpu", torch.float32, copy=True)
             state["step"] = torch.tensor(0.0)
             state["master"] = _like(param, master)
-            state["exp_avg"] = _like(param, torch.zeros_like(master))
-            state["exp_avg_sq"] = _like(param, torch.zeros_like(master))
+            for key in _MOMENTS:
+                state[key] = _like(param, torch.zeros_like(master, dtype=self.state_dtype))
         return state
 
     def init_state(self, reserve_bytes: int = 0) -> None:
@@ -150,20 +215,24 @@ class HostAdamW(torch.optim.Optimizer):
         new = [p for p in params if not self.state.get(p)]
         if not new:
             return
-        needed = sum(4 * len(_HOST_KEYS) * _local(p).numel() for p in new)
+        needed = sum(self._state_bytes(_local(p).numel()) for p in new)
         # the step's buffers: a chunk holds less than chunk_bytes + its last parameter; one fp32 copy of it, and a
-        # pinned one in the gradients' dtype that may be reallocated once as chunks grow
-        needed += 3 * (self.chunk_bytes + max(4 * _local(p).numel() for p in params))
+        # pinned one in the gradients' dtype that may be reallocated once as chunks grow; bf16 moments: their
+        # fp32 copies
+        buffers = 3 + (2 if self.state_dtype != torch.float32 else 0)
+        needed += buffers * (self.chunk_bytes + max(4 * _local(p).numel() for p in params))
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this host, each its shard
         available = available_host_bytes()
         if available is not None and ranks_here * needed + reserve_bytes > available:
             gib, each = 2**30, f" on each of {ranks_here} processes" if ranks_here > 1 else ""
             beside = f" plus {reserve_bytes / gib:.1f} GiB that the job takes beside it" if reserve_bytes else ""
             raise MemoryError(
-                f"HostAdamW needs {needed / gib:.1f} GiB of host memory{each} for the fp32 master weights and moments "
+                f"HostAdamW needs {needed / gib:.1f} GiB of host memory{each} for the fp32 master weights and "
+                f"{str(self.state_dtype).removeprefix('torch.')} moments "
                 f"of {sum(_local(p).numel() for p in new) / 1e9:.2f} B parameters{beside}, and "
                 f"{available / gib:.1f} GiB are available; free host memory (fewer env processes: env.num_envs), "
-                f"shard over more GPUs, or keep the optimizer on the GPU (actor.fsdp.optimizer_offload=false)")
+                f"store the moments in bf16 (actor.fsdp.optimizer_state_dtype=bf16), shard over more GPUs, or "
+                f"keep the optimizer on the GPU (actor.fsdp.optimizer_offload=false)")
 
     def _chunks(self, params: list[torch.Tensor]):
         chunk, size = [], 0
@@ -233,15 +302,39 @@ class HostAdamW(torch.optim.Optimizer):
             for chunk in self._chunks([p for p in group["params"] if p.grad is not None]):
                 states = [self._state(p) for p in chunk]
                 masters = [_local(s["master"]) for s in states]
-                adamw(masters, self._host_gradients(chunk), [_local(s["exp_avg"]) for s in states],
-                      [_local(s["exp_avg_sq"]) for s in states], [], [s["step"] for s in states], fused=True,
-                      amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                      eps=group["eps"], maximize=False)
+                moments = {key: [_local(s[key]) for s in states] for key in _MOMENTS}
+                wide = {key: self._widened(key, tensors) for key, tensors in moments.items()}
+                adamw(masters, self._host_gradients(chunk), wide["exp_avg"], wide["exp_avg_sq"], [],
+                      [s["step"] for s in states], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                      lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+                for key, tensors in moments.items():
+                    self._narrow(key, wide[key], tensors)
                 self._write_back(chunk, masters)
         return loss
 
+    def _widened(self, key: str, moments: list[torch.Tensor]) -> list[torch.Tensor]:
+        """fp32 moments for the fused update: the state itself when fp32, else fp32 copies in one flat buffer."""
+        if self.state_dtype == torch.float32:
+            return moments
+        flat = self._buffer(key, [m.numel() for m in moments], torch.float32)
+        wide = [w.view_as(m) for w, m in zip(flat, moments)]
+        for w, m in zip(wide, moments):
+            w.copy_(m)
+        return wide
+
+    def _narrow(self, key: str, wide: list[torch.Tensor], moments: list[torch.Tensor]) -> None:
+        """The updated fp32 moments back into a bf16 state, rounded stochastically (their flat buffer at once)."""
+        if self.state_dtype == torch.float32:
+            return
+        flat = self.__dict__["_buffers"][(key, torch.float32)][:sum(m.numel() for m in moments)]
+        for start, noise in self._noise.blocks(flat.numel()):
+            round_to_bf16_stochastic(flat[start:start + noise.numel()], noise)
+        for m, w in zip(moments, wide):
+            m.copy_(w)  # exact: w holds a bf16 value
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's ``load_state_dict``, except that the state stays fp32 in host memory.
+        """torch's ``load_state_dict``, except that the state stays in host memory, the master in fp32 and the
+        moments in ``state_dtype`` (a state saved with the other ``state_dtype`` is converted).
 
         (torch's casts every state tensor to its parameter's dtype and device: a bf16 GPU copy of the master.)
         """
@@ -255,7 +348,8 @@ class HostAdamW(torch.optim.Optimizer):
         for pid, tensors in host.items():
             param = by_id[pid]
             for key, value in tensors.items():
-                local = _local(value).detach().to("cpu", torch.float32)
+                dtype = torch.float32 if key == "master" else self.state_dtype
+                local = _local(value).detach().to("cpu", dtype)
                 if local.shape != _local(param).shape:
                     raise ValueError(f"HostAdamW state {key!r} of shape {tuple(local.shape)} does not fit the "
                                      f"parameter's local shape {tuple(_local(param).shape)}")

@@ -9,7 +9,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from srpo_rl.checkpoint import CheckpointManager
 from srpo_rl.distributed import DistInfo, close_distributed, shard_actor
-from srpo_rl.optim import HostAdamW, available_host_bytes
+from srpo_rl.optim import HostAdamW, available_host_bytes, round_to_bf16_stochastic
 
 LR, BETAS, EPS, WD = 0.05, (0.9, 0.999), 1e-8, 0.1
 
@@ -74,6 +74,95 @@ def test_bf16_parameters_get_the_rounded_master_and_torch_adamw_s_bits():
         assert not torch.equal(master, master.to(torch.bfloat16).float())  # the master keeps more than bf16
     assert frozen not in optimizer.state and torch.equal(frozen.detach(), torch.ones(3, dtype=torch.bfloat16))
     assert optimizer.host_bytes() == 3 * 4 * (16 * 8 + 8)
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and just above each fp32 ``x`` (equal where ``x`` is one), from torch's
+    round-to-nearest conversion and ``nextafter`` in bf16."""
+    nearest = x.to(torch.bfloat16)
+    up = torch.nextafter(nearest, torch.full_like(nearest, float("inf"))).float()
+    down = torch.nextafter(nearest, torch.full_like(nearest, float("-inf"))).float()
+    exact = nearest.float() == x
+    low = torch.where(exact | (nearest.float() < x), nearest.float(), down)
+    high = torch.where(exact | (nearest.float() > x), nearest.float(), up)
+    return low, high
+
+
+def test_stochastic_rounding_lands_on_a_neighbour_and_is_unbiased():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, generator=g) * torch.logspace(-6, 3, 64)  # both signs, many binades
+    draws = 4000
+    rounded = round_to_bf16_stochastic(x.repeat(draws, 1).contiguous(),
+                                       torch.randint(0, 2**16, (draws, 64), dtype=torch.int32, generator=g))
+    low, high = _bf16_neighbours(x)
+    assert torch.equal(rounded, rounded.to(torch.bfloat16).float())  # a bf16 value: it converts exactly
+    assert ((rounded == low) | (rounded == high)).all()
+    # the chance of the upper neighbour is the distance from the lower one: the mean is x within 5 sigma
+    p = (x - low) / (high - low)
+    sigma = (high - low) * (p * (1 - p) / draws).sqrt()
+    assert ((rounded.mean(0) - x).abs() <= 5 * sigma + 1e-12 * x.abs()).all()
+
+
+def test_bf16_moments_follow_fp32_adamw_within_their_rounding():
+    shapes, steps = [(33, 17), (17,)], 10
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(20 + i)) for i, s in enumerate(shapes)]
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = HostAdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, chunk_bytes=256,
+                              state_dtype=dtype)  # several chunks, each over the flat buffer's blocks
+        largest_step = 0.0  # of the Adam term, weight decay aside
+        for grads in _gradients(shapes, steps=steps, seed=2):
+            decayed = [p.detach() * (1 - LR * WD) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+            largest_step = max([largest_step] + [float((p.detach() - d).abs().max()) for p, d in zip(params, decayed)])
+        runs[dtype] = (params, optimizer, largest_step)
+    (fp32_params, _, largest_step), (bf16_params, bf16, _) = runs[torch.float32], runs[torch.bfloat16]
+    for p in bf16_params:
+        assert bf16.state[p]["exp_avg"].dtype == bf16.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+        assert bf16.state[p]["master"].dtype == torch.float32
+    assert bf16.host_bytes() == (4 + 2 + 2) * (33 * 17 + 17)
+    # a bf16 moment is off by less than one bf16 spacing (2^-7 of it) per rounding: after t steps by at most
+    # t x 2^-7 of itself, so the step m / sqrt(v) by at most 1.5 t x 2^-7 of itself (sqrt halves v's share)
+    worst = sum(1.5 * t * 2**-7 * largest_step for t in range(1, steps + 1))
+    differences = torch.cat([(a - b).detach().abs().flatten() for a, b in zip(bf16_params, fp32_params)])
+    assert 0 < differences.max() <= worst
+    assert differences.mean() <= worst / 10  # the rounding errors are unbiased: most cancel
+
+
+def test_bf16_second_moment_keeps_moving_where_round_to_nearest_stalls():
+    # a constant gradient of 1: exactly, v_t = 1 - beta2^t (0.95 after 3000 steps); the increment (1 - beta2)
+    # falls below half of bf16's spacing once v passes 0.5, so v rounded to nearest stops near there
+    steps, beta2 = 3000, BETAS[1]
+    param = torch.nn.Parameter(torch.zeros(2048))
+    optimizer = HostAdamW([param], lr=0.0, betas=BETAS, weight_decay=0.0, state_dtype=torch.bfloat16)
+    nearest = torch.zeros((), dtype=torch.bfloat16)
+    for _ in range(steps):
+        param.grad = torch.ones(2048)
+        optimizer.step()
+        nearest = (beta2 * nearest.float() + (1 - beta2)).to(torch.bfloat16)
+    exact = 1 - beta2**steps
+    assert abs(optimizer.state[param]["exp_avg_sq"].float().mean() - exact) < 0.01 * exact
+    assert float(nearest) < 0.6 * exact
+
+
+def test_a_saved_state_loads_into_either_state_dtype():
+    params = [torch.nn.Parameter(torch.randn(5, 3))]
+    saved = HostAdamW(params, lr=LR)
+    params[0].grad = torch.randn(5, 3)
+    saved.step()
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded = HostAdamW(params, lr=LR, state_dtype=dtype)
+        loaded.load_state_dict(saved.state_dict())
+        state = loaded.state[params[0]]
+        assert state["master"].dtype == torch.float32 and torch.equal(state["master"], saved.state[params[0]]["master"])
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == dtype
+        torch.testing.assert_close(state["exp_avg_sq"].float(), saved.state[params[0]]["exp_avg_sq"],
+                                   rtol=2**-8, atol=0)  # bf16: to nearest, half a spacing
+    with pytest.raises(ValueError, match=r"state_dtype must be one of \['torch.float32', 'torch.bfloat16'\]"):
+        HostAdamW(params, state_dtype=torch.float16)
 
 
 def test_bad_settings_are_named():

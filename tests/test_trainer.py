@@ -37,6 +37,8 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["rollout.temperature=0"], "rollout.temperature must be > 0"),
         (["embodied.embed_during_rollout=sometimes"], "embodied.embed_during_rollout must be true or false, got 'sometimes'"),
         (["actor.fsdp.mixed_precision=int8"], "unknown actor.fsdp.mixed_precision 'int8'; choose one of bf16, fp16, fp32"),
+        (["actor.fsdp.optimizer_state_dtype=fp8"], "unknown actor.fsdp.optimizer_state_dtype 'fp8'; choose one of fp32, bf16"),
+        (["actor.fsdp.optimizer_state_dtype=bf16"], "optimizer_state_dtype=bf16 applies to the host optimizer only"),
         (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
         (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
