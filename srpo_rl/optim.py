@@ -18,7 +18,8 @@ With ``state_dtype=torch.bfloat16`` the two moments are stored in bf16 (8 bytes 
 same fused update and rounds them back stochastically (:func:`round_to_bf16_stochastic`): rounded to nearest,
 the second moment's increment of ``(1 - beta2) = 0.1 %`` a step falls below bf16's half spacing (0.2-0.4 %)
 once the average has settled, and the moment stops moving (``tests/test_optim.py`` shows it stalled at about
-half its value); rounded stochastically it is unbiased. The master weights stay fp32.
+half its value); rounded stochastically it is unbiased. The master weights stay fp32. The rounding's noise is
+not part of the state: a resumed run continues with other draws than an uninterrupted one would have made.
 
 The state has torch AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master``, each tensor on the
 host; for a DTensor parameter (FSDP2) each is a DTensor with the same mesh and placements whose local shard

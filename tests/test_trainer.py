@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from srpo_rl.distributed import DTYPES
 from srpo_rl.examples.utils_srpo import check_config, host_reserve_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,11 +148,12 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
 
 
 @pytest.mark.slow
-def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_path):
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_path, moments):
     # a random policy fails everywhere, so every advantage is 0: the weight decay is what moves the weights
     out = tmp_path / "run"
     offload = ["actor.fsdp.optimizer_offload=true", "actor.fsdp.mixed_precision=bf16", "actor.lr=0.01",
-               "actor.weight_decay=0.5"]
+               "actor.weight_decay=0.5", f"actor.fsdp.optimizer_state_dtype={moments}"]
     code, log = _run(out, 1, *offload)
     assert code == 0, log[-3000:]
     code, log = _run(out, 2, *offload)
@@ -164,7 +166,8 @@ def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_pa
     assert {int(s["step"]) for s in optim.values()} == {4}  # 2 per training step, continued after the resume
     decayed = 0
     for name, state in optim.items():
-        assert state["master"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+        assert state["master"].dtype == torch.float32
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == DTYPES[moments]
         assert torch.equal(state["master"].to(torch.bfloat16), weights[name]), name
         decayed += not torch.equal(state["master"], state["master"].to(torch.bfloat16).float())
     assert decayed > len(optim) // 2  # the masters moved off the bf16 grid: the update ran in fp32

@@ -4,7 +4,7 @@
 # Each job writes $OUT/JOB.log (all its output) and $OUT/JOB.json (its JSON line); every JSON line also
 # goes to $OUT/results.jsonl. The rollout jobs also keep $OUT/JOB.partial.json, the figures so far after each
 # mode: what a run cut off by the call's time limit leaves. Extra arguments for a job: JOB_ARGS="..."
-# (applied to every job).
+# (applied to every job); JOB_LIMIT=S stops each job after S seconds instead of its own limit.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 JOBS="rollout16 rollout32 train hostadamw fsdp policy reward recipe gil simmem render gputests smoke"
@@ -59,6 +59,7 @@ for job in "$@"; do
     gputests) cmd=(python3 -m pytest -q -p no:cacheprovider -m gpu tests) limit=300 ;;  # the tests CI skips
     smoke) continue ;;
   esac
+  limit=${JOB_LIMIT:-$limit}  # JOB_LIMIT=S: stop each job after S seconds (a run cut short on purpose)
   echo "=== $job: ${cmd[*]} ${JOB_ARGS:-}"
   # shellcheck disable=SC2086
   timeout "$limit" "${cmd[@]}" ${JOB_ARGS:-} 2>&1 | tee "$OUT/$job.log"
