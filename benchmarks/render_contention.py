@@ -265,8 +265,9 @@ def _worker(conn, task_id: int) -> None:
             try:
                 if kind == "agentview_tiled":  # the burst in one submission
                     frames += len(render[kind](burst))
-                for _ in range(burst if kind != "agentview_tiled" else 0):
-                    frames += len(render[kind]())
+                else:
+                    for _ in range(burst):
+                        frames += len(render[kind]())
             except Exception as error:  # noqa: BLE001 - the row reports it, the other kinds still run
                 conn.send({"error": f"{type(error).__name__}: {error}"})
                 break
