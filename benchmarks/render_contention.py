@@ -57,7 +57,8 @@ import numpy as np
 
 from _common import command, machine, versions
 
-KINDS = ("agentview", "agentview_tiled", "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read",
+KINDS = ("agentview", "agentview_tiled",
+         "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read",
          "agentview_low_priority", "empty_scene", "update_only", "simulate", "physics")
 FLAT_OUT = ("simulate", "physics")
 EGL_CONTEXT_PRIORITY_LEVEL_IMG, EGL_CONTEXT_PRIORITY_LOW_IMG = 0x3100, 0x3103  # EGL_IMG_context_priority
@@ -391,7 +392,8 @@ def measure(pipes: list, stand_ins: dict, kind: str, layout: str, args) -> list[
         return []
     frames_per_s = sum(r["frames"] / r["wall_s"] for r in replies)
     worker_ms = 1e3 * sum(r["busy_s"] for r in replies) / max(1, sum(r["frames"] for r in replies))
-    return [{"kind": kind, "layout": "flat out" if flat_out else layout, "rate": rate, "frames_per_s": frames_per_s, "worker_ms_per_frame": worker_ms,
+    return [{"kind": kind, "layout": "flat out" if flat_out else layout, "rate": rate,
+             "frames_per_s": frames_per_s, "worker_ms_per_frame": worker_ms,
              "standin": spec, "forward_ms": beside.get(spec)} for spec in beside or [None]]
 
 

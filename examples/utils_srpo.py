@@ -239,8 +239,8 @@ def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Opt
     if host_optimizer(cfg):
         optimizer = HostAdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay,
                               state_dtype=DTYPES[cfg.actor.fsdp.optimizer_state_dtype])
-        # its host memory (84 GiB for the 7B, 56 with bf16 moments) taken now, beside the built envs and with room for what grows later:
-        # a host too small fails at start-up, not at the first host step (on an 80 GB H100 with a 128 GB host, 16
+        # its host memory (84 GiB for the 7B, 56 with bf16 moments) taken now, beside the built envs and with room
+        # for what grows later: a host too small fails at start-up, not at the first host step (on an 80 GB H100 with a 128 GB host, 16
         # envs passed a check without that room, then were killed there with 67 MiB of host memory left)
         optimizer.init_state(reserve_bytes=host_reserve_bytes(cfg, policy.model.config.dino.image_size))
         return optimizer
