@@ -39,6 +39,12 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``pool_preprocess_outside``: the policy as it was before its CUDA graphs took the camera frames: the resize,
   crop and normalisation launched op by op from Python (each launch waiting for the GIL while the loop runs),
   then the graph of the model forward from the pixel values.
+- ``pool_cpu_renderK`` (``--cpu-render-slots K``): ``pool`` on an env built anew (after the other modes, the
+  first env closed) whose last ``K`` slots render on the CPU with Mesa's llvmpipe
+  (``LiberoVecEnv(cpu_render_slots=K)``): their frames take no GPU time from the forward, at a core's time
+  instead; with ``--beside`` also the batch-8 forward beside this env's simulation. ``renderers`` names what
+  drew a GPU slot's and a CPU slot's frames, ``bare_sim`` is this env's own simulation ceiling (``vs_*``
+  ratios stay against the run's ceilings).
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -739,6 +745,12 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
                     f"{result[mode]['env_steps_per_s']:.1f}")
     finally:
         env.close()
+    for slots in args.cpu_render_slots:  # each on an env of its own, built after the first one closed
+        mode = f"pool_cpu_render{slots}"
+        result[mode] = cpu_render_pool(args, num_envs, slots, policy, requests, success_step, tasks, names, device,
+                                       timer, forward_timer)
+        checkpoint(result)
+        log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f} ({result[mode]['renderers']})")
 
     if reward is not None and trajs is not None:
         if device.type == "cuda":
@@ -786,6 +798,37 @@ def embedded(env, policy, requests, result: dict, reward, device: torch.device, 
     return row, trajs, embeddings
 
 
+def cpu_render_pool(args, num_envs: int, slots: int, policy, requests, success_step, tasks, names, device,
+                    timer: PreprocessTimer, forward_timer: ForwardTimer) -> dict:
+    """``pool`` on an env whose last ``slots`` slots render with llvmpipe on the CPU (built for this row)."""
+    env = ForcedSuccessEnv(args.suite, num_envs, max_steps=args.max_steps, task_ids=tasks, success_step=success_step,
+                           build_timeout=900, cpu_render_slots=slots)
+    try:
+        firsts = sorted({0, num_envs - slots} - {num_envs})  # a GPU slot (if any) and a CPU one
+        renderers = env._workers.call({s: ("gl_renderer", ()) for s in firsts})
+        set_jpeg_in_workers(env, policy, True)
+        simulation = bare_sim(env._workers, args, tasks)  # this env's own ceiling: its frames cost cores now
+        beside = None
+        if args.beside:
+            beside = bare_policy_beside(policy, env._workers, names, device, args, tasks, "sim")
+        env.reset()
+        env.step(TensorDict({"action": torch.zeros(num_envs, CHUNK, 7)}, [num_envs]))  # builds, numba: untimed
+        row, _ = scheduler(env, policy, requests, "pool", timer, forward_timer)
+    finally:
+        env.close()
+    row.update(cpu_render_slots=slots, renderers={str(s): renderers[s] for s in firsts}, bare_sim=simulation)
+    if beside is not None:
+        row["bare_policy_beside_sim"] = beside
+    return row
+
+
+def row_modes(result: dict) -> list[str]:
+    """The rows of ``result`` that ran the rollout, in the order they ran."""
+    cpu_render = sorted((m for m in result if m.startswith("pool_cpu_render")),
+                        key=lambda m: result[m]["cpu_render_slots"])
+    return [m for m in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES) if m in result] + cpu_render
+
+
 def ratios(result: dict) -> None:
     ceilings = {"bare_sim": result["bare_sim"]["env_steps_per_s"],
                 "bare_policy": max(b["forward_env_steps_per_s"] for b in result["bare_policy"])}
@@ -795,10 +838,8 @@ def ratios(result: dict) -> None:
         result["ceilings"]["min_sustained_ceiling"] = min(ceilings["bare_sim"],
                                                           result["ceilings"]["bare_policy_sustained"])
     sim = result["bare_sim"]
-    for mode in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES):
-        row = result.get(mode)
-        if row is None:
-            continue
+    for mode in row_modes(result):
+        row = result[mode]
         rate = row["env_steps_per_s"]
         row["vs_min_ceiling"] = rate / result["ceilings"]["min_ceiling"]
         row["vs_bare_sim"] = rate / ceilings["bare_sim"]
@@ -809,7 +850,7 @@ def ratios(result: dict) -> None:
             row["steady_vs_min_ceiling"] = row["steady_env_steps_per_s"] / result["ceilings"]["min_ceiling"]
         if "lockstep" in result:
             row["vs_lockstep"] = rate / result["lockstep"]["env_steps_per_s"]
-        if "worker_step_cpu_s" in row:
+        if "worker_step_cpu_s" in row and "cpu_render_slots" not in row:  # the bare sim rendered on the GPU
             frames = row["decisions"]
             row["split_cpu_s"] = {
                 "physics": row["worker_step_cpu_s"] - frames * sim["render_s_per_frame"],
@@ -853,8 +894,8 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             print(f"{r['num_envs']:>4} {'bare pol sustained':>23} {b['env_steps_per_s']:>8.1f}  (batch {b['batch']} "
                   f"back to back for {b['seconds']:.0f} s: {b['first_ms']:.1f} ms a forward at first, "
                   f"{b['last_ms']:.1f} ms in the last quarter; vs min(bare sim, this): "
-                  + ", ".join(f"{m} {r[m]['vs_min_sustained_ceiling']:.2f}x" for m in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES)
-                              if m in r and "vs_min_sustained_ceiling" in r[m]) + ")")
+                  + ", ".join(f"{m} {r[m]['vs_min_sustained_ceiling']:.2f}x" for m in row_modes(r)
+                              if "vs_min_sustained_ceiling" in r[m]) + ")")
         for b in r.get("bare_policy_beside", []):
             print(f"{r['num_envs']:>4} {'bare pol beside ' + b['work']:>23} {b['env_steps_per_s']:>8.1f}  (batch "
                   f"{b['batch']} back to back for {b['seconds']:.0f} s while every env process does {b['work']!r}: "
@@ -864,10 +905,8 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             print(f"{r['num_envs']:>4} {'graphs':>23} {g['graphs']} captured in {g['graph_capture_s']:.1f} s, "
                   f"{g['failed_captures']} failed "
                   f"(prompt widths {g['prompt_widths']})")
-        for mode in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES):
-            row = r.get(mode)
-            if row is None:
-                continue
+        for mode in row_modes(r):
+            row = r[mode]
             vs_lock = f"{row['vs_lockstep']:.2f}x" if "vs_lockstep" in row else "-"
             steady = f"{row['steady_env_steps_per_s']:.1f}" if row.get("steady_env_steps_per_s") else "-"
             st_ceil = f"{row['steady_vs_min_ceiling']:.2f}x" if "steady_vs_min_ceiling" in row else "-"
@@ -881,6 +920,13 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                   f"{row.get('busy_sims', float('nan')):>9.1f} {row.get('mean_batch', float('nan')):>5.1f} "
                   f"{row.get('main_cpu_s', float('nan')):>10.1f} {row.get('loop_cpu_s', float('nan')):>10.1f} "
                   f"{row.get('policy_cpu_s', float('nan')):>9.1f} {row.get('rebuilds', -1):>8}")
+        for mode in row_modes(r):
+            if "renderers" in r[mode]:
+                beside = r[mode].get("bare_policy_beside_sim")
+                print(f"{r['num_envs']:>4} {mode:>23} renderers by slot {r[mode]['renderers']}; its bare sim "
+                      f"{r[mode]['bare_sim']['env_steps_per_s']:.1f} env-steps/s"
+                      + (f"; the batch-8 forward beside its simulation {beside['env_steps_per_s']:.1f} env-steps/s"
+                         if beside else ""))
         if "reward" in r:
             rw = r["reward"]
             print(f"{r['num_envs']:>4} {'reward':>9} {rw['seconds']:.1f} s for {rw['trajectories']} trajectories "
@@ -921,6 +967,9 @@ def main() -> None:
                         help="seconds of back-to-back bare forwards at batch 8 (default 20; tiny 1)")
     parser.add_argument("--beside", action="store_true",
                         help="also the batch-8 forward beside the env processes simulating / rendering")
+    parser.add_argument("--cpu-render-slots", type=int, nargs="*", default=[], metavar="K",
+                        help="also pool_cpu_renderK for each K: the pool on an env whose last K slots render with "
+                             "Mesa's llvmpipe on the CPU (needs Mesa's EGL library)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
                         help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "

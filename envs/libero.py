@@ -99,6 +99,10 @@ class LiberoVecEnv(EnvBase):
             images, done in the worker processes, where it costs the policy's process no time; pair it with
             ``OpenVLAOFTPolicy(jpeg_quality=None)`` (the same bytes as the policy's own round trip). The
             reward ``frames`` stay as rendered. ``None`` (the default): raw images.
+        cpu_render_slots: how many slots (the last ones) render with Mesa's llvmpipe on the CPU instead of the
+            GPU (:class:`~srpo_rl.envs.workers.SimWorkers`): on a GPU whose graphics are slow beside CUDA work
+            (an H100 loses about 0.8 ms of the policy's time a frame) this trades a core's 80 ms a frame for
+            it. Defaults to 0.
         device: device of the returned tensors. Defaults to CPU.
 
     Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to
@@ -139,6 +143,7 @@ class LiberoVecEnv(EnvBase):
         build_timeout: float = 600.0,
         seed: int = 0,
         jpeg_quality: int | None = None,
+        cpu_render_slots: int = 0,
         device: torch.device | str | None = None,
     ):
         info = suite_info(suite)  # validates the name and imports LIBERO (clear errors)
@@ -196,7 +201,7 @@ class LiberoVecEnv(EnvBase):
         frame_bytes = 3 * self.image_size**2
         reply_bytes = (1 + self.wrist_image + self.num_frames) * frame_bytes + (1 << 16)
         self._workers = SimWorkers(sim_kwargs, task_ids, timeout=step_timeout, build_timeout=build_timeout,
-                                   reply_bytes=reply_bytes)
+                                   reply_bytes=reply_bytes, cpu_render_slots=cpu_render_slots)
 
     # -- specs ------------------------------------------------------------------------------------
     def _make_specs(self) -> None:

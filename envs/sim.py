@@ -368,6 +368,20 @@ class LiberoSim:
             raise ValueError(f"unknown camera {camera!r}; choose one of {sorted(self._cameras)}")
         return self._to_policy(self._cameras[camera].render())
 
+    def gl_renderer(self) -> str:
+        """The OpenGL renderer that draws this simulation's frames, e.g. ``"llvmpipe (LLVM 15.0.6, 256 bits)"``
+        (Mesa's software rasterizer, on the CPU) or the GPU's name; ``""`` when rendering is not through OpenGL."""
+        context = getattr(self.env.env.sim, "_render_context_offscreen", None)
+        if context is None:
+            self.render()  # robosuite creates the render context on the first frame
+            context = getattr(self.env.env.sim, "_render_context_offscreen", None)
+        if context is None or not hasattr(context, "gl_ctx"):
+            return ""
+        from OpenGL import GL  # imported here, after MUJOCO_GL / PYOPENGL_PLATFORM are set
+
+        context.gl_ctx.make_current()
+        return GL.glGetString(GL.GL_RENDERER).decode()
+
     def teleport_to_goal(self) -> None:
         """Moves the scene into (or just above) the task's goal configuration; for tests/benchmarks.
 

@@ -20,7 +20,9 @@ MKL / OpenBLAS thread each.
 Workers rendering through EGL render on the GPU their parent computes on (``MUJOCO_EGL_DEVICE_ID``, unless
 set): robosuite would otherwise put the frames of every process on device 0, and on an H100 every frame takes
 about 0.7-1.0 ms of GPU time from the CUDA work beside it (``benchmarks/render_contention.py``), so on a
-multi-GPU host the first GPU would carry every rank's frames and pace the others.
+multi-GPU host the first GPU would carry every rank's frames and pace the others. Workers given
+``cpu_render_slots`` render with Mesa's software rasterizer (llvmpipe) through Mesa's EGL library instead, on
+their own CPU core: their frames take no GPU time, at about 80 ms of a core a LIBERO frame.
 
 Examples:
     >>> workers = SimWorkers({"suite": "libero_object"}, task_ids=[0, 1])  # doctest: +SKIP
@@ -33,6 +35,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -43,6 +46,7 @@ import traceback
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -51,11 +55,13 @@ import numpy as np
 
 from .suites import rendering_backend
 
-__all__ = ["Failure", "SimWorkers", "WorkerError", "egl_device_for", "parent_render_device"]
+__all__ = ["Failure", "SimWorkers", "WorkerError", "egl_device_for", "mesa_egl_vendor_file", "parent_render_device"]
 
 logger = logging.getLogger(__name__)
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+# where libglvnd looks for EGL vendor files (its defaults), to find Mesa's
+_GLVND_EGL_DIRS = ("/etc/glvnd/egl_vendor.d", "/usr/share/glvnd/egl_vendor.d", "/usr/local/share/glvnd/egl_vendor.d")
 
 
 class WorkerError(RuntimeError):
@@ -182,12 +188,44 @@ def parent_render_device() -> int | None:
     return egl_device_for(torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
+def mesa_egl_vendor_file(directories: Sequence[str] = _GLVND_EGL_DIRS) -> str | None:
+    """libglvnd's vendor file of Mesa's EGL library (``libEGL_mesa``) in ``directories``, or ``None``.
+
+    A process whose ``__EGL_VENDOR_LIBRARY_FILENAMES`` names only this file sees Mesa's EGL devices only, the
+    first of which is its software rasterizer (llvmpipe): OpenGL on the CPU, beside a GPU driver's EGL.
+
+    Examples:
+        >>> path = mesa_egl_vendor_file()
+        >>> path is None or path.endswith(".json")
+        True
+    """
+    for directory in directories:
+        for path in sorted(Path(directory).glob("*.json")) if Path(directory).is_dir() else ():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                if "mesa" in json.loads(path.read_text())["ICD"]["library_path"].lower():
+                    return str(path)
+    return None
+
+
+def _cpu_render_environment() -> dict[str, str]:
+    """The variables that make a worker's EGL render with llvmpipe on one thread (a worker is one core)."""
+    vendor = mesa_egl_vendor_file()
+    if vendor is None:
+        raise WorkerError(
+            f"cpu_render_slots needs Mesa's EGL library (no libEGL_mesa vendor file in {', '.join(_GLVND_EGL_DIRS)}); "
+            "install it, e.g. `apt-get install libegl-mesa0 libgl1-mesa-dri`, or set cpu_render_slots=0"
+        )
+    # Mesa lists its software device first: EGL device 0 once Mesa is the only vendor
+    return {"__EGL_VENDOR_LIBRARY_FILENAMES": vendor, "MUJOCO_EGL_DEVICE_ID": "0", "LP_NUM_THREADS": "1"}
+
+
 @contextlib.contextmanager
-def _child_environment(render_device: int | None) -> Iterator[None]:
+def _child_environment(render_device: int | None, cpu_render: dict[str, str] | None = None) -> Iterator[None]:
     # spawned children copy os.environ at start: set the thread counts (and the EGL device) for them only
     child = dict.fromkeys(_THREAD_VARS, "1")
     if render_device is not None:
         child["MUJOCO_EGL_DEVICE_ID"] = str(render_device)
+    child.update(cpu_render or {})
     saved = {name: os.environ.get(name) for name in child}
     os.environ.update(child)
     try:
@@ -202,14 +240,14 @@ def _child_environment(render_device: int | None) -> Iterator[None]:
 
 class _Worker:
     def __init__(self, ctx, slot: int, sim_kwargs: dict, task_id: int, shared_name: str | None = None,
-                 render_device: int | None = None):
+                 render_device: int | None = None, cpu_render: dict[str, str] | None = None):
         self.slot, self.task_id = slot, task_id
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
             target=_worker_main, args=(child, sim_kwargs, task_id, shared_name), name=f"libero-sim-{slot}",
             daemon=True,
         )
-        with _child_environment(render_device):
+        with _child_environment(render_device, cpu_render):
             self.process.start()
         child.close()  # so the parent sees EOF when the worker dies
         self.building = True
@@ -244,11 +282,16 @@ class SimWorkers:
             everything through the pipe); arrays beyond it go through the pipe.
         render_device: the EGL device the workers render on (``MUJOCO_EGL_DEVICE_ID``); defaults to
             :func:`parent_render_device`, the GPU this process computes on.
+        cpu_render_slots: how many slots (the last ones) render on the CPU instead, with Mesa's llvmpipe
+            through EGL (needs Mesa's EGL library, :func:`mesa_egl_vendor_file`, and ``MUJOCO_GL=egl``). Their
+            frames cost the GPU nothing and a core about 80 ms each; the pixels differ from a GPU's at the
+            edges that multisampling smooths. Defaults to 0.
 
     Attributes:
         busy_time: seconds the workers spent inside each method, summed over slots
             (e.g. ``{"step_chunk": 12.5, "reset": 1.5}``): the simulation's share of a run.
         restarts: workers restarted so far.
+        cpu_render_slots: the slots that render on the CPU (a ``range``, empty by default).
     """
 
     def __init__(
@@ -261,6 +304,7 @@ class SimWorkers:
         context: str = "spawn",
         reply_bytes: int = 0,
         render_device: int | None = None,
+        cpu_render_slots: int = 0,
     ):
         if context not in ("spawn", "forkserver"):
             raise ValueError(f"unknown start method {context!r}; choose 'spawn' or 'forkserver'")
@@ -271,7 +315,15 @@ class SimWorkers:
         self.timeout = float(timeout)
         self.build_timeout = float(build_timeout)
         self._shared = [SharedMemory(create=True, size=reply_bytes) for _ in task_ids] if reply_bytes else []
+        if not 0 <= cpu_render_slots <= len(task_ids):
+            raise ValueError(
+                f"cpu_render_slots must be between 0 and the {len(task_ids)} slots, got {cpu_render_slots}"
+            )
+        if cpu_render_slots and rendering_backend() != "egl":
+            raise ValueError(f"cpu_render_slots renders through EGL; MUJOCO_GL is {rendering_backend()!r}")
         self._render_device = parent_render_device() if render_device is None else int(render_device)
+        self._cpu_render = _cpu_render_environment() if cpu_render_slots else None
+        self.cpu_render_slots = range(len(task_ids) - cpu_render_slots, len(task_ids))
         self._workers = [self._start(slot, int(t)) for slot, t in enumerate(task_ids)]
         self.restarts = 0
         self.busy_time: dict[str, float] = defaultdict(float)
@@ -284,7 +336,9 @@ class SimWorkers:
             raise
 
     def _start(self, slot: int, task_id: int) -> _Worker:
-        return _Worker(self._ctx, slot, self._sim_kwargs, task_id, self._shared_name(slot), self._render_device)
+        cpu_render = self._cpu_render if slot in self.cpu_render_slots else None
+        return _Worker(self._ctx, slot, self._sim_kwargs, task_id, self._shared_name(slot), self._render_device,
+                       cpu_render)
 
     def __len__(self) -> int:
         return len(self._workers)

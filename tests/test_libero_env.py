@@ -24,6 +24,7 @@ from srpo_rl.envs.workers import (
     _share_arrays,
     _unshare_arrays,
     egl_device_for,
+    mesa_egl_vendor_file,
     parent_render_device,
 )
 
@@ -369,6 +370,41 @@ def test_workers_leave_the_device_to_robosuite_without_cuda_or_when_the_user_cho
     monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID")
     monkeypatch.setenv("MUJOCO_GL", "osmesa")
     assert parent_render_device() is None
+
+
+def test_mesa_egl_vendor_file_is_found_by_its_library(tmp_path):
+    nvidia, mesa = tmp_path / "10_nvidia.json", tmp_path / "50_mesa.json"
+    nvidia.write_text('{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0"}}')
+    assert mesa_egl_vendor_file([str(tmp_path / "missing"), str(tmp_path)]) is None
+    mesa.write_text('{"file_format_version": "1.0.0", "ICD": {"library_path": "/opt/lib/libEGL_mesa.so.0"}}')
+    (tmp_path / "20_broken.json").write_text("{not json")
+    assert mesa_egl_vendor_file([str(tmp_path)]) == str(mesa)
+
+
+@pytest.mark.skipif(mesa_egl_vendor_file() is None, reason="Mesa's EGL library is not installed")
+def test_cpu_render_slots_render_with_llvmpipe_and_the_same_pixels(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    workers = SimWorkers({"suite": "libero_object", "image_size": 128}, [0, 0], render_device=0, cpu_render_slots=1)
+    try:
+        assert list(workers.cpu_render_slots) == [1]
+        gpu_slot, cpu_slot = _environ(workers.pids[0]), _environ(workers.pids[1])
+        assert cpu_slot["__EGL_VENDOR_LIBRARY_FILENAMES"] == mesa_egl_vendor_file()
+        assert cpu_slot["MUJOCO_EGL_DEVICE_ID"] == "0" and cpu_slot["LP_NUM_THREADS"] == "1"
+        assert gpu_slot.get("__EGL_VENDOR_LIBRARY_FILENAMES") == os.environ.get("__EGL_VENDOR_LIBRARY_FILENAMES")
+        renderers = workers.call({0: ("gl_renderer", ()), 1: ("gl_renderer", ())})
+        assert renderers[1].startswith("llvmpipe"), renderers
+        first = workers.call({0: ("reset", (4,)), 1: ("reset", (4,))})
+        if renderers[0].startswith("llvmpipe"):  # no GPU here: both rasterize on the CPU, pixel for pixel
+            assert np.array_equal(first[0]["image"], first[1]["image"])
+        else:  # a GPU's multisampling resolves edges differently; the scene is the same
+            assert np.abs(first[0]["image"].astype(int) - first[1]["image"]).mean() < 2.0
+    finally:
+        workers.close()
+    with pytest.raises(ValueError, match="cpu_render_slots must be between 0 and the 1 slots, got 2"):
+        SimWorkers({"suite": "libero_object"}, [0], cpu_render_slots=2)
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    with pytest.raises(ValueError, match="renders through EGL; MUJOCO_GL is 'osmesa'"):
+        SimWorkers({"suite": "libero_object"}, [0], cpu_render_slots=1)
 
 
 @pytest.mark.gpu

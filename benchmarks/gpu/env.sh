@@ -11,6 +11,8 @@ export PYTHONSAFEPATH=1 PYTHONPATH="$PYTHONPATH:$PWD/benchmarks"  # benchmarks i
 if [ -z "${__EGL_VENDOR_LIBRARY_FILENAMES:-}" ] && [ -f /usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json ]; then
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 fi
+# Mesa carried by stage_mesa.sh (cpu_render_slots): its driver is not where Mesa looks by default
+[ -d /tmp/mesa/lib/dri ] && export LIBGL_DRIVERS_PATH=/tmp/mesa/lib/dri
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$SITE" "$OUT"
 
