@@ -33,9 +33,9 @@ executes the same env steps, so its env-steps/s compare directly.
   its estimate of the launch's CPU time) instead of 1 ms: a launch that waits for the GIL (the loop holds it
   up to the 5 ms switch interval) is then still queued behind the decision in flight, at the price of a
   batch closed a little earlier.
-- ``pool_exact16``: the policy's CUDA graphs captured for every batch size up to 16 and every even size up to
-  32 (the library's buckets pad 9 to 10, 11 to 12, 17 to 20, ...: a padded row costs a real row's GPU time),
-  captured before the timed run as the default ones are.
+- ``pool_padded``: the policy's CUDA graphs in the library's earlier buckets (1..8, even sizes to 16, multiples
+  of 4 to 32: 9 rows padded to 10, 11 to 12, 17 to 20, ...; a padded row costs a real row's GPU time) instead of
+  every size to 16 and every even size to 32, captured before the timed run as the default ones are.
 - ``pool_preprocess_outside``: the policy as it was before its CUDA graphs took the camera frames: the resize,
   crop and normalisation launched op by op from Python (each launch waiting for the GIL while the loop runs),
   then the graph of the model forward from the pixel values.
@@ -124,10 +124,10 @@ CHUNK = 8
 # off, the JPEG round trip in the policy's process, the interpreter's thread switch interval (ms; Python's
 # default is 5), the policy called whole instead of launch / finish, the pool's wait (ms at a time on the simulations, then a look at the
 # decision; None: asleep on both), how long before the decision in flight is due the policy thread launches the next
-# batch (ms; None: the library's 1), the largest batch with a graph of its own size (None: the library's buckets),
+# batch (ms; None: the library's 1), the CUDA graphs' batch buckets (None: the library's),
 # the frames' resize, crop and normalisation inside the forward's graph (the library's) or launched op by op before it
 DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None, "margin_ms": None,
-            "exact_to": None, "graph_preprocessing": True}
+            "buckets": None, "graph_preprocessing": True}
 # embedding mode -> the CUDA priority of the policy's stream during the rollout (the embedder's is 0)
 EMBED_MODES = {"embed": rollout_module.POLICY_STREAM_PRIORITY, "embed_flat": 0}
 SCHEDULER_MODES = {
@@ -140,20 +140,23 @@ SCHEDULER_MODES = {
     "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
     "pool_polling": {"overlap": True, "poll_ms": 1.0},
     "pool_margin5ms": {"overlap": True, "margin_ms": 5.0},
-    "pool_exact16": {"overlap": True, "exact_to": 16},
+    "pool_padded": {"overlap": True, "buckets": "padded"},
     "pool_preprocess_outside": {"overlap": True, "graph_preprocessing": False},
 }
 IMAGE_SIZE = 256  # the env's frames (LiberoVecEnv's default)
 LIBRARY_BUCKET = cuda_graphs_module.batch_bucket
 
 
-def exact_buckets(limit: int):
-    """CUDA-graph buckets of every batch size up to ``limit``, of even sizes up to 32, the library's beyond."""
-    def bucket(batch: int) -> int:
+def padded_bucket(batch: int) -> int:
+    """The library's CUDA-graph buckets before every size to 16 had its own: 1..8, even sizes to 16, multiples of
+    4 to 32, the library's beyond."""
+    for limit, step in ((8, 1), (16, 2), (32, 4)):
         if batch <= limit:
-            return batch
-        return -(-batch // 2) * 2 if batch <= 32 else LIBRARY_BUCKET(batch)
-    return bucket
+            return -(-batch // step) * step
+    return LIBRARY_BUCKET(batch)
+
+
+BUCKETS = {"padded": padded_bucket}
 
 
 def log(message: str) -> None:
@@ -512,8 +515,8 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
         sys.setswitchinterval(options["switch_ms"] / 1e3)
     if options["margin_ms"] is not None:
         rollout_module._ForwardClock._MARGIN_S = options["margin_ms"] / 1e3
-    if options["exact_to"] is not None:
-        cuda_graphs_module.batch_bucket = exact_buckets(options["exact_to"])
+    if options["buckets"] is not None:
+        cuda_graphs_module.batch_bucket = BUCKETS[options["buckets"]]
         with torch.no_grad():  # the new buckets' graphs before the timed run, as the default ones were
             capture_graphs(policy, suite_info(env.suite).instructions, env.num_envs)
     if not options["graph_preprocessing"]:

@@ -26,12 +26,12 @@ def _inputs(batch: int, width: int, lengths: list[int], seed: int):
 
 
 def test_batch_buckets_cover_every_batch_with_bounded_padding():
-    expected_small = list(range(1, 9)) + [10, 10, 12, 12, 14, 14, 16, 16]  # 1..8 exact, then even sizes
-    assert [batch_bucket(b) for b in range(1, 17)] == expected_small
-    assert [batch_bucket(b) for b in (17, 20, 21, 33, 63, 65, 100)] == [20, 20, 24, 40, 64, 80, 112]
+    assert [batch_bucket(b) for b in range(1, 17)] == list(range(1, 17))  # the pool's common sizes: no padding
+    assert [batch_bucket(b) for b in (17, 20, 21, 33, 63, 65, 100)] == [18, 20, 22, 36, 64, 80, 112]
     buckets = [batch_bucket(b) for b in range(1, 301)]
     assert all(b <= k for b, k in zip(range(1, 301), buckets))
     assert all(k - b < max(1, b // 4 + 1) for b, k in zip(range(1, 301), buckets))  # < ~25 % padding rows
+    assert all(k - b <= max(1, b // 8) for b, k in zip(range(1, 65), buckets))  # <= 12.5 % up to 64 rows
     assert buckets == sorted(buckets)
     with pytest.raises(ValueError, match="batch must be >= 1"):
         batch_bucket(0)

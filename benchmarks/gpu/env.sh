@@ -12,7 +12,9 @@ if [ -z "${__EGL_VENDOR_LIBRARY_FILENAMES:-}" ] && [ -f /usr/local/nvidia/share/
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 fi
 # Mesa carried by stage_mesa.sh (cpu_render_slots): its driver is not where Mesa looks by default
-[ -d /tmp/mesa/lib/dri ] && export LIBGL_DRIVERS_PATH=/tmp/mesa/lib/dri
+if [ -d /tmp/mesa/missing ]; then
+  export LIBGL_DRIVERS_PATH=/tmp/mesa/lib/dri LD_LIBRARY_PATH="/tmp/mesa/missing${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$SITE" "$OUT"
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the carried Mesa (.mesa/mesa.tar.xz, from build_mesa.sh) on the GPU machine after stage.sh, for
-# LiberoVecEnv(cpu_render_slots=K): only the libraries the image lacks join the loader's path (the image's own
-# stay what its programs load), Mesa's EGL vendor file goes where libglvnd looks, env.sh points Mesa at the
-# driver. Then it prints the renderer a CPU-render slot gets (llvmpipe) and one frame's time.
+# LiberoVecEnv(cpu_render_slots=K): only the libraries the image lacks join the loader's path of the processes
+# env.sh starts (LD_LIBRARY_PATH; the machine's own loader cache stays as it is), Mesa's EGL vendor file goes
+# where libglvnd looks, env.sh points Mesa at the driver. Then it prints the renderer a CPU-render slot gets
+# (llvmpipe), the pixels against the GPU's and one frame's time. The one call that ran an earlier version (which
+# added the folder to the machine's loader cache with ldconfig) lost the machine, with no output: not run since.
 #   bash benchmarks/gpu/stage.sh && bash benchmarks/gpu/stage_mesa.sh   (carry: .mesa, on a staged machine)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,12 +19,11 @@ for f in "$MESA"/lib/*.so*; do
   grep -qx "$name" <<<"$known" || ln -sf "$f" "$MESA/missing/$name"
 done
 echo "stage_mesa: the image lacked $(ls "$MESA/missing" | wc -l) of $(ls "$MESA"/lib/*.so* | wc -l) libraries: $(ls "$MESA/missing" | tr '\n' ' ')"
-echo "$MESA/missing" > /etc/ld.so.conf.d/zz-srpo-mesa.conf && ldconfig
 mkdir -p /usr/share/glvnd/egl_vendor.d
 [ -f /usr/share/glvnd/egl_vendor.d/50_mesa.json ] || \
   printf '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_mesa.so.0"}}\n' \
   > /usr/share/glvnd/egl_vendor.d/50_mesa.json
-source benchmarks/gpu/env.sh
+source benchmarks/gpu/env.sh  # after the folder of missing libraries exists: it joins LD_LIBRARY_PATH
 install_tree
 # a file, not stdin: the workers are spawned and import the main module
 cat > "$MESA/check.py" <<'PY'
