@@ -101,8 +101,8 @@ class LiberoVecEnv(EnvBase):
             reward ``frames`` stay as rendered. ``None`` (the default): raw images.
         cpu_render_slots: how many slots (the last ones) render with Mesa's llvmpipe on the CPU instead of the
             GPU (:class:`~srpo_rl.envs.workers.SimWorkers`): on a GPU whose graphics are slow beside CUDA work
-            (an H100 loses about 0.8 ms of the policy's time a frame) this trades a core's 80 ms a frame for
-            it. Defaults to 0.
+            (an H100 loses about 0.8 ms of the policy's time a frame) this trades 78-124 ms of a core a frame
+            for it, and the pixels differ a little from the GPU's. Defaults to 0.
         device: device of the returned tensors. Defaults to CPU.
 
     Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to

@@ -384,7 +384,7 @@ def test_mesa_egl_vendor_file_is_found_by_its_library(tmp_path):
 @pytest.mark.skipif(mesa_egl_vendor_file() is None, reason="Mesa's EGL library is not installed")
 def test_cpu_render_slots_render_with_llvmpipe_and_the_same_pixels(monkeypatch):
     monkeypatch.setenv("MUJOCO_GL", "egl")
-    workers = SimWorkers({"suite": "libero_object", "image_size": 128}, [0, 0], render_device=0, cpu_render_slots=1)
+    workers = SimWorkers({"suite": "libero_object", "image_size": 256}, [0, 0], render_device=0, cpu_render_slots=1)
     try:
         assert list(workers.cpu_render_slots) == [1]
         gpu_slot, cpu_slot = _environ(workers.pids[0]), _environ(workers.pids[1])
@@ -396,8 +396,8 @@ def test_cpu_render_slots_render_with_llvmpipe_and_the_same_pixels(monkeypatch):
         first = workers.call({0: ("reset", (4,)), 1: ("reset", (4,))})
         if renderers[0].startswith("llvmpipe"):  # no GPU here: both rasterize on the CPU, pixel for pixel
             assert np.array_equal(first[0]["image"], first[1]["image"])
-        else:  # a GPU's multisampling resolves edges differently; the scene is the same
-            assert np.abs(first[0]["image"].astype(int) - first[1]["image"]).mean() < 2.0
+        else:  # a GPU shades every pixel a little differently (H100: mean |diff| 1.92, max 113); the scene is the same
+            assert np.abs(first[0]["image"].astype(int) - first[1]["image"]).mean() < 3.0
     finally:
         workers.close()
     with pytest.raises(ValueError, match="cpu_render_slots must be between 0 and the 1 slots, got 2"):
