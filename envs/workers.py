@@ -47,16 +47,18 @@ import traceback
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .suites import rendering_backend
 
-__all__ = ["Failure", "SimWorkers", "WorkerError", "egl_device_for", "mesa_egl_vendor_file", "parent_render_device"]
+__all__ = [
+    "Failure", "SimWorkers", "WorkerError", "egl_device_for", "mesa_egl_vendor_file", "parent_render_device",
+]
 
 logger = logging.getLogger(__name__)
 

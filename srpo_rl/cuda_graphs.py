@@ -41,13 +41,14 @@ _MAX_BUCKET = 256
 
 
 def batch_bucket(batch: int) -> int:
-    """The captured batch size a batch of ``batch`` rows runs at: itself up to 16, then at most ~12 % more.
+    """The captured batch size a batch of ``batch`` rows runs at: itself up to 16, at most 12.5 % more to 64.
 
     Buckets: 1..16, even sizes to 32, multiples of 4 to 64, of 16 beyond. A padded row costs a real row's GPU
-    time, and the asynchronous rollout's batches are mostly 1-16 rows: on an H100 with 32 envs, graphs of every
-    size to 16 and every even size to 32 ran the pool at 628.8 env-steps/s against 580.8 with the earlier
-    buckets (1..8, then even to 16, multiples of 4 to 32; same run, ``benchmarks/rollout_throughput.py``).
-    Graphs share one memory pool, so more of them cost capture time, not activation memory.
+    time, and the asynchronous rollout's batches are mostly 1-16 rows: on an H100 with 32 envs the pool ran
+    628.8 env-steps/s with these buckets against 580.8 with the earlier ones (1..8, then even sizes to 16,
+    multiples of 4 to 32), and 626.0 against 612.0 with the two run in the other order
+    (``benchmarks/rollout_throughput.py``, ``pool_padded``). Graphs share one memory pool, so more of them cost
+    capture time, not activation memory.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
