@@ -128,22 +128,6 @@ CHUNK = 8
 # the frames' resize, crop and normalisation inside the forward's graph (the library's) or launched op by op before it
 DEFAULTS = {"graphs": True, "env_jpeg": True, "switch_ms": None, "two_phase": True, "poll_ms": None, "margin_ms": None,
             "buckets": None, "graph_preprocessing": True}
-# embedding mode -> the CUDA priority of the policy's stream during the rollout (the embedder's is 0)
-EMBED_MODES = {"embed": rollout_module.POLICY_STREAM_PRIORITY, "embed_flat": 0}
-SCHEDULER_MODES = {
-    "sync": {"overlap": False},
-    "halves": {"overlap": "halves"},
-    "pool": {"overlap": True},
-    "pool_eager": {"overlap": True, "graphs": False},
-    "pool_policy_jpeg": {"overlap": True, "env_jpeg": False},
-    "pool_one_phase": {"overlap": True, "two_phase": False},
-    "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
-    "pool_polling": {"overlap": True, "poll_ms": 1.0},
-    "pool_margin5ms": {"overlap": True, "margin_ms": 5.0},
-    "pool_padded": {"overlap": True, "buckets": "padded"},
-    "pool_preprocess_outside": {"overlap": True, "graph_preprocessing": False},
-}
-IMAGE_SIZE = 256  # the env's frames (LiberoVecEnv's default)
 LIBRARY_BUCKET = cuda_graphs_module.batch_bucket
 
 
@@ -156,7 +140,23 @@ def padded_bucket(batch: int) -> int:
     return LIBRARY_BUCKET(batch)
 
 
-BUCKETS = {"padded": padded_bucket}
+# embedding mode -> the CUDA priority of the policy's stream during the rollout (the embedder's is 0)
+EMBED_MODES = {"embed": rollout_module.POLICY_STREAM_PRIORITY, "embed_flat": 0}
+SCHEDULER_MODES = {
+    "sync": {"overlap": False},
+    "halves": {"overlap": "halves"},
+    "pool": {"overlap": True},
+    "pool_eager": {"overlap": True, "graphs": False},
+    "pool_policy_jpeg": {"overlap": True, "env_jpeg": False},
+    "pool_one_phase": {"overlap": True, "two_phase": False},
+    "pool_switch1ms": {"overlap": True, "switch_ms": 1.0},
+    "pool_polling": {"overlap": True, "poll_ms": 1.0},
+    "pool_margin5ms": {"overlap": True, "margin_ms": 5.0},
+    "pool_padded": {"overlap": True, "buckets": padded_bucket},
+    "pool_preprocess_outside": {"overlap": True, "graph_preprocessing": False},
+}
+IMAGE_SIZE = 256  # the env's frames (LiberoVecEnv's default)
+
 
 
 def log(message: str) -> None:
@@ -516,7 +516,7 @@ def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_
     if options["margin_ms"] is not None:
         rollout_module._ForwardClock._MARGIN_S = options["margin_ms"] / 1e3
     if options["buckets"] is not None:
-        cuda_graphs_module.batch_bucket = BUCKETS[options["buckets"]]
+        cuda_graphs_module.batch_bucket = options["buckets"]
         with torch.no_grad():  # the new buckets' graphs before the timed run, as the default ones were
             capture_graphs(policy, suite_info(env.suite).instructions, env.num_envs)
     if not options["graph_preprocessing"]:
