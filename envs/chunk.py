@@ -7,6 +7,8 @@ is the number of sub-steps executed, and it is valid when ``j * frame_stride < n
 ``K = ceil(chunk_len / frame_stride)`` frame slots, ``frame_stride=1`` records every env step and
 ``frame_stride=chunk_len`` one frame per chunk; the last valid frame is always the frame after
 the last executed step, which is also the policy's next image. Only these frames are rendered.
+``frames_step[j]`` is that sub-step, counted from 1 (0 where the frame slot is not valid), so the
+reward can place each frame in time.
 
 Examples:
     >>> num_frames(8, 1), num_frames(8, 8), num_frames(8, 3)
@@ -81,6 +83,7 @@ class ChunkResult:
         truncated: the episode reached ``max_steps`` without success.
         frames: ``uint8 [K, H, W, 3]`` frames (zeros where not valid), camera orientation.
         frames_mask: ``bool [K]`` valid frames.
+        frames_step: ``int64 [K]``: the sub-step (from 1) after which each valid frame was taken, 0 elsewhere.
         obs: the simulator's observation after the last executed sub-step.
     """
 
@@ -89,6 +92,7 @@ class ChunkResult:
     truncated: bool
     frames: np.ndarray
     frames_mask: np.ndarray
+    frames_step: np.ndarray
     obs: dict
 
 
@@ -120,6 +124,7 @@ def run_chunk(
     chunk_len = len(actions)
     frames = np.zeros((num_frames(chunk_len, frame_stride), *frame_shape), dtype=np.uint8)
     frames_mask = np.zeros(len(frames), dtype=bool)
+    frames_step = np.zeros(len(frames), dtype=np.int64)
     planned = min(chunk_len, steps_left)
     success, obs = False, {}
     for i in range(planned):
@@ -130,6 +135,7 @@ def run_chunk(
         if frame is not None:
             frames[i // frame_stride] = frame
             frames_mask[i // frame_stride] = True
+            frames_step[i // frame_stride] = i + 1
         if success:
             break
     steps = i + 1
@@ -139,5 +145,6 @@ def run_chunk(
         truncated=not success and steps == steps_left,
         frames=frames,
         frames_mask=frames_mask,
+        frames_step=frames_step,
         obs=obs,
     )

@@ -14,7 +14,8 @@ An action is one chunk ``[chunk_len, 7]`` (``chunk_len=1`` gives plain per-step 
 in order and stops inside the chunk at success (``terminated``) or at ``max_steps``
 (``truncated``). The reward is 1.0 on success. Observations hold the 180-degree-rotated
 ``image`` ``[H, W, 3]``, the 8-D ``state`` and optionally ``wrist_image``; ``info`` holds the
-instruction, ``chunk_steps``, ``step_count`` and the reward ``frames`` / ``frames_mask``.
+instruction, ``chunk_steps``, ``step_count`` and the reward ``frames`` / ``frames_mask`` /
+``frames_step`` (the episode step each frame shows).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class LiberoGymEnv(gymnasium.Env):
             "chunk_steps": int(out["chunk_steps"]),
             "frames": out["frames"],
             "frames_mask": out["frames_mask"],
+            "frames_step": out["frames_step"],
         }
 
 

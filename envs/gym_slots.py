@@ -11,7 +11,8 @@ progress reward and the filters run on it unchanged:
 - ``step`` executes one action chunk ``[N, chunk_len, action_dim]`` per slot marked in
   ``"_step"``, in order, and stops inside the chunk at success, at ``max_steps`` or when the
   gymnasium env itself ends the episode; it renders only the reward frames (every
-  ``frame_stride`` sub-steps, and the last executed one, which is also the next observation).
+  ``frame_stride`` sub-steps, and the last executed one, which is also the next observation;
+  ``frames_step`` is the episode step each one shows).
 
 Success is what the caller says it is: ``success_fn(env, obs, info) -> bool`` after every
 sub-step. Actions are in ``[-1, 1]`` (what a token policy decodes) and are mapped affinely onto
@@ -188,6 +189,7 @@ class GymSlotEnv(EnvBase):
             chunk_steps=count(),
             frames=Unbounded(shape=(n, k, *image), dtype=torch.uint8),
             frames_mask=flag(k),
+            frames_step=Unbounded(shape=(n, k), dtype=torch.int64),
             worker_failed=flag(1),
             **{key: count() for key in _ID_KEYS},
             shape=(n,),
@@ -208,6 +210,7 @@ class GymSlotEnv(EnvBase):
         ids = {key: slot_values(tensordict, key, n) for key in _ID_KEYS}
         frames = torch.zeros(n, k, *image, dtype=torch.uint8)
         frames_mask = torch.zeros(n, k, dtype=torch.bool)
+        frames_step = torch.zeros(n, k, dtype=torch.int64)  # the reset frames show step 0
         for s in torch.nonzero(mask).flatten().tolist():
             slot = self._slots[s]
             task = int(ids["task_id"][s]) if ids["task_id"] is not None else slot.task_id
@@ -226,7 +229,7 @@ class GymSlotEnv(EnvBase):
             slot.step_count = 0
             slot.success = slot.terminated = slot.truncated = slot.failed = slot.done = False
             frames[s, 0], frames_mask[s, 0] = torch.from_numpy(slot.image), True  # the first reward frame
-        return self._output(torch.zeros(n, 1, dtype=torch.int64), frames, frames_mask)
+        return self._output(torch.zeros(n, 1, dtype=torch.int64), frames, frames_mask, frames_step)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         n, k, image = self.num_envs, self.num_frames, self.image_shape
@@ -240,22 +243,25 @@ class GymSlotEnv(EnvBase):
             )
         frames = torch.zeros(n, k, *image, dtype=torch.uint8)
         frames_mask = torch.zeros(n, k, dtype=torch.bool)
+        frames_step = torch.zeros(n, k, dtype=torch.int64)
         chunk_steps = torch.zeros(n, 1, dtype=torch.int64)
         for s in slots:
             slot = self._slots[s]
             try:
-                chunk_steps[s] = self._run_chunk(slot, actions[s], frames[s], frames_mask[s])
+                chunk_steps[s] = self._run_chunk(slot, actions[s], frames[s], frames_mask[s], frames_step[s])
             except Exception as err:  # a broken simulation ends its rollout, not the batch
                 logger.error("rollout %d (slot %d) failed: %r", slot.rollout_id, s, err)
                 slot.failed = slot.truncated = slot.done = True
                 slot.success = slot.terminated = False
-        out = self._output(chunk_steps, frames, frames_mask)
+        out = self._output(chunk_steps, frames, frames_mask, frames_step)
         out["reward"] = out["success"].float()
         return out
 
     # -- one chunk --------------------------------------------------------------------------------
-    def _run_chunk(self, slot: _Slot, actions: np.ndarray, frames: torch.Tensor, frames_mask: torch.Tensor) -> int:
-        """Runs one chunk on a slot, writes its reward frames and returns the sub-steps executed.
+    def _run_chunk(self, slot: _Slot, actions: np.ndarray, frames: torch.Tensor, frames_mask: torch.Tensor,
+                   frames_step: torch.Tensor) -> int:
+        """Runs one chunk on a slot, writes its reward frames (and the episode step each shows) and returns
+        the sub-steps executed.
 
         Frame ``j`` is the frame after sub-step ``min((j + 1) * frame_stride, n)``, valid when
         ``j * frame_stride < n`` (``n`` = sub-steps executed): the slots of the LIBERO env.
@@ -274,6 +280,7 @@ class GymSlotEnv(EnvBase):
                 slot.image = self._render(slot.env)
                 frames[i // self.frame_stride] = torch.from_numpy(slot.image)
                 frames_mask[i // self.frame_stride] = True
+                frames_step[i // self.frame_stride] = slot.step_count
             if last:
                 return i + 1
         raise AssertionError("unreachable: the last planned sub-step returns")
@@ -310,7 +317,8 @@ class GymSlotEnv(EnvBase):
         validate_chunk(array, self.chunk_len, self.action_dim, batch=True)
         return array
 
-    def _output(self, chunk_steps: torch.Tensor, frames: torch.Tensor, frames_mask: torch.Tensor) -> TensorDict:
+    def _output(self, chunk_steps: torch.Tensor, frames: torch.Tensor, frames_mask: torch.Tensor,
+                frames_step: torch.Tensor) -> TensorDict:
         slots = self._slots
         column = lambda name, dtype: torch.tensor([[getattr(s, name)] for s in slots], dtype=dtype)  # noqa: E731
         out = TensorDict(
@@ -323,6 +331,7 @@ class GymSlotEnv(EnvBase):
                 "chunk_steps": chunk_steps,
                 "frames": frames,
                 "frames_mask": frames_mask,
+                "frames_step": frames_step,
                 "worker_failed": column("failed", torch.bool),
                 **{name: column(name, torch.bool) for name in ("success", "terminated", "truncated", "done")},
                 **{name: column(name, torch.int64) for name in ("step_count", *_ID_KEYS)},

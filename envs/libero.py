@@ -86,7 +86,8 @@ class LiberoVecEnv(EnvBase):
         action_chunks_len: env steps per action chunk. Defaults to 8.
         action_token_len: action dimensions; LIBERO actions have 7. Defaults to 7.
         frame_stride: keep a reward frame every ``frame_stride`` env steps (1 = every step, as
-            siiRL records); ``None`` = one per chunk. The last executed step's frame is always kept.
+            siiRL records); ``None`` = one per chunk. The last executed step's frame is always kept, and
+            ``frames_step`` says which step each frame shows (the reward samples them in time).
         image_size: square camera resolution. Defaults to 256.
         wrist_image: also return ``("observation", "wrist_image")``. Defaults to ``False``.
         proprio: also return ``("observation", "state")`` (eef pos, eef axis-angle, gripper qpos).
@@ -112,6 +113,8 @@ class LiberoVecEnv(EnvBase):
     current task is a soft reset (0.1 s); a new task rebuilds that slot's simulation (2-8 s). A reset
     slot's ``frames[:, 0]`` is its first reward frame, as rendered (``frames_mask[:, 0]`` true): the
     observation's ``image`` is the same frame, JPEG-decoded when ``jpeg_quality`` is set.
+    ``frames_step`` (int64 ``[N, K]``) is the episode step each reward frame shows: 0 for the reset
+    frame, ``t`` for the frame after env step ``t``.
 
     Step: ``td["action"]`` float ``[N, action_chunks_len, 7]`` in ``[-1, 1]``; an optional
     ``td["_step"]`` bool ``[N]`` steps only those slots (the others report their last data with
@@ -221,6 +224,7 @@ class LiberoVecEnv(EnvBase):
             chunk_steps=count(),
             frames=Unbounded(shape=(n, k, 3, size, size), dtype=torch.uint8),
             frames_mask=flag(k),
+            frames_step=Unbounded(shape=(n, k), dtype=torch.int64),
             worker_failed=flag(1),
             **{key: count() for key in _ID_KEYS},
             shape=(n,),
@@ -496,6 +500,7 @@ class LiberoVecEnv(EnvBase):
         n = self.num_envs
         frames = torch.zeros(n, self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
         frames_mask = torch.zeros(n, self.num_frames, dtype=torch.bool)
+        frames_step = torch.zeros(n, self.num_frames, dtype=torch.int64)
         chunk_steps = torch.zeros(n, 1, dtype=torch.int64)
         reward = torch.zeros(n, 1)
         for slot in slots:
@@ -512,9 +517,10 @@ class LiberoVecEnv(EnvBase):
             self._write(slot, result)
             frames[slot] = torch.from_numpy(result["frames"])
             frames_mask[slot] = torch.from_numpy(result["frames_mask"])
+            frames_step[slot] = torch.from_numpy(result["frames_step"])
             chunk_steps[slot] = result["chunk_steps"]
             reward[slot] = float(result["success"])
-        out = self._output(chunk_steps=chunk_steps, frames=(frames, frames_mask), resets=resets)
+        out = self._output(chunk_steps=chunk_steps, frames=(frames, frames_mask, frames_step), resets=resets)
         out["reward"] = reward.to(self.device)
         return out
 
@@ -551,11 +557,13 @@ class LiberoVecEnv(EnvBase):
             frames = (
                 torch.zeros(n, self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8),
                 torch.zeros(n, self.num_frames, dtype=torch.bool),
+                torch.zeros(n, self.num_frames, dtype=torch.int64),
             )
         for slot, result in (resets or {}).items():
             first = torch.from_numpy(result["frames"])
             frames[0][slot, : len(first)] = first
             frames[1][slot, : len(first)] = torch.from_numpy(result["frames_mask"])
+            frames[2][slot, : len(first)] = torch.from_numpy(result["frames_step"])
         observation = {"image": slots["image"].clone()}
         if self.wrist_image:
             observation["wrist_image"] = slots["wrist_image"].clone()
@@ -569,6 +577,7 @@ class LiberoVecEnv(EnvBase):
                 "chunk_steps": chunk_steps,
                 "frames": frames[0],
                 "frames_mask": frames[1],
+                "frames_step": frames[2],
                 **slots.select(
                     "success", "terminated", "truncated", "done", "step_count", "worker_failed", *_ID_KEYS
                 ).clone(),

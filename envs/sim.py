@@ -130,7 +130,8 @@ class LiberoSim:
     Observations (dicts of numpy arrays) hold ``image``, ``state`` (8: eef pos, eef axis-angle,
     gripper qpos), ``wrist_image`` when asked, ``success``, ``done``, ``truncated``,
     ``step_count``, ``chunk_steps``, ``frames`` and ``frames_mask`` (the reward frames: after a reset the
-    first frame, after a chunk the frames it rendered; never JPEG-decoded).
+    first frame, after a chunk the frames it rendered; never JPEG-decoded) and ``frames_step`` (the
+    episode step each frame shows: 0 for the reset frame, ``t`` for the frame after env step ``t``).
     """
 
     def __init__(
@@ -275,7 +276,8 @@ class LiberoSim:
         if self.wrist_image and not self.num_steps_wait:
             obs = dict(obs, **{f"{_WRIST}_image": self._cameras[_WRIST].render()})
         # the first reward frame, as rendered (the policy's ``image`` may be JPEG-decoded)
-        result = ChunkResult(0, bool(self.env.check_success()), False, image[None], np.ones(1, bool), obs)
+        result = ChunkResult(0, bool(self.env.check_success()), False, image[None], np.ones(1, bool),
+                             np.zeros(1, np.int64), obs)
         return self._observation(result, image)
 
     def _step(self, action: np.ndarray, want_frame: bool, last: bool):
@@ -339,6 +341,8 @@ class LiberoSim:
             "chunk_steps": result.steps,
             "frames": self._to_policy(result.frames, batch=True),
             "frames_mask": result.frames_mask,
+            # the episode step each frame shows (0: the reset frame), for the reward's sampling in time
+            "frames_step": np.where(result.frames_mask, self.step_count - result.steps + result.frames_step, 0),
         }
         if self.wrist_image:
             out["wrist_image"] = self._to_policy(obs[f"{_WRIST}_image"], jpeg=True)

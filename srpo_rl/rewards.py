@@ -160,18 +160,43 @@ class _LazyVideos(Sequence):
         return self.gather(self.frame_ids[i])
 
 
-def _frame_ids(valid: torch.Tensor, has_initial: bool, members: torch.Tensor) -> torch.Tensor:
-    """Ids of a video's frames in ``[initial frames (N, or none) ; steps frames flattened (N*T*K)]``.
+def _frame_ids(
+    valid: torch.Tensor, has_initial: bool, members: torch.Tensor, timing: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A video's frames: their ids in ``[initial frames (N, or none) ; steps frames flattened (N*T*K)]``, their
+    positions in the video the reference would record (a frame after every env step), and its length.
 
     ``members`` are the rows whose frames form the video, in order: one row for a rollout's own video;
     for the reference's merged group video, all rows of the group: their initial frames first, then
     chunk step by chunk step, each row's frames of that step in turn (its lockstep append order).
+    ``timing`` is ``(frames_step [N, T, K], executed env steps per decision [N, T])``; without it the
+    frames are taken as one per env step.
     """
     n, t, k = valid.shape
-    initial_ids = members if has_initial else members[:0]
+    m0 = len(members) if has_initial else 0
     offset = n if has_initial else 0
     pos = valid[members].transpose(0, 1).nonzero()  # (step, member j, sub-frame), step-major
-    return torch.cat([initial_ids, offset + members[pos[:, 1]] * (t * k) + pos[:, 0] * k + pos[:, 2]])
+    ids = torch.cat([members[:m0], offset + members[pos[:, 1]] * (t * k) + pos[:, 0] * k + pos[:, 2]])
+    if timing is None:
+        return ids, torch.arange(len(ids)), len(ids)
+    frames_step, executed = timing[0][members], timing[1][members]  # [M, T, K], [M, T]
+    start = executed.cumsum(1) - executed  # each member's episode step when its decision began
+    per_decision = executed.sum(0)
+    before = m0 + per_decision.cumsum(0) - per_decision  # the merged video's frames before decision d ...
+    before = before + executed.cumsum(0) - executed  # ... and before member m's frames of it
+    # the frame after episode step e of decision d: the (e - start)-th of that member's frames of d
+    positions = (before - start).unsqueeze(-1) + frames_step - 1
+    positions = torch.cat([torch.arange(m0), positions[pos[:, 1], pos[:, 0], pos[:, 2]]])
+    return ids, positions, m0 + int(executed.sum())
+
+
+def _nearest(positions: torch.Tensor, targets: np.ndarray) -> torch.Tensor:
+    """Index into ascending ``positions`` of the one nearest each target (the earlier at a tie)."""
+    targets = torch.as_tensor(targets, dtype=positions.dtype)
+    right = torch.searchsorted(positions, targets).clamp(max=len(positions) - 1)
+    left = (right - 1).clamp(min=0)
+    take_right = (positions[right] - targets).abs() < (targets - positions[left]).abs()
+    return torch.where(take_right, right, left)
 
 
 def trajectory_videos(
@@ -182,16 +207,27 @@ def trajectory_videos(
     frames_key: NestedKey = ("steps", "next", "frames"),
     frames_mask_key: NestedKey = ("steps", "next", "frames_mask"),
     step_mask_key: NestedKey = ("steps", "mask"),
+    frames_step_key: NestedKey = ("steps", "next", "frames_step"),
+    chunk_steps_key: NestedKey = ("steps", "next", "chunk_steps"),
     num_frames: int | None = None,
 ) -> Sequence[torch.Tensor]:
     """The videos of a trajectory batch: for each entry of ``rows``, uint8 ``[F, 3, H, W]`` frames.
 
     A trajectory's video is its ``initial_frame`` followed by the valid frames (``frames_mask``) of its
     executed decisions (``step_mask``) in order. An entry of several rows merges them as the reference
-    does for the rollouts of one prompt (initial frames, then step by step, row by row). With
-    ``num_frames``, each video is returned already sampled to ``num_frames`` frames exactly as
-    :class:`~srpo_rl.models.vjepa2.VideoEmbedder` samples (``linspace`` or looped), which it then keeps
-    as they are. Videos are gathered lazily, on indexing.
+    does for the rollouts of one prompt (initial frames, then step by step, row by row).
+
+    With ``num_frames``, each video is returned sampled to ``num_frames`` frames as the reference samples
+    the video it records, a frame after every env step: at the positions of
+    :func:`~srpo_rl.models.vjepa2.sample_frame_indices` in that video (``linspace``, or looped when it is
+    shorter), each filled with the recorded frame nearest in time (the earlier at a tie), which
+    :class:`~srpo_rl.models.vjepa2.VideoEmbedder` then keeps as they are. The time of a frame is its
+    ``frames_step`` (the episode step it shows, from the env) and, for a merged video, the decisions'
+    ``chunk_steps``. With a frame every step this is the reference's sampling exactly; with one frame a
+    chunk (the env's default), each sampled position gets the frame at most half a chunk away, where
+    sampling the recorded frames themselves would loop a video of fewer than ``num_frames`` frames back
+    to its start (a success at step 200 has 26 frames). A batch without ``frames_step`` counts its frames
+    as consecutive env steps. Videos are gathered lazily, on indexing.
 
     Examples:
         >>> from tensordict import TensorDict
@@ -206,11 +242,26 @@ def trajectory_videos(
         ...     batch_size=[2])
         >>> [v[:, 0, 0, 0].tolist() for v in trajectory_videos(td, [[0], [1], [0, 1]])]
         [[0, 1, 2, 3], [0, 5, 6], [0, 0, 1, 2, 5, 6, 3]]
+
+        One frame every 4 env steps (chunks of 8: the frames after steps 4, 8, 12, 16), sampled to 8 frames
+        of the reference's 17-frame video (steps 0, 2, 4, 6, 9, 11, 13, 16):
+
+        >>> steps = TensorDict(
+        ...     mask=torch.tensor([[True, True]]),
+        ...     next=TensorDict(frames=torch.tensor([4, 8, 12, 16], dtype=torch.uint8).view(1, 2, 2, 1, 1, 1),
+        ...                     frames_mask=torch.ones(1, 2, 2, dtype=torch.bool),
+        ...                     frames_step=torch.tensor([[[4, 8], [12, 16]]]),
+        ...                     chunk_steps=torch.tensor([[8, 8]]), batch_size=[1, 2]),
+        ...     batch_size=[1, 2])
+        >>> td = TensorDict(initial_frame=torch.zeros(1, 1, 1, 1, dtype=torch.uint8), steps=steps, batch_size=[1])
+        >>> trajectory_videos(td, [[0]], num_frames=8)[0].flatten().tolist()
+        [0, 0, 4, 4, 8, 12, 12, 16]
     """
     frames = tensordict.get(frames_key)
     n, t, k = frames.shape[:3]
     flat = frames.reshape(n * t * k, *frames.shape[3:])
-    valid = tensordict.get(frames_mask_key).bool() & tensordict.get(step_mask_key).bool().unsqueeze(-1)
+    step_mask = tensordict.get(step_mask_key).bool()
+    valid = tensordict.get(frames_mask_key).bool() & step_mask.unsqueeze(-1)
     initial = tensordict.get(initial_frame_key, None)
     if initial is None:
         initial = flat[:0]
@@ -218,11 +269,14 @@ def trajectory_videos(
         raise ValueError(
             f"initial frames {tuple(initial.shape[1:])} and step frames {tuple(flat.shape[1:])} differ in shape"
         )
+    timing = _frame_timing(tensordict, frames_step_key, chunk_steps_key, step_mask) if num_frames else None
     valid, frame_ids = valid.cpu(), []
     for members in rows:
-        ids = _frame_ids(valid, len(initial) > 0, torch.as_tensor(list(members), dtype=torch.long))
+        ids, positions, length = _frame_ids(
+            valid, len(initial) > 0, torch.as_tensor(list(members), dtype=torch.long), timing
+        )
         if num_frames is not None and len(ids):
-            ids = ids[torch.as_tensor(sample_frame_indices(len(ids), num_frames))]
+            ids = ids[_nearest(positions, sample_frame_indices(length, num_frames))]
         frame_ids.append(ids)
 
     def gather(ids: torch.Tensor) -> torch.Tensor:
@@ -233,6 +287,21 @@ def trajectory_videos(
         return out
 
     return _LazyVideos(frame_ids, gather)
+
+
+def _frame_timing(
+    tensordict: TensorDictBase, frames_step_key: NestedKey, chunk_steps_key: NestedKey, step_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(frames_step [N, T, K], env steps executed per decision [N, T])`` on the CPU, or None without
+    ``frames_step``."""
+    frames_step = tensordict.get(frames_step_key, None)
+    if frames_step is None:
+        return None
+    chunk_steps = tensordict.get(chunk_steps_key, None)
+    if chunk_steps is None:
+        raise KeyError(f"the batch has frames_step but no {chunk_steps_key!r}: the frames cannot be placed in time")
+    executed = chunk_steps.reshape(step_mask.shape).long() * step_mask
+    return frames_step.long().cpu(), executed.cpu()
 
 
 # ---------------------------------------------------------------------------------------------- transform
@@ -271,8 +340,10 @@ class SRPOProgressReward(Transform):
 
     Keys (``set_keys``): ``success``, ``task_id``, ``suite`` (optional), ``group_id``, ``rollout_id``
     (group mode), ``initial_frame``, ``frames`` (``("steps", "next", "frames")``), ``frames_mask``
-    (``("steps", "next", "frames_mask")``), ``step_mask`` (``("steps", "mask")``), ``keep`` and
-    ``embedding`` (``"video_embedding"``; both optional) in; ``reward``, ``progress`` out.
+    (``("steps", "next", "frames_mask")``), ``step_mask`` (``("steps", "mask")``), ``frames_step`` and
+    ``chunk_steps`` (``("steps", "next", ...)``: when and how far, to sample the frames in time as
+    :func:`trajectory_videos` does), ``keep`` and ``embedding`` (``"video_embedding"``; ``frames_step``,
+    ``keep`` and ``embedding`` optional) in; ``reward``, ``progress`` out.
 
     Examples:
         >>> from tensordict import TensorDict
@@ -294,6 +365,8 @@ class SRPOProgressReward(Transform):
         frames: NestedKey = ("steps", "next", "frames")
         frames_mask: NestedKey = ("steps", "next", "frames_mask")
         step_mask: NestedKey = ("steps", "mask")
+        frames_step: NestedKey = ("steps", "next", "frames_step")
+        chunk_steps: NestedKey = ("steps", "next", "chunk_steps")
         keep: NestedKey = "keep"
         embedding: NestedKey = "video_embedding"
         reward: NestedKey = "reward"
@@ -368,8 +441,8 @@ class SRPOProgressReward(Transform):
         k = self.tensor_keys
         videos = trajectory_videos(
             tensordict, videos_rows, initial_frame_key=k.initial_frame, frames_key=k.frames,
-            frames_mask_key=k.frames_mask, step_mask_key=k.step_mask,
-            num_frames=getattr(self.embedder, "num_frames", None),
+            frames_mask_key=k.frames_mask, step_mask_key=k.step_mask, frames_step_key=k.frames_step,
+            chunk_steps_key=k.chunk_steps, num_frames=getattr(self.embedder, "num_frames", None),
         )
         video_emb = torch.as_tensor(self.embedder(videos), dtype=torch.float32).cpu()
         # every row gets the embedding of the video it belongs to

@@ -76,6 +76,8 @@ __all__ = ["POLICY_KEYS", "POLICY_STREAM_PRIORITY", "RolloutRequest", "RolloutSt
 POLICY_KEYS = ("policy_image", "prompt_ids", "prompt_mask", "action_tokens", "action_log_prob", "action")
 # What it keeps from the env's ("next", ...) output (the reward frames and how far the chunk got).
 NEXT_KEYS = ("frames", "frames_mask", "chunk_steps")
+# ... and, where the env gives it, the episode step each reward frame shows (the reward samples frames in time)
+FRAMES_STEP_KEY = "frames_step"
 OBS_KEYS = (("observation", "image"), ("observation", "wrist_image"), ("observation", "state"))
 # CUDA priority of the stream the policy runs on during a rollout (lower is higher; torch's default streams
 # have 0, the lowest): when the GPU has work of both, its scheduler dispatches the policy's blocks first.
@@ -543,6 +545,7 @@ class _Rollout:
         chunk_steps = nxt.get("chunk_steps").view(-1)
         self.stats.decisions += len(active)
         self.stats.env_steps += int(chunk_steps[active].sum())
+        timed = (FRAMES_STEP_KEY,) if FRAMES_STEP_KEY in nxt.keys() else ()
         ended = []
         for s in active:
             slot = self.slots[s]
@@ -550,7 +553,7 @@ class _Rollout:
                 record, slot.decision = slot.decision, None
                 # a copy: a view of slot s would keep every slot's frames of this result alive until the
                 # episode ends (at 32 slots, 6 MB a result for one frame a chunk)
-                env_out = nxt[s].select(*NEXT_KEYS).clone()
+                env_out = nxt[s].select(*NEXT_KEYS, *timed).clone()
                 env_out.set("chunk_steps", env_out.get("chunk_steps").reshape(()))  # env's [1] -> per step
                 record.set("next", env_out)
                 slot.steps.append(record)
@@ -773,7 +776,8 @@ def collect_rollouts(
         ``rollout_id``, ``group_id``, ``task_id``, ``init_state_id``, ``success``, ``truncated``, ``failed``,
         ``num_steps``, ``num_chunks``, ``initial_frame`` and, with ``keep_steps``, ``"steps"`` of batch size
         ``[len(requests), T]`` (``T`` = the longest episode in chunks) with the policy outputs, ``"mask"`` and
-        ``("next", "frames" | "frames_mask" | "chunk_steps")``.
+        ``("next", "frames" | "frames_mask" | "chunk_steps")`` (and ``("next", "frames_step")`` where the env
+        gives it).
     """
     if not requests:
         raise ValueError("collect_rollouts needs at least one request")

@@ -172,6 +172,7 @@ def test_frames_are_the_renders_after_their_sub_steps():
     assert out["frames"].shape == (1, k, 3, SIZE, SIZE) and out["frames_mask"][0].all()
     for j in range(k):  # frame j: after sub-step min((j + 1) * stride, 8), 1-based
         torch.testing.assert_close(out["frames"][0, j], torch.from_numpy(frames[min((j + 1) * stride, CHUNK)]))
+    assert out["frames_step"][0].tolist() == [min((j + 1) * stride, CHUNK) for j in range(k)]
     torch.testing.assert_close(out["observation", "image"][0], out["frames"][0, -1])
 
 
@@ -184,6 +185,7 @@ def test_max_steps_truncates_inside_the_chunk():
     assert out["chunk_steps"].item() == 3 and out["step_count"].item() == CHUNK + 3
     assert out["truncated"].item() and out["done"].item() and not out["success"].item()
     assert out["frames_mask"][0].tolist() == [True, True, False, False]  # sub-steps 2 and 3 (the last)
+    assert out["frames_step"][0].tolist() == [CHUNK + 2, CHUNK + 3, 0, 0]  # the episode steps they show
 
 
 def test_actions_are_mapped_onto_the_box():

@@ -100,6 +100,7 @@ def test_slot_resets_with_and_without_task_change(env):
     assert torch.equal(td["observation", "image"][0], image_before)
     assert td["frames_mask"][1].all()  # the reset slot's first frame (slot 0 keeps its entries of ``base``)
     assert torch.equal(td["frames"][1, 0], td["observation", "image"][1])
+    assert td["frames_step"][1].tolist() == [0]  # it shows the episode's step 0
 
     # slot 0 moves to another task (rebuild), slot 1 keeps its episode
     td = env.reset(_reset_td([True, False], [6, 3], [1, 2], [103, 102], [10, 9], base=td))
@@ -109,6 +110,7 @@ def test_slot_resets_with_and_without_task_change(env):
     assert td["instruction"][0] == suite_info("libero_object").instructions[6]
     out = _step(env)
     assert out["step_count"].flatten().tolist() == [8, 8]
+    assert out["frames_step"].flatten().tolist() == [8, 8]  # one frame a chunk, after its last step
 
 
 def test_partial_step(env):
@@ -129,6 +131,7 @@ def test_success_inside_chunk(env):
     assert out["done"].flatten().tolist() == [True, False]
     assert 1 <= out["chunk_steps"][0].item() < 8 and out["chunk_steps"][1].item() == 8
     assert out["frames_mask"].all()  # one frame per chunk: the last executed step's
+    assert out["frames_step"].flatten().tolist() == out["chunk_steps"].flatten().tolist()
     assert torch.equal(out["frames"][:, 0], out["observation", "image"])
     with pytest.raises(RuntimeError, match=r"slots \[0\] have no running episode"):
         _step(env)

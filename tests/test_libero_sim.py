@@ -153,6 +153,8 @@ def test_chunk_frames_are_robosuite_frames(sim, stride):
     assert out["frames"].shape == (k, SIZE, SIZE, 3) and out["frames_mask"].all()
     for slot, sub_step in frame_slots(8, 8 if stride is None else stride, 8):
         assert np.array_equal(out["frames"][slot], native[sub_step + 1])
+    # the episode step each frame shows: native[t] is the image after env step t
+    assert all(np.array_equal(out["frames"][j], native[t]) for j, t in enumerate(out["frames_step"]))
     assert np.array_equal(out["image"], native[-1])
 
 
@@ -180,6 +182,7 @@ def test_success_inside_chunk(sim, stride):
     n = out["chunk_steps"]
     expected_mask = np.arange(8) < n if stride == 1 else np.array([True])
     assert np.array_equal(out["frames_mask"], expected_mask)
+    assert out["frames_step"].tolist() == (list(range(1, n + 1)) + [0] * (8 - n) if stride == 1 else [n])
     assert sim.renders - renders == (n if stride == 1 else 1)
     last = np.flatnonzero(out["frames_mask"])[-1]
     assert np.array_equal(out["frames"][last], out["image"])
@@ -198,6 +201,7 @@ def test_episode_ends_at_max_steps(sim):
         assert out["chunk_steps"] == 4 and out["step_count"] == 12
         assert out["truncated"] and out["done"] and not out["success"]
         assert np.array_equal(out["frames_mask"], np.arange(8) < 4)
+        assert out["frames_step"].tolist() == [9, 10, 11, 12, 0, 0, 0, 0]  # episode steps, not the chunk's
         with pytest.raises(RuntimeError, match="call reset"):
             sim.step_chunk(_actions(5))
     finally:

@@ -409,3 +409,131 @@ def test_background_embeds_a_group_left_incomplete_when_popped(batch, embedder):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keep_group needs group_size"):
         BackgroundEmbedder(embedder, keep_group=lambda group: True)
+
+
+# ------------------------------------------------------------------ frames sampled in time
+CHUNK, SIDE = 8, 4  # env steps per decision, frame side
+
+
+def label(row: int, step: int) -> np.ndarray:
+    """A frame whose pixels name its trajectory and the episode step it shows."""
+    return np.broadcast_to(np.array([row, step // 256, step % 256], np.uint8), (SIDE, SIDE, 3)).copy()
+
+
+def read_labels(video: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(f[0, 0, 0]), int(f[1, 0, 0]) * 256 + int(f[2, 0, 0])) for f in video]
+
+
+def timed_batch(lengths, stride, success=None):
+    """Trajectories of ``lengths`` env steps, their reward frames rendered every ``stride`` steps by the
+    env's chunk runner (:func:`srpo_rl.envs.chunk.run_chunk`), with the env's ``frames_step`` (start of the
+    chunk + the sub-step each frame follows) and ``chunk_steps``, in the layout of collect_rollouts."""
+    from srpo_rl.envs.chunk import run_chunk
+
+    per_row = []
+    for r, length in enumerate(lengths):
+        t, chunks = 0, []
+        while t < length:
+            start = t
+
+            def step(action, want_frame, last, r=r, length=length):
+                nonlocal t
+                t += 1
+                return t == length, {}, label(r, t) if want_frame else None  # the episode ends at `length`
+
+            res = run_chunk(step, lambda r=r: label(r, t), np.zeros((CHUNK, 7)), frame_stride=stride,
+                            steps_left=10**6, frame_shape=(SIDE, SIDE, 3))
+            chunks.append((res, start))
+        per_row.append(chunks)
+    n, decisions, k = len(lengths), max(len(c) for c in per_row), -(-CHUNK // stride)
+    frames = torch.zeros(n, decisions, k, 3, SIDE, SIDE, dtype=torch.uint8)
+    frames_mask = torch.zeros(n, decisions, k, dtype=torch.bool)
+    frames_step = torch.zeros(n, decisions, k, dtype=torch.int64)
+    chunk_steps = torch.zeros(n, decisions, dtype=torch.int64)
+    for r, chunks in enumerate(per_row):
+        for d, (res, start) in enumerate(chunks):
+            frames[r, d] = torch.from_numpy(res.frames).permute(0, 3, 1, 2)
+            frames_mask[r, d] = torch.from_numpy(res.frames_mask)
+            frames_step[r, d] = torch.from_numpy(np.where(res.frames_mask, start + res.frames_step, 0))
+            chunk_steps[r, d] = res.steps
+    mask = torch.arange(decisions).expand(n, decisions) < torch.tensor([len(c) for c in per_row]).unsqueeze(-1)
+    success = torch.ones(n, dtype=torch.bool) if success is None else torch.tensor(success)
+    return TensorDict(
+        rollout_id=torch.arange(n), group_id=torch.zeros(n, dtype=torch.long), task_id=torch.zeros(n, dtype=torch.long),
+        success=success, num_chunks=mask.sum(-1),
+        initial_frame=torch.stack([torch.from_numpy(label(r, 0)).permute(2, 0, 1) for r in range(n)]),
+        steps=TensorDict(mask=mask, next=TensorDict(frames=frames, frames_mask=frames_mask, frames_step=frames_step,
+                                                    chunk_steps=chunk_steps, batch_size=[n, decisions]),
+                         batch_size=[n, decisions]),
+        batch_size=[n],
+    )
+
+
+def reference_sample(num_available: int, num_frames: int) -> np.ndarray:
+    """srpo_algorithm.md: ``linspace(0, T-1, 64, dtype=int)`` over T frames, ``np.resize`` when T < 64."""
+    if num_available >= num_frames:
+        return np.linspace(0, num_available - 1, num_frames, dtype=int)
+    return np.resize(np.arange(num_available), num_frames)
+
+
+def nearest_recorded(full: list, recorded: set, targets: np.ndarray) -> list:
+    """For each target index into ``full``, the recorded entry nearest to it in ``full`` (the earlier at a tie)."""
+    at = [i for i, entry in enumerate(full) if entry in recorded]
+    return [full[min(at, key=lambda i: (abs(i - t), i))] for t in targets]
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_frames_are_sampled_in_time_as_the_reference_samples_every_step(stride):
+    lengths = [5, 37, 63, 150, 203, 300, 512]  # a success at step 150 has 20 frames at one a chunk
+    batch = timed_batch(lengths, stride)
+    videos = trajectory_videos(batch, [[r] for r in range(len(lengths))], num_frames=64)
+    for r, length in enumerate(lengths):
+        full = [(r, t) for t in range(length + 1)]  # the reference's video: a frame after every env step
+        targets = reference_sample(len(full), 64)
+        valid = batch["steps", "next", "frames_mask"][r] & batch["steps", "mask"][r].unsqueeze(-1)
+        recorded = {(r, 0)} | {(r, int(t)) for t in batch["steps", "next", "frames_step"][r][valid]}
+        got = read_labels(videos[r])
+        assert got == nearest_recorded(full, recorded, targets)
+        if stride == 1:
+            assert got == [full[t] for t in targets]  # every step recorded: the reference's frames exactly
+        if length + 1 >= 64:  # in order, never looping back to the start as sampling the recorded frames would
+            assert all(a[1] <= b[1] for a, b in zip(got, got[1:]))
+            assert max(abs(g[1] - t) for g, t in zip(got, targets)) <= stride // 2
+
+
+@pytest.mark.parametrize("stride", [1, 8])
+def test_merged_group_videos_are_sampled_in_time(stride):
+    lengths = [13, 30, 21]
+    batch = timed_batch(lengths, stride)
+    # the reference's merged video: initial frames, then chunk step by chunk step, each member's every step
+    full = [(m, 0) for m in range(3)]
+    for d in range(max(-(-n // CHUNK) for n in lengths)):
+        for m, n in enumerate(lengths):
+            full += [(m, t) for t in range(d * CHUNK + 1, min((d + 1) * CHUNK, n) + 1)]
+    valid = batch["steps", "next", "frames_mask"] & batch["steps", "mask"].unsqueeze(-1)
+    recorded = {(m, 0) for m in range(3)} | {
+        (m, int(t)) for m in range(3) for t in batch["steps", "next", "frames_step"][m][valid[m]]}
+    for num_frames in (16, 64, 128):  # 128 > 67 frames: the reference loops
+        got = read_labels(trajectory_videos(batch, [[0, 1, 2]], num_frames=num_frames)[0])
+        assert got == nearest_recorded(full, recorded, reference_sample(len(full), num_frames))
+    # without sampling: the recorded frames in the reference's order
+    assert read_labels(trajectory_videos(batch, [[0, 1, 2]])[0]) == [e for e in full if e in recorded]
+
+
+def test_the_reward_embeds_the_frames_sampled_in_time(embedder):
+    lengths, success = [150, 512, 203, 512], [True, False, True, False]
+    batch = timed_batch(lengths, CHUNK, success)
+    batch["steps", "next", "frames"] = batch["steps", "next", "frames"].repeat_interleave(8, -1).repeat_interleave(8, -2)
+    batch["initial_frame"] = batch["initial_frame"].repeat_interleave(8, -1).repeat_interleave(8, -2)
+    videos = []
+    for r, length in enumerate(lengths):  # independently: the frame of the nearest recorded step, every target
+        recorded = [0] + batch["steps", "next", "frames_step"][r][batch["steps", "next", "frames_mask"][r]].tolist()
+        picked = [min(recorded, key=lambda s: (abs(s - t), s)) for t in reference_sample(length + 1, 16)]
+        frame = {s: torch.from_numpy(label(r, s)).permute(2, 0, 1).repeat_interleave(8, -1).repeat_interleave(8, -2)
+                 for s in recorded}
+        videos.append(torch.stack([frame[s] for s in picked]))
+    out = SRPOProgressReward(embedder)(batch.clone())
+    expected = srpo_progress_scores(embedder(videos), success, [0] * 4)
+    np.testing.assert_allclose(out["progress"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError, match="chunk_steps"):  # frames_step without the steps that place them
+        SRPOProgressReward(embedder)(batch.exclude(("steps", "next", "chunk_steps")))
