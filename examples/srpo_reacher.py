@@ -286,7 +286,8 @@ def results_markdown(cfg: ReacherConfig, results: list[dict], command: str, mach
         lines += [
             "",
             f"The encoder is a tiny V-JEPA 2 (2 layers, width 128) with fixed random weights, fed "
-            f"{cfg.image_size}x{cfg.image_size} top-down frames (one every {cfg.frame_stride} steps) resized to "
+            f"{cfg.image_size}x{cfg.image_size} top-down frames (one rendered every {cfg.frame_stride} steps, "
+            f"{cfg.vjepa_num_frames} sampled in time) resized to "
             f"{cfg.vjepa_img_size}x{cfg.vjepa_img_size}: its mean-pooled tokens are a fixed random projection of the "
             f"pixels, dominated by where the arm is drawn; it knows nothing of targets or success. Over the failures "
             f"of each SRPO batch, the Spearman correlation between their progress score and minus their final "
