@@ -412,7 +412,7 @@ def test_background_embeds_a_group_left_incomplete_when_popped(batch, embedder):
 
 
 # ------------------------------------------------------------------ frames sampled in time
-CHUNK, SIDE = 8, 4  # env steps per decision, frame side
+CHUNK, SIDE = 8, 32  # env steps per decision, frame side (the tiny encoder's)
 
 
 def label(row: int, step: int) -> np.ndarray:
@@ -523,17 +523,21 @@ def test_merged_group_videos_are_sampled_in_time(stride):
 def test_the_reward_embeds_the_frames_sampled_in_time(embedder):
     lengths, success = [150, 512, 203, 512], [True, False, True, False]
     batch = timed_batch(lengths, CHUNK, success)
-    batch["steps", "next", "frames"] = batch["steps", "next", "frames"].repeat_interleave(8, -1).repeat_interleave(8, -2)
-    batch["initial_frame"] = batch["initial_frame"].repeat_interleave(8, -1).repeat_interleave(8, -2)
     videos = []
     for r, length in enumerate(lengths):  # independently: the frame of the nearest recorded step, every target
         recorded = [0] + batch["steps", "next", "frames_step"][r][batch["steps", "next", "frames_mask"][r]].tolist()
         picked = [min(recorded, key=lambda s: (abs(s - t), s)) for t in reference_sample(length + 1, 16)]
-        frame = {s: torch.from_numpy(label(r, s)).permute(2, 0, 1).repeat_interleave(8, -1).repeat_interleave(8, -2)
-                 for s in recorded}
-        videos.append(torch.stack([frame[s] for s in picked]))
+        videos.append(torch.stack([torch.from_numpy(label(r, s)).permute(2, 0, 1) for s in picked]))
+    expected_embeddings = embedder(videos)
     out = SRPOProgressReward(embedder)(batch.clone())
-    expected = srpo_progress_scores(embedder(videos), success, [0] * 4)
+    expected = srpo_progress_scores(expected_embeddings, success, [0] * 4)
     np.testing.assert_allclose(out["progress"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # the background embedder, handed each trajectory as collect_rollouts does, embeds the same videos
+    background = BackgroundEmbedder(embedder)
+    for row in _rows_of(batch):
+        background(row)
+    given = background.pop(batch["rollout_id"])
+    background.close()
+    torch.testing.assert_close(given, expected_embeddings, rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError, match="chunk_steps"):  # frames_step without the steps that place them
         SRPOProgressReward(embedder)(batch.exclude(("steps", "next", "chunk_steps")))
