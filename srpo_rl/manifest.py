@@ -181,7 +181,11 @@ def ensure_manifests(
     split_mode: str = "shared",
     val_trials_per_task: int = 10,
 ) -> tuple[list[dict], list[dict]]:
-    """Loads the manifests, generating (atomically) whichever file does not exist yet."""
+    """Loads the manifests, generating (atomically) whichever file does not exist yet.
+
+    Raises ``ValueError`` when an existing manifest holds a suite outside ``suites`` (e.g. one left in the
+    output directory by a run on another suite), whose task ids would otherwise run on the wrong tasks.
+    """
     paths = (train_path, val_path)
     if not all(os.path.exists(p) for p in paths):
         generated = generate_manifests(
@@ -190,7 +194,16 @@ def ensure_manifests(
         for rows, path in zip(generated, paths):
             if not os.path.exists(path):
                 write_manifest(rows, path)
-    return load_manifest(train_path), load_manifest(val_path)
+    manifests = load_manifest(train_path), load_manifest(val_path)
+    wanted = {canonical_suite(suite) for suite in suites}
+    for rows, path in zip(manifests, paths):
+        other = sorted({row["suite"] for row in rows} - wanted)
+        if other:
+            raise ValueError(
+                f"manifest {path} holds suite(s) {', '.join(other)}, but this run is on {', '.join(sorted(wanted))}: "
+                "point it at a manifest of these suites, or delete it to have it generated"
+            )
+    return manifests
 
 
 class PromptStream:

@@ -40,6 +40,9 @@ def test_existing_files_are_loaded_not_regenerated(tmp_path):
     write_manifest(rows[:1], tmp_path / "val.parquet")
     train, val = ensure_manifests(tmp_path / "train.parquet", tmp_path / "val.parquet", suites=["libero_goal"])
     assert len(train) == 3 and len(val) == 1
+    # a manifest left by a run on another suite is refused, not run on this suite's tasks
+    with pytest.raises(ValueError, match=r"train.parquet holds suite\(s\) libero_goal, but this run is on libero_10"):
+        ensure_manifests(tmp_path / "train.parquet", tmp_path / "val.parquet", suites=["libero_long"])
 
 
 def test_round_trip_keeps_rows(tmp_path):

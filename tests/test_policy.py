@@ -109,6 +109,16 @@ def test_tokens_bins_and_actions_match_hand_computation(policy, stats):
     assert set(out["action"][..., 6].unique().tolist()) <= {-1.0, 1.0}
 
 
+def test_every_suite_of_the_tiny_statistics_decodes_into_the_env_range(path):
+    from srpo_rl.envs.chunk import validate_chunk
+
+    every_bin = np.arange(256)[:, None].repeat(7, axis=1)  # [256, 7]: every token in every dim
+    for name, suite_stats in json.loads((path / "dataset_statistics.json").read_text()).items():
+        action = _hand_decode(every_bin, suite_stats["action"])
+        assert np.abs(action).max() <= 1.0, name  # LIBERO's env takes actions in [-1, 1]
+        validate_chunk(action.reshape(32, 8, 7).astype(np.float32), 8, 7, batch=True)
+
+
 def test_log_probs_are_the_tempered_softmax_of_the_model_logits(policy, path):
     with set_exploration_type(ExplorationType.RANDOM):
         torch.manual_seed(0)

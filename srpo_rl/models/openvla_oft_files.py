@@ -267,7 +267,8 @@ def synthetic_dataset_statistics(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     stats = {}
     for name, (transitions, trajectories, translation, rotation) in _SUITES.items():
-        jitter = 1.0 + 0.1 * torch.rand(7, generator=g, dtype=torch.float64)
+        # at most the nominal span: LIBERO's actions lie in [-1, 1], and so must their unnormalised values
+        jitter = 1.0 - 0.06 * torch.rand(7, generator=g, dtype=torch.float64)
         span = torch.tensor([translation] * 3 + [rotation] * 3 + [1.0], dtype=torch.float64) * jitter
         q01 = torch.cat([-0.8 * span[:6], torch.zeros(1, dtype=torch.float64)])
         q99 = torch.cat([span[:6], torch.ones(1, dtype=torch.float64)])
