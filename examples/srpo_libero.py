@@ -14,6 +14,7 @@ Installed as the ``srpo-libero`` console script.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -46,7 +47,12 @@ from srpo_rl.rollout import collect_rollouts, group_requests
 from srpo_rl.trainer import update_policy
 
 
-@hydra.main(config_path="config", config_name="config", version_base=None)
+# The folder beside this file, as a path: as the console script (the package installed as a wheel or editable)
+# Hydra would look for a ``srpo_rl.examples.config`` module, which an editable install does not map.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     # Config errors fail here, before any work
     check_config(cfg)
