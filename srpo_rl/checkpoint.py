@@ -12,9 +12,15 @@ A save writes into ``global_step_<k>.tmp`` and renames it when every rank is don
 a folder that looks complete.
 
 Example:
-    >>> manager = CheckpointManager("runs/demo/checkpoints", keep=5)
-    >>> manager.save(10, model=model, optimizer=optimizer, trainer_state={"step": 10})
-    >>> state = manager.load_latest(model=model, optimizer=optimizer)  # -> {"step": 10, ...}
+    >>> import tempfile, torch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> manager = CheckpointManager(tempfile.mkdtemp(), keep=5)
+    >>> manager.save(10, model=model, optimizer=optimizer, trainer_state={"step": 10}).name
+    'global_step_10'
+    >>> state = manager.load_latest(model=model, optimizer=optimizer)
+    >>> state["step"], state["checkpoint_step"], manager.complete_steps()
+    (10, 10, [10])
 """
 
 from __future__ import annotations

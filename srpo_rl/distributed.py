@@ -4,9 +4,14 @@ One process per GPU: ``torchrun --nproc_per_node=8 examples/srpo_libero.py ...``
 with torchrun's rendezvous (``--nnodes``, ``--rdzv-endpoint``). Without torchrun's variables the run is a
 single process. CPU runs use gloo (two CPU processes give the same update as one: tests/test_trainer.py).
 
-Example:
-    >>> info = init_distributed("auto")
-    >>> model = shard_actor(model, info, mixed_precision="bf16", param_offload=False)
+Example (one CPU process, no torchrun: nothing to shard, the model comes back as it is):
+    >>> import torch
+    >>> info = init_distributed("cpu")
+    >>> info.world_size, info.device
+    (1, device(type='cpu'))
+    >>> model = torch.nn.Linear(4, 4)
+    >>> shard_actor(model, info, mixed_precision="bf16") is model
+    True
 """
 
 from __future__ import annotations

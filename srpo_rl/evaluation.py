@@ -3,9 +3,21 @@
 Every row (one task, one init state) is rolled out once with the argmax policy. With several ranks each
 takes every ``world_size``-th row and the counts are summed.
 
-Example:
-    >>> result = evaluate(env, policy, val_rows, num_videos=2)
-    >>> result.suite_success["libero_10"], result.metrics()["val/success_rate"]
+Example (a tiny random policy, which succeeds nowhere):
+    >>> import tempfile, torch
+    >>> from srpo_rl.envs import make_libero_env
+    >>> from srpo_rl.manifest import generate_manifests
+    >>> from srpo_rl.models.openvla_oft import write_tiny_checkpoint
+    >>> from srpo_rl.policy import OpenVLAOFTPolicy
+    >>> path = tempfile.mkdtemp()
+    >>> _ = write_tiny_checkpoint(path)
+    >>> policy = OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_object", dtype=torch.float32)
+    >>> _, val_rows = generate_manifests(["libero_object"], num_trials_per_task=1)
+    >>> env = make_libero_env("libero_object", num_envs=2, max_steps=16)
+    >>> result = evaluate(env, policy, val_rows[:2], progress=False)
+    >>> result.suite_success, result.metrics()["val/success_rate"]
+    ({'libero_object': 0.0}, 0.0)
+    >>> env.close()
 """
 
 from __future__ import annotations

@@ -5,9 +5,13 @@ are written as mp4 files (imageio + its ffmpeg) next to the logs, sent to wandb 
 TensorBoard as a strip of frames.
 
 Example:
-    >>> logger = MetricLogger(["console", "tensorboard"], log_dir="runs/demo", experiment_name="demo")
+    >>> import tempfile, torch
+    >>> run_dir = tempfile.mkdtemp()
+    >>> logger = MetricLogger(["tensorboard"], log_dir=run_dir, experiment_name="demo")
     >>> logger.log({"train/success_rate": 0.5}, step=1)
-    >>> logger.log_video("val/episode_0", frames_uint8_tchw, step=1)  # writes runs/demo/videos/...mp4
+    >>> frames = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)  # [T, C, H, W]
+    >>> logger.log_video("val/episode_0", frames, step=1)  # doctest: +ELLIPSIS
+    PosixPath('.../videos/val_episode_0_step1.mp4')
 """
 
 from __future__ import annotations

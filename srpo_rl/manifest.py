@@ -19,8 +19,11 @@ The reference recipe (siiRL's ``prepare_libero_train_valid_datasets``) trains an
 the last ``val_trials_per_task`` init states of every task for validation only.
 
 Example:
+    >>> import os, tempfile
     >>> from srpo_rl.manifest import ensure_manifests
-    >>> train, val = ensure_manifests("data/train.parquet", "data/val.parquet", suites=["libero_object"])
+    >>> data = tempfile.mkdtemp()  # the files are generated there on first use, then loaded
+    >>> train, val = ensure_manifests(os.path.join(data, "train.parquet"), os.path.join(data, "val.parquet"),
+    ...                               suites=["libero_object"])
     >>> len(train), train[0]["prompt_id"]
     (500, 'libero_object_0_0')
 """
@@ -213,8 +216,12 @@ class PromptStream:
     same next prompts.
 
     Example:
-        >>> stream = PromptStream(rows, seed=0)
-        >>> batch = stream.next(64)  # 64 rows; a new shuffled epoch starts when fewer than 64 are left
+        >>> train_rows, _ = generate_manifests(["libero_object"], num_trials_per_task=5)  # 10 tasks x 5
+        >>> stream = PromptStream(train_rows, seed=0)
+        >>> [len(stream.next(16)) for _ in range(4)]  # a new shuffled epoch when fewer than 16 are left
+        [16, 16, 16, 16]
+        >>> stream.state_dict()["epoch"]
+        1
     """
 
     def __init__(self, rows: Sequence[dict], *, seed: int = 0, shuffle: bool = True) -> None:

@@ -11,8 +11,12 @@ With FSDP every rank must run the same number of forward/backward passes (each o
 trajectory lengths differ between ranks: a rank with fewer slices repeats its last slice with zero token
 weights (zero gradient). Gradients are reduced across ranks only on the last slice of a mini-batch.
 
-Example:
-    >>> metrics = update_policy(loss_module, optimizer, batch, mini_batch_trajectories=32)
+Example (the whole loop around it is the README's "Using the parts" example, which tests/test_readme.py
+runs): ``batch`` holds trajectories of :func:`~srpo_rl.rollout.collect_rollouts` with their ``"advantage"``,
+``loss_module`` is an :class:`~srpo_rl.objectives.SRPOLoss` on the rollout policy.
+
+    >>> metrics = update_policy(loss_module, optimizer, batch, mini_batch_trajectories=32)  # doctest: +SKIP
+    >>> metrics["optimizer_steps"], metrics["clip_fraction"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
