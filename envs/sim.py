@@ -364,6 +364,7 @@ class LiberoSim:
         return np.array(self.env.get_sim_state())
 
     def check_success(self) -> bool:
+        """Whether the current state meets the task's goal (the BDDL predicates LIBERO checks after a step)."""
         return bool(self.env.check_success())
 
     def render(self, camera: str = _AGENTVIEW) -> np.ndarray:

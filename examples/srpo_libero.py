@@ -54,6 +54,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    """The ``srpo-libero`` entry point: training (``mode=train``) or greedy evaluation (``mode=eval``)."""
     # Config errors fail here, before any work
     check_config(cfg)
     info = init_distributed(cfg.device)

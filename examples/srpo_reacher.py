@@ -112,6 +112,7 @@ ConfigStore.instance().store(name="srpo_reacher", node=ReacherConfig)
 
 
 def make_env(cfg: ReacherConfig) -> GymSlotEnv:
+    """``num_envs`` Reacher-v5 slots behind the LIBERO env's slot contract."""
     return GymSlotEnv(
         lambda: make_reacher_env(cfg.image_size), cfg.num_envs,
         success_fn=functools.partial(reacher_success, distance=cfg.success_distance), instructions=INSTRUCTIONS,
@@ -339,6 +340,7 @@ def write_results(cfg: ReacherConfig, results: list[dict], out_dir: Path, comman
 
 @hydra.main(config_path=None, config_name="srpo_reacher", version_base=None)
 def main(cfg: ReacherConfig) -> None:
+    """Runs every (reward, seed) pair, then writes the curves, the table and every number."""
     unknown = [r for r in cfg.rewards if r not in REWARDS]
     if unknown:
         raise ValueError(f"unknown reward {unknown[0]!r}; choose from {', '.join(REWARDS)}")

@@ -193,11 +193,13 @@ def make_background_embedder(cfg: DictConfig, reward_module, sampler: EmbodiedSa
 
 
 def make_advantage(cfg: DictConfig) -> GroupAdvantage:
+    """GRPO group advantages (``algorithm.*``)."""
     alg = cfg.algorithm
     return GroupAdvantage(norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam)
 
 
 def make_sampler(cfg: DictConfig, info: DistInfo) -> EmbodiedSampler:
+    """The accuracy / truncation filter with refill, for this rank's share of ``data.train_batch_size`` groups."""
     s = cfg.algorithm.embodied_sampling
     return EmbodiedSampler(
         cfg.data.train_batch_size // info.world_size, filter_accuracy=s.filter_accuracy,
@@ -207,6 +209,7 @@ def make_sampler(cfg: DictConfig, info: DistInfo) -> EmbodiedSampler:
 
 
 def make_loss(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> SRPOLoss:
+    """The clipped token-level loss (``actor.clip_ratio_*``, ``entropy_coeff``, ``loss_agg_mode``)."""
     a = cfg.actor
     return SRPOLoss(policy, clip_epsilon=(a.clip_ratio_low, a.clip_ratio_high), clip_ratio_c=a.clip_ratio_c,
                     entropy_coeff=a.entropy_coeff, aggregation=a.loss_agg_mode)
@@ -235,6 +238,8 @@ def host_reserve_bytes(cfg: DictConfig, image_size: int) -> int:
 
 
 def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters: on the host (:class:`~srpo_rl.optim.HostAdamW`) with
+    ``actor.fsdp.optimizer_offload``, else torch's (fused on GPUs)."""
     params = [p for p in policy.model.parameters() if p.requires_grad]
     if host_optimizer(cfg):
         optimizer = HostAdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay,
@@ -251,6 +256,7 @@ def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Opt
 
 
 def make_logger(cfg: DictConfig, info: DistInfo) -> MetricLogger:
+    """The ``trainer.logger`` backends (console, TensorBoard, wandb), writing under ``output_dir``."""
     return MetricLogger(cfg.trainer.logger, log_dir=cfg.output_dir, experiment_name=cfg.trainer.experiment_name,
                         project_name=cfg.trainer.project_name, config=OmegaConf.to_container(cfg, resolve=False))
 

@@ -90,6 +90,7 @@ class CheckpointManager:
         return sorted(steps)
 
     def path(self, step: int) -> Path:
+        """The folder of ``step``'s checkpoint (``<root>/global_step_<step>``), complete or not."""
         return self.root / f"global_step_{step}"
 
     def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:

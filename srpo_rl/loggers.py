@@ -104,6 +104,7 @@ class MetricLogger:
         return path
 
     def close(self) -> None:
+        """Flushes and closes the backends (TensorBoard's writer, the wandb run)."""
         for backend in self.backends:
             experiment = getattr(backend, "experiment", None)
             if hasattr(experiment, "close"):

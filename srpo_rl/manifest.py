@@ -254,7 +254,9 @@ class PromptStream:
         return out
 
     def state_dict(self) -> dict:
+        """Epoch and position: what a checkpoint keeps so that a resumed run draws the same next prompts."""
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continues from a :meth:`state_dict`."""
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

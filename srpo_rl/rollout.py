@@ -154,6 +154,7 @@ class RolloutStats:
         return self.env_steps / max(self.wall_time, 1e-9)
 
     def as_dict(self) -> dict[str, float]:
+        """The counts and timings as plain numbers (for logging and the benchmarks' JSON)."""
         return {
             "trajectories": self.trajectories,
             "env_steps": self.env_steps,

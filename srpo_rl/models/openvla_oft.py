@@ -350,6 +350,7 @@ class OpenVLAOFT(nn.Module):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def gradient_checkpointing_disable(self) -> None:
+        """Undoes :meth:`gradient_checkpointing_enable`: activations are kept for the backward again."""
         self.vision_backbone.featurizer.gradient_checkpointing = False
         self.vision_backbone.fused_featurizer.gradient_checkpointing = False
         lm = self.language_model
