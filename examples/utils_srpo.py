@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 from srpo_rl.distributed import DTYPES, DistInfo, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
-from srpo_rl.loggers import MetricLogger
+from srpo_rl.loggers import LOGGER_TYPES, MetricLogger
 from srpo_rl.envs import canonical_suite
 from srpo_rl.manifest import ensure_manifests
 from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
@@ -90,6 +91,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")
     if cfg.algorithm.adv_estimator != "grpo":
         _fail(f"unknown algorithm.adv_estimator {cfg.algorithm.adv_estimator!r}; srpo_rl implements grpo")
+    unknown = [name for name in cfg.trainer.logger if name not in LOGGER_TYPES]
+    if unknown:
+        _fail(f"unknown trainer.logger {unknown[0]!r}; choose from {', '.join(LOGGER_TYPES)}")
+    if "wandb" in cfg.trainer.logger and importlib.util.find_spec("wandb") is None:
+        _fail("trainer.logger has wandb, which is not installed: pip install 'srpo-rl[wandb]' or leave it out")
     if cfg.algorithm.reward not in ("srpo", "binary"):
         _fail(f"unknown algorithm.reward {cfg.algorithm.reward!r}; choose one of srpo, binary")
     if cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node != world_size and world_size > 1:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -55,6 +56,8 @@ class MetricLogger:
         unknown = [t for t in self.types if t not in LOGGER_TYPES]
         if unknown:
             raise ValueError(f"unknown logger {unknown[0]!r}; choose from {', '.join(LOGGER_TYPES)}")
+        if "wandb" in self.types and importlib.util.find_spec("wandb") is None:
+            raise ImportError("the wandb logger needs wandb: pip install 'srpo-rl[wandb]' (or leave wandb out of the loggers)")
         self.log_dir = Path(log_dir)
         self.enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.backends = []

@@ -43,12 +43,22 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
         (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
+        (["trainer.logger=[console,mlflow]"], "unknown trainer.logger 'mlflow'; choose from console, tensorboard, wandb"),
     ],
 )
 def test_config_errors_name_the_bad_value(overrides, message):
     cfg = _compose(VALID_7B + overrides)
     with pytest.raises(ValueError, match=message):
         check_config(cfg, world_size=1)
+
+
+def test_a_logger_that_is_not_installed_fails_before_any_work():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ValueError, match=r"wandb, which is not installed: pip install 'srpo-rl\[wandb\]'"):
+        check_config(_compose(VALID_7B + ["trainer.logger=[console,wandb]"]), world_size=1)
 
 
 def test_config_errors_that_need_the_process_count():
