@@ -98,9 +98,11 @@ def generate_manifests(
             trials = min(num_trials_per_task, task["num_init_states"])
             first_val = trials if split_mode == "shared" else trials - val_trials_per_task
             if split_mode == "holdout" and not 0 < val_trials_per_task < trials:
+                left = "none for training" if val_trials_per_task >= trials else "no validation"
+                need = f"1 to {trials - 1}" if trials > 1 else "more trials per task (num_trials_per_task >= 2)"
                 raise ValueError(
-                    f"val_trials_per_task must be in [1, {trials - 1}] for {name} task {task['task_id']} "
-                    f"with {trials} trials, got {val_trials_per_task}"
+                    f"split_mode='holdout' with val_trials_per_task={val_trials_per_task} of the {trials} trials of "
+                    f"{name} task {task['task_id']} leaves {left}: use {need}, or split_mode='shared'"
                 )
             for trial_id in range(trials):
                 row = {

@@ -89,8 +89,11 @@ def test_bad_arguments():
         generate_manifests(["libero_goal"], split_mode="random")
     with pytest.raises(ValueError, match="num_trials_per_task must be >= 1, got 0"):
         generate_manifests(["libero_goal"], num_trials_per_task=0)
-    with pytest.raises(ValueError, match="val_trials_per_task must be in"):
+    with pytest.raises(ValueError, match="val_trials_per_task=3 of the 3 trials of libero_goal task 0 leaves none "
+                                         "for training: use 1 to 2, or split_mode='shared'"):
         generate_manifests(["libero_goal"], num_trials_per_task=3, split_mode="holdout", val_trials_per_task=3)
+    with pytest.raises(ValueError, match=r"leaves none for training: use more trials per task \(num_trials_per_task >= 2\)"):
+        generate_manifests(["libero_goal"], num_trials_per_task=1, split_mode="holdout", val_trials_per_task=10)
 
 
 def test_prompt_stream_epochs_and_resume():
