@@ -40,8 +40,9 @@ CHUNK, NUM_FRAMES = 8, 64
 def rollout_batch(frames: np.ndarray, length: int, stride: int, timed: bool) -> TensorDict:
     """The trajectory batch (one row) of an episode of ``length`` steps whose reward frames were rendered every
     ``stride`` steps and after its last step; ``frames[t]`` is the frame after env step ``t`` (0: reset)."""
-    decisions = -(-length // CHUNK)
-    k = -(-CHUNK // stride)
+    from srpo_rl.envs.chunk import frame_slots, num_frames
+
+    decisions, k = -(-length // CHUNK), num_frames(CHUNK, stride)
     batch_frames = torch.zeros(1, decisions, k, *frames.shape[1:], dtype=torch.uint8)
     mask = torch.zeros(1, decisions, k, dtype=torch.bool)
     steps = torch.zeros(1, decisions, k, dtype=torch.int64)
@@ -49,10 +50,9 @@ def rollout_batch(frames: np.ndarray, length: int, stride: int, timed: bool) -> 
     for d in range(decisions):
         n = min(CHUNK, length - d * CHUNK)
         executed[0, d] = n
-        for j in range(k):
-            if j * stride < n:  # the env's frame slots (srpo_rl.envs.chunk.frame_slots)
-                t = d * CHUNK + min((j + 1) * stride, n)
-                batch_frames[0, d, j], mask[0, d, j], steps[0, d, j] = torch.from_numpy(frames[t]), True, t
+        for j, sub_step in frame_slots(CHUNK, stride, n):  # the slots the env renders
+            t = d * CHUNK + sub_step + 1
+            batch_frames[0, d, j], mask[0, d, j], steps[0, d, j] = torch.from_numpy(frames[t]), True, t
     nxt = {"frames": batch_frames, "frames_mask": mask, "chunk_steps": executed}
     if timed:
         nxt["frames_step"] = steps
