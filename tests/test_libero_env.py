@@ -62,6 +62,7 @@ def test_specs(env):
     check_env_specs(env)
     spec = env.full_observation_spec
     assert spec["frames"].shape == (N, 1, 3, 256, 256) and spec["frames_mask"].shape == (N, 1)
+    assert spec["frames_step"].shape == (N, 1) and spec["frames_step"].dtype == torch.int64
     assert spec["observation", "image"].dtype == torch.uint8
     assert env.action_spec.shape == (N, 8, 7)
 

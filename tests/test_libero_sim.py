@@ -273,7 +273,7 @@ def test_gymnasium_make_and_step(sim):
         assert env.observation_space.contains(obs)
         assert (reward, terminated, truncated, info["chunk_steps"]) == (0.0, False, False, 1)
         obs, _, _, truncated, info = env.step(np.zeros((1, 7), np.float32))
-        assert truncated and info["step_count"] == 2
+        assert truncated and info["step_count"] == 2 and info["frames_step"].tolist() == [2]
         assert np.array_equal(env.render(), obs["image"])
     finally:
         env.close()
