@@ -103,7 +103,9 @@ class LiberoVecEnv(EnvBase):
         cpu_render_slots: how many slots (the last ones) render with Mesa's llvmpipe on the CPU instead of the
             GPU (:class:`~srpo_rl.envs.workers.SimWorkers`): on a GPU whose graphics are slow beside CUDA work
             (an H100 loses about 0.8 ms of the policy's time a frame) this trades 78-124 ms of a core a frame
-            for it, and the pixels differ a little from the GPU's. Defaults to 0.
+            for it, and the pixels differ a little from the GPU's. It did not pay with the 7B: on an H200 with
+            32 envs, 16 CPU-render slots ran 0.97x the rollout of all-GPU frames (those slots come back later,
+            so the policy's batches halve). Defaults to 0.
         device: device of the returned tensors. Defaults to CPU.
 
     Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to

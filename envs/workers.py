@@ -23,7 +23,8 @@ about 0.7-1.0 ms of GPU time from the CUDA work beside it (``benchmarks/render_c
 multi-GPU host the first GPU would carry every rank's frames and pace the others. Workers given
 ``cpu_render_slots`` render with Mesa's software rasterizer (llvmpipe) through Mesa's EGL library instead, on
 their own CPU core: their frames take no GPU time, at 78-124 ms of a core a LIBERO frame (a 2-core EPYC, the
-Xeon of an H100 machine), and their pixels differ a little from a GPU's (mean |diff| 1.9 on an H100).
+Xeon of an H100 machine), and their pixels differ a little from a GPU's (mean |diff| 1.9 on an H100). With the
+7B on an H200 and 32 envs, 16 such slots made the rollout 0.97x as fast, not faster (``docs/performance.md``).
 
 Examples:
     >>> workers = SimWorkers({"suite": "libero_object"}, task_ids=[0, 1])  # doctest: +SKIP
