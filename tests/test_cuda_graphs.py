@@ -94,6 +94,23 @@ def test_graph_replay_matches_eager_forward_on_cuda(model):
     model.to("cpu")
 
 
+@pytest.mark.gpu
+def test_graphs_capture_the_compiled_blocks():
+    torch.manual_seed(0)
+    eager = OpenVLAOFT(tiny_config()).eval().cuda()
+    compiled = OpenVLAOFT(tiny_config()).eval().cuda()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    graphed = GraphedActionLogits(compiled, width_multiple=8)
+    with torch.no_grad():
+        for batch, width, seed in ((3, 9, 0), (5, 12, 1)):
+            lengths = torch.full((batch,), width)
+            ids, n, pixels = (t.cuda() for t in _inputs(batch, width, lengths.tolist(), seed))
+            torch.testing.assert_close(graphed(ids, n, pixels)[0], eager.logits_from_lengths(ids, n, pixels),
+                                       rtol=1e-3, atol=1e-3)
+    assert all(graph is not None for graph in graphed.graphs.values())  # every bucket captured, none eager
+
+
 def _camera_obs(batch: int, seed: int) -> TensorDict:
     g = torch.Generator().manual_seed(seed)
     td = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,

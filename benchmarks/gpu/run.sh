@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs benchmarks on the staged GPU machine (after stage1.sh and stage2.sh, while it stays warm).
-#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train hostadamw fsdp policy reward recipe gil simmem render gputests smoke
+#   bash benchmarks/gpu/run.sh JOB [JOB ...]     jobs: rollout16 rollout32 train hostadamw fsdp policy compiled reward recipe gil simmem render gputests smoke
 # Each job writes $OUT/JOB.log (all its output) and $OUT/JOB.json (its JSON line); every JSON line also
 # goes to $OUT/results.jsonl. The rollout jobs also keep $OUT/JOB.partial.json, the figures so far after each
 # mode: what a run cut off by the call's time limit leaves. Extra arguments for a job: JOB_ARGS="..."
 # (applied to every job); JOB_LIMIT=S stops each job after S seconds instead of its own limit.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-JOBS="rollout16 rollout32 train hostadamw fsdp policy reward recipe gil simmem render gputests smoke"
+JOBS="rollout16 rollout32 train hostadamw fsdp policy compiled reward recipe gil simmem render gputests smoke"
 for job in "$@"; do
   [[ " $JOBS " == *" $job "* ]] || { echo "run.sh: unknown job '$job'; choose from $JOBS"; exit 2; }
 done
@@ -51,6 +51,7 @@ for job in "$@"; do
     hostadamw) cmd=(python3 benchmarks/host_adamw.py --device cuda --params-m 2048) limit=120 ;;
     fsdp) cmd=(python3 benchmarks/fsdp_inference.py) limit=240 ;;
     policy) cmd=(python3 benchmarks/policy_latency.py) limit=150 ;;
+    compiled) cmd=(python3 benchmarks/compiled_blocks.py) limit=420 ;;  # the 7B with its blocks compiled against eager
     reward) cmd=(python3 benchmarks/reward_throughput.py) limit=240 ;;
     recipe) cmd=(python3 benchmarks/recipe_iteration.py --out /tmp/recipe) limit=480 ;;
     gil) cmd=(python3 benchmarks/gil_contention.py) limit=60 ;;

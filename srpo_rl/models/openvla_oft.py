@@ -339,6 +339,19 @@ class OpenVLAOFT(nn.Module):
         vb = self.vision_backbone
         return [*vb.featurizer.used_blocks(), *vb.fused_featurizer.used_blocks(), *self.language_model.model.layers]
 
+    def compile_blocks(self, **options) -> None:
+        """Compiles the forward of every repeated block (:meth:`fsdp_blocks`) with ``torch.compile``, in place.
+
+        The blocks' matrix products run as before; what changes is the work between them (norms, the rotary
+        embedding, activations, residual adds), which eager PyTorch runs as many memory-bound kernels and
+        Inductor fuses. One compilation (dynamic shapes) serves every decoder layer and every batch size;
+        the first forward after this pays it. Parameters, names and checkpoints are unchanged, and FSDP2,
+        gradient checkpointing and :class:`srpo_rl.cuda_graphs.GraphedActionLogits` wrap the compiled blocks
+        as they wrap eager ones. ``options`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+        """
+        for block in self.fsdp_blocks():
+            block.forward = torch.compile(block.forward, dynamic=True, **options)
+
     def gradient_checkpointing_enable(self) -> None:
         """Recompute every vision block and decoder layer in the backward pass instead of storing activations."""
         self.vision_backbone.featurizer.gradient_checkpointing = True
