@@ -194,17 +194,23 @@ def main() -> None:
     policy, name = make_policy(args.tiny, device)
 
     result = {"benchmark": "compiled_blocks", "policy": name, "mode": args.mode or "default"}
+
+    def record(key: str, value) -> None:  # printed as it comes: a run cut off by a time limit still shows it
+        result[key] = value
+        print(f"{key}: {json.dumps(value)}", flush=True)
+
     if device.type == "cuda":
-        result["kernels_eager"] = kernel_split(policy.model, model_inputs(policy, args.profile_batch), device)
-    result["eager"], reference = forward_rows(policy, batches, device, repeats)
-    result["train_eager"] = train_row(policy, micro, device, repeats)
+        record("kernels_eager", kernel_split(policy.model, model_inputs(policy, args.profile_batch), device))
+    eager, reference = forward_rows(policy, batches, device, repeats)
+    record("eager", eager)
+    record("train_eager", train_row(policy, micro, device, repeats))
 
     options = {"mode": args.mode} if args.mode else {}
     policy.model.compile_blocks(**options)
-    result["compiled"], _ = forward_rows(policy, batches, device, repeats, reference)
-    result["train_compiled"] = train_row(policy, micro, device, repeats)
+    record("compiled", forward_rows(policy, batches, device, repeats, reference)[0])
+    record("train_compiled", train_row(policy, micro, device, repeats))
     if device.type == "cuda":
-        result["kernels_compiled"] = kernel_split(policy.model, model_inputs(policy, args.profile_batch), device)
+        record("kernels_compiled", kernel_split(policy.model, model_inputs(policy, args.profile_batch), device))
     result["dynamo"] = dynamo_counts()
     result["compiled_vs_eager"] = {
         **{f"forward_b{e['batch']}": round(min(e.get("graph_ms", e["eager_ms"]), e["eager_ms"])

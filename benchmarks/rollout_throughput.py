@@ -973,6 +973,8 @@ def main() -> None:
     parser.add_argument("--cpu-render-slots", type=int, nargs="*", default=[], metavar="K",
                         help="also pool_cpu_renderK for each K: the pool on an env whose last K slots render with "
                              "Mesa's llvmpipe on the CPU (needs Mesa's EGL library)")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="the policy's blocks compiled (OpenVLAOFT.compile_blocks) in every mode and ceiling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
                         help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "
@@ -994,6 +996,9 @@ def main() -> None:
     if not args.tiny and device.type != "cuda":
         sys.exit("the full-size benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
     policy, policy_name = make_policy(args, device)
+    if args.compile_blocks:  # every mode and the forward ceiling then run the compiled blocks
+        policy.model.compile_blocks()
+        policy_name += ", blocks compiled"
     reward, reward_name = (None, "none") if args.no_reward else make_reward(args, device)
     timer, forward_timer = PreprocessTimer(policy), ForwardTimer(policy, device)
     results: list[dict] = []

@@ -237,6 +237,8 @@ def main() -> None:
                         help="micro-batches of the host-adamw plan, whose every update has a slow host step "
                         "(default 16, the recipe's; tiny 2)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (tiny 1)")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="the model's blocks compiled (OpenVLAOFT.compile_blocks) in the ceiling and every plan")
     parser.add_argument("--recipe-samples", type=int, default=1600,
                         help="samples per optimizer step in the recipe (32 trajectories x ~50 decisions)")
     args = parser.parse_args()
@@ -251,6 +253,9 @@ def main() -> None:
     if not args.tiny and device.type != "cuda":
         sys.exit("the 7B benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
     policy, name = make_policy(args.tiny, device)
+    if args.compile_blocks:  # the ceiling and every plan then run the compiled blocks
+        policy.model.compile_blocks()
+        name += ", blocks compiled"
     plans = memory_plans(policy)
     batch = trajectory_batch(policy, args.trajectories, args.decisions, device)
     policy.model.gradient_checkpointing_enable()
