@@ -145,6 +145,8 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
     )
     if cfg.actor.enable_gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()
+    if cfg.model.compile_blocks:  # before sharding: FSDP2's hooks then wrap the compiled blocks
+        policy.model.compile_blocks()
     fsdp = cfg.actor.fsdp
     shard_actor(policy.model, info, mixed_precision=fsdp.mixed_precision,
                 param_offload=fsdp.param_offload or fsdp.grad_offload)

@@ -365,7 +365,8 @@ def test_compiled_blocks_give_the_eager_logits_and_gradients(ckpt):
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 
-def test_fsdp2_sharded_model_runs_and_saves_the_full_checkpoint(ckpt, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_blocks"])
+def test_fsdp2_sharded_model_runs_and_saves_the_full_checkpoint(ckpt, tmp_path, compiled):
     dist = torch.distributed
     if dist.is_initialized():
         pytest.skip("a process group already exists")
@@ -377,6 +378,8 @@ def test_fsdp2_sharded_model_runs_and_saves_the_full_checkpoint(ckpt, tmp_path):
         model = OpenVLAOFT.from_pretrained(ckpt[0], dtype=torch.float32)
         ids, mask, pixels = _inputs()
         expected = model(ids, mask, pixels).detach()
+        if compiled:  # as the recipe does with model.compile_blocks=true: compiled first, then sharded
+            model.compile_blocks()
         for block in model.fsdp_blocks():
             fully_shard(block)
         fully_shard(model)
