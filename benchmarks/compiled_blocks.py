@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
-import tempfile
 import time
 from collections import Counter
 
@@ -35,22 +33,11 @@ import torch
 from tensordict import NonTensorStack, TensorDict
 
 from _common import command, machine, versions
+from policy_latency import timed
+from train_throughput import make_policy, sync
 
 _GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_", re.IGNORECASE)
 _ATTENTION = re.compile(r"fmha|flash|attention|attn|cudnn", re.IGNORECASE)
-
-
-def make_policy(tiny: bool, device: torch.device):
-    if tiny:
-        from srpo_rl.models.openvla_oft import write_tiny_checkpoint
-        from srpo_rl.policy import OpenVLAOFTPolicy
-
-        path = tempfile.mkdtemp(prefix="tiny_openvla_oft_")
-        write_tiny_checkpoint(path)
-        return OpenVLAOFTPolicy.from_pretrained(path, unnorm_key="libero_10", dtype=torch.float32), "tiny (fp32)"
-    from policy_latency import seven_b_policy
-
-    return seven_b_policy(device), "OpenVLA-OFT-7B (bf16, random)"
 
 
 def model_inputs(policy, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,21 +55,8 @@ def model_inputs(policy, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return prepared["prompt_ids"][:, :used], mask[:, :used], policy.pixel_values(prepared["policy_image"])
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return timed(fn, device, warmup=1, repeats=repeats)[0]
 
 
 def kernel_split(model, inputs, device: torch.device) -> dict:
