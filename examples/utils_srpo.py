@@ -20,6 +20,7 @@ from srpo_rl.manifest import ensure_manifests
 from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
 from srpo_rl.optim import HostAdamW
 from srpo_rl.jpeg import JPEG_QUALITY
+from srpo_rl.lora import add_lora
 from srpo_rl.policy import OpenVLAOFTPolicy
 
 __all__ = [
@@ -87,6 +88,12 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     if cfg.actor.fsdp.optimizer_state_dtype != "fp32" and not host_optimizer(cfg):
         _fail(f"actor.fsdp.optimizer_state_dtype={cfg.actor.fsdp.optimizer_state_dtype} applies to the host optimizer "
               f"only: set actor.fsdp.optimizer_offload=true (without param_offload / grad_offload)")
+    if cfg.actor.lora_rank < 0 or cfg.actor.lora_alpha <= 0:
+        _fail(f"actor.lora_rank must be >= 0 (0: no LoRA) and actor.lora_alpha > 0, got {cfg.actor.lora_rank}, "
+              f"{cfg.actor.lora_alpha}")
+    if cfg.actor.lora_rank and host_optimizer(cfg):
+        _fail("actor.lora_rank trains fp32 adapters with AdamW on the GPU, a few million parameters: "
+              "actor.fsdp.optimizer_offload (the host optimizer for the full model) does not apply; set it false")
     if cfg.trainer.resume_mode not in RESUME_MODES:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")
     if cfg.algorithm.adv_estimator != "grpo":
@@ -138,11 +145,13 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
         num_images_in_input=cfg.embodied.num_images_in_input,
         attention=cfg.model.attention,
         # fp32 master weights, FSDP2 computing in actor.fsdp.mixed_precision; or, with the master weights in the
-        # host optimizer, the weights stored in the compute dtype
-        dtype=DTYPES[cfg.actor.fsdp.mixed_precision] if host_optimizer(cfg) else torch.float32,
+        # host optimizer or frozen under LoRA adapters, the weights stored in the compute dtype
+        dtype=DTYPES[cfg.actor.fsdp.mixed_precision] if host_optimizer(cfg) or cfg.actor.lora_rank else torch.float32,
         max_prompt_length=cfg.data.max_prompt_length,
         jpeg_quality=None if cfg.rollout.jpeg_in_workers else JPEG_QUALITY,  # else the env's workers do it
     )
+    if cfg.actor.lora_rank:  # before sharding: FSDP2 shards the adapters with their layers' weights
+        add_lora(policy.model, cfg.actor.lora_rank, cfg.actor.lora_alpha)
     if cfg.actor.enable_gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()
     if cfg.model.compile_blocks:  # before sharding: FSDP2's hooks then wrap the compiled blocks

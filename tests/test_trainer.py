@@ -40,6 +40,8 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["actor.fsdp.mixed_precision=int8"], "unknown actor.fsdp.mixed_precision 'int8'; choose one of bf16, fp16, fp32"),
         (["actor.fsdp.optimizer_state_dtype=fp8"], "unknown actor.fsdp.optimizer_state_dtype 'fp8'; choose one of fp32, bf16"),
         (["actor.fsdp.optimizer_state_dtype=bf16"], "optimizer_state_dtype=bf16 applies to the host optimizer only"),
+        (["actor.lora_rank=-1"], "actor.lora_rank must be >= 0"),
+        (["actor.lora_rank=32", "actor.fsdp.optimizer_offload=true"], "optimizer_offload .* does not apply"),
         (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
         (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from ..lora import merge_lora_state
 from .llama_tokenizer import EOS_ID, save_tiny_llama_tokenizer
 from .openvla_oft_files import (
     CONFIG_NAME,
@@ -419,13 +420,14 @@ class OpenVLAOFT(nn.Module):
         gathered to the CPU and rank 0 writes.
 
         Args:
-            state_dict: the full state dict to write; default the model's own (gathered when sharded).
+            state_dict: the full state dict to write; default the model's own (gathered when sharded). LoRA
+                adapters (:mod:`srpo_rl.lora`) are folded into their weights: the files load without them.
             dtype: dtype of the floating tensors written. Default: the dtype the checkpoint was stored in
                 (config.json ``torch_dtype``, bf16 for the published ones), so fp32 master weights save back
                 in the original format; for a model not loaded from a directory, the parameters' dtype.
             max_shard_size: shard limit (transformers' default ``"5GB"`` gives the 7B's 4 shards).
         """
-        state = self._full_state_dict() if state_dict is None else state_dict
+        state = merge_lora_state(self._full_state_dict() if state_dict is None else state_dict)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
         if dtype is None and self.config.raw is not None:

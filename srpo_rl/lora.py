@@ -1,0 +1,104 @@
+"""Low-rank adapters (LoRA) on OpenVLA-OFT: train a few million parameters instead of the 7B.
+
+LoRA (Hu et al., 2021) freezes a linear layer's weight ``W`` and trains ``A`` ``[rank, in]`` and ``B``
+``[out, rank]`` beside it: the layer computes ``x W^T + (alpha / rank) x A^T B^T``. ``B`` starts at zero, so the
+adapted model starts as the checkpoint. :func:`add_lora` puts adapters on every linear layer the policy's
+forward runs through except the output head, as OpenVLA's own LoRA fine-tuning does (``all-linear``, rank 32,
+alpha 16, ``A`` drawn from N(0, 1/rank)).
+
+For the 7B at rank 32 that is 1.1 % of the parameters: no gradients for the base weights, and AdamW's state
+for the adapters alone, so the update needs neither FSDP sharding across GPUs nor the host optimizer to fit one
+80 GB GPU; the backward also skips the base weights' gradient products.
+
+The adapters are parameters of the existing ``nn.Linear`` modules (``lora_A``, ``lora_B`` and the buffer
+``lora_scaling`` beside ``weight``), so the base weights keep their names: a published checkpoint loads as
+before, a training checkpoint (``torch.distributed.checkpoint``) holds the adapters with the rest, and
+:func:`merge_lora_state` folds them into the weights for the published format
+(:meth:`srpo_rl.models.openvla_oft.OpenVLAOFT.save_pretrained` does it), which loads without LoRA.
+
+Example:
+    >>> import torch
+    >>> from srpo_rl.lora import add_lora
+    >>> layer = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    >>> adapters = add_lora(layer, rank=2, alpha=4.0, skip=())
+    >>> [tuple(p.shape) for p in adapters], layer[0].weight.requires_grad
+    ([(2, 8), (4, 2)], False)
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["add_lora", "lora_parameters", "merge_lora_state"]
+
+_SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
+
+
+def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # the adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype
+    update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+    return F.linear(x, self.weight, self.bias) + update * self.lora_scaling.to(x.dtype)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, *, skip: Iterable[str] = ("lm_head",),
+             dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    """Freezes every parameter of ``model`` and adds a rank-``rank`` adapter to each of its ``nn.Linear`` modules.
+
+    Args:
+        model: any module; for OpenVLA-OFT the whole :class:`~srpo_rl.models.openvla_oft.OpenVLAOFT` (vision
+            towers, projector and language model).
+        rank: the adapters' rank (>= 1).
+        alpha: the scale numerator: the update is ``alpha / rank * B @ A``.
+        skip: names of linear modules left without adapter (the last part of their qualified name); the
+            default leaves the output head, whose action rows the forward slices out of the full vocabulary.
+            Linear layers whose weights are already frozen (the vision towers' unused last block) get none.
+        dtype: the adapters' dtype. fp32 (the default) keeps AdamW's updates exact while the frozen base weights
+            stay in bf16; the forward computes the adapters in its input's dtype.
+
+    Returns:
+        The adapters' parameters (``A`` then ``B`` of each layer), the only ones left trainable.
+    """
+    if rank < 1:
+        raise ValueError(f"the LoRA rank must be >= 1, got {rank}")
+    skip = set(skip)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+               and module.weight.requires_grad and not hasattr(module, "lora_A")]
+    if not targets:
+        raise ValueError("add_lora found no trainable nn.Linear module to adapt")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    adapters = []
+    for _, module in targets:
+        weight = module.weight
+        module.lora_A = nn.Parameter(torch.randn(rank, module.in_features, device=weight.device, dtype=dtype) / rank)
+        module.lora_B = nn.Parameter(torch.zeros(module.out_features, rank, device=weight.device, dtype=dtype))
+        module.register_buffer("lora_scaling", torch.tensor(alpha / rank, device=weight.device, dtype=dtype))
+        module.forward = types.MethodType(_lora_forward, module)
+        adapters += [module.lora_A, module.lora_B]
+    return adapters
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters' parameters of a model :func:`add_lora` adapted (empty for a model without adapters)."""
+    return [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in _SUFFIXES[:2]]
+
+
+def merge_lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every adapter folded into its weight (``W + scaling * B @ A``, computed in fp32, stored
+    in ``W``'s dtype) and the adapter entries dropped; a state dict without adapters comes back as it is."""
+    prefixes = [key[: -len(".lora_A")] for key in state if key.endswith(".lora_A")]
+    if not prefixes:
+        return state
+    merged = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] not in _SUFFIXES}
+    for prefix in prefixes:
+        weight = state[f"{prefix}.weight"]
+        delta = state[f"{prefix}.lora_B"].float() @ state[f"{prefix}.lora_A"].float()
+        merged[f"{prefix}.weight"] = (weight.float() + state[f"{prefix}.lora_scaling"].float() * delta.to(
+            weight.device)).to(weight.dtype)
+    return merged

@@ -1,0 +1,114 @@
+"""LoRA adapters: the adapted model starts as the checkpoint, only the adapters train, the merged weights are
+``W + alpha / rank * B @ A`` (computed here independently), the published format written from an adapted model
+loads without LoRA, and the tiny recipe trains, checkpoints and resumes with adapters."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from srpo_rl.lora import add_lora, lora_parameters, merge_lora_state
+from srpo_rl.models.openvla_oft import OpenVLAOFT, write_tiny_checkpoint
+
+RANK, ALPHA = 4, 8.0
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_openvla_oft")
+    write_tiny_checkpoint(path, seed=5)
+    return path
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 259, 261, 300, 262, 263, 29871], [1, 270, 281, 29871, 32000, 32000, 32000]])
+    return ids, ids != 32000, torch.randn(2, 6, 224, 224, generator=g)
+
+
+def _adapted(ckpt, seed=0):
+    model = OpenVLAOFT.from_pretrained(ckpt, dtype=torch.float32)
+    adapters = add_lora(model, RANK, ALPHA)
+    with torch.no_grad():  # a trained adapter: B away from its zero start
+        g = torch.Generator().manual_seed(seed)
+        for p in lora_parameters(model)[1::2]:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model, adapters
+
+
+def test_adapters_start_as_the_checkpoint_and_are_all_that_trains(ckpt):
+    base = OpenVLAOFT.from_pretrained(ckpt, dtype=torch.float32)
+    model = OpenVLAOFT.from_pretrained(ckpt, dtype=torch.float32)
+    trainable_linears = [name for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and not name.endswith("lm_head")]
+    adapters = add_lora(model, RANK, ALPHA)
+    assert len(adapters) == 2 * len(trainable_linears) and adapters == lora_parameters(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        f"{name}.{part}" for name in trainable_linears for part in ("lora_A", "lora_B")]
+    assert all(p.dtype == torch.float32 for p in adapters)
+    ids, mask, pixels = _inputs()
+    logits = model(ids, mask, pixels)
+    torch.testing.assert_close(logits, base(ids, mask, pixels), atol=0, rtol=0)  # B = 0: exactly the checkpoint
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    assert all(b.grad.abs().sum() > 0 for b in adapters[1::2])  # dL/dB = (dL/dy)^T (x A^T): nonzero
+    assert all(a.grad.abs().sum() == 0 for a in adapters[::2])  # dL/dA goes through B = 0
+
+
+def test_merged_weights_are_w_plus_scaled_b_a_and_give_the_adapted_logits(ckpt):
+    model, _ = _adapted(ckpt)
+    layer = model.language_model.model.layers[0].self_attn.q_proj
+    expected = layer.weight.detach() + ALPHA / RANK * layer.lora_B.detach() @ layer.lora_A.detach()
+    merged = merge_lora_state(model.state_dict())
+    assert not any("lora_" in key for key in merged)
+    assert list(merged) == [k for k in model.state_dict() if "lora_" not in k]  # the checkpoint's order kept
+    torch.testing.assert_close(merged["language_model.model.layers.0.self_attn.q_proj.weight"], expected)
+    plain = OpenVLAOFT.from_pretrained(ckpt, dtype=torch.float32)
+    plain.load_state_dict(merged)
+    ids, mask, pixels = _inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids, mask, pixels), model(ids, mask, pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_published_checkpoint_of_an_adapted_model_loads_without_lora(ckpt, tmp_path):
+    model, _ = _adapted(ckpt, seed=2)
+    model.save_pretrained(tmp_path / "out", dtype=torch.float32)
+    keys = {k for f in (tmp_path / "out").glob("*.safetensors") for k in load_file(f)}
+    assert keys == {k for f in ckpt.glob("*.safetensors") for k in load_file(f)}  # the published names, no adapter
+    loaded = OpenVLAOFT.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids, mask, pixels = _inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, pixels), model(ids, mask, pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_ranks_and_models_without_linear_layers_are_rejected():
+    with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
+        add_lora(torch.nn.Linear(4, 4), 0)
+    with pytest.raises(ValueError, match="no trainable nn.Linear"):
+        add_lora(torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1)), 2)
+
+
+@pytest.mark.slow
+def test_recipe_trains_checkpoints_and_resumes_the_adapters_alone(tmp_path):
+    from test_trainer import _load_dcp, _run
+
+    out = tmp_path / "run"
+    # a random policy fails everywhere, so every advantage is 0: the weight decay is what moves the adapters
+    lora = [f"actor.lora_rank={RANK}", "actor.lr=0.01", "actor.weight_decay=0.5"]
+    code, log = _run(out, 1, *lora)
+    assert code == 0, log[-3000:]
+    code, log = _run(out, 2, *lora)
+    assert code == 0, log[-3000:]
+    assert f"resumed from {out}/checkpoints/global_step_1 at step 1" in log
+    first, second = (_load_dcp(out / "checkpoints" / f"global_step_{s}", "model") for s in (1, 2))
+    adapter_keys = {k for k in second if k.endswith(("lora_A", "lora_B"))}
+    assert adapter_keys and {k for k in first if "lora_" in k} == {k for k in second if "lora_" in k}
+    for key, value in second.items():
+        if key.endswith("lora_A"):
+            assert not torch.equal(value, first[key]), key  # decayed again after the resume
+        elif "lora_" not in key:
+            assert torch.equal(value, first[key]), key  # the base weights stay frozen
+    optim = _load_dcp(out / "checkpoints" / "global_step_2", "optim")["state"]
+    assert set(optim) == adapter_keys  # AdamW holds state for the adapters only
+    published = out / "checkpoints" / "global_step_2" / "huggingface"
+    model = OpenVLAOFT.from_pretrained(published, dtype=torch.float32)  # merged: loads without LoRA
+    assert not any("lora_" in name for name, _ in model.named_parameters())
