@@ -21,7 +21,11 @@ Memory plans for the 7B actor on one 80 GB GPU (bytes per parameter in brackets)
   host memory [12, on the host], the step on the CPU, the new weights copied back
   (:class:`srpo_rl.optim.HostAdamW`, ``actor.fsdp.optimizer_offload=true`` in the recipe): the recipe's
   precision at the price of the host step. Here the model is not FSDP-wrapped, so gradients accumulate in
-  bf16; the recipe's FSDP2 accumulates them in fp32 (2 more bytes a parameter on the GPU during a mini-batch).
+  bf16; the recipe's FSDP2 accumulates them in fp32 (2 more bytes a parameter on the GPU during a mini-batch);
+- ``lora``: rank-32 LoRA adapters (alpha 16) on every linear layer but the head (:mod:`srpo_rl.lora`,
+  ``actor.lora_rank=32``), fp32 with fused AdamW on the GPU, the bf16 base weights frozen [2 for the base, 16
+  for each adapter parameter]: another training problem (a low-rank update), so its ``vs_bare`` compares it
+  with the full forward+backward. Run last: it leaves the base frozen.
 
     python benchmarks/train_throughput.py            # OpenVLA-OFT-7B random weights, bf16, CUDA
     python benchmarks/train_throughput.py --tiny     # the tiny checkpoint on the CPU (checks the script)
@@ -46,11 +50,13 @@ from tensordict import TensorDict
 
 from _common import command, machine
 
+from srpo_rl.lora import add_lora
 from srpo_rl.objectives import SRPOLoss
 from srpo_rl.optim import HostAdamW
 from srpo_rl.trainer import update_policy
 
 LR = 5e-6  # the recipe's actor learning rate
+LORA_RANK, LORA_ALPHA = 32, 16.0  # OpenVLA's LoRA fine-tuning
 
 
 # -- model and data -----------------------------------------------------------------------------------
@@ -185,8 +191,13 @@ def changed_fraction(params, before: list[torch.Tensor]) -> float:
 
 def run_plan(plan: str, policy, loss, batch, micros, device, repeats) -> dict:
     """update_policy under one memory plan at each micro-batch size, and how many weights a step moves."""
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    if plan == "bf16-adamw":
+    if plan == "lora":  # the last plan: the base weights stay frozen from here on
+        params = add_lora(policy.model, LORA_RANK, LORA_ALPHA)
+    else:
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+    if plan == "lora":
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+    elif plan == "bf16-adamw":
         # fused: one kernel, no full-size temporaries (foreach would copy the moments)
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
     else:
@@ -195,13 +206,15 @@ def run_plan(plan: str, policy, loss, batch, micros, device, repeats) -> dict:
     for micro in micros:
         result["rows"].append(update(loss, optimizer, batch, micro, device, repeats))
     # the weights the optimizer keeps: bf16 ones on the GPU, or the fp32 master copies on the host
-    kept = params if plan == "bf16-adamw" else [optimizer.state[p]["master"] for p in params]
+    kept = [optimizer.state[p]["master"] for p in params] if plan == "host-adamw" else params
     probe = kept[len(kept) // 2 : len(kept) // 2 + 8]  # a few decoder weights
     before = [p.detach().clone() for p in probe]
     update_policy(loss, optimizer, batch[:1], mini_batch_trajectories=1, traj_mini_batch_size=micros[0], device=device)
     result["changed_fraction"] = changed_fraction(probe, before)
     if plan == "host-adamw":
         result["host_gib"] = optimizer.host_bytes() / 2**30
+    if plan == "lora":
+        result["trainable"] = sum(p.numel() for p in params)
     del optimizer
     policy.model.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -222,7 +235,16 @@ def memory_plans(policy) -> dict:
         "bf16-adamw": {"gpu_gib": (2 * total + 6 * trainable) / gib, "host_gib": 0.0},
         "host-adamw": {"gpu_gib": (2 * total + 2 * trainable) / gib, "host_gib": 12 * trainable / gib},
         "fsdp2-cpu-offload": {"gpu_gib": 0.0, "host_gib": (4 * frozen + 16 * trainable) / gib},
+        # bf16 base weights, fp32 adapters with gradients and AdamW moments (srpo_rl.lora, every linear layer)
+        "lora": {"gpu_gib": (2 * total + 16 * lora_parameter_count(policy.model)) / gib, "host_gib": 0.0},
     }
+
+
+def lora_parameter_count(model) -> int:
+    """The parameters ``add_lora(model, LORA_RANK)`` would add (counted, not added)."""
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
+               and not n.endswith("lm_head")]
+    return sum(LORA_RANK * (m.in_features + m.out_features) for m in linears)
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -232,7 +254,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, nargs="+", default=None, help="default 8 16 32 (tiny 2 4)")
     parser.add_argument("--trajectories", type=int, default=None, help="per update (default 4; tiny 2)")
     parser.add_argument("--decisions", type=int, default=None, help="per trajectory (default 32; tiny 4)")
-    parser.add_argument("--plans", default="bf16-adamw,host-adamw")
+    parser.add_argument("--plans", default="bf16-adamw,host-adamw,lora", help="lora last: it freezes the base")
     parser.add_argument("--host-micro-batches", type=int, nargs="+", default=None,
                         help="micro-batches of the host-adamw plan, whose every update has a slow host step "
                         "(default 16, the recipe's; tiny 2)")
@@ -265,8 +287,10 @@ def main() -> None:
     bare_rows = [bare(policy, batch, m, device, args.repeats) for m in args.micro_batches]
     results = []
     for plan in args.plans.split(","):
-        if plan not in ("bf16-adamw", "host-adamw"):
-            raise SystemExit(f"unknown plan {plan!r}; choose from bf16-adamw, host-adamw")
+        if plan not in ("bf16-adamw", "host-adamw", "lora"):
+            raise SystemExit(f"unknown plan {plan!r}; choose from bf16-adamw, host-adamw, lora")
+        if plan == "lora" and args.plans.split(",")[-1] != "lora":
+            raise SystemExit("the lora plan freezes the base weights: list it last")
         if plan == "host-adamw":
             row = run_plan(plan, policy, loss, batch, args.host_micro_batches, device, min(args.repeats, 2))
         else:

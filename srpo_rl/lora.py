@@ -6,7 +6,7 @@ adapted model starts as the checkpoint. :func:`add_lora` puts adapters on every 
 forward runs through except the output head, as OpenVLA's own LoRA fine-tuning does (``all-linear``, rank 32,
 alpha 16, ``A`` drawn from N(0, 1/rank)).
 
-For the 7B at rank 32 that is 1.1 % of the parameters: no gradients for the base weights, and AdamW's state
+For the 7B at rank 32 that is 107.9 M parameters, 1.4 % of its 7.54 B: no gradients for the base weights, and AdamW's state
 for the adapters alone, so the update needs neither FSDP sharding across GPUs nor the host optimizer to fit one
 80 GB GPU; the backward also skips the base weights' gradient products.
 
