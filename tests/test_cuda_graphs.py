@@ -111,6 +111,24 @@ def test_graphs_capture_the_compiled_blocks():
     assert all(graph is not None for graph in graphed.graphs.values())  # every bucket captured, none eager
 
 
+@pytest.mark.gpu
+def test_graphs_read_the_lora_adapters_in_place():
+    from srpo_rl.lora import add_lora
+
+    torch.manual_seed(0)
+    model = OpenVLAOFT(tiny_config()).eval().cuda()
+    adapters = add_lora(model, rank=4)
+    graphed = GraphedActionLogits(model, width_multiple=8)
+    ids, n, pixels = (t.cuda() for t in _inputs(3, 9, [9, 4, 6], 5))
+    with torch.no_grad():
+        for step in range(2):  # as an optimizer step would: the adapters change in place between replays
+            for b in adapters[1::2]:
+                b.normal_(0.0, 0.05)
+            torch.testing.assert_close(graphed(ids, n, pixels)[0], model.logits_from_lengths(ids, n, pixels),
+                                       rtol=1e-4, atol=1e-4)
+    assert list(graphed.graphs.values())[0] is not None
+
+
 def _camera_obs(batch: int, seed: int) -> TensorDict:
     g = torch.Generator().manual_seed(seed)
     td = TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8,
