@@ -121,7 +121,7 @@ def test_graphs_read_the_lora_adapters_in_place():
     graphed = GraphedActionLogits(model, width_multiple=8)
     ids, n, pixels = (t.cuda() for t in _inputs(3, 9, [9, 4, 6], 5))
     with torch.no_grad():
-        for step in range(2):  # as an optimizer step would: the adapters change in place between replays
+        for _ in range(2):  # as an optimizer step would: the adapters change in place between replays
             for b in adapters[1::2]:
                 b.normal_(0.0, 0.05)
             torch.testing.assert_close(graphed(ids, n, pixels)[0], model.logits_from_lengths(ids, n, pixels),
