@@ -80,6 +80,15 @@ def test_published_checkpoint_of_an_adapted_model_loads_without_lora(ckpt, tmp_p
         torch.testing.assert_close(loaded(ids, mask, pixels), model(ids, mask, pixels), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_blocks_run_the_adapters(ckpt):
+    model, _ = _adapted(ckpt, seed=3)
+    ids, mask, pixels = _inputs(3)
+    with torch.no_grad():
+        eager = model(ids, mask, pixels)
+        model.compile_blocks()
+        torch.testing.assert_close(model(ids, mask, pixels), eager, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_ranks_and_models_without_linear_layers_are_rejected():
     with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
         add_lora(torch.nn.Linear(4, 4), 0)
