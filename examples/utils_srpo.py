@@ -92,7 +92,7 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"actor.lora_rank must be >= 0 (0: no LoRA) and actor.lora_alpha > 0, got {cfg.actor.lora_rank}, "
               f"{cfg.actor.lora_alpha}")
     if cfg.actor.lora_rank and host_optimizer(cfg):
-        _fail("actor.lora_rank trains fp32 adapters with AdamW on the GPU, a few million parameters: "
+        _fail("actor.lora_rank trains fp32 adapters with AdamW on the GPU (108 M parameters for the 7B at rank 32): "
               "actor.fsdp.optimizer_offload (the host optimizer for the full model) does not apply; set it false")
     if cfg.trainer.resume_mode not in RESUME_MODES:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")

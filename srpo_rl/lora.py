@@ -1,14 +1,16 @@
-"""Low-rank adapters (LoRA) on OpenVLA-OFT: train a few million parameters instead of the 7B.
+"""Low-rank adapters (LoRA) on OpenVLA-OFT: train 1.4 % of the 7B's parameters instead of all of them.
 
 LoRA (Hu et al., 2021) freezes a linear layer's weight ``W`` and trains ``A`` ``[rank, in]`` and ``B``
 ``[out, rank]`` beside it: the layer computes ``x W^T + (alpha / rank) x A^T B^T``. ``B`` starts at zero, so the
 adapted model starts as the checkpoint. :func:`add_lora` puts adapters on every linear layer the policy's
 forward runs through except the output head, as OpenVLA's own LoRA fine-tuning does (``all-linear``, rank 32,
-alpha 16, ``A`` drawn from N(0, 1/rank)).
+alpha 16, ``A`` drawn with standard deviation 1/rank).
 
-For the 7B at rank 32 that is 107.9 M parameters, 1.4 % of its 7.54 B: no gradients for the base weights, and AdamW's state
-for the adapters alone, so the update needs neither FSDP sharding across GPUs nor the host optimizer to fit one
-80 GB GPU; the backward also skips the base weights' gradient products.
+For the 7B at rank 32 that is 107.9 M parameters, 1.4 % of its 7.54 B: no gradients for the base weights and
+AdamW's state for the adapters alone (by count, 14.0 GiB for the bf16 base and 1.6 GiB for the fp32 adapters, their
+gradients and moments, against 112 GiB for full fine-tuning with fp32 master weights), so the update needs
+neither the host optimizer nor several GPUs for its memory; the backward also skips the base weights' gradient
+products.
 
 The adapters are parameters of the existing ``nn.Linear`` modules (``lora_A``, ``lora_B`` and the buffer
 ``lora_scaling`` beside ``weight``), so the base weights keep their names: a published checkpoint loads as
