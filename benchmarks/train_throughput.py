@@ -50,7 +50,7 @@ from tensordict import TensorDict
 
 from _common import command, machine
 
-from srpo_rl.lora import add_lora
+from srpo_rl.lora import add_lora, lora_targets
 from srpo_rl.objectives import SRPOLoss
 from srpo_rl.optim import HostAdamW
 from srpo_rl.trainer import update_policy
@@ -195,19 +195,16 @@ def run_plan(plan: str, policy, loss, batch, micros, device, repeats) -> dict:
         params = add_lora(policy.model, LORA_RANK, LORA_ALPHA)
     else:
         params = [p for p in policy.model.parameters() if p.requires_grad]
-    if plan == "lora":
-        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
-    elif plan == "bf16-adamw":
-        # fused: one kernel, no full-size temporaries (foreach would copy the moments)
-        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
-    else:
+    if plan == "host-adamw":
         optimizer = HostAdamW(params, lr=LR)
+    else:  # fused: one kernel, no full-size temporaries (foreach would copy the moments)
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
     result = {"plan": plan, "rows": []}
     for micro in micros:
         result["rows"].append(update(loss, optimizer, batch, micro, device, repeats))
-    # the weights the optimizer keeps: bf16 ones on the GPU, or the fp32 master copies on the host
+    # the weights the optimizer keeps: on the GPU (bf16 weights, fp32 adapters), or the fp32 masters on the host
     kept = [optimizer.state[p]["master"] for p in params] if plan == "host-adamw" else params
-    probe = kept[len(kept) // 2 : len(kept) // 2 + 8]  # a few decoder weights
+    probe = kept[len(kept) // 2 : len(kept) // 2 + 8]  # a few decoder weights (or their adapters)
     before = [p.detach().clone() for p in probe]
     update_policy(loss, optimizer, batch[:1], mini_batch_trajectories=1, traj_mini_batch_size=micros[0], device=device)
     result["changed_fraction"] = changed_fraction(probe, before)
@@ -242,9 +239,7 @@ def memory_plans(policy) -> dict:
 
 def lora_parameter_count(model) -> int:
     """The parameters ``add_lora(model, LORA_RANK)`` would add (counted, not added)."""
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
-               and not n.endswith("lm_head")]
-    return sum(LORA_RANK * (m.in_features + m.out_features) for m in linears)
+    return sum(LORA_RANK * (m.in_features + m.out_features) for m in lora_targets(model))
 
 
 # -- report -------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["add_lora", "lora_parameters", "merge_lora_state"]
+__all__ = ["add_lora", "lora_parameters", "lora_targets", "merge_lora_state"]
 
 _SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 
@@ -67,16 +67,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, *, skip: Iterable
     """
     if rank < 1:
         raise ValueError(f"the LoRA rank must be >= 1, got {rank}")
-    skip = set(skip)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
-               and module.weight.requires_grad and not hasattr(module, "lora_A")]
+    targets = lora_targets(model, skip)
     if not targets:
         raise ValueError("add_lora found no trainable nn.Linear module to adapt")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     adapters = []
-    for _, module in targets:
+    for module in targets:
         weight = module.weight
         module.lora_A = nn.Parameter(torch.randn(rank, module.in_features, device=weight.device, dtype=dtype) / rank)
         module.lora_B = nn.Parameter(torch.zeros(module.out_features, rank, device=weight.device, dtype=dtype))
@@ -84,6 +81,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, *, skip: Iterable
         module.forward = types.MethodType(_lora_forward, module)
         adapters += [module.lora_A, module.lora_B]
     return adapters
+
+
+def lora_targets(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[nn.Linear]:
+    """The linear modules :func:`add_lora` adapts: trainable, without an adapter yet, not named in ``skip``."""
+    skip = set(skip)
+    return [module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+            and module.weight.requires_grad and not hasattr(module, "lora_A")]
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
