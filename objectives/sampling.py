@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,9 +280,25 @@ class EmbodiedSampler:
         if batch is None or batch.numel() == 0:
             return Counter()
         kept, stats = self._filter(batch)
+        if kept:
+            self._drop_stale_groups(batch)
         self._cache.extend(batch[rows] for rows in kept)
         self._stats.update(stats)
         return stats
+
+    def _drop_stale_groups(self, batch: TensorDictBase) -> None:
+        # Groups restored from a checkpoint written under another config (e.g. another frame_stride)
+        # or library version cannot be batched with this round's; drop them now rather than fail at
+        # pop(), after a whole rollout round.
+        layout = _layout(batch, self.tensor_keys.steps)
+        stale = [group for group in self._cache if _layout(group, self.tensor_keys.steps) != layout]
+        if stale:
+            warnings.warn(
+                f"dropping {len(stale)} carried groups whose entries differ from this rollout's "
+                "(carried from a checkpoint written with another config or version)",
+                stacklevel=3,
+            )
+            self._cache = [group for group in self._cache if _layout(group, self.tensor_keys.steps) == layout]
 
     def _filter(self, batch: TensorDictBase) -> tuple[list[torch.Tensor], Counter]:
         return filter_groups(
@@ -406,6 +423,24 @@ def _cat_groups(groups: list[TensorDictBase], steps_key: NestedKey) -> TensorDic
             "cannot batch the cached groups together: their entries differ in shape beyond the "
             f"steps time dim (e.g. prompts padded to different lengths): {err}"
         ) from err
+
+
+def _layout(group: TensorDictBase, steps_key: NestedKey) -> dict:
+    """Each tensor's key, dtype and shape beyond the rows (and, under ``steps``, the time dim): what
+    must agree for :func:`_cat_groups` to batch two groups."""
+    layout = {}
+    steps = group.get(steps_key, None)
+    for key, value in group.items(include_nested=True, leaves_only=True):
+        if is_non_tensor(value):
+            continue
+        leading = 2 if steps is not None and _under(key, steps_key) else 1
+        layout[key] = (value.dtype, tuple(value.shape[leading:]))
+    return layout
+
+
+def _under(key: NestedKey, prefix: NestedKey) -> bool:
+    key, prefix = (key,) if isinstance(key, str) else key, (prefix,) if isinstance(prefix, str) else prefix
+    return tuple(key[: len(prefix)]) == tuple(prefix)
 
 
 def _td_to_state(td: TensorDictBase) -> dict[str, Any]:

@@ -309,6 +309,32 @@ def test_state_dict_round_trip(tmp_path):
         restored.load_state_dict({"cache": [], "stats": {"groups_eaten": 1}})
 
 
+def test_carried_groups_of_another_layout_are_dropped_on_the_next_round(tmp_path):
+    # a checkpoint written when the steps had no per-frame timing, resumed by a rollout that has it
+    old = EmbodiedSampler(2, filter_accuracy=False)
+    old.add(make_batch([[True, False, False, False]] * 3))
+    old.pop()  # one group stays carried
+    path = tmp_path / "sampler.pt"
+    torch.save(old.state_dict(), path)
+    resumed = EmbodiedSampler(2, filter_accuracy=False)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    assert resumed.num_groups == 1
+
+    same = make_batch([[True] * N], first_group=10, horizon=5)  # another horizon only: still batchable
+    resumed.add(same)
+    assert resumed.num_groups == 2
+    resumed.pop()
+
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    new = make_batch([[True] * N] * 2, first_group=20)
+    new["steps", "next", "frames_step"] = torch.zeros(*new["steps"].batch_size, 1, dtype=torch.long)
+    with pytest.warns(UserWarning, match="dropping 1 carried groups"):
+        resumed.add(new)
+    served = resumed.pop()
+    assert served["group_id"].unique().tolist() == [20, 21]
+    assert ("steps", "next", "frames_step") in served.keys(True)
+
+
 # ---- arguments ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,match",
