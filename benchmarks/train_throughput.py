@@ -1,7 +1,8 @@
 """Training samples/s and peak memory of the SRPO policy update on one GPU, beside the bare ceiling.
 
 A sample is one decision step (one image + prompt -> 56 action tokens). For each micro-batch size
-(``traj_mini_batch_size``, decision steps per forward/backward) with gradient checkpointing and bf16:
+(``traj_mini_batch_size``, decision steps per forward/backward) with gradient checkpointing (as the recipe;
+``--no-gradient-checkpointing`` keeps the activations instead) and bf16:
 
 - ``bare``: the model forward + a plain backward on the same inputs (the ceiling): samples/s and the
   peak memory above the resident weights and gradients;
@@ -256,6 +257,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (tiny 1)")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="the model's blocks compiled (OpenVLAOFT.compile_blocks) in the ceiling and every plan")
+    parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
+                        help="keep every activation for the backward (the ceiling and every plan) instead of "
+                        "recomputing them (actor.enable_gradient_checkpointing=false)")
     parser.add_argument("--recipe-samples", type=int, default=1600,
                         help="samples per optimizer step in the recipe (32 trajectories x ~50 decisions)")
     args = parser.parse_args()
@@ -275,7 +279,8 @@ def main() -> None:
         name += ", blocks compiled"
     plans = memory_plans(policy)
     batch = trajectory_batch(policy, args.trajectories, args.decisions, device)
-    policy.model.gradient_checkpointing_enable()
+    if args.checkpointing:
+        policy.model.gradient_checkpointing_enable()
     policy.model.train()
     loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28), clip_ratio_c=10000.0)
 
@@ -300,7 +305,8 @@ def main() -> None:
             recipe_wall = args.recipe_samples / row["samples_per_s"] + row["optimizer_step_s"]
             row["recipe_samples_per_s"] = args.recipe_samples / recipe_wall
 
-    print(f"\n{name} on {device.type}: gradient checkpointing, {args.trajectories} trajectories x "
+    print(f"\n{name} on {device.type}: gradient checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"{args.trajectories} trajectories x "
           f"{args.decisions} decisions per update, median of {args.repeats}")
     print(f"{'plan':>12} {'micro':>5} {'samples/s':>9} {'vs bare':>7} {'opt step s':>10} "
           f"{'recipe samples/s':>16} {'peak GiB':>8} {'changed':>8}")
@@ -319,7 +325,7 @@ def main() -> None:
         "benchmark": "train_throughput",
         "model": name,
         "device": device.type,
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": args.checkpointing,
         "update": {"trajectories": args.trajectories, "decisions": args.decisions, "lr": LR,
                    "loss": "SRPOLoss clip (0.2, 0.28), seq-mean-token-mean", "repeats": args.repeats},
         "baseline": "bare model forward + backward at the same micro-batch (the ceiling)",
