@@ -119,10 +119,14 @@ def forward_rows(policy, batches, device: torch.device, repeats: int, reference=
 
 
 def train_row(policy, micro: int, device: torch.device, repeats: int) -> dict:
-    """Forward + backward with gradient checkpointing on ``micro`` samples; gradients dropped after each."""
+    """Forward + backward with gradient checkpointing on ``micro`` samples; gradients dropped after each.
+
+    In training mode, as the update runs: transformers checkpoints the decoder layers only then.
+    """
     model = policy.model
     ids, mask, pixels = model_inputs(policy, micro)
     model.gradient_checkpointing_enable()
+    model.train()
 
     def once():
         model(ids, mask, pixels).logsumexp(-1).mean().backward()
@@ -136,6 +140,7 @@ def train_row(policy, micro: int, device: torch.device, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     ms = median_ms(once, device, repeats)
     model.gradient_checkpointing_disable()
+    model.eval()
     row = {"micro_batch": micro, "first_call_s": round(first, 3), "ms": round(ms, 3),
            "samples_per_s": round(micro / (ms / 1e3), 3)}
     if device.type == "cuda":

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -351,7 +352,7 @@ class OpenVLAOFT(nn.Module):
         as they wrap eager ones. ``options`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
         """
         for block in self.fsdp_blocks():
-            block.forward = torch.compile(block.forward, dynamic=True, **options)
+            block.forward = _checkpoint_side_effects_not_replayed(torch.compile(block.forward, dynamic=True, **options))
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute every vision block and decoder layer in the backward pass instead of storing activations."""
@@ -447,6 +448,27 @@ class OpenVLAOFT(nn.Module):
             return self.state_dict()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it, on the CPU
         return get_model_state_dict(self, options=options)
+
+
+_SKIP_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def _checkpoint_side_effects_not_replayed(compiled):
+    """``compiled``, traced with Dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint`` on (where torch has it).
+
+    transformers' hub-kernel layers (the ``kernels`` package) set and reset a context variable in each norm's
+    forward. Under activation checkpointing that is a side effect inside the checkpoint, at which Dynamo breaks
+    every decoder layer's graph; the set-and-reset needs no replay in the backward's recompute.
+    """
+    if not hasattr(torch._dynamo.config, _SKIP_SIDE_EFFECTS):
+        return compiled
+
+    @functools.wraps(compiled)
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch({_SKIP_SIDE_EFFECTS: True}):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 # --- tiny checkpoints ----------------------------------------------------------------------------------
