@@ -42,9 +42,13 @@ _SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 
 
 def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # the adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype
-    update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-    return F.linear(x, self.weight, self.bias) + update * self.lora_scaling.to(x.dtype)
+    # The adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype. The scale goes on the
+    # small B and the sum into the second product's epilogue (addmm), so no element-wise pass runs over the
+    # layer's full output, forward or backward.
+    base = F.linear(x, self.weight, self.bias)
+    down = F.linear(x, self.lora_A.to(x.dtype))
+    up = (self.lora_B * self.lora_scaling).to(x.dtype)
+    return torch.addmm(base.flatten(0, -2), down.flatten(0, -2), up.t()).view_as(base)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, *, skip: Iterable[str] = ("lm_head",),

@@ -54,6 +54,30 @@ def test_adapters_start_as_the_checkpoint_and_are_all_that_trains(ckpt):
     assert all(a.grad.abs().sum() == 0 for a in adapters[::2])  # dL/dA goes through B = 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapted_layer_computes_x_wt_plus_b_plus_scaled_x_at_bt_and_its_gradients(dtype):
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(12, 10).to(dtype)
+    (a, b) = add_lora(layer, rank=RANK, alpha=ALPHA, skip=())
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape, generator=g))
+    x = torch.randn(2, 5, 12, generator=g).to(dtype)
+    out = layer(x)
+    out.square().sum().backward()
+    # the same layer written out in fp32 from its definition
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    x32, w32, bias32 = x.float(), layer.weight.float(), layer.bias.float()
+    ref = x32 @ w32.T + bias32 + ALPHA / RANK * (x32 @ a_ref.T) @ b_ref.T
+    ref.square().sum().backward()
+    assert out.shape == (2, 5, 10) and out.dtype == dtype
+    for got, want in ((out.detach().float(), ref.detach()), (a.grad, a_ref.grad), (b.grad, b_ref.grad)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        else:  # bf16 keeps 8 bits of mantissa: compare the error to the whole tensor's size
+            assert (got - want).norm() / want.norm() < 0.02
+    assert layer.weight.grad is None
+
+
 def test_merged_weights_are_w_plus_scaled_b_a_and_give_the_adapted_logits(ckpt):
     model, _ = _adapted(ckpt)
     layer = model.language_model.model.layers[0].self_attn.q_proj
