@@ -291,14 +291,14 @@ class EmbodiedSampler:
         # or library version cannot be batched with this round's; drop them now rather than fail at
         # pop(), after a whole rollout round.
         layout = _layout(batch, self.tensor_keys.steps)
-        stale = [group for group in self._cache if _layout(group, self.tensor_keys.steps) != layout]
-        if stale:
+        fitting = [group for group in self._cache if _layout(group, self.tensor_keys.steps) == layout]
+        if len(fitting) < len(self._cache):
             warnings.warn(
-                f"dropping {len(stale)} carried groups whose entries differ from this rollout's "
-                "(carried from a checkpoint written with another config or version)",
+                f"dropping {len(self._cache) - len(fitting)} carried groups whose entries differ from this "
+                "rollout's (carried from a checkpoint written with another config or version)",
                 stacklevel=3,
             )
-            self._cache = [group for group in self._cache if _layout(group, self.tensor_keys.steps) == layout]
+            self._cache = fitting
 
     def _filter(self, batch: TensorDictBase) -> tuple[list[torch.Tensor], Counter]:
         return filter_groups(
