@@ -111,8 +111,16 @@ class LaunchedDecision:
         if self.done is not None:
             self.done.synchronize()
 
+    def is_done(self) -> bool:
+        """Whether its GPU work is done, without waiting (always True off CUDA)."""
+        return self.done is None or self.done.query()
+
     def gpu_ms(self) -> float | None:
-        """Milliseconds from the start of its GPU work to its end (once done); None off CUDA."""
+        """Milliseconds from the start of its GPU work to its end (once done); None off CUDA.
+
+        The events bracket the launch too: where the host was slower than the GPU (a first call compiling or
+        capturing a CUDA graph), the gap is counted.
+        """
         return None if self.done is None else self.started.elapsed_time(self.done)
 
 

@@ -280,7 +280,7 @@ class _PolicyThread:
         in_flight = None  # (slots, launched, when it is due on the perf_counter clock or None)
         while True:
             if in_flight is not None:
-                self._clock.sleep_until_launch(in_flight[2])
+                self._clock.sleep_until_launch(in_flight[2], in_flight[1])
             batch = self._take(block=in_flight is None)
             try:
                 launched = None
@@ -312,16 +312,26 @@ class _ForwardClock:
     Knows nothing until a launched decision reports its GPU time (``gpu_ms()``, as
     :class:`~srpo_rl.policy.LaunchedDecision` does): until then, and for a policy that does not, nothing
     is predicted and the next batch is launched as soon as there is one.
+
+    A measurement spans the launch as well, so a forward whose host side was slow reads long: the first
+    batch of a size compiles (``model.compile_blocks``) or captures its CUDA graph, seconds against tens of
+    milliseconds. Trusted, such a figure makes the launch thread sleep that long behind every later batch of
+    the size, and the GPU idle, until the running average forgets it. So the first measurement of each batch size
+    is dropped, a later one counts at most ``_MAX_GROWTH`` times the estimate it updates, and the sleep ends
+    when the decision in flight is done, whatever the estimate said.
     """
 
     _SMOOTHING = 0.2  # weight of the newest measurement in the running averages
     _MARGIN_S = 0.001  # wake this much before the launch must start
+    _MAX_GROWTH = 2.0  # a measurement counts at most this many times the estimate it updates
+    _POLL_S = 0.002  # while asleep, how often the decision in flight is checked
 
     def __init__(self) -> None:
         self._by_rows: dict[int, float] = {}  # rows -> seconds of GPU time
         self._per_row: float | None = None
         self._launch_s: float | None = None
         self._free_at = 0.0  # when the GPU was last seen done with a decision
+        self._seen_rows: set[int] = set()  # batch sizes whose first (untrusted) measurement has come in
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else old + self._SMOOTHING * (new - old)
@@ -334,9 +344,17 @@ class _ForwardClock:
         """``launched`` (``rows`` rows) is done on the GPU, now: its GPU time updates the estimates."""
         self._free_at = time.perf_counter()
         gpu_ms = getattr(launched, "gpu_ms", lambda: None)()
-        if gpu_ms is not None:
-            self._by_rows[rows] = self._average(self._by_rows.get(rows), gpu_ms / 1e3)
-            self._per_row = self._average(self._per_row, gpu_ms / 1e3 / rows)
+        if gpu_ms is None:
+            return
+        if rows not in self._seen_rows:  # a new batch size: compiled or captured in this very call
+            self._seen_rows.add(rows)
+            return
+        seconds = gpu_ms / 1e3
+        expected = self._by_rows.get(rows, None if self._per_row is None else self._per_row * rows)
+        if expected is not None:
+            seconds = min(seconds, self._MAX_GROWTH * expected)
+        self._by_rows[rows] = self._average(self._by_rows.get(rows), seconds)
+        self._per_row = self._average(self._per_row, seconds / rows)
 
     def due(self, rows: int, launched_at: float) -> float | None:
         """When a batch of ``rows`` launched at ``launched_at`` should be done (None: unknown). It starts on
@@ -344,12 +362,20 @@ class _ForwardClock:
         seconds = self._by_rows.get(rows, None if self._per_row is None else self._per_row * rows)
         return None if seconds is None else max(self._free_at, launched_at) + seconds
 
-    def sleep_until_launch(self, due: float | None) -> None:
-        """Sleeps until the next batch must be launched to run right behind the one due at ``due``."""
-        if due is not None:
-            wait = due - (self._launch_s or 0.0) - self._MARGIN_S - time.perf_counter()
-            if wait > 0:
+    def sleep_until_launch(self, due: float | None, in_flight=None) -> None:
+        """Sleeps until the next batch must be launched to run right behind the one due at ``due``, or until
+        ``in_flight`` (that batch's decision, with ``is_done()``) is done, if sooner."""
+        if due is None:
+            return
+        wake = due - (self._launch_s or 0.0) - self._MARGIN_S
+        is_done = getattr(in_flight, "is_done", None)
+        while (wait := wake - time.perf_counter()) > 0:
+            if is_done is None:
                 time.sleep(wait)
+                return
+            if is_done():
+                return
+            time.sleep(min(wait, self._POLL_S))
 
 
 def _reset_fields(num_slots: int, chosen: dict[int, RolloutRequest]) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.rollout import (POLICY_STREAM_PRIORITY, RolloutRequest, _ForwardClock, _Rollout, _stack_trajectories,
-                             collect_rollouts, group_requests, single_cpu_thread)
+from srpo_rl.rollout import (POLICY_STREAM_PRIORITY, RolloutRequest, _ForwardClock, _PolicyThread, _Rollout,
+                             _stack_trajectories, collect_rollouts, group_requests, single_cpu_thread)
 
 N = 2
 CHUNK = 8
@@ -497,6 +497,8 @@ class _Timed:
 def test_the_forward_clock_predicts_when_a_batch_is_due():
     clock = _ForwardClock()
     assert clock.due(8, launched_at=time.perf_counter()) is None  # nothing measured yet: launch at once
+    clock.finished(_Timed(5000.0), rows=8)  # a size's first forward (compiling, capturing a graph): not trusted
+    assert clock.due(8, launched_at=time.perf_counter()) is None
     clock.finished(_Timed(80.0), rows=8)
     free_at = time.perf_counter()
     later = free_at + 1.0
@@ -514,6 +516,77 @@ def test_the_forward_clock_predicts_when_a_batch_is_due():
     assert due - 0.005 - 0.002 <= time.perf_counter() <= due - 0.005 + 0.030
     clock.finished(object(), rows=8)  # a decision that reports no GPU time changes no estimate
     assert clock.due(8, launched_at=later) == pytest.approx(later + 0.084, abs=1e-9)
+
+
+def test_the_forward_clock_counts_a_slow_measurement_at_most_twice_the_estimate():
+    # the events around a forward also count the host's time: a CUDA graph captured for a new prompt width
+    # reads 900 ms where the forward takes 50
+    clock = _ForwardClock()
+    clock.finished(_Timed(20_000.0), rows=1)  # the first batch: compiled
+    clock.finished(_Timed(6_000.0), rows=5)  # the first of 5 rows: recompiled with dynamic shapes
+    assert clock.due(5, launched_at=1.0) is None and clock.due(1, launched_at=1.0) is None
+    clock.finished(_Timed(50.0), rows=5)
+    assert clock.due(5, launched_at=1e6) == pytest.approx(1e6 + 0.050, abs=1e-6)
+    clock.finished(_Timed(900.0), rows=5)  # counted as 100 ms
+    assert clock.due(5, launched_at=1e6) == pytest.approx(1e6 + 0.050 + 0.2 * (0.100 - 0.050), abs=1e-6)
+    assert clock.due(1, launched_at=1e6) == pytest.approx(1e6 + 0.010 + 0.2 * (0.020 - 0.010), abs=1e-6)
+
+
+class _DoneAt:
+    """A decision in flight whose GPU work is done at ``at`` on the perf_counter clock."""
+
+    def __init__(self, at: float):
+        self.at = at
+
+    def is_done(self) -> bool:
+        return time.perf_counter() >= self.at
+
+
+def test_the_launch_thread_wakes_once_the_decision_in_flight_is_done():
+    clock = _ForwardClock()
+    start = time.perf_counter()
+    clock.sleep_until_launch(start + 5.0, _DoneAt(start + 0.05))  # the estimate says 5 s, the GPU takes 50 ms
+    assert 0.05 <= time.perf_counter() - start < 0.5
+    start = time.perf_counter()
+    clock.sleep_until_launch(start + 0.05)  # nothing to check: it sleeps to the estimate
+    assert time.perf_counter() - start >= 0.048
+
+
+def test_slow_first_forwards_do_not_stall_the_policy_thread():
+    # A fake GPU runs the decisions one after another, 10 ms each; the first decision of each batch size
+    # reports 3 s of GPU time, as a compiled model's first forward of a shape does (its events span the
+    # compilation). Trusting those figures, the thread slept about 3 s behind the next batch of that size.
+    gpu = {"free_at": 0.0, "sizes": set()}
+
+    class Decision:
+        def __init__(self, rows: int):
+            self.rows = rows
+            self.done_at = gpu["free_at"] = max(gpu["free_at"], time.perf_counter()) + 0.010
+            self.first = rows not in gpu["sizes"]
+            gpu["sizes"].add(rows)
+
+        def is_done(self) -> bool:
+            return time.perf_counter() >= self.done_at
+
+        def wait(self) -> None:
+            time.sleep(max(0.0, self.done_at - time.perf_counter()))
+
+        def gpu_ms(self) -> float:
+            return 3000.0 if self.first else 10.0
+
+    observation = {"observation": torch.zeros(2), "instruction": "pick"}
+    start = time.perf_counter()
+    with _PolicyThread(lambda td: Decision(td.batch_size[0]), lambda decision: decision.rows) as thread:
+        for _ in range(15):
+            for slot in range(3):
+                thread.submit(slot, observation)
+            answered = 0
+            while answered < 3:
+                thread.wait()
+                slots, _ = thread.pop()
+                answered += len(slots)
+    # 15 rounds of one to three 10 ms decisions and their hand-overs; one trusted 3 s figure would sleep 3 s
+    assert time.perf_counter() - start < 2.5
 
 
 @pytest.mark.parametrize("overlap", [False, True])
