@@ -342,6 +342,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(ckpt):
     assert len(model.fsdp_blocks()) == 2 + 2 + 2
 
 
+def test_compiled_blocks_recompile_past_dynamos_default_limit():
+    # a block function past Dynamo's 8 graphs would run eagerly; the recipe's vision blocks reach 8 already
+    from torch._dynamo.testing import CompileCounter
+
+    from srpo_rl.models.openvla_oft import _with_block_dynamo_config
+
+    counter = CompileCounter()
+    block = _with_block_dynamo_config(torch.compile(lambda x: x * 2 + 1, backend=counter, dynamic=True))
+    for rank in range(1, 13):  # a new rank always needs a new graph
+        assert torch.equal(block(torch.ones([2] * rank)), torch.full([2] * rank, 3.0))
+    assert counter.frame_count == 12
+    assert torch._dynamo.config.recompile_limit == 8  # the patch ends with each call
+
+
 def test_compiled_blocks_give_the_eager_logits_and_gradients(ckpt):
     eager = OpenVLAOFT.from_pretrained(ckpt[0], dtype=torch.float32).train()
     compiled = OpenVLAOFT.from_pretrained(ckpt[0], dtype=torch.float32).train()

@@ -352,7 +352,7 @@ class OpenVLAOFT(nn.Module):
         as they wrap eager ones. ``options`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
         """
         for block in self.fsdp_blocks():
-            block.forward = _checkpoint_side_effects_not_replayed(torch.compile(block.forward, dynamic=True, **options))
+            block.forward = _with_block_dynamo_config(torch.compile(block.forward, dynamic=True, **options))
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute every vision block and decoder layer in the backward pass instead of storing activations."""
@@ -450,22 +450,29 @@ class OpenVLAOFT(nn.Module):
         return get_model_state_dict(self, options=options)
 
 
-_SKIP_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+# Dynamo settings for the compiled blocks, each applied where this torch has it:
+_BLOCK_DYNAMO_CONFIG = {
+    # transformers' hub-kernel layers (the ``kernels`` package) set and reset a context variable in each norm's
+    # forward. Under activation checkpointing that is a side effect inside the checkpoint, at which Dynamo breaks
+    # every decoder layer's graph; the set-and-reset needs no replay in the backward's recompute.
+    "skip_fwd_side_effects_in_bwd_under_checkpoint": True,
+    # One code object serves every block of a kind, and the vision blocks alone need 8 graphs in a LoRA run
+    # (DINOv2's and SigLIP's widths x batch 1 and any batch x inference, and training with the input's
+    # requires_grad off and on: an H100 run of the recipe), Dynamo's default limit, past which it runs the
+    # blocks eagerly. A smaller last micro-batch or a gradient-checkpointed recompute may add more.
+    "recompile_limit": 64,
+}
 
 
-def _checkpoint_side_effects_not_replayed(compiled):
-    """``compiled``, traced with Dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint`` on (where torch has it).
-
-    transformers' hub-kernel layers (the ``kernels`` package) set and reset a context variable in each norm's
-    forward. Under activation checkpointing that is a side effect inside the checkpoint, at which Dynamo breaks
-    every decoder layer's graph; the set-and-reset needs no replay in the backward's recompute.
-    """
-    if not hasattr(torch._dynamo.config, _SKIP_SIDE_EFFECTS):
+def _with_block_dynamo_config(compiled):
+    """``compiled``, traced and called with :data:`_BLOCK_DYNAMO_CONFIG` (the options this torch knows)."""
+    config = {key: value for key, value in _BLOCK_DYNAMO_CONFIG.items() if hasattr(torch._dynamo.config, key)}
+    if not config:
         return compiled
 
     @functools.wraps(compiled)
     def run(*args, **kwargs):
-        with torch._dynamo.config.patch({_SKIP_SIDE_EFFECTS: True}):
+        with torch._dynamo.config.patch(config):
             return compiled(*args, **kwargs)
 
     return run
