@@ -18,7 +18,7 @@ from srpo_rl.loggers import LOGGER_TYPES, MetricLogger
 from srpo_rl.envs import canonical_suite
 from srpo_rl.manifest import ensure_manifests
 from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
-from srpo_rl.optim import HostAdamW
+from srpo_rl.optim import HostAdamW, check_gpu_update_fits
 from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.lora import add_lora
 from srpo_rl.policy import OpenVLAOFTPolicy
@@ -269,6 +269,11 @@ def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Opt
     # on a GPU the fused kernel updates in place: the default multi-tensor path allocates temporaries as large
     # as the optimizer state (+30 GB for the 7B), which is what runs one 141 GB GPU out of memory
     fused = all(p.device.type == "cuda" for p in params)
+    if fused:  # fail now, naming the plans that fit, rather than after the first rollout
+        device = params[0].device
+        capacity = torch.cuda.get_device_properties(device).total_memory
+        capacity = int(capacity * torch.cuda.get_per_process_memory_fraction(device))
+        check_gpu_update_fits(params, capacity_bytes=capacity, allocated_bytes=torch.cuda.memory_allocated(device))
     return torch.optim.AdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay, fused=fused or None)
 
 

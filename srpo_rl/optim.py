@@ -49,7 +49,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.optim.adamw import adamw
 
-__all__ = ["HostAdamW", "available_host_bytes", "round_to_bf16_stochastic"]
+__all__ = ["HostAdamW", "available_host_bytes", "check_gpu_update_fits", "round_to_bf16_stochastic"]
 
 _HOST_KEYS = ("master", "exp_avg", "exp_avg_sq")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -124,6 +124,44 @@ def available_host_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def check_gpu_update_fits(params: Iterable[torch.Tensor], *, capacity_bytes: int, allocated_bytes: int) -> int:
+    """Raises MemoryError at start-up when the gradients and AdamW moments of ``params`` cannot fit the GPU.
+
+    torch's AdamW creates its moments at the first step and the gradients come with the first backward: for the
+    recipe's 7B plan on one 80 GB GPU that is an out-of-memory error after the whole first rollout. Each
+    trainable parameter (this process's shard of it) gets a gradient and two moments of its own dtype; they
+    must fit beside what is allocated already (weights, the reward model), activations apart.
+
+    Args:
+        params: the optimizer's parameters (those without ``requires_grad`` are not counted).
+        capacity_bytes: the memory this process may use on the GPU.
+        allocated_bytes: what it holds now.
+
+    Returns:
+        The bytes the gradients and moments will take.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(1024, 1024)  # 1.05 M fp32 parameters: 12 MiB of gradients and moments
+        >>> check_gpu_update_fits(layer.parameters(), capacity_bytes=2**30, allocated_bytes=0) // 2**20
+        12
+    """
+    trainable = [_local(p) for p in params if p.requires_grad]
+    need = sum(3 * p.numel() * p.element_size() for p in trainable)
+    if allocated_bytes + need > capacity_bytes:
+        gib = 2**30
+        count = sum(p.numel() for p in trainable)
+        raise MemoryError(
+            f"the update's gradients and AdamW moments need {need / gib:.1f} GiB on this GPU ({count / 1e9:.2f} B "
+            f"trainable parameters here, {trainable[0].dtype}) beside the {allocated_bytes / gib:.1f} GiB "
+            f"allocated, and this process may use {capacity_bytes / gib:.1f} GiB. Choose a plan that fits: "
+            "actor.fsdp.optimizer_offload=true (fp32 master weights and moments on the host, bf16 weights here), "
+            "actor.lora_rank=32 (low-rank adapters only), or more GPUs to shard over (trainer.n_gpus_per_node, "
+            "trainer.nnodes)"
+        )
+    return need
 
 
 def _like(param: torch.Tensor, host: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from srpo_rl.checkpoint import CheckpointManager
 from srpo_rl.distributed import DistInfo, close_distributed, shard_actor
-from srpo_rl.optim import HostAdamW, available_host_bytes, round_to_bf16_stochastic
+from srpo_rl.optim import HostAdamW, available_host_bytes, check_gpu_update_fits, round_to_bf16_stochastic
 
 LR, BETAS, EPS, WD = 0.05, (0.9, 0.999), 1e-8, 0.1
 
@@ -190,6 +190,17 @@ def test_a_state_larger_than_the_host_fails_before_allocating_with_the_sizes_nam
     with pytest.raises(MemoryError, match=message):
         optimizer.step()
     assert not optimizer.state.get(huge)  # nothing was allocated
+
+
+def test_a_gpu_update_that_cannot_fit_fails_at_start_up_naming_the_plans():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2).to(torch.bfloat16))
+    model[0].bias.requires_grad_(False)  # frozen: neither a gradient nor moments
+    # trainable: 8 x 4 fp32 weights (4 bytes each), 4 x 2 + 2 bf16 ones (2 bytes); each gets a gradient and two
+    # moments of its dtype
+    need = 3 * (32 * 4 + 10 * 2)
+    assert check_gpu_update_fits(model.parameters(), capacity_bytes=need + 100, allocated_bytes=100) == need
+    with pytest.raises(MemoryError, match=r"need 0\.0 GiB .*actor\.fsdp\.optimizer_offload=true.*actor\.lora_rank=32"):
+        check_gpu_update_fits(model.parameters(), capacity_bytes=need + 100, allocated_bytes=101)
 
 
 def test_the_memory_the_job_takes_beside_the_state_is_counted():
