@@ -350,16 +350,20 @@ class _ForwardClock:
             self._seen_rows.add(rows)
             return
         seconds = gpu_ms / 1e3
-        expected = self._by_rows.get(rows, None if self._per_row is None else self._per_row * rows)
+        expected = self._estimate(rows)
         if expected is not None:
             seconds = min(seconds, self._MAX_GROWTH * expected)
         self._by_rows[rows] = self._average(self._by_rows.get(rows), seconds)
         self._per_row = self._average(self._per_row, seconds / rows)
 
+    def _estimate(self, rows: int) -> float | None:
+        """Seconds of GPU time a batch of ``rows`` takes: measured at that size, else per row (None: unknown)."""
+        return self._by_rows.get(rows, None if self._per_row is None else self._per_row * rows)
+
     def due(self, rows: int, launched_at: float) -> float | None:
         """When a batch of ``rows`` launched at ``launched_at`` should be done (None: unknown). It starts on
         the GPU when the decision before it is done, or at its launch if that came later."""
-        seconds = self._by_rows.get(rows, None if self._per_row is None else self._per_row * rows)
+        seconds = self._estimate(rows)
         return None if seconds is None else max(self._free_at, launched_at) + seconds
 
     def sleep_until_launch(self, due: float | None, in_flight=None) -> None:
