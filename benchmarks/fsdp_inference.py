@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 10 CUDA, 5 CPU)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device = torch.device("cuda:0" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.type != "cuda" and not args.tiny:
         sys.exit("the 7B benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
     repeats = args.repeats or (10 if device.type == "cuda" else 5)
