@@ -45,6 +45,11 @@ executes the same env steps, so its env-steps/s compare directly.
   instead; with ``--beside`` also the batch-8 forward beside this env's simulation. ``renderers`` names what
   drew a GPU slot's and a CPU slot's frames, ``bare_sim`` is this env's own simulation ceiling (``vs_*``
   ratios stay against the run's ceilings).
+- ``pool_recipe``: the policy's model as ``examples/srpo_libero.py`` builds the actor on one GPU: fp32 master
+  weights (with ``--recipe-lora-rank R``: the bf16 base frozen and rank-R adapters, as ``actor.lora_rank=R``),
+  FSDP2-sharded over a world of one with bf16 compute (``shard_actor``), gathered once for the rollout
+  (``collect_rollouts`` does) and run without CUDA graphs (they do not capture an FSDP2 module). It runs after
+  every other mode of the env (it shards the model in place), so ``--cpu-render-slots`` cannot come with it.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -155,6 +160,8 @@ SCHEDULER_MODES = {
     "pool_padded": {"overlap": True, "buckets": padded_bucket},
     "pool_preprocess_outside": {"overlap": True, "graph_preprocessing": False},
 }
+# run after every other mode of an env: it changes the policy's model for good
+RECIPE_MODES = {"pool_recipe": {"overlap": True, "graphs": False}}
 IMAGE_SIZE = 256  # the env's frames (LiberoVecEnv's default)
 
 
@@ -283,6 +290,25 @@ def make_policy(args, device: torch.device):
     model = seven_b_policy(device).model  # decode with this suite's statistics (the builder uses libero_10's)
     policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), unnorm_key=args.suite)
     return policy.to(device), "OpenVLA-OFT-7B (bf16, random)"
+
+
+def shard_like_the_recipe(policy, device: torch.device, lora_rank: int) -> None:
+    """Turns ``policy.model`` into the recipe's one-GPU actor (``pool_recipe``), in place: fp32 master weights,
+    or the frozen base with rank-``lora_rank`` adapters, then FSDP2 over a process group of one with bf16 compute
+    (fp32 on the CPU, as the tiny check runs)."""
+    import torch.distributed as dist
+
+    from srpo_rl.distributed import DistInfo, shard_actor
+    from srpo_rl.lora import add_lora
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
+    if lora_rank:
+        add_lora(policy.model, lora_rank)
+    else:
+        policy.model.float()
+    shard_actor(policy.model, DistInfo(0, 1, 0, device), mixed_precision="bf16" if device.type == "cuda" else "fp32")
 
 
 def make_reward(args, device: torch.device):
@@ -505,7 +531,7 @@ def lockstep(workers: SimWorkers, policy, requests, success_step, args, device) 
 
 def scheduler(env, policy, requests, mode: str, timer: PreprocessTimer, forward_timer: ForwardTimer,
               on_finished=None) -> tuple[dict, object]:
-    options = {**DEFAULTS, **SCHEDULER_MODES[mode]}
+    options = {**DEFAULTS, **{**SCHEDULER_MODES, **RECIPE_MODES}[mode]}
     overlap, policy.cuda_graphs = options["overlap"], options["graphs"]
     set_jpeg_in_workers(env, policy, options["env_jpeg"])
     if not options["two_phase"]:  # the rollout then calls the policy whole
@@ -746,6 +772,13 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
                 checkpoint(result)
                 log(f"[{num_envs} envs] {result[mode]['mode']} + background embedding ({mode}) "
                     f"{result[mode]['env_steps_per_s']:.1f}")
+        for mode in RECIPE_MODES:
+            if mode in args.modes:
+                shard_like_the_recipe(policy, device, args.recipe_lora_rank)
+                result[mode], trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
+                result[mode]["lora_rank"] = args.recipe_lora_rank
+                checkpoint(result)
+                log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
     finally:
         env.close()
     for slots in args.cpu_render_slots:  # each on an env of its own, built after the first one closed
@@ -829,7 +862,7 @@ def row_modes(result: dict) -> list[str]:
     """The rows of ``result`` that ran the rollout, in the order they ran."""
     cpu_render = sorted((m for m in result if m.startswith("pool_cpu_render")),
                         key=lambda m: result[m]["cpu_render_slots"])
-    return [m for m in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES) if m in result] + cpu_render
+    return [m for m in ("lockstep", *SCHEDULER_MODES, *EMBED_MODES, *RECIPE_MODES) if m in result] + cpu_render
 
 
 def ratios(result: dict) -> None:
@@ -975,6 +1008,9 @@ def main() -> None:
                              "Mesa's llvmpipe on the CPU (needs Mesa's EGL library)")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="the policy's blocks compiled (OpenVLAOFT.compile_blocks) in every mode and ceiling")
+    parser.add_argument("--recipe-lora-rank", type=int, default=0,
+                        help="pool_recipe: the actor with LoRA adapters of this rank (0: full fine-tuning's fp32 "
+                             "master weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
                         help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "
@@ -990,6 +1026,12 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.modes = set(args.modes.split(","))
+    known = {"lockstep", *SCHEDULER_MODES, *EMBED_MODES, *RECIPE_MODES}
+    if args.modes - known:
+        parser.error(f"unknown mode(s) {', '.join(sorted(args.modes - known))}; choose from {', '.join(sorted(known))}")
+    if "pool_recipe" in args.modes and (args.cpu_render_slots or args.num_envs and len(args.num_envs) > 1):
+        parser.error("pool_recipe shards the policy's model for good: run it with one --num-envs and without "
+                     "--cpu-render-slots")
     configure_rendering()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

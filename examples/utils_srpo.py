@@ -287,7 +287,8 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
     """Success rate, episode length, throughput and time split of this step's rollout rounds."""
     success = torch.cat([t["success"] for t, _ in collected]).float()
     lengths = torch.cat([t["num_steps"] for t, _ in collected]).float()
-    totals = {"env_steps": 0.0, "time_wall": 0.0, "time_env": 0.0, "time_policy": 0.0, "time_reset": 0.0}
+    totals = {"env_steps": 0.0, "decisions": 0.0, "policy_calls": 0.0, "time_wall": 0.0, "time_env": 0.0,
+              "time_policy": 0.0, "time_reset": 0.0}
     for _, stats in collected:
         for key, value in stats.as_dict().items():
             if key in totals:
@@ -298,6 +299,10 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         "rollout/trajectories": float(len(success)),
         "rollout/rounds": float(rounds),
         "rollout/env_steps_per_s": totals["env_steps"] / max(totals["time_wall"], 1e-9),
+        # rows a policy call: the pool batches the slots whose chunk came back, so a small mean says the
+        # simulation, not the policy, was the slower side
+        "rollout/policy_calls": totals["policy_calls"],
+        "rollout/mean_batch": totals["decisions"] / max(totals["policy_calls"], 1.0),
         "time/rollout_env": totals["time_env"],
         "time/rollout_policy": totals["time_policy"],
         "time/rollout_reset": totals["time_reset"],

@@ -206,3 +206,29 @@ def test_batch_metrics_are_the_shaped_reward_and_advantage_statistics():
     assert metrics["train/advantage_abs_mean"] == pytest.approx(5.0 / 5)
     assert (metrics["train/advantage_min"], metrics["train/advantage_max"]) == (-2.0, 1.5)
     assert "train/failure_progress_mean" not in batch_metrics(batch[[0, 3]])  # no failure: no progress to show
+
+
+def test_rollout_metrics_add_up_the_rounds_and_give_the_rows_a_policy_call():
+    from tensordict import TensorDict
+
+    from srpo_rl.examples.utils_srpo import rollout_metrics
+    from srpo_rl.objectives import EmbodiedSampler
+    from srpo_rl.rollout import RolloutStats
+
+    def round_(success, steps, **counts):
+        trajectories = TensorDict(success=torch.tensor(success), num_steps=torch.tensor(steps), batch_size=[len(steps)])
+        return trajectories, RolloutStats(**counts)
+
+    collected = [round_([True, False], [160, 512], env_steps=672, decisions=84, policy_calls=20, wall_time=2.0,
+                        env_time=1.5, policy_time=1.0),
+                 round_([False], [512], env_steps=512, decisions=64, policy_calls=12, wall_time=1.0, env_time=0.5,
+                        policy_time=0.75, reset_time=0.25)]
+    metrics = rollout_metrics(collected, EmbodiedSampler(2), rounds=2)
+    assert metrics["rollout/success_rate"] == pytest.approx(1 / 3)
+    assert metrics["rollout/episode_length"] == pytest.approx((160 + 512 + 512) / 3)
+    assert metrics["rollout/env_steps_per_s"] == pytest.approx((672 + 512) / 3.0)
+    assert metrics["rollout/policy_calls"] == 32
+    assert metrics["rollout/mean_batch"] == pytest.approx((84 + 64) / 32)
+    assert (metrics["time/rollout_env"], metrics["time/rollout_policy"], metrics["time/rollout_reset"]) == \
+        (2.0, 1.75, 0.25)
+    assert metrics["sampling/groups_carried"] == 0.0
