@@ -45,11 +45,15 @@ executes the same env steps, so its env-steps/s compare directly.
   instead; with ``--beside`` also the batch-8 forward beside this env's simulation. ``renderers`` names what
   drew a GPU slot's and a CPU slot's frames, ``bare_sim`` is this env's own simulation ceiling (``vs_*``
   ratios stay against the run's ceilings).
+- ``pool_lora``: the plain model with rank-``--lora-rank`` adapters on its linear layers (``srpo_rl.lora``, as
+  ``actor.lora_rank``), through the CUDA graphs (captured again with the adapters before the timed run): what
+  the recipe's LoRA actor would cost on one GPU without FSDP2.
 - ``pool_recipe``: the policy's model as ``examples/srpo_libero.py`` builds the actor on one GPU: fp32 master
-  weights (with ``--recipe-lora-rank R``: the bf16 base frozen and rank-R adapters, as ``actor.lora_rank=R``),
+  weights (with ``--lora-rank R``: the bf16 base frozen and rank-R adapters, as ``actor.lora_rank=R``),
   FSDP2-sharded over a world of one with bf16 compute (``shard_actor``), gathered once for the rollout
-  (``collect_rollouts`` does) and run without CUDA graphs (they do not capture an FSDP2 module). It runs after
-  every other mode of the env (it shards the model in place), so ``--cpu-render-slots`` cannot come with it.
+  (``collect_rollouts`` does) and run without CUDA graphs (they do not capture an FSDP2 module).
+  The two run after every other mode of the env, in this order (they change the model in place), so
+  ``--cpu-render-slots`` cannot come with them.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
@@ -160,8 +164,8 @@ SCHEDULER_MODES = {
     "pool_padded": {"overlap": True, "buckets": padded_bucket},
     "pool_preprocess_outside": {"overlap": True, "graph_preprocessing": False},
 }
-# run after every other mode of an env: it changes the policy's model for good
-RECIPE_MODES = {"pool_recipe": {"overlap": True, "graphs": False}}
+# run after every other mode of an env, in this order: they change the policy's model for good
+RECIPE_MODES = {"pool_lora": {"overlap": True}, "pool_recipe": {"overlap": True, "graphs": False}}
 IMAGE_SIZE = 256  # the env's frames (LiberoVecEnv's default)
 
 
@@ -292,6 +296,14 @@ def make_policy(args, device: torch.device):
     return policy.to(device), "OpenVLA-OFT-7B (bf16, random)"
 
 
+def with_lora(policy, lora_rank: int) -> None:
+    """Puts rank-``lora_rank`` adapters on ``policy.model`` (once), as ``actor.lora_rank`` does."""
+    from srpo_rl.lora import add_lora, lora_parameters
+
+    if not lora_parameters(policy.model):
+        add_lora(policy.model, lora_rank)
+
+
 def shard_like_the_recipe(policy, device: torch.device, lora_rank: int) -> None:
     """Turns ``policy.model`` into the recipe's one-GPU actor (``pool_recipe``), in place: fp32 master weights,
     or the frozen base with rank-``lora_rank`` adapters, then FSDP2 over a process group of one with bf16 compute
@@ -299,13 +311,12 @@ def shard_like_the_recipe(policy, device: torch.device, lora_rank: int) -> None:
     import torch.distributed as dist
 
     from srpo_rl.distributed import DistInfo, shard_actor
-    from srpo_rl.lora import add_lora
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1, device_id=device if device.type == "cuda" else None)
     if lora_rank:
-        add_lora(policy.model, lora_rank)
+        with_lora(policy, lora_rank)
     else:
         policy.model.float()
     shard_actor(policy.model, DistInfo(0, 1, 0, device), mixed_precision="bf16" if device.type == "cuda" else "fp32")
@@ -774,9 +785,14 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
                     f"{result[mode]['env_steps_per_s']:.1f}")
         for mode in RECIPE_MODES:
             if mode in args.modes:
-                shard_like_the_recipe(policy, device, args.recipe_lora_rank)
+                if mode == "pool_lora":
+                    with_lora(policy, args.lora_rank)
+                    with torch.no_grad():  # the graphs again, now with the adapters, before the timed run
+                        result["cuda_graphs_lora"] = capture_graphs(policy, names, num_envs)
+                else:
+                    shard_like_the_recipe(policy, device, args.lora_rank)
                 result[mode], trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
-                result[mode]["lora_rank"] = args.recipe_lora_rank
+                result[mode]["lora_rank"] = args.lora_rank
                 checkpoint(result)
                 log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
     finally:
@@ -1008,9 +1024,9 @@ def main() -> None:
                              "Mesa's llvmpipe on the CPU (needs Mesa's EGL library)")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="the policy's blocks compiled (OpenVLAOFT.compile_blocks) in every mode and ceiling")
-    parser.add_argument("--recipe-lora-rank", type=int, default=0,
-                        help="pool_recipe: the actor with LoRA adapters of this rank (0: full fine-tuning's fp32 "
-                             "master weights)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="pool_lora and pool_recipe: LoRA adapters of this rank (pool_recipe with 0: full "
+                             "fine-tuning's fp32 master weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
                         help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "
@@ -1029,9 +1045,12 @@ def main() -> None:
     known = {"lockstep", *SCHEDULER_MODES, *EMBED_MODES, *RECIPE_MODES}
     if args.modes - known:
         parser.error(f"unknown mode(s) {', '.join(sorted(args.modes - known))}; choose from {', '.join(sorted(known))}")
-    if "pool_recipe" in args.modes and (args.cpu_render_slots or args.num_envs and len(args.num_envs) > 1):
-        parser.error("pool_recipe shards the policy's model for good: run it with one --num-envs and without "
-                     "--cpu-render-slots")
+    changing = sorted(args.modes & set(RECIPE_MODES))
+    if changing and (args.cpu_render_slots or len(args.num_envs) > 1):
+        parser.error(f"{', '.join(changing)} change the policy's model for good: run with one --num-envs and "
+                     "without --cpu-render-slots")
+    if "pool_lora" in args.modes and args.lora_rank < 1:
+        parser.error(f"pool_lora needs --lora-rank >= 1, got {args.lora_rank}")
     configure_rendering()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

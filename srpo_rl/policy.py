@@ -549,10 +549,12 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         if not self.cuda_graphs or torch.is_grad_enabled():
             return None
         probe = self.model.projector.fc1.weight
-        # moved, cast, sharded or replaced parameters (a graph reads the old storage): decide and capture again
+        # moved, cast, sharded or replaced parameters (a graph reads the old storage), or LoRA adapters added
+        # since (a graph replays the forward it captured): decide and capture again
         local = probe.to_local() if isinstance(probe, DTensor) else probe
+        adapted = "lora_A" in self.model.projector.fc1._parameters
         # (the center crop is captured with the forward)
-        key = (type(probe), probe.device, probe.dtype, local.data_ptr(), self.center_crop)
+        key = (type(probe), probe.device, probe.dtype, local.data_ptr(), adapted, self.center_crop)
         if self._graphed is None or self._graphed[0] != key:
             graphed = GraphedActionLogits(self.model, prepare=self._prepare_images) if graphs_supported(self.model) \
                 else None

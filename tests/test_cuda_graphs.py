@@ -73,6 +73,24 @@ def test_graphs_refuse_cpu_models_and_the_policy_falls_back(model):
     policy.to(torch.float32)
 
 
+def test_policy_decides_its_graphs_again_when_lora_adapters_are_added():
+    # a graph replays the forward it captured: one captured before add_lora would skip the adapters
+    from srpo_rl.lora import add_lora
+
+    torch.manual_seed(0)
+    model = OpenVLAOFT(tiny_config()).eval()
+    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.0)
+    td = TensorDict({("observation", "image"): torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, [2])
+    td.set_non_tensor("instruction", ["open the drawer", "put the bowl on the plate"])
+    with torch.no_grad():
+        policy(td.clone())
+    decided = policy._graphed
+    add_lora(model, rank=2)
+    with torch.no_grad():
+        policy(td.clone())
+    assert policy._graphed is not decided and policy._graphed[0][4] and not decided[0][4]
+
+
 @pytest.mark.gpu
 def test_graph_replay_matches_eager_forward_on_cuda(model):
     cuda = model.to("cuda")
@@ -127,6 +145,28 @@ def test_graphs_read_the_lora_adapters_in_place():
             torch.testing.assert_close(graphed(ids, n, pixels)[0], model.logits_from_lengths(ids, n, pixels),
                                        rtol=1e-4, atol=1e-4)
     assert list(graphed.graphs.values())[0] is not None
+
+
+@pytest.mark.gpu
+def test_policy_graphs_take_in_lora_adapters_added_after_a_forward():
+    from srpo_rl.lora import add_lora
+
+    torch.manual_seed(0)
+    model = OpenVLAOFT(tiny_config()).eval().cuda()
+    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.6,
+                              jpeg_quality=None).to("cuda")
+    eager = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.6,
+                             jpeg_quality=None, cuda_graphs=False).to("cuda")
+    with torch.no_grad():
+        policy(_camera_obs(2, 0).to("cuda"))  # graphs captured without adapters
+        before = policy._graphed[1]
+        for b in add_lora(model, rank=4)[1::2]:
+            b.normal_(0.0, 0.05)  # adapters that change the logits
+        obs = _camera_obs(2, 1).to("cuda")
+        graphed_out, eager_out = policy(obs.clone()), eager(obs.clone())
+    assert policy._graphed[1] is not before and all(g is not None for g in policy._graphed[1].graphs.values())
+    assert torch.equal(graphed_out["action_tokens"], eager_out["action_tokens"])
+    torch.testing.assert_close(graphed_out["action_log_prob"], eager_out["action_log_prob"], rtol=1e-4, atol=1e-4)
 
 
 def _camera_obs(batch: int, seed: int) -> TensorDict:
