@@ -97,7 +97,9 @@ def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
     print(f"rollout: {metrics.get('rollout/trajectories', 0):.0f} trajectories, "
           f"{metrics.get('rollout/env_steps_per_s', float('nan')):.1f} env-steps/s "
           f"(env wait {metrics.get('time/rollout_env', float('nan')):.1f} s, "
-          f"policy {metrics.get('time/rollout_policy', float('nan')):.1f} s)")
+          f"policy {metrics.get('time/rollout_policy', float('nan')):.1f} s; "
+          f"{metrics.get('rollout/policy_calls', float('nan')):.0f} policy calls of "
+          f"{metrics.get('rollout/mean_batch', float('nan')):.1f} rows on average)")
     if "memory/peak_allocated_gib" in metrics:
         print(f"peak GPU memory through rollout, reward and update: {metrics['memory/peak_allocated_gib']:.1f} GiB "
               f"allocated, {metrics['memory/peak_reserved_gib']:.1f} GiB reserved")
