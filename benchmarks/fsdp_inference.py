@@ -5,8 +5,14 @@ model's forward all-gathers each block's weights, casting them to bf16 (on one G
 weights per forward); ``srpo_rl.distributed.gathered``, which ``collect_rollouts`` enters, gathers them once
 per rollout. For each batch size, the median of ``--repeats`` calls of ``model.action_logits``:
 
+- ``plain``: the model before sharding, in the compute dtype (bf16 on CUDA), as a plain module: what the
+  benchmarks' pool runs (eager here, no CUDA graph);
 - ``sharded``: the sharded model, every forward gathering (the rollout before ``gathered``);
-- ``gathered``: the same model inside ``gathered(model)``; ``vs sharded`` is its speed over that row's.
+- ``gathered``: the same model inside ``gathered(model)``; ``vs sharded`` is its speed over that row's, ``vs
+  plain`` the plain module's over it (below 1: FSDP2's hooks and casts cost the forward that much).
+
+The pool's batches are small (3-10 rows on average in the GPU runs), where a forward's launches weigh most: the
+default batch sizes start at 1.
 
     python benchmarks/fsdp_inference.py            # OpenVLA-OFT-7B, random weights, fp32 master, bf16, CUDA
     python benchmarks/fsdp_inference.py --tiny     # the tiny checkpoint on the CPU (a one-process gloo group)
@@ -47,7 +53,7 @@ def inputs(policy: OpenVLAOFTPolicy, batch: int) -> tuple[torch.Tensor, torch.Te
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random checkpoint on the CPU")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 10 CUDA, 5 CPU)")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -63,8 +69,13 @@ def main() -> None:
     else:
         torch.cuda.set_device(device)
         policy = seven_b_policy(device)
-        policy.model.float()  # the recipe's fp32 master weights
         name, precision = "OpenVLA-OFT-7B (random)", "bf16"
+    plain = {}
+    with torch.no_grad():  # the same weights as a plain module in the compute dtype, before they are sharded
+        for batch in args.batch_sizes:
+            ids, mask, pixels = inputs(policy, batch)
+            plain[batch] = timed(lambda: policy.model.eval().action_logits(ids, mask, pixels), device, 1, repeats)
+    policy.model.float()  # the recipe's fp32 master weights
     model = shard_actor(policy.model.eval(), DistInfo(0, 1, 0, device), mixed_precision=precision)
 
     rows = []
@@ -75,20 +86,23 @@ def main() -> None:
             sharded_ms, sharded_gib = timed(forward, device, 1, repeats)
             with gathered(model):
                 gathered_ms, gathered_gib = timed(forward, device, 1, repeats)
-            rows.append({"batch": batch, "sharded_ms": sharded_ms, "gathered_ms": gathered_ms,
-                         "vs_sharded": sharded_ms / gathered_ms, "sharded_peak_gib": sharded_gib,
-                         "gathered_peak_gib": gathered_gib})
+            rows.append({"batch": batch, "plain_ms": plain[batch][0], "sharded_ms": sharded_ms,
+                         "gathered_ms": gathered_ms, "vs_sharded": sharded_ms / gathered_ms,
+                         "vs_plain": plain[batch][0] / gathered_ms, "plain_peak_gib": plain[batch][1],
+                         "sharded_peak_gib": sharded_gib, "gathered_peak_gib": gathered_gib})
     dist.destroy_process_group()
 
     print(f"\n{name}: FSDP2 on one process, fp32 master weights, forward in {precision}, {device.type}, "
           f"median of {repeats}")
-    print(f"{'batch':>5} {'sharded ms':>11} {'gathered ms':>12} {'vs sharded':>11} {'peak GiB (sh / ga)':>19}")
+    print(f"{'batch':>5} {'plain ms':>9} {'sharded ms':>11} {'gathered ms':>12} {'vs sharded':>11} {'vs plain':>9} "
+          f"{'peak GiB (sh / ga)':>19}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['sharded_ms']:>11.1f} {r['gathered_ms']:>12.1f} {r['vs_sharded']:>10.2f}x "
-              f"{r['sharded_peak_gib']:>9.2f} / {r['gathered_peak_gib']:.2f}")
+        print(f"{r['batch']:>5} {r['plain_ms']:>9.1f} {r['sharded_ms']:>11.1f} {r['gathered_ms']:>12.1f} "
+              f"{r['vs_sharded']:>10.2f}x {r['vs_plain']:>8.2f}x {r['sharded_peak_gib']:>9.2f} / "
+              f"{r['gathered_peak_gib']:.2f}")
     print(json.dumps({"benchmark": "fsdp_inference", "model": name, "compute_dtype": precision,
                       "device": device.type, "repeats": repeats, "results": rows,
-                      "baseline": "the same sharded model, every forward gathering its weights",
+                      "baseline": "the same sharded model, every forward gathering its weights; and the plain module",
                       "machine": machine(device), "versions": versions(("torch", "transformers")),
                       "command": command()}))
 
