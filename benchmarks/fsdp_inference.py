@@ -70,11 +70,11 @@ def main() -> None:
         torch.cuda.set_device(device)
         policy = seven_b_policy(device)
         name, precision = "OpenVLA-OFT-7B (random)", "bf16"
-    plain = {}
+    plain, unsharded = {}, policy.model.eval()
     with torch.no_grad():  # the same weights as a plain module in the compute dtype, before they are sharded
         for batch in args.batch_sizes:
             ids, mask, pixels = inputs(policy, batch)
-            plain[batch] = timed(lambda: policy.model.eval().action_logits(ids, mask, pixels), device, 1, repeats)
+            plain[batch] = timed(lambda: unsharded.action_logits(ids, mask, pixels), device, 1, repeats)
     policy.model.float()  # the recipe's fp32 master weights
     model = shard_actor(policy.model.eval(), DistInfo(0, 1, 0, device), mixed_precision=precision)
 
