@@ -46,12 +46,13 @@ executes the same env steps, so its env-steps/s compare directly.
   drew a GPU slot's and a CPU slot's frames, ``bare_sim`` is this env's own simulation ceiling (``vs_*``
   ratios stay against the run's ceilings).
 - ``pool_lora``: the plain model with rank-``--lora-rank`` adapters on its linear layers (``srpo_rl.lora``, as
-  ``actor.lora_rank``), through the CUDA graphs (captured again with the adapters before the timed run): what
-  the recipe's LoRA actor would cost on one GPU without FSDP2.
-- ``pool_recipe``: the policy's model as ``examples/srpo_libero.py`` builds the actor on one GPU: fp32 master
-  weights (with ``--lora-rank R``: the bf16 base frozen and rank-R adapters, as ``actor.lora_rank=R``),
-  FSDP2-sharded over a world of one with bf16 compute (``shard_actor``), gathered once for the rollout
-  (``collect_rollouts`` does) and run without CUDA graphs (they do not capture an FSDP2 module).
+  ``actor.lora_rank``), through the CUDA graphs (captured again with the adapters before the timed run): the
+  recipe's LoRA actor on one GPU (``examples/srpo_libero.py`` leaves it unsharded there).
+- ``pool_recipe``: the model FSDP2-sharded over a world of one with bf16 compute (``shard_actor``): fp32 master
+  weights, or with ``--lora-rank R`` the bf16 base frozen under the rank-R adapters; gathered once for the
+  rollout (``collect_rollouts`` does) and run without CUDA graphs (they do not capture an FSDP2 module). The
+  recipe's one-GPU actor where FSDP2 has a job (fp32 master weights, offload); with ``--lora-rank`` what its
+  LoRA actor was before it was left unsharded.
   The two run after every other mode of the env, in this order (they change the model in place), so
   ``--cpu-render-slots`` cannot come with them.
 - ``pool_polling``: the loop waits 1 ms at a time on the simulations and looks at the decision in flight

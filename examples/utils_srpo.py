@@ -134,7 +134,8 @@ def _tiny_checkpoints(cfg: DictConfig, info: DistInfo) -> None:
 
 
 def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
-    """OpenVLA-OFT from ``model.path`` (a tiny random one is written first for ``model=tiny``), FSDP2-sharded."""
+    """OpenVLA-OFT from ``model.path`` (a tiny random one is written first for ``model=tiny``), FSDP2-sharded
+    (on one GPU with LoRA adapters and no offload: the plain module)."""
     if cfg.model.name == "tiny":
         _tiny_checkpoints(cfg, info)
     policy = OpenVLAOFTPolicy.from_pretrained(
@@ -157,8 +158,14 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
     if cfg.model.compile_blocks:  # before sharding: FSDP2's hooks then wrap the compiled blocks
         policy.model.compile_blocks()
     fsdp = cfg.actor.fsdp
-    shard_actor(policy.model, info, mixed_precision=fsdp.mixed_precision,
-                param_offload=fsdp.param_offload or fsdp.grad_offload)
+    offload = fsdp.param_offload or fsdp.grad_offload
+    if info.world_size == 1 and cfg.actor.lora_rank and not offload:
+        # One GPU, LoRA: FSDP2 would shard nothing, and its one job here, the cast to the compute dtype, is done
+        # (the base is stored in it, the fp32 adapters cast themselves). The plain module rolls out through the
+        # policy's CUDA graphs, which never capture an FSDP2 module, and needs no gathered copy of the weights.
+        policy.model.to(info.device)
+    else:
+        shard_actor(policy.model, info, mixed_precision=fsdp.mixed_precision, param_offload=offload)
     return policy.eval()
 
 

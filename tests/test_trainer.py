@@ -232,3 +232,26 @@ def test_rollout_metrics_add_up_the_rounds_and_give_the_rows_a_policy_call():
     assert (metrics["time/rollout_env"], metrics["time/rollout_policy"], metrics["time/rollout_reset"]) == \
         (2.0, 1.75, 0.25)
     assert metrics["sampling/groups_carried"] == 0.0
+
+
+@pytest.mark.gpu
+def test_one_gpu_lora_actor_is_the_plain_module_and_rolls_out_through_cuda_graphs(tmp_path):
+    # FSDP2 over one rank would shard nothing here, and its forward is never captured in a CUDA graph
+    from torch.distributed.fsdp import FSDPModule
+
+    from srpo_rl.distributed import DistInfo
+    from srpo_rl.examples.utils_srpo import make_policy
+    from srpo_rl.lora import lora_parameters
+
+    cfg = _compose([f"model.path={tmp_path / 'policy'}", f"model.vjepa_path={tmp_path / 'vjepa'}", "device=cuda",
+                    "actor.lora_rank=4"], name="tiny")
+    policy = make_policy(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)))
+    assert not any(isinstance(m, FSDPModule) for m in policy.model.modules())
+    assert lora_parameters(policy.model) and all(p.is_cuda for p in policy.model.parameters())
+    with torch.no_grad():
+        assert policy._graphed_forward() is not None
+
+    code, log = _run(tmp_path / "run", 1, "device=cuda", "actor.lora_rank=4", f"model.path={tmp_path / 'policy'}",
+                     f"model.vjepa_path={tmp_path / 'vjepa'}")
+    assert code == 0, log[-3000:]
+    assert "[step 1]" in log and (tmp_path / "run" / "checkpoints" / "global_step_1" / "huggingface").exists()
