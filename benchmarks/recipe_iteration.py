@@ -141,7 +141,8 @@ def main() -> None:
     print_table(metrics, wall, setup_s)
     print(json.dumps({
         "benchmark": "recipe_iteration",
-        "policy": ("tiny (fp32)" if args.tiny else "OpenVLA-OFT-7B (random, bf16 compute, FSDP2)")
+        "policy": ("tiny (fp32)" if args.tiny else "OpenVLA-OFT-7B (random, bf16 compute; FSDP2, "
+                                                       "or plain with LoRA on one GPU)")
         + (f", overrides: {' '.join(args.override)}" if args.override else ""),
         "reward_model": "tiny V-JEPA 2" if args.tiny else "V-JEPA 2 ViT-g/16 384px fp16 (random)",
         "suite": "libero_object" if args.tiny else args.suite,

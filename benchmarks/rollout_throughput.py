@@ -315,7 +315,8 @@ def shard_like_the_recipe(policy, device: torch.device, lora_rank: int) -> None:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1, device_id=device if device.type == "cuda" else None)
+                                world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None)
     if lora_rank:
         with_lora(policy, lora_rank)
     else:
