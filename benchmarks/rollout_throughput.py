@@ -314,9 +314,9 @@ def shard_like_the_recipe(policy, device: torch.device, lora_rank: int) -> None:
     from srpo_rl.distributed import DistInfo, shard_actor
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1,
-                                device_id=torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None)
+        cuda = device.type == "cuda"  # NCCL wants the device with its index
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()) if cuda else None)
     if lora_rank:
         with_lora(policy, lora_rank)
     else:
