@@ -2,7 +2,8 @@
 
 Compares fp16 autocast on/off, the encoder resident on the device vs offloaded to the CPU between
 calls, videos per forward, the attention kernel (PyTorch's SDPA backends: its own pick, flash,
-cuDNN, memory-efficient) and ``torch.compile``. The baseline is the recipe's setting (fp16, resident,
+cuDNN, memory-efficient) and ``torch.compile`` of the whole encoder or of each layer
+(``VideoEmbedder.compile_layers``, what the recipe's ``model.compile_blocks=true`` does). The baseline is the recipe's setting (fp16, resident,
 ``--batch`` videos per forward, SDPA's pick); every row reports its ratio to it and how far its
 embeddings are from the baseline's (max |diff| over the max |embedding|).
 
@@ -92,7 +93,8 @@ def sdpa_backend(name: str | None):
                          "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]])
 
 
-# key -> (name, fp16, offload, videos per forward (None: --batch), SDPA backend, torch.compile)
+# key -> (name, fp16, offload, videos per forward (None: --batch), SDPA backend, torch.compile: of the
+# encoder ("encoder") or of each layer ("layers"), or none)
 ROWS = {
     "recipe": ("fp16, resident, batched (recipe)", True, False, None, None, False),
     "fp32": ("fp32, resident, batched", False, False, None, None, False),
@@ -101,7 +103,8 @@ ROWS = {
     "flash": ("fp16, flash attention only", True, False, None, "flash", False),
     "cudnn": ("fp16, cuDNN attention only", True, False, None, "cudnn", False),
     "efficient": ("fp16, memory-efficient attention only", True, False, None, "efficient", False),
-    "compile": ("fp16, torch.compile(encoder)", True, False, None, None, True),
+    "compile": ("fp16, torch.compile(encoder)", True, False, None, None, "encoder"),
+    "compile_layers": ("fp16, compile_layers() (the recipe's)", True, False, None, None, "layers"),
 }
 
 
@@ -137,9 +140,11 @@ def main() -> None:
     results, reference = [], None
     for row in rows:
         name, fp16, offload, batch, backend, compiled = ROWS[row]
-        embedder = (CompiledVideoEmbedder if compiled else VideoEmbedder)(
+        embedder = (CompiledVideoEmbedder if compiled == "encoder" else VideoEmbedder)(
             model, img_size=img_size, num_frames=64, enable_fp16=fp16, offload=offload, device=device,
             batch_size=batch or args.batch)
+        if compiled == "layers":
+            embedder.compile_layers()
         t0 = time.perf_counter()
         with sdpa_backend(backend):
             try:
@@ -155,6 +160,8 @@ def main() -> None:
                         "row_wall_s": time.perf_counter() - t0,
                         "max_abs_diff_vs_baseline_rel": float((out - reference).abs().max() / reference.abs().max())})
         model.to(device)  # an offloaded row leaves the shared encoder on the CPU
+        for layer in model.encoder.layer:  # and compile_layers() the shared encoder's layers compiled
+            layer.__dict__.pop("forward", None)
     base = results[0]["traj_per_s"]
     for r in results:
         if "traj_per_s" in r:

@@ -1025,7 +1025,9 @@ def main() -> None:
                         help="also pool_cpu_renderK for each K: the pool on an env whose last K slots render with "
                              "Mesa's llvmpipe on the CPU (needs Mesa's EGL library)")
     parser.add_argument("--compile-blocks", action="store_true",
-                        help="the policy's blocks compiled (OpenVLAOFT.compile_blocks) in every mode and ceiling")
+                        help="the policy's blocks (OpenVLAOFT.compile_blocks) and the reward's V-JEPA 2 layers "
+                             "(VideoEmbedder.compile_layers) compiled in every mode and ceiling, as "
+                             "model.compile_blocks=true does in the recipe")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="pool_lora and pool_recipe: LoRA adapters of this rank (pool_recipe with 0: full "
                              "fine-tuning's fp32 master weights)")
@@ -1063,6 +1065,9 @@ def main() -> None:
         policy.model.compile_blocks()
         policy_name += ", blocks compiled"
     reward, reward_name = (None, "none") if args.no_reward else make_reward(args, device)
+    if args.compile_blocks and reward is not None:
+        reward.embedder.compile_layers()
+        reward_name += ", layers compiled"
     timer, forward_timer = PreprocessTimer(policy), ForwardTimer(policy, device)
     results: list[dict] = []
 

@@ -199,6 +199,8 @@ def make_reward(cfg: DictConfig, info: DistInfo):
     embedder = VideoEmbedder(encoder, img_size=emb.embedding_img_size, num_frames=emb.embedding_num_frames,
                              enable_fp16=emb.embedding_enable_fp16 and info.device.type == "cuda",
                              offload=emb.embedding_model_offload, center_crop=emb.center_crop, device=info.device)
+    if cfg.model.compile_blocks:
+        embedder.compile_layers()
     return SRPOProgressReward(embedder, reward_coef=alg.reward_coef, formula=alg.progress_formula,
                               video_key_by=alg.video_key_by)
 

@@ -234,6 +234,19 @@ def test_rollout_metrics_add_up_the_rounds_and_give_the_rows_a_policy_call():
     assert metrics["sampling/groups_carried"] == 0.0
 
 
+def test_compile_blocks_compiles_the_reward_encoders_layers_too(tmp_path):
+    from srpo_rl.distributed import DistInfo
+    from srpo_rl.examples.utils_srpo import make_reward
+    from srpo_rl.models.vjepa2 import write_tiny_vjepa2_checkpoint
+
+    write_tiny_vjepa2_checkpoint(tmp_path / "vjepa.pt", layout="original")
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    for compiled in (False, True):
+        cfg = _compose([f"model.vjepa_path={tmp_path / 'vjepa.pt'}", f"model.compile_blocks={compiled}"], name="tiny")
+        layers = make_reward(cfg, info).embedder.encoder.encoder.layer
+        assert all(("forward" in layer.__dict__) == compiled for layer in layers)
+
+
 @pytest.mark.gpu
 def test_one_gpu_lora_actor_is_the_plain_module_and_rolls_out_through_cuda_graphs(tmp_path):
     # FSDP2 over one rank would shard nothing here, and its forward is never captured in a CUDA graph

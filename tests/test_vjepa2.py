@@ -210,6 +210,22 @@ def test_embedder_sets_the_rope_grid_to_img_size(ckpt_dir, embedder):
         VideoEmbedder(model, img_size=50, device="cpu")
 
 
+def test_compiled_layers_give_the_eager_embeddings_with_one_compilation(ckpt_dir, embedder):
+    from torch._dynamo.utils import counters
+
+    compiled = VideoEmbedder(ckpt_dir / "tiny.pt", img_size=IMG, enable_fp16=False, device="cpu", batch_size=2)
+    compiled.compile_layers()
+    gen = torch.Generator().manual_seed(8)
+    videos = [torch.randint(0, 256, (t, 3, 40, 40), dtype=torch.uint8, generator=gen) for t in (30, 70, 9)]
+    counters.clear()
+    torch.testing.assert_close(compiled(videos), embedder(videos), atol=1e-5, rtol=1e-5)
+    # the layers share one graph: every layer of the first batch of 2 runs it; the last batch, of one video,
+    # is a new batch size and one more graph; none is made per layer
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    assert all(hasattr(layer.forward.args[0], "_torchdynamo_orig_callable") for layer in compiled.encoder.encoder.layer)
+    assert compiled.encoder.state_dict().keys() == embedder.encoder.state_dict().keys()
+
+
 @pytest.mark.gpu
 def test_fp16_and_offload_on_gpu(ckpt_dir):
     gen = torch.Generator().manual_seed(6)
@@ -218,3 +234,13 @@ def test_fp16_and_offload_on_gpu(ckpt_dir):
     fp16 = VideoEmbedder(ckpt_dir / "tiny.pt", img_size=IMG, enable_fp16=True, offload=True, device="cuda")
     torch.testing.assert_close(fp16(videos), fp32(videos), atol=2e-2, rtol=2e-2)
     assert next(fp16.encoder.parameters()).device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_compiled_layers_under_fp16_on_gpu(ckpt_dir):
+    gen = torch.Generator().manual_seed(9)
+    videos = [torch.randint(0, 256, (t, 3, 256, 256), dtype=torch.uint8, generator=gen) for t in (100, 9, 64)]
+    eager = VideoEmbedder(ckpt_dir / "tiny.pt", img_size=IMG, device="cuda", batch_size=2)
+    compiled = VideoEmbedder(ckpt_dir / "tiny.pt", img_size=IMG, device="cuda", batch_size=2)
+    compiled.compile_layers()
+    torch.testing.assert_close(compiled(videos), eager(videos), atol=2e-2, rtol=2e-2)

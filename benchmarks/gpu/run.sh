@@ -52,7 +52,7 @@ for job in "$@"; do
     fsdp) cmd=(python3 benchmarks/fsdp_inference.py) limit=240 ;;
     policy) cmd=(python3 benchmarks/policy_latency.py) limit=150 ;;
     compiled) cmd=(python3 benchmarks/compiled_blocks.py) limit=420 ;;  # the 7B with its blocks compiled against eager
-    reward) cmd=(python3 benchmarks/reward_throughput.py) limit=240 ;;
+    reward) cmd=(python3 benchmarks/reward_throughput.py) limit=300 ;;
     recipe) cmd=(python3 benchmarks/recipe_iteration.py --out /tmp/recipe) limit=480 ;;
     gil) cmd=(python3 benchmarks/gil_contention.py) limit=60 ;;
     simmem) cmd=(python3 benchmarks/sim_memory.py) limit=180 ;;  # a LIBERO process's host memory: heap trimmed or not, asset cache on / off
