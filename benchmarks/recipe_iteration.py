@@ -42,7 +42,7 @@ CAPPED = ("import runpy, sys, torch; cap = float(sys.argv.pop(1)) * 2**30; "
 
 def write_checkpoints(root: Path, device: torch.device) -> tuple[Path, Path, float]:
     """The 7B policy and ViT-g reward model with random weights, in their published formats."""
-    from reward_throughput import vitg_384
+    from reward_throughput import vitg
 
     from srpo_rl.models.openvla_oft import write_random_checkpoint
 
@@ -51,7 +51,7 @@ def write_checkpoints(root: Path, device: torch.device) -> tuple[Path, Path, flo
     if not (policy_dir / "config.json").exists():
         write_random_checkpoint(policy_dir, device=device)  # the returned model is dropped at once
     if not (vjepa_dir / "config.json").exists():
-        vitg_384(device).save_pretrained(vjepa_dir)
+        vitg(device).save_pretrained(vjepa_dir)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return policy_dir, vjepa_dir, time.perf_counter() - t0

@@ -8,6 +8,7 @@ cuDNN, memory-efficient) and ``torch.compile`` of the whole encoder or of each l
 embeddings are from the baseline's (max |diff| over the max |embedding|).
 
     python benchmarks/reward_throughput.py            # ViT-g/16 at 384 px, 64 frames, random weights, CUDA
+    python benchmarks/reward_throughput.py --img-size 256   # the 256-px ViT-g (another reward model)
     python benchmarks/reward_throughput.py --tiny     # a tiny V-JEPA 2 on the CPU (checks the script)
 
 Prints a table, then one JSON line with every figure, the machine, the versions and the command.
@@ -36,10 +37,11 @@ from _common import command, machine
 from srpo_rl.models.vjepa2 import VideoEmbedder, load_vjepa2, write_tiny_vjepa2_checkpoint
 
 
-def vitg_384(device: torch.device) -> VJEPA2Model:
-    """ViT-g/16 at 384 px as the recipe builds it, random weights (N(0, 0.02)), fp32, on ``device``."""
+def vitg(device: torch.device, img_size: int = 384) -> VJEPA2Model:
+    """ViT-g/16 as the recipe builds it (384 px; 256 px is ``vjepa2-vitg-fpc64-256``), random weights (N(0, 0.02)),
+    fp32, on ``device``."""
     config = VJEPA2Config(
-        patch_size=16, crop_size=384, frames_per_clip=64, tubelet_size=2, hidden_size=1408,
+        patch_size=16, crop_size=img_size, frames_per_clip=64, tubelet_size=2, hidden_size=1408,
         num_attention_heads=22, num_hidden_layers=40, mlp_ratio=48 / 11, pred_num_hidden_layers=0,
     )
     with torch.device("meta"):
@@ -111,6 +113,8 @@ ROWS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random V-JEPA 2 on the CPU")
+    parser.add_argument("--img-size", type=int, choices=(256, 384), default=384,
+                        help="the encoder's input side: 384 (the recipe's vitg-384) or 256 (vjepa2-vitg-fpc64-256)")
     parser.add_argument("--trajectories", type=int, default=None, help="videos per measured call (default 32; tiny 8)")
     parser.add_argument("--video-len", type=int, default=200, help="frames per trajectory video before sampling")
     parser.add_argument("--frame-size", type=int, default=256, help="side of the rendered frames")
@@ -132,7 +136,8 @@ def main() -> None:
         write_tiny_vjepa2_checkpoint(Path(tmp) / "tiny.pt")
         model, model_name = load_vjepa2(Path(tmp) / "tiny.pt", img_size=img_size), "tiny (128-d, 2 blocks)"
     else:
-        img_size, model, model_name = 384, vitg_384(device), "ViT-g/16 384px (random weights)"
+        img_size, model = args.img_size, vitg(device, args.img_size)
+        model_name = f"ViT-g/16 {img_size}px (random weights)"
     gen = torch.Generator().manual_seed(0)
     size = args.frame_size
     videos = [torch.randint(0, 256, (args.video_len, 3, size, size), dtype=torch.uint8, generator=gen) for _ in range(n)]

@@ -333,9 +333,9 @@ def make_reward(args, device: torch.device):
         write_tiny_vjepa2_checkpoint(path)
         embedder = VideoEmbedder(load_vjepa2(path, img_size=48), img_size=48, enable_fp16=False, device=device)
         return SRPOProgressReward(embedder), "tiny V-JEPA 2"
-    from reward_throughput import vitg_384
+    from reward_throughput import vitg
 
-    embedder = VideoEmbedder(vitg_384(device), img_size=384, num_frames=64, device=device, batch_size=8)
+    embedder = VideoEmbedder(vitg(device), img_size=384, num_frames=64, device=device, batch_size=8)
     return SRPOProgressReward(embedder), "V-JEPA 2 ViT-g/16 384px fp16 (random)"
 
 
