@@ -5,12 +5,17 @@ directory, V-JEPA 2 ViT-g/16 at 384 px as a Hugging Face directory) unless they 
 script runs as a user would run it, with a reduced batch (``--train-batch-size`` groups of 8 rollouts,
 ``--max-steps`` per episode, one validation pass over every task), and its console lines are read back.
 Random weights never succeed, so the accuracy filter is off (every group is trained on; its advantages are
-0, the update's cost is the same) and nothing is checkpointed (fp32 weights + AdamW are 90 GB).
+0, the update's cost is the same) and nothing is checkpointed (fp32 weights + AdamW are 90 GB). With
+``--forced-successes F LOW HIGH`` a share F of the rollouts (training and validation) is made to succeed at an
+env step drawn from [LOW, HIGH] (the scene moved into its goal, as ``rollout_throughput.py`` does): episode
+lengths like an SFT policy's, and failed trajectories whose reward V-JEPA computes against real successes.
 
     python benchmarks/recipe_iteration.py                  # OpenVLA-OFT-7B + ViT-g, one CUDA GPU
     python benchmarks/recipe_iteration.py --tiny           # tiny models on the CPU (checks the script)
     python benchmarks/recipe_iteration.py --gpu-memory-gib 78 --override actor.fsdp.optimizer_offload=true
                                                            # would it fit an 80 GB H100? (on a larger GPU)
+    python benchmarks/recipe_iteration.py --train-batch-size 64 --max-steps 512 --forced-successes 0.5 150 400
+                                                           # the full iteration, half the rollouts succeeding
 
 Prints a table of the phases, then one JSON line with every logged figure, the machine and the command.
 """
@@ -27,17 +32,53 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from _common import command, machine, versions
 
 PHASES = ("time/rollout", "time/reward_and_advantage", "time/update", "time/validation")
 LINE = re.compile(r"^\[step (\d+)\] (.*)$")
-# runs the example with PyTorch's CUDA caching allocator capped at argv[1] GiB: past the cap an allocation
-# raises out-of-memory as on a smaller GPU (the CUDA context and the env processes' EGL memory are not counted)
-CAPPED = ("import runpy, sys, torch; cap = float(sys.argv.pop(1)) * 2**30; "
-          "torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory); "
+# runs the example after prepare(argv[1] as JSON) in the child process
+LAUNCH = ("import json, runpy, sys; options = json.loads(sys.argv.pop(1)); sys.path.insert(0, options['benchmarks']); "
+          "import recipe_iteration; recipe_iteration.prepare(options); "
           "runpy.run_module('srpo_rl.examples.srpo_libero', run_name='__main__', alter_sys=True)")
+
+
+class DrawnSuccessSteps:
+    """The env step at which a rollout is made to succeed, or None, drawn from its id and ``seed``.
+
+    The recipe hands out rollout ids as it goes, so each draw depends on the id alone: a share ``fraction``
+    of the ids succeeds, at a step uniform in ``[low, high]``. It serves as ``ForcedSuccessEnv``'s
+    ``success_step`` mapping (only ``get`` is used).
+    """
+
+    def __init__(self, fraction: float, low: int, high: int, seed: int = 0) -> None:
+        if not 0.0 <= fraction <= 1.0 or not 1 <= low <= high:
+            raise ValueError(f"need 0 <= fraction <= 1 and 1 <= low <= high, got {fraction}, {low}, {high}")
+        self.fraction, self.low, self.high, self.seed = fraction, low, high, seed
+
+    def get(self, rollout_id: int, default: int | None = None) -> int | None:
+        rng = np.random.default_rng([self.seed, rollout_id % 2**32])
+        succeeds, step = rng.random() < self.fraction, int(rng.integers(self.low, self.high + 1))
+        return step if succeeds else default
+
+
+def prepare(options: dict) -> None:
+    """In the child process, before the example runs: caps PyTorch's CUDA caching allocator at
+    ``gpu_memory_gib`` (past the cap an allocation raises out-of-memory as on a smaller GPU; the CUDA context and
+    the env processes' EGL memory are not counted), and builds the env with forced successes."""
+    if options.get("gpu_memory_gib") is not None:
+        cap = options["gpu_memory_gib"] * 2**30
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    if options.get("forced_successes"):
+        from rollout_throughput import ForcedSuccessEnv
+
+        from srpo_rl.examples import utils_srpo
+
+        steps = DrawnSuccessSteps(*options["forced_successes"])
+        utils_srpo.make_libero_env = lambda suite, num_envs, **kwargs: ForcedSuccessEnv(
+            suite, num_envs, success_step=steps, **kwargs)
 
 
 def write_checkpoints(root: Path, device: torch.device) -> tuple[Path, Path, float]:
@@ -119,7 +160,16 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for the script")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="cap PyTorch's GPU memory at this many GiB (an 80 GB H100 holds about 78 beside its context)")
+    parser.add_argument("--forced-successes", nargs=3, type=float, default=None, metavar=("FRACTION", "LOW", "HIGH"),
+                        help="make this share of the rollouts succeed at an env step drawn from [LOW, HIGH]")
     args = parser.parse_args()
+    if args.forced_successes is not None:
+        fraction, low, high = args.forced_successes
+        try:
+            args.forced_successes = [fraction, int(low), int(high)]
+            DrawnSuccessSteps(*args.forced_successes)
+        except ValueError as error:
+            parser.error(f"--forced-successes: {error}")
 
     out = args.out or Path(tempfile.mkdtemp(prefix="srpo_recipe_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +182,9 @@ def main() -> None:
         policy_dir, vjepa_dir, setup_s = write_checkpoints(out, device)
     if args.gpu_memory_gib is not None and device.type != "cuda":
         sys.exit("--gpu-memory-gib caps a CUDA device's memory; this run has none")
-    launch = ["-m", "srpo_rl.examples.srpo_libero"] if args.gpu_memory_gib is None else ["-c", CAPPED, str(args.gpu_memory_gib)]
-    script = [sys.executable, *launch, *overrides(args, policy_dir, vjepa_dir, out / "run")]
+    options = {"benchmarks": str(Path(__file__).resolve().parent), "gpu_memory_gib": args.gpu_memory_gib,
+               "forced_successes": args.forced_successes}
+    script = [sys.executable, "-c", LAUNCH, json.dumps(options), *overrides(args, policy_dir, vjepa_dir, out / "run")]
     print("running:", " ".join(script), flush=True)
     metrics, wall, code = run_recipe(script, out / "recipe.log")
     if code != 0:
@@ -144,6 +195,7 @@ def main() -> None:
         "policy": ("tiny (fp32)" if args.tiny else "OpenVLA-OFT-7B (random, bf16 compute; FSDP2, "
                                                        "or plain with LoRA on one GPU)")
         + (f", overrides: {' '.join(args.override)}" if args.override else ""),
+        "forced_successes": args.forced_successes,
         "reward_model": "tiny V-JEPA 2" if args.tiny else "V-JEPA 2 ViT-g/16 384px fp16 (random)",
         "suite": "libero_object" if args.tiny else args.suite,
         "wall_s": wall,
