@@ -3,9 +3,9 @@
 Compares fp16 autocast on/off, the encoder resident on the device vs offloaded to the CPU between
 calls, videos per forward, the attention kernel (PyTorch's SDPA backends: its own pick, flash,
 cuDNN, memory-efficient) and ``torch.compile`` of the whole encoder or of each layer
-(``VideoEmbedder.compile_layers``, what the recipe's ``model.compile_blocks=true`` does). The baseline is the recipe's setting (fp16, resident,
-``--batch`` videos per forward, SDPA's pick); every row reports its ratio to it and how far its
-embeddings are from the baseline's (max |diff| over the max |embedding|).
+(``VideoEmbedder.compile_layers``, what the recipe's ``model.compile_blocks=true`` does). The baseline
+is the recipe's setting (fp16, resident, ``--batch`` videos per forward, SDPA's pick); every row reports
+its ratio to it and how far its embeddings are from the baseline's (max |diff| over the max |embedding|).
 
     python benchmarks/reward_throughput.py            # ViT-g/16 at 384 px, 64 frames, random weights, CUDA
     python benchmarks/reward_throughput.py --img-size 256   # the 256-px ViT-g (another reward model)
@@ -165,7 +165,7 @@ def main() -> None:
                         "row_wall_s": time.perf_counter() - t0,
                         "max_abs_diff_vs_baseline_rel": float((out - reference).abs().max() / reference.abs().max())})
         model.to(device)  # an offloaded row leaves the shared encoder on the CPU
-        for layer in model.encoder.layer:  # and compile_layers() the shared encoder's layers compiled
+        for layer in model.encoder.layer:  # compile_layers() patched the shared layers: eager again for the next row
             layer.__dict__.pop("forward", None)
     base = results[0]["traj_per_s"]
     for r in results:
