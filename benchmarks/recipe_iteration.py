@@ -38,7 +38,8 @@ import torch
 from _common import command, machine, versions
 
 PHASES = ("time/rollout", "time/reward_and_advantage", "time/update", "time/validation")
-LINE = re.compile(r"^\[step (\d+)\] (.*)$")
+# a cleared progress bar may leave its spaces and a cursor move before the line
+LINE = re.compile(r"\[step (\d+)\] (.*)$")
 # runs the example after prepare(argv[1] as JSON) in the child process
 LAUNCH = ("import json, runpy, sys; options = json.loads(sys.argv.pop(1)); sys.path.insert(0, options['benchmarks']); "
           "import recipe_iteration; recipe_iteration.prepare(options); "
@@ -123,7 +124,7 @@ def run_recipe(script: list[str], log_path: Path) -> tuple[dict[str, float], flo
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
-            if match := LINE.match(line.strip()):
+            if match := LINE.search(line.strip()):
                 metrics.update({k: float(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())})
     return metrics, time.perf_counter() - t0, proc.returncode
 
@@ -141,6 +142,10 @@ def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
           f"policy {metrics.get('time/rollout_policy', float('nan')):.1f} s; "
           f"{metrics.get('rollout/policy_calls', float('nan')):.0f} policy calls of "
           f"{metrics.get('rollout/mean_batch', float('nan')):.1f} rows on average)")
+    if "train/samples" in metrics:
+        print(f"update: {metrics['train/samples']:.0f} samples (decision steps x epochs), "
+              f"{metrics['train/samples'] / metrics['time/update']:.2f} samples/s, "
+              f"{metrics.get('train/optimizer_steps', float('nan')):.0f} optimizer steps")
     if "memory/peak_allocated_gib" in metrics:
         print(f"peak GPU memory through rollout, reward and update: {metrics['memory/peak_allocated_gib']:.1f} GiB "
               f"allocated, {metrics['memory/peak_reserved_gib']:.1f} GiB reserved")

@@ -113,7 +113,6 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
     bar = tqdm(total=total_steps, initial=step, desc="srpo", disable=not info.is_main)
     while step < total_steps:
         step += 1
-        timings = {}
 
         # Rollouts until train_batch_size groups pass the filters (refill; surplus carried over)
         t0 = time.perf_counter()
@@ -137,19 +136,19 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
             if reduce_scalar(float(sampler.ready), "min"):  # every rank trains, or none does
                 break
         batch = sampler.pop() if reduce_scalar(float(sampler.ready), "min") else None
-        timings["time/rollout"] = time.perf_counter() - t0
-        metrics = rollout_metrics(collected, sampler, rounds)
+        # each phase's figures are logged as it ends: a long update that fails still leaves them
+        logger.log({**rollout_metrics(collected, sampler, rounds), "time/rollout": time.perf_counter() - t0}, step)
         if batch is None:
             print(f"step {step}: no batch of {cfg.data.train_batch_size} groups passed the filters after {rounds} "
                   "rollout rounds; skipping the update (raise max_rollout_rounds or check the policy)", flush=True)
-            logger.log({**metrics, **timings, "train/skipped": 1.0}, step)
+            logger.log({"train/skipped": 1.0}, step)
             bar.update(1)
             continue
 
         # SRPO progress reward on the kept groups, then GRPO advantages
         t0 = time.perf_counter()
         batch = advantage_module(reward_module(batch))
-        timings["time/reward_and_advantage"] = time.perf_counter() - t0
+        logger.log({**batch_metrics(batch), "time/reward_and_advantage": time.perf_counter() - t0}, step)
         if info.is_main and not batch["advantage"].abs().gt(0).any():
             print(f"step {step}: every advantage is 0 (no group mixes outcomes): this update has zero gradient",
                   flush=True)
@@ -163,14 +162,11 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
             micro_batch_trajectories=cfg.actor.ppo_micro_batch_size,
             traj_mini_batch_size=cfg.actor.traj_mini_batch_size,
             ppo_epochs=cfg.actor.ppo_epochs, grad_clip=cfg.actor.grad_clip,
-            shuffle=cfg.actor.shuffle, generator=generator, device=info.device,
+            shuffle=cfg.actor.shuffle, generator=generator, device=info.device, progress=info.is_main and "update",
         )
         policy.eval()
-        timings["time/update"] = time.perf_counter() - t0
-        metrics.update({f"train/{k}": v for k, v in losses.items()})
-        metrics.update(batch_metrics(batch))
-        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        logger.log({**metrics, **timings, **memory_metrics(info.device)}, step)
+        logger.log({**{f"train/{k}": v for k, v in losses.items()}, "train/lr": optimizer.param_groups[0]["lr"],
+                    "time/update": time.perf_counter() - t0, **memory_metrics(info.device)}, step)
 
         # Validation and checkpoints
         if cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0:

@@ -39,6 +39,11 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: int = 20) ->
     return path
 
 
+def _console_number(value: float) -> str:
+    """Counts in full (25085, not 2.508e+04); other values to 4 significant digits."""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+
+
 class MetricLogger:
     """Logs scalars and videos to the chosen backends; only rank 0 writes."""
 
@@ -88,7 +93,7 @@ class MetricLogger:
             for backend in self.backends:
                 backend.log_scalar(name, float(value), step=step)
         if "console" in self.types and metrics:
-            shown = " ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()))
+            shown = " ".join(f"{k}={_console_number(float(v))}" for k, v in sorted(metrics.items()))
             print(f"[step {step}] {shown}", flush=True)
 
     def log_video(self, name: str, frames: torch.Tensor, step: int, fps: int = 20) -> Path | None:

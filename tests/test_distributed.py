@@ -78,6 +78,47 @@ def test_two_gloo_processes_match_one(checkpoint, tmp_path):
         torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_update_progress_bar_counts_every_epochs_executed_steps(checkpoint, capsys):
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.0)
+    metrics = update_policy(SRPOLoss(policy), optimizer, batch, mini_batch_trajectories=4, traj_mini_batch_size=2,
+                            ppo_epochs=2, progress="update")
+    executed = 3 + 2 + 3 + 1 + 2 + 3 + 3 + 2  # the ragged lengths _batch sets
+    bar = capsys.readouterr().err
+    assert "update:" in bar and f"/{2 * executed} " in bar, bar
+    assert metrics["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches of 4 trajectories
+    assert metrics["samples"] == 2 * executed
+    quiet = update_policy(SRPOLoss(policy), optimizer, batch, mini_batch_trajectories=8, traj_mini_batch_size=2)
+    assert quiet["samples"] == executed and capsys.readouterr().err == ""  # no bar unless asked
+
+
+def _sgd_update(checkpoint: str, **slicing) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One SGD step of update_policy over _batch's 8 trajectories; the updated weights and each forward's size."""
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    sizes = []
+    loss.register_forward_pre_hook(lambda module, args: sizes.append(args[0].batch_size[0]))
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.5)
+    update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, shuffle=False, grad_clip=None, **slicing)
+    return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, sizes
+
+
+def test_slices_are_packed_across_trajectories_and_the_update_is_exact(checkpoint):
+    whole, sizes = _sgd_update(checkpoint, traj_mini_batch_size=64)
+    assert sizes == [19]  # every executed step of the ragged lengths 3, 2, 3, 1, 2, 3, 3, 2 in one forward
+    packed, sizes = _sgd_update(checkpoint, micro_batch_trajectories=2, traj_mini_batch_size=2)
+    # 4 steps a forward (2 trajectories' worth of 2-step slices), cut across trajectory ends: 5 forwards,
+    # where cutting each trajectory on its own would take 12
+    assert sizes == [4, 4, 4, 4, 3]
+    initial = OpenVLAOFTPolicy.from_pretrained(checkpoint, "libero_goal", dtype=torch.float32).model.state_dict()
+    assert sum(not torch.equal(whole[k], initial[k]) for k in whole) > 50  # the step really moved the weights
+    for key in whole:
+        torch.testing.assert_close(packed[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def _observations() -> TensorDict:
     g = torch.Generator().manual_seed(1)
     image = torch.randint(0, 256, (NUM_TRAJ, 3, 256, 256), dtype=torch.uint8, generator=g)

@@ -268,3 +268,11 @@ def test_one_gpu_lora_actor_is_the_plain_module_and_rolls_out_through_cuda_graph
                      f"model.vjepa_path={tmp_path / 'vjepa'}")
     assert code == 0, log[-3000:]
     assert "[step 1]" in log and (tmp_path / "run" / "checkpoints" / "global_step_1" / "huggingface").exists()
+
+
+def test_console_line_prints_counts_in_full_and_the_rest_to_four_digits(tmp_path, capsys):
+    from srpo_rl.loggers import MetricLogger
+
+    logger = MetricLogger(["console"], log_dir=tmp_path, experiment_name="console")
+    logger.log({"train/samples": 25085.0, "train/lr": 5e-6, "loss": -0.123456, "delta": -3.0, "odd": float("nan")}, 7)
+    assert capsys.readouterr().out == "[step 7] delta=-3 loss=-0.1235 odd=nan train/lr=5e-06 train/samples=25085\n"

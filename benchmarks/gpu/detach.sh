@@ -16,6 +16,8 @@ case "${1:-}" in
     if [ -f "$DIR/pid" ] && kill -0 "$(cat "$DIR/pid")" 2>/dev/null; then
       echo "detach.sh: jobs already running (pid $(cat "$DIR/pid")); wait on them first"; exit 2
     fi
+    # the machine ends an ordinary user's every process when a call returns, a new session's too
+    [ "$(id -u)" = 0 ] || echo "detach.sh: warning: not root (uid $(id -u)): the jobs may end with this call"
     rm -rf "$DIR" && mkdir -p "$DIR"
     # run.sh's own exit status lands in exit_code: the wait calls tell a finished run from a killed one
     OUT="$DIR" setsid nohup bash -c 'bash benchmarks/gpu/run.sh "$@"; echo $? > '"$DIR"'/exit_code' _ "$@" \
@@ -29,6 +31,8 @@ case "${1:-}" in
     end=$((SECONDS + seconds))
     while [ ! -f "$DIR/exit_code" ] && kill -0 "$(cat "$DIR/pid")" 2>/dev/null && [ $SECONDS -lt $end ]; do
       sleep 5
+      # a call cut short (the session's device time spent) still returns what $OUT holds: keep it current
+      (( SECONDS % 30 < 5 )) && cp -r "$DIR"/. "${OUT:?}/" 2>/dev/null
     done
     cp -r "$DIR"/. "${OUT:?}/" 2>/dev/null
     tail -n 40 "$DIR/detached.log"
