@@ -66,9 +66,12 @@ def update_policy(
     """Runs ``ppo_epochs`` passes over this rank's trajectories and returns averaged diagnostics.
 
     ``batch`` must carry the group advantages (``("steps", "advantage")`` and ``("steps", "token_mask")``).
-    Returns the mean over optimizer steps of every scalar the loss reports, plus ``grad_norm`` and
-    ``optimizer_steps`` and ``samples`` (the decision steps trained on, over every epoch). ``progress`` (True or the bar's label) shows a bar of the decision steps trained on:
-    its rate is the update's samples/s.
+    ``mini_batch_trajectories`` trajectories make one optimizer step; each forward/backward takes
+    ``micro_batch_trajectories * traj_mini_batch_size`` of their executed decision steps, packed across
+    trajectory ends (the module docstring says why the gradient is the same). Returns the mean over
+    optimizer steps of every scalar the loss reports, plus ``grad_norm``, ``optimizer_steps`` and
+    ``samples`` (the decision steps trained on, over every epoch). ``progress`` (True or the bar's label)
+    shows a bar of those steps: its rate is the update's samples/s.
     """
     if mini_batch_trajectories < 1 or micro_batch_trajectories < 1 or traj_mini_batch_size < 1:
         raise ValueError(
