@@ -142,6 +142,8 @@ def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
           f"policy {metrics.get('time/rollout_policy', float('nan')):.1f} s; "
           f"{metrics.get('rollout/policy_calls', float('nan')):.0f} policy calls of "
           f"{metrics.get('rollout/mean_batch', float('nan')):.1f} rows on average)")
+    if metrics.get("rollout/policy_gpu_share"):  # CUDA events: none on the CPU
+        print(f"the forwards kept the GPU busy {100 * metrics['rollout/policy_gpu_share']:.1f} % of the rollout")
     if "train/samples" in metrics:
         print(f"update: {metrics['train/samples']:.0f} samples (decision steps x epochs), "
               f"{metrics['train/samples'] / metrics['time/update']:.2f} samples/s, "

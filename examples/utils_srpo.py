@@ -297,7 +297,7 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
     success = torch.cat([t["success"] for t, _ in collected]).float()
     lengths = torch.cat([t["num_steps"] for t, _ in collected]).float()
     totals = {"env_steps": 0.0, "decisions": 0.0, "policy_calls": 0.0, "time_wall": 0.0, "time_env": 0.0,
-              "time_policy": 0.0, "time_reset": 0.0}
+              "time_policy": 0.0, "time_reset": 0.0, "time_policy_gpu": 0.0}
     for _, stats in collected:
         for key, value in stats.as_dict().items():
             if key in totals:
@@ -315,6 +315,8 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         "time/rollout_env": totals["time_env"],
         "time/rollout_policy": totals["time_policy"],
         "time/rollout_reset": totals["time_reset"],
+        # the forwards' GPU time over the rollout's: how much of the GPU the rollout leaves idle
+        "rollout/policy_gpu_share": totals["time_policy_gpu"] / max(totals["time_wall"], 1e-9),
     }
     metrics.update({f"sampling/{k}": float(v) for k, v in sampler.stats().items()})
     return metrics

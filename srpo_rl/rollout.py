@@ -135,6 +135,10 @@ class RolloutStats:
     the thread that ran the policy calls (preprocessing, kernel launches, decoding; not its JPEG helper
     threads), ``loop_cpu_time`` that of the loop around them (taking in the env's results, bookkeeping,
     resets): where the policy runs on a thread of its own (``overlap=True``) the two compete for the GIL.
+    ``policy_gpu_time`` is the GPU time of the policy's calls by their CUDA events (``gpu_ms()`` of what
+    ``launch`` returns, as :class:`~srpo_rl.policy.LaunchedDecision` reports; 0 for a policy that reports
+    none): against ``wall_time`` it says how busy the rollout kept the GPU, and so what room is left beside it
+    (for the reward's embedding, :class:`~srpo_rl.rewards.BackgroundEmbedder`).
     """
 
     trajectories: int = 0
@@ -147,6 +151,7 @@ class RolloutStats:
     reset_time: float = 0.0
     policy_cpu_time: float = 0.0
     loop_cpu_time: float = 0.0
+    policy_gpu_time: float = 0.0
     videos: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -167,6 +172,7 @@ class RolloutStats:
             "time_reset": self.reset_time,
             "cpu_policy": self.policy_cpu_time,
             "cpu_loop": self.loop_cpu_time,
+            "time_policy_gpu": self.policy_gpu_time,
         }
 
 
@@ -543,7 +549,9 @@ class _Rollout:
         """The decision of a :meth:`launch_policy` call, on the CPU."""
         with self._timed_policy():
             if self.two_phase:
-                return self.policy.finish(launched)
+                decision = self.policy.finish(launched)  # done on the GPU: its events have fired
+                self.stats.policy_gpu_time += (getattr(launched, "gpu_ms", lambda: None)() or 0.0) / 1e3
+                return decision
             wait_for_stream()  # asleep, not spinning on a core the simulation needs
             return launched.to("cpu")
 

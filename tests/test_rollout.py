@@ -19,7 +19,7 @@ from torchrl.envs.utils import ExplorationType
 from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
-from srpo_rl.policy import OpenVLAOFTPolicy
+from srpo_rl.policy import LaunchedDecision, OpenVLAOFTPolicy
 from srpo_rl.rollout import (POLICY_STREAM_PRIORITY, RolloutRequest, _ForwardClock, _PolicyThread, _Rollout,
                              _stack_trajectories, collect_rollouts, group_requests, single_cpu_thread)
 
@@ -218,6 +218,18 @@ def test_the_cpu_time_of_loop_and_policy_is_counted_apart(runs, overlap):
     assert 0 < stats.policy_cpu_time <= stats.policy_time + 1e-3
     same_thread = overlap is not True  # only the pool runs the policy on a thread of its own
     assert 0 < stats.loop_cpu_time <= stats.wall_time - stats.policy_cpu_time * same_thread + 1e-3
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_forwards_gpu_time_adds_up_what_each_decision_reports(env, policy, monkeypatch, runs, overlap):
+    assert runs[overlap][1].policy_gpu_time == 0.0  # on the CPU a decision has no CUDA events: nothing reported
+    # what a decision's CUDA events would say (the GPU test below reads real ones): 5 ms each
+    monkeypatch.setattr(LaunchedDecision, "gpu_ms", lambda self: 5.0)
+    env.success_chunk, env.log = dict(SCHEDULE), []
+    _, stats = collect_rollouts(env, policy, _requests(), overlap=overlap, exploration_type=ExplorationType.DETERMINISTIC)
+    assert stats.policy_calls > 0
+    assert stats.policy_gpu_time == pytest.approx(0.005 * stats.policy_calls)
+    assert stats.as_dict()["time_policy_gpu"] == stats.policy_gpu_time
 
 
 @pytest.mark.parametrize("overlap", [True, "halves"])
@@ -627,6 +639,7 @@ def test_the_policy_runs_on_a_stream_above_the_default_priority(env, tmp_path, m
     trajs, stats = collect_rollouts(env, policy, _requests(), overlap=overlap)
     assert len(seen) == stats.policy_calls > 0 and len(set(seen)) == 1  # one stream for every call
     assert seen[0].priority < torch.cuda.default_stream().priority == torch.cuda.Stream().priority
+    assert 0 < stats.policy_gpu_time < stats.wall_time  # the forwards' CUDA events, inside the rollout's time
     assert [int(n) for n in trajs["num_steps"]] == [_expected_steps(r) for r in trajs["rollout_id"].tolist()]
     assert POLICY_STREAM_PRIORITY < 0
 

@@ -220,9 +220,9 @@ def test_rollout_metrics_add_up_the_rounds_and_give_the_rows_a_policy_call():
         return trajectories, RolloutStats(**counts)
 
     collected = [round_([True, False], [160, 512], env_steps=672, decisions=84, policy_calls=20, wall_time=2.0,
-                        env_time=1.5, policy_time=1.0),
+                        env_time=1.5, policy_time=1.0, policy_gpu_time=1.5),
                  round_([False], [512], env_steps=512, decisions=64, policy_calls=12, wall_time=1.0, env_time=0.5,
-                        policy_time=0.75, reset_time=0.25)]
+                        policy_time=0.75, reset_time=0.25, policy_gpu_time=0.6)]
     metrics = rollout_metrics(collected, EmbodiedSampler(2), rounds=2)
     assert metrics["rollout/success_rate"] == pytest.approx(1 / 3)
     assert metrics["rollout/episode_length"] == pytest.approx((160 + 512 + 512) / 3)
@@ -231,6 +231,7 @@ def test_rollout_metrics_add_up_the_rounds_and_give_the_rows_a_policy_call():
     assert metrics["rollout/mean_batch"] == pytest.approx((84 + 64) / 32)
     assert (metrics["time/rollout_env"], metrics["time/rollout_policy"], metrics["time/rollout_reset"]) == \
         (2.0, 1.75, 0.25)
+    assert metrics["rollout/policy_gpu_share"] == pytest.approx((1.5 + 0.6) / 3.0)
     assert metrics["sampling/groups_carried"] == 0.0
 
 
