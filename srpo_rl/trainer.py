@@ -79,7 +79,7 @@ def update_policy(
             f"{mini_batch_trajectories}, {micro_batch_trajectories}, {traj_mini_batch_size}"
         )
     params = [p for p in loss_module.parameters() if p.requires_grad]
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, float | torch.Tensor] = defaultdict(float)
     steps_done = samples = 0
     num_trajectories = batch.batch_size[0]
     bar = tqdm(total=ppo_epochs * int(batch.get(("steps", "mask")).sum()), unit="sample", leave=False,
@@ -112,7 +112,7 @@ def update_policy(
             sums["skipped_nonfinite_grad"] += float(not math.isfinite(norm))
             steps_done += 1
     bar.close()
-    metrics = {k: v / max(steps_done, 1) for k, v in sums.items()}
+    metrics = {k: float(v) / max(steps_done, 1) for k, v in sums.items()}  # the diagnostics' one read-back
     metrics["optimizer_steps"] = steps_done
     metrics["samples"] = samples
     return metrics
@@ -131,8 +131,10 @@ def _sync_gradients(loss_module: torch.nn.Module, last: bool) -> None:
             module.set_requires_gradient_sync(last)
 
 
-def _accumulate(sums: dict[str, float], out: TensorDict, weight: float) -> None:
+def _accumulate(sums: dict, out: TensorDict, weight: float) -> None:
     for key, value in out.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             # Losses are already weighted for the whole mini-batch: they add up; diagnostics are averaged.
-            sums[key] += float(value.detach()) * (1.0 if key.startswith("loss_") else weight)
+            # The sums stay on the device: reading each slice's values back would make the host wait for its
+            # backward before it launches the next slice's forward, and leave the GPU idle in between.
+            sums[key] = sums[key] + value.detach().reshape(()).double() * (1.0 if key.startswith("loss_") else weight)

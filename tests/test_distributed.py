@@ -119,6 +119,19 @@ def test_slices_are_packed_across_trajectories_and_the_update_is_exact(checkpoin
         torch.testing.assert_close(packed[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_the_update_reads_its_diagnostics_back_once_not_per_slice(checkpoint, monkeypatch):
+    # a read-back per slice would make the host wait for each backward before launching the next forward
+    reads = []
+    to_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append(1) or to_float(self))
+    reads_by_forwards = {}
+    for steps in (64, 1):  # one forward over the 19 steps, then 19 forwards of one step
+        reads.clear()
+        _, sizes = _sgd_update(checkpoint, traj_mini_batch_size=steps)
+        reads_by_forwards[len(sizes)] = len(reads)
+    assert reads_by_forwards[1] == reads_by_forwards[19] > 0, reads_by_forwards
+
+
 def _observations() -> TensorDict:
     g = torch.Generator().manual_seed(1)
     image = torch.randint(0, 256, (NUM_TRAJ, 3, 256, 256), dtype=torch.uint8, generator=g)
