@@ -97,7 +97,7 @@ def update_policy(
             pieces += [_zero_weight(pieces[-1], weight_key)] * (int(reduce_scalar(real, "max")) - real)
             for i, piece in enumerate(pieces):
                 _sync_gradients(loss_module, last=i == len(pieces) - 1)
-                out = loss_module(piece.to(device) if device is not None else piece)
+                out = loss_module(_to_device(piece, device))
                 loss = sum(v for k, v in out.items() if k.startswith("loss_"))
                 loss.backward()
                 if i < real:
@@ -116,6 +116,16 @@ def update_policy(
     metrics["optimizer_steps"] = steps_done
     metrics["samples"] = samples
     return metrics
+
+
+def _to_device(piece: TensorDictBase, device: torch.device | str | None) -> TensorDictBase:
+    if device is None:
+        return piece
+    if torch.device(device).type != "cuda" or piece.device != torch.device("cpu"):
+        return piece.to(device)
+    # from pinned memory the copy queues behind the GPU's work; from pageable memory it waits for that work to end
+    # (pin_memory on this thread: its default spawns a thread pool)
+    return piece.pin_memory(num_threads=0).to(device, non_blocking=True)
 
 
 def _zero_weight(piece: TensorDictBase, key) -> TensorDictBase:
