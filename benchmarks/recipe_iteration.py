@@ -1,7 +1,8 @@
 """One iteration of the full SRPO recipe through ``examples/srpo_libero.py``: time per phase and peak memory.
 
 Random-weight checkpoints are written first in the published formats (OpenVLA-OFT-7B as its Hugging Face
-directory, V-JEPA 2 ViT-g/16 at 384 px as a Hugging Face directory) unless they exist; then the example
+directory, V-JEPA 2 ViT-g/16 as a Hugging Face directory, which serves 384 px and 256 px alike: its position
+encoding is rotary) unless they exist; then the example
 script runs as a user would run it, with a reduced batch (``--train-batch-size`` groups of 8 rollouts,
 ``--max-steps`` per episode, one validation pass over every task), and its console lines are read back.
 Random weights never succeed, so the accuracy filter is off (every group is trained on; its advantages are
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from _common import command, machine, versions
 
@@ -88,7 +90,7 @@ def write_checkpoints(root: Path, device: torch.device) -> tuple[Path, Path, flo
 
     from srpo_rl.models.openvla_oft import write_random_checkpoint
 
-    policy_dir, vjepa_dir = root / "openvla_oft_7b_random", root / "vjepa2_vitg_384_random"
+    policy_dir, vjepa_dir = root / "openvla_oft_7b_random", root / "vjepa2_vitg_random"
     t0 = time.perf_counter()
     if not (policy_dir / "config.json").exists():
         write_random_checkpoint(policy_dir, device=device)  # the returned model is dropped at once
@@ -132,10 +134,11 @@ def run_recipe(script: list[str], log_path: Path) -> tuple[dict[str, float], flo
 def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
     phases = {name: metrics.get(name, float("nan")) for name in PHASES}
     accounted = sum(v for v in phases.values() if v == v)
-    print(f"\nOne SRPO iteration through examples/srpo_libero.py ({wall:.1f} s in all)")
-    print(f"{'phase':<28} {'seconds':>8} {'share':>6}")
-    for name, seconds in [*phases.items(), ("start-up (load models, build envs)", wall - accounted)]:
-        print(f"{name:<28} {seconds:>8.1f} {100 * seconds / wall:>5.1f}%")
+    print(f"\nOne SRPO iteration through examples/srpo_libero.py ({wall:.1f} s in all, {accounted:.1f} s in its phases)")
+    print(f"{'phase':<28} {'seconds':>8} {'share':>6} {'of phases':>9}")
+    for name, seconds in phases.items():
+        print(f"{name:<28} {seconds:>8.1f} {100 * seconds / wall:>5.1f}% {100 * seconds / accounted:>8.1f}%")
+    print(f"{'start-up (load models, build envs)':<28} {wall - accounted:>8.1f} {100 * (wall - accounted) / wall:>5.1f}%")
     print(f"rollout: {metrics.get('rollout/trajectories', 0):.0f} trajectories, "
           f"{metrics.get('rollout/env_steps_per_s', float('nan')):.1f} env-steps/s "
           f"(env wait {metrics.get('time/rollout_env', float('nan')):.1f} s, "
@@ -152,6 +155,15 @@ def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
         print(f"peak GPU memory through rollout, reward and update: {metrics['memory/peak_allocated_gib']:.1f} GiB "
               f"allocated, {metrics['memory/peak_reserved_gib']:.1f} GiB reserved")
     print(f"writing the random checkpoints beforehand: {setup_s:.1f} s")
+
+
+def embedding_img_size(args) -> int:
+    """V-JEPA's input side in this run: the last ``embodied.embedding_img_size`` override, else the config's."""
+    sizes = [o.split("=", 1)[1] for o in args.override if o.startswith("embodied.embedding_img_size=")]
+    if sizes:
+        return int(sizes[-1])
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples/config/config.yaml").read_text())
+    return int(config["embodied"]["embedding_img_size"])
 
 
 def main() -> None:
@@ -203,7 +215,7 @@ def main() -> None:
                                                        "or plain with LoRA on one GPU)")
         + (f", overrides: {' '.join(args.override)}" if args.override else ""),
         "forced_successes": args.forced_successes,
-        "reward_model": "tiny V-JEPA 2" if args.tiny else "V-JEPA 2 ViT-g/16 384px fp16 (random)",
+        "reward_model": "tiny V-JEPA 2" if args.tiny else f"V-JEPA 2 ViT-g/16 {embedding_img_size(args)}px fp16 (random)",
         "suite": "libero_object" if args.tiny else args.suite,
         "wall_s": wall,
         "checkpoint_writing_s": setup_s,

@@ -12,7 +12,7 @@ from srpo_rl.distributed import DistInfo, gathered, shard_actor
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.objectives import GroupAdvantage, SRPOLoss
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.trainer import update_policy
+from srpo_rl.trainer import executed_steps, update_policy
 
 NUM_TRAJ, T = 8, 3
 
@@ -111,12 +111,35 @@ def test_slices_are_packed_across_trajectories_and_the_update_is_exact(checkpoin
     assert sizes == [19]  # every executed step of the ragged lengths 3, 2, 3, 1, 2, 3, 3, 2 in one forward
     packed, sizes = _sgd_update(checkpoint, micro_batch_trajectories=2, traj_mini_batch_size=2)
     # 4 steps a forward (2 trajectories' worth of 2-step slices), cut across trajectory ends: 5 forwards,
-    # where cutting each trajectory on its own would take 12
-    assert sizes == [4, 4, 4, 4, 3]
+    # where cutting each trajectory on its own would take 12; the last one's 3 steps filled up to 4 (one shape)
+    assert sizes == [4, 4, 4, 4, 4]
     initial = OpenVLAOFTPolicy.from_pretrained(checkpoint, "libero_goal", dtype=torch.float32).model.state_dict()
     assert sum(not torch.equal(whole[k], initial[k]) for k in whole) > 50  # the step really moved the weights
     for key in whole:
         torch.testing.assert_close(packed[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_the_filled_up_last_slice_adds_nothing_to_the_diagnostics(checkpoint):
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    key = ("steps", loss.tensor_keys.sample_log_prob)
+    # old log-probs shifted by a different amount at each step: each step has its own ratio
+    shift = torch.linspace(-0.3, 0.3, NUM_TRAJ * T).reshape(NUM_TRAJ, T, *[1] * (batch.get(key).dim() - 2))
+    batch.set(key, batch.get(key) + shift)
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.0)
+    metrics = update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, micro_batch_trajectories=2,
+                            traj_mini_batch_size=2, shuffle=False, grad_clip=None)
+    # expected: each slice's token-mean ratio over its real steps, averaged with the slices' step counts
+    steps = loss.add_token_weights(executed_steps(batch))
+    with torch.no_grad():
+        ratio = torch.stack([loss(steps[j : j + 1])["ratio_mean"] for j in range(steps.batch_size[0])]).double()
+    tokens = steps["token_mask"].flatten(1).sum(-1).double()
+    slices = [range(0, 4), range(4, 8), range(8, 12), range(12, 16), range(16, 19)]  # the 19 steps by 4
+    expected = sum(len(s) / 19 * (tokens[list(s)] * ratio[list(s)]).sum() / tokens[list(s)].sum() for s in slices)
+    assert metrics["samples"] == 19
+    assert metrics["ratio_mean"] == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_the_update_reads_its_diagnostics_back_once_not_per_slice(checkpoint, monkeypatch):
