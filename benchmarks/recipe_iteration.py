@@ -135,10 +135,10 @@ def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
     phases = {name: metrics.get(name, float("nan")) for name in PHASES}
     accounted = sum(v for v in phases.values() if v == v)
     print(f"\nOne SRPO iteration through examples/srpo_libero.py ({wall:.1f} s in all, {accounted:.1f} s in its phases)")
-    print(f"{'phase':<28} {'seconds':>8} {'share':>6} {'of phases':>9}")
+    print(f"{'phase':<34} {'seconds':>8} {'share':>6} {'of phases':>9}")
     for name, seconds in phases.items():
-        print(f"{name:<28} {seconds:>8.1f} {100 * seconds / wall:>5.1f}% {100 * seconds / accounted:>8.1f}%")
-    print(f"{'start-up (load models, build envs)':<28} {wall - accounted:>8.1f} {100 * (wall - accounted) / wall:>5.1f}%")
+        print(f"{name:<34} {seconds:>8.1f} {100 * seconds / wall:>5.1f}% {100 * seconds / accounted:>8.1f}%")
+    print(f"{'start-up (load models, build envs)':<34} {wall - accounted:>8.1f} {100 * (wall - accounted) / wall:>5.1f}%")
     print(f"rollout: {metrics.get('rollout/trajectories', 0):.0f} trajectories, "
           f"{metrics.get('rollout/env_steps_per_s', float('nan')):.1f} env-steps/s "
           f"(env wait {metrics.get('time/rollout_env', float('nan')):.1f} s, "
