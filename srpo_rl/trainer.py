@@ -135,9 +135,9 @@ def _slices(mini: TensorDictBase, size: int, keys) -> tuple[list[TensorDictBase]
     """Cuts ``mini`` into slices of ``min(size, len(mini))`` steps and says how many steps of each are real.
 
     The last slice is filled up with steps whose tokens are masked out: they add nothing to the loss, its
-    gradient or the diagnostics, and every forward/backward keeps one shape. A short last slice would cost the
-    compiled blocks a recompilation (measured on an H100: 30 s for the one-step tail of a 12 481-step update, in
-    which a full 16-step slice took 0.45 s), where the filler costs at most one slice's compute.
+    gradient or the diagnostics, and every forward/backward keeps one shape. A short last slice is a new shape
+    for the compiled blocks: on an H100 the one-step tail of a 12 481-step update took 30 s, a full 16-step slice
+    0.45 s. The filler costs at most one slice's compute.
     """
     steps = mini.batch_size[0]
     width = min(size, steps)
