@@ -43,12 +43,14 @@ _SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 
 def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype. The scale goes on the
-    # small B and the sum into the second product's epilogue (addmm), so no element-wise pass runs over the
-    # layer's full output, forward or backward.
-    base = F.linear(x, self.weight, self.bias)
-    down = F.linear(x, self.lora_A.to(x.dtype))
-    up = (self.lora_B * self.lora_scaling).to(x.dtype)
-    return torch.addmm(base.flatten(0, -2), down.flatten(0, -2), up.t()).view_as(base)
+    # small B, and the adapter's product accumulates into the base product in place (addmm_'s epilogue): no
+    # element-wise pass over the layer's output, and no copy of it, which an out-of-place addmm makes
+    # (benchmarks/lora_overhead.py). The products run on 2-D tensors so that the in-place op is on no view.
+    rows = x.reshape(-1, x.shape[-1])
+    out = F.linear(rows, self.weight, self.bias)
+    down = F.linear(rows, self.lora_A.to(x.dtype))
+    out.addmm_(down, (self.lora_B * self.lora_scaling).to(x.dtype).t())
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, *, skip: Iterable[str] = ("lm_head",),

@@ -61,16 +61,18 @@ def test_adapted_layer_computes_x_wt_plus_b_plus_scaled_x_at_bt_and_its_gradient
     (a, b) = add_lora(layer, rank=RANK, alpha=ALPHA, skip=())
     with torch.no_grad():
         b.copy_(torch.randn(b.shape, generator=g))
-    x = torch.randn(2, 5, 12, generator=g).to(dtype)
+    x = torch.randn(2, 5, 12, generator=g).to(dtype).requires_grad_()
     out = layer(x)
     out.square().sum().backward()
     # the same layer written out in fp32 from its definition
     a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    x32, w32, bias32 = x.float(), layer.weight.float(), layer.bias.float()
+    x32 = x.detach().float().requires_grad_()
+    w32, bias32 = layer.weight.float(), layer.bias.float()
     ref = x32 @ w32.T + bias32 + ALPHA / RANK * (x32 @ a_ref.T) @ b_ref.T
     ref.square().sum().backward()
     assert out.shape == (2, 5, 10) and out.dtype == dtype
-    for got, want in ((out.detach().float(), ref.detach()), (a.grad, a_ref.grad), (b.grad, b_ref.grad)):
+    for got, want in ((out.detach().float(), ref.detach()), (a.grad, a_ref.grad), (b.grad, b_ref.grad),
+                      (x.grad.float(), x32.grad)):
         if dtype == torch.float32:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         else:  # bf16 keeps 8 bits of mantissa: compare the error to the whole tensor's size
