@@ -63,3 +63,24 @@ def run_child(command: list[str], env: dict, version: str, what: str) -> dict:
     if out["mujoco"] != version:
         raise RuntimeError(f"expected mujoco {version} in the child, got {out['mujoco']}")
     return out
+
+
+def top_kernels(fn, device, count: int = 12) -> dict:
+    """The ``count`` CUDA kernels (or CPU ops, off CUDA) with the most self time in one call of ``fn``, and the
+    time of all of them (``torch.profiler``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def self_time(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    ranked = sorted(events, key=self_time, reverse=True)[:count]
+    return {"total_ms": sum(map(self_time, events)) / 1e3,
+            "kernels": [{"name": e.key[:90], "calls": e.count, "ms": self_time(e) / 1e3} for e in ranked]}

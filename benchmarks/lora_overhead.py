@@ -32,12 +32,11 @@ import time
 import types
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from _common import command, machine, versions
+from _common import command, machine, top_kernels, versions
 
 from srpo_rl.lora import add_lora
 from srpo_rl.models.openvla_oft_vision import SIGLIP_SO400M, Block, VisionTowerConfig
@@ -138,22 +137,6 @@ def timed(fn, device, repeats: int) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def top_kernels(fn, device, count: int = 12) -> dict:
-    """The ``count`` CUDA kernels (or CPU ops, off CUDA) with the most self time in one call of ``fn``."""
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if device.type == "cuda"
-                                                   else e.self_cpu_time_total) > 0]
-    key = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
-    total = sum(key(e) for e in events)
-    ranked = sorted(events, key=key, reverse=True)[:count]
-    return {"total_ms": total / 1e3, "kernels": [{"name": e.key[:90], "calls": e.count, "ms": key(e) / 1e3}
-                                               for e in ranked]}
 
 
 def measure(args, config, variant: str, compiled: bool, device, dtype) -> dict:

@@ -50,7 +50,7 @@ from importlib import metadata
 import torch
 from tensordict import TensorDict
 
-from _common import command, machine
+from _common import command, machine, top_kernels
 
 from srpo_rl.lora import add_lora, lora_targets
 from srpo_rl.objectives import SRPOLoss
@@ -136,8 +136,9 @@ def reset_peak(device: torch.device) -> float:
     return peak_gib(device)
 
 
-def bare(policy, batch: TensorDict, micro: int, device: torch.device, repeats: int) -> dict:
-    """Forward + backward of the model alone on ``micro`` samples (gradients accumulate, then are dropped)."""
+def bare(policy, batch: TensorDict, micro: int, device: torch.device, repeats: int, profile: bool = False) -> dict:
+    """Forward + backward of the model alone on ``micro`` samples (gradients accumulate, then are dropped); with
+    ``profile``, the CUDA kernels that took the most time in one more of them."""
     model = policy.model
     steps = batch["steps"].reshape(-1)[:micro].to(device)
     ids, mask = steps["prompt_ids"], steps["prompt_mask"]
@@ -157,10 +158,11 @@ def bare(policy, batch: TensorDict, micro: int, device: torch.device, repeats: i
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = peak_gib(device)
+    kernels = top_kernels(once, device, count=20) if profile else None
     model.zero_grad(set_to_none=True)
     seconds = statistics.median(times)
     return {"micro_batch": micro, "seconds": seconds, "samples_per_s": micro / seconds,
-            "peak_gib": peak, "peak_above_resident_gib": peak - base}
+            "peak_gib": peak, "peak_above_resident_gib": peak - base} | ({"kernels": kernels} if profile else {})
 
 
 def update(loss, optimizer, batch: TensorDict, micro: int, device: torch.device, repeats: int) -> dict:
@@ -191,13 +193,13 @@ def changed_fraction(params, before: list[torch.Tensor]) -> float:
     return changed / sum(p.numel() for p in params)
 
 
-def run_plan(plan: str, policy, loss, batch, micros, device, repeats) -> dict:
+def run_plan(plan: str, policy, loss, batch, micros, device, repeats, profile: bool = False) -> dict:
     """update_policy under one memory plan at each micro-batch size, and how many weights a step moves."""
     result = {"plan": plan, "rows": []}
     if plan == "lora":  # the last plan: the base weights stay frozen from here on
         params = add_lora(policy.model, LORA_RANK, LORA_ALPHA)
         # its own ceiling: the adapted model's forward + backward, which computes no base-weight gradients
-        result["bare"] = [bare(policy, batch, micro, device, repeats) for micro in micros]
+        result["bare"] = [bare(policy, batch, micro, device, repeats, profile) for micro in micros]
     else:
         params = [p for p in policy.model.parameters() if p.requires_grad]
     if plan == "host-adamw":
@@ -263,6 +265,8 @@ def main() -> None:
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                         help="keep every activation for the backward (the ceiling and every plan) instead of "
                         "recomputing them (actor.enable_gradient_checkpointing=false)")
+    parser.add_argument("--profile", action="store_true",
+                        help="the top CUDA kernels of one more bare forward + backward (full and LoRA)")
     parser.add_argument("--recipe-samples", type=int, default=1600,
                         help="samples per optimizer step in the recipe (32 trajectories x ~50 decisions)")
     args = parser.parse_args()
@@ -287,7 +291,7 @@ def main() -> None:
     policy.model.train()
     loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28), clip_ratio_c=10000.0)
 
-    bare_rows = [bare(policy, batch, m, device, args.repeats) for m in args.micro_batches]
+    bare_rows = [bare(policy, batch, m, device, args.repeats, args.profile) for m in args.micro_batches]
     results = []
     for plan in args.plans.split(","):
         if plan not in ("bf16-adamw", "host-adamw", "lora"):
@@ -297,7 +301,7 @@ def main() -> None:
         if plan == "host-adamw":
             row = run_plan(plan, policy, loss, batch, args.host_micro_batches, device, min(args.repeats, 2))
         else:
-            row = run_plan(plan, policy, loss, batch, args.micro_batches, device, args.repeats)
+            row = run_plan(plan, policy, loss, batch, args.micro_batches, device, args.repeats, args.profile)
         results.append(row)
         print(f"plan {plan} done", file=sys.stderr, flush=True)
     for result in results:
@@ -328,6 +332,12 @@ def main() -> None:
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     print("resident GiB for weights + gradients + optimizer (activations apart): " + ", ".join(
         f"{k} {v['gpu_gib']:.1f} GPU / {v['host_gib']:.1f} host" for k, v in plans.items() if isinstance(v, dict)))
+    profiled = [("full", r) for r in bare_rows] + [(res["plan"], r) for res in results for r in res.get("bare", [])]
+    for label, r in profiled:
+        if "kernels" in r:
+            print(f"\nbare {label}, micro-batch {r['micro_batch']}: {r['kernels']['total_ms']:.1f} ms of kernels")
+            for k in r["kernels"]["kernels"]:
+                print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}")
     print(json.dumps({
         "benchmark": "train_throughput",
         "model": name,
