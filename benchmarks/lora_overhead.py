@@ -7,10 +7,13 @@ of the 7B's shape (or, ``--stack vision``, of SigLIP-so400m blocks, the larger o
 - ``full``: every weight trainable (full fine-tuning's forward + backward);
 - ``frozen``: every weight frozen, no adapter, the input's gradient only: the floor any LoRA can reach;
 - ``lora``: :func:`srpo_rl.lora.add_lora` at rank ``--rank`` on every linear layer (the library's forward: the
-  adapter's product accumulated in place into the base product);
-- ``lora_outplace``: the same adapters, the sum by an out-of-place ``addmm`` (the library's forward before);
-- ``lora_fn``: the same adapters through a hand-written backward (:class:`LoRALinearFunction`) that accumulates
-  the adapter's input gradient into the base one in place instead of autograd's sum of two.
+  adapter's product accumulated in place into the base product eager, a plain sum compiled);
+- ``lora_outplace``: the same adapters, the sum by an out-of-place ``addmm`` (the library's first forward);
+- ``lora_inplace``: the same adapters, the sum in place (``addmm_``) compiled too.
+
+A hand-written backward (a ``torch.autograd.Function`` accumulating the adapter's input gradient into the base one
+in place) ran 1.01x the in-place forward eager and 0.73x compiled on an H100 (``docs/gpu_lora_overhead_llama_h100.json``,
+its ``lora_fn`` rows): it is not kept.
 
 Each in training (forward + backward of a fixed random output gradient) and in inference (``no_grad`` forward at
 each of ``--infer-batches``), eager and, with ``--compile``, each layer compiled as
@@ -41,7 +44,7 @@ from _common import command, machine, top_kernels, versions
 from srpo_rl.lora import add_lora
 from srpo_rl.models.openvla_oft_vision import SIGLIP_SO400M, Block, VisionTowerConfig
 
-VARIANTS = ("full", "frozen", "lora", "lora_outplace", "lora_fn")
+VARIANTS = ("full", "frozen", "lora", "lora_outplace", "lora_inplace")
 
 
 def lora_outplace_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -52,36 +55,15 @@ def lora_outplace_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     return torch.addmm(base.flatten(0, -2), down.flatten(0, -2), up.t()).view_as(base)
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """``x W^T + b + s x A^T B^T`` for a frozen ``W`` with a hand-written backward: the input's gradient is the
-    base product with the adapter's term accumulated in its epilogue (``addmm_``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        a, b = lora_A.to(x.dtype), (lora_B * scaling).to(x.dtype)
-        rows = x.reshape(-1, x.shape[-1])
-        down = rows @ a.t()
-        out = F.linear(rows, weight, bias)
-        out.addmm_(down, b.t())
-        ctx.save_for_backward(rows, weight, a, b, down, scaling)
-        ctx.x_shape, ctx.dtypes = x.shape, (lora_A.dtype, lora_B.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, weight, a, b, down, scaling = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])
-        grad_down = grad @ b
-        grad_x = (grad @ weight).addmm_(grad_down, a).view(ctx.x_shape)
-        return (grad_x, None, None, (grad_down.t() @ rows).to(ctx.dtypes[0]),
-                (grad.t() @ down).to(ctx.dtypes[1]) * scaling, None)
+def lora_inplace_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The adapted layer with the adapter's product accumulated in place (``addmm_``), compiled or not."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = F.linear(rows, self.weight, self.bias)
+    out.addmm_(F.linear(rows, self.lora_A.to(x.dtype)), (self.lora_B * self.lora_scaling).to(x.dtype).t())
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def lora_fn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return LoRALinearFunction.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_scaling)
-
-
-FORWARDS = {"lora_outplace": lora_outplace_forward, "lora_fn": lora_fn_forward}
+FORWARDS = {"lora_outplace": lora_outplace_forward, "lora_inplace": lora_inplace_forward}
 
 
 def llama_config(tiny: bool) -> LlamaConfig:

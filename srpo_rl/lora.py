@@ -42,14 +42,16 @@ _SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 
 
 def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # The adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype. The scale goes on the
-    # small B, and the adapter's product accumulates into the base product in place (addmm_'s epilogue): no
-    # element-wise pass over the layer's output, and no copy of it, which an out-of-place addmm makes
-    # (benchmarks/lora_overhead.py). The products run on 2-D tensors so that the in-place op is on no view.
+    # The adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype, the scale on the small B.
+    # Eager, the adapter's product accumulates in place into the base product (addmm_'s epilogue): no pass over the
+    # layer's output of its own, and no copy of it, which an out-of-place addmm makes. Compiled, Inductor lowers
+    # any addmm with a copy of the base product first; a plain sum instead fuses into the element-wise work that
+    # follows the layer (the rotary embedding, SiLU, the residual add). benchmarks/lora_overhead.py measures both.
     rows = x.reshape(-1, x.shape[-1])
     out = F.linear(rows, self.weight, self.bias)
     down = F.linear(rows, self.lora_A.to(x.dtype))
-    out.addmm_(down, (self.lora_B * self.lora_scaling).to(x.dtype).t())
+    up = (self.lora_B * self.lora_scaling).to(x.dtype)
+    out = out + down @ up.t() if torch.compiler.is_compiling() else out.addmm_(down, up.t())
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -115,6 +115,25 @@ def test_compiled_blocks_run_the_adapters(ckpt):
         torch.testing.assert_close(model(ids, mask, pixels), eager, atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_adapted_layer_sums_as_the_eager_one_forward_and_backward():
+    # compiled, the adapter's product is a plain sum; eager, it accumulates in place: the same values and gradients
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(12, 10)
+    a, b = add_lora(layer, rank=RANK, alpha=ALPHA, skip=())
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape, generator=g))
+    x = torch.randn(3, 4, 12, generator=g)
+    results = []
+    for run in (layer, torch.compile(layer, dynamic=True)):
+        x_in = x.clone().requires_grad_()
+        out = run(x_in)
+        out.square().sum().backward()
+        results.append([out.detach(), x_in.grad, a.grad.clone(), b.grad.clone()])
+        a.grad = b.grad = None
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_ranks_and_models_without_linear_layers_are_rejected():
     with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
         add_lora(torch.nn.Linear(4, 4), 0)
