@@ -1,8 +1,9 @@
-"""What LoRA adapters cost a stack of Llama-2-7B decoder layers, forward + backward and forward alone.
+"""What LoRA adapters cost a stack of Llama-2-7B decoder layers (or vision blocks), forward + backward and forward.
 
-The 7B's adapted forward + backward ran only 1.04x its full one (``train_throughput.py``), though it computes no
-base-weight gradients, a third of a linear layer's products. This script splits that on ``--layers`` decoder layers
-of the 7B's shape (or, ``--stack vision``, of SigLIP-so400m blocks, the larger of its two vision towers; bf16, ``--batch`` x ``--tokens`` tokens, SDPA attention), each row timed in the same run:
+An adapted layer computes no base-weight gradient, a third of its products, but adds rank-``r`` products that each
+read or write a full activation: bandwidth, not FLOPs. This script times that on ``--layers`` layers of the 7B's
+shape (or, ``--stack vision``, SigLIP-so400m blocks, the larger of OpenVLA-OFT's two vision towers), bf16,
+``--batch`` x ``--tokens`` tokens, SDPA attention, each row in the same run:
 
 - ``full``: every weight trainable (full fine-tuning's forward + backward);
 - ``frozen``: every weight frozen, no adapter, the input's gradient only: the floor any LoRA can reach;
@@ -12,13 +13,15 @@ of the 7B's shape (or, ``--stack vision``, of SigLIP-so400m blocks, the larger o
 - ``lora_inplace``: the same adapters, the sum in place (``addmm_``) compiled too.
 
 A hand-written backward (a ``torch.autograd.Function`` accumulating the adapter's input gradient into the base one
-in place) ran 1.01x the in-place forward eager and 0.73x compiled on an H100 (``docs/gpu_lora_overhead_llama_h100.json``,
-its ``lora_fn`` rows): it is not kept.
+in place) ran 1.01x the in-place forward eager on an H100 (``docs/gpu_lora_overhead_llama_inplace_h100.json``, its
+``lora_fn`` rows; its compiled row there ran past Dynamo's recompile limit, so eager, before this script reset Dynamo
+between variants): too little for its code; it is not kept.
 
 Each in training (forward + backward of a fixed random output gradient) and in inference (``no_grad`` forward at
-each of ``--infer-batches``), eager and, with ``--compile``, each layer compiled as
-:meth:`~srpo_rl.models.openvla_oft.OpenVLAOFT.compile_blocks` compiles the 7B's blocks. ``--profile`` adds, per
-row, the CUDA kernels that took the most time in one eager forward + backward (``torch.profiler``).
+each of ``--infer-batches``, replayed from a CUDA graph as the rollout's policy runs), eager and, with
+``--compile``, each layer compiled as :meth:`~srpo_rl.models.openvla_oft.OpenVLAOFT.compile_blocks` compiles the
+7B's blocks. ``--profile`` adds, per row, the CUDA kernels that took the most time in one forward + backward and
+one forward (``torch.profiler``).
 
     python benchmarks/lora_overhead.py --compile --profile   # CUDA, the 7B's layer shape
     python benchmarks/lora_overhead.py --tiny                # a small layer on the CPU (checks the script)
@@ -35,8 +38,8 @@ import time
 import types
 
 import torch
-from transformers import LlamaConfig
 import torch.nn.functional as F
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from _common import command, machine, top_kernels, versions
@@ -121,8 +124,26 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph and replayed, as the rollout runs the policy: a few layers' forward at small
+    batches otherwise times the host's kernel launches, not the GPU."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(args, config, variant: str, compiled: bool, device, dtype) -> dict:
     stack = make_stack(config, args.layers, variant, args.rank, device, dtype)
+    # every variant compiles the same layer code: without a reset, the later ones pass Dynamo's recompile limit
+    # and silently run eager
+    torch._dynamo.reset()
     if compiled:
         for layer in stack:
             layer.forward = torch.compile(layer.forward, dynamic=True)
@@ -145,7 +166,7 @@ def measure(args, config, variant: str, compiled: bool, device, dtype) -> dict:
             parameter.grad = None
 
     row["train_ms"] = 1e3 * timed(train, device, args.repeats)
-    if args.profile and not compiled:
+    if args.profile:
         row["train_profile"] = top_kernels(train, device)
     row["infer_ms"] = {}
     for batch in args.infer_batches:
@@ -156,8 +177,9 @@ def measure(args, config, variant: str, compiled: bool, device, dtype) -> dict:
         def infer(rows=rows, cos_sin_b=cos_sin_b):
             run_stack(stack, rows, cos_sin_b)
 
-        row["infer_ms"][batch] = 1e3 * timed(infer, device, args.repeats)
-    if args.profile and not compiled:
+        row["infer_ms"][batch] = 1e3 * timed(graphed(infer) if device.type == "cuda" else infer, device,
+                                             args.repeats)
+    if args.profile:
         row["infer_profile"] = top_kernels(infer, device)
     del stack
     if device.type == "cuda":
@@ -215,11 +237,13 @@ def main() -> None:
     for r in rows:
         for key in ("train_profile", "infer_profile"):
             if key in r:
-                print(f"\n{r['variant']} {key}: {r[key]['total_ms']:.2f} ms of kernels")
+                mode = "compiled" if r["compiled"] else "eager"
+                print(f"\n{r['variant']} {mode} {key}: {r[key]['total_ms']:.2f} ms of kernels")
                 for k in r[key]["kernels"]:
                     print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}")
     print(json.dumps({"benchmark": "lora_overhead", "device": device.type, "stack": args.stack,
-                      "layers": args.layers, "width": width, "batch": args.batch, "tokens": args.tokens, "rank": args.rank,
+                      "layers": args.layers, "width": width, "batch": args.batch, "tokens": args.tokens,
+                      "rank": args.rank,
                       "baseline": "full: every weight trainable, same run; frozen: no weight gradient (the floor)",
                       "rows": rows, "machine": machine(device), "versions": versions(("torch", "transformers")),
                       "command": command()}))
