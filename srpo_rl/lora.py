@@ -44,9 +44,11 @@ _SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype, the scale on the small B.
     # Eager, the adapter's product accumulates in place into the base product (addmm_'s epilogue), with no copy of
-    # that product, which an out-of-place addmm makes first. Compiled, a plain sum: Inductor picks the kernels, and
-    # an in-place or out-of-place addmm there trained alike and inferred 3-6 % slower (H100,
-    # benchmarks/lora_overhead.py, docs/gpu_lora_overhead_llama_forms_h100.json).
+    # that product, which an out-of-place addmm makes first. Compiled, a plain sum: an in-place or out-of-place addmm
+    # there trained alike and inferred 3-6 % slower (H100, benchmarks/lora_overhead.py,
+    # docs/gpu_lora_overhead_llama_forms_h100.json). Inductor still rewrites the sum as an out-of-place addmm, with
+    # its copy, where the sum feeds a non-pointwise op (q, k, v): 343 copies, 3 % of the 7B's kernel time
+    # (docs/performance.md).
     rows = x.reshape(-1, x.shape[-1])
     out = F.linear(rows, self.weight, self.bias)
     down = F.linear(rows, self.lora_A.to(x.dtype))
