@@ -47,8 +47,8 @@ def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # that product, which an out-of-place addmm makes first. Compiled, a plain sum: an in-place or out-of-place addmm
     # there trained alike and inferred 3-6 % slower (H100, benchmarks/lora_overhead.py,
     # docs/gpu_lora_overhead_llama_forms_h100.json). Inductor still rewrites the sum as an out-of-place addmm, with
-    # its copy, where the sum feeds a non-pointwise op (q, k, v): 343 copies, 3 % of the 7B's kernel time
-    # (docs/performance.md).
+    # its copy, where the sum feeds a non-pointwise op (by its post-grad rule: q, k, v): 343 copies, 3 % of the 7B's
+    # kernel time (docs/performance.md).
     rows = x.reshape(-1, x.shape[-1])
     out = F.linear(rows, self.weight, self.bias)
     down = F.linear(rows, self.lora_A.to(x.dtype))
