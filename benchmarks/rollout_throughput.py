@@ -48,6 +48,10 @@ executes the same env steps, so its env-steps/s compare directly.
 - ``pool_lora``: the plain model with rank-``--lora-rank`` adapters on its linear layers (``srpo_rl.lora``, as
   ``actor.lora_rank``), through the CUDA graphs (captured again with the adapters before the timed run): the
   recipe's LoRA actor on one GPU (``examples/srpo_libero.py`` leaves it unsharded there).
+- ``pool_lora_merged``: ``pool_lora``'s model inside :func:`srpo_rl.lora.merged_adapters` (the adapters folded
+  into the weights for the rollout, as ``examples/srpo_libero.py`` rolls out), its graphs captured again inside it
+  before the timed run; ``merge_s`` and ``restore_s`` are the block's entry and exit (the first entry takes the
+  host copy of the base weights).
 - ``pool_recipe``: the model FSDP2-sharded over a world of one with bf16 compute (``shard_actor``): fp32 master
   weights, or with ``--lora-rank R`` the bf16 base frozen under the rank-R adapters; gathered once for the
   rollout (``collect_rollouts`` does) and run without CUDA graphs (they do not capture an FSDP2 module). The
@@ -166,7 +170,8 @@ SCHEDULER_MODES = {
     "pool_preprocess_outside": {"overlap": True, "graph_preprocessing": False},
 }
 # run after every other mode of an env, in this order: they change the policy's model for good
-RECIPE_MODES = {"pool_lora": {"overlap": True}, "pool_recipe": {"overlap": True, "graphs": False}}
+RECIPE_MODES = {"pool_lora": {"overlap": True}, "pool_lora_merged": {"overlap": True},
+                "pool_recipe": {"overlap": True, "graphs": False}}
 IMAGE_SIZE = 256  # the env's frames (LiberoVecEnv's default)
 
 
@@ -303,6 +308,21 @@ def with_lora(policy, lora_rank: int) -> None:
 
     if not lora_parameters(policy.model):
         add_lora(policy.model, lora_rank)
+
+
+def merged_pool(env, policy, requests, mode: str, timer, forward_timer, names) -> tuple[dict, object]:
+    """The scheduler's pool inside :func:`srpo_rl.lora.merged_adapters`, with the block's entry and exit timed."""
+    from srpo_rl.lora import merged_adapters
+
+    t0 = time.perf_counter()
+    with merged_adapters(policy.model):
+        merge_s = time.perf_counter() - t0
+        with torch.no_grad():  # the graphs of the merged forward, before the timed run
+            captured = capture_graphs(policy, names, env.num_envs)
+        row, trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
+        t0 = time.perf_counter()
+    row.update(merge_s=merge_s, restore_s=time.perf_counter() - t0, cuda_graphs=captured)
+    return row, trajs
 
 
 def shard_like_the_recipe(policy, device: torch.device, lora_rank: int) -> None:
@@ -791,9 +811,13 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
                     with_lora(policy, args.lora_rank)
                     with torch.no_grad():  # the graphs again, now with the adapters, before the timed run
                         result["cuda_graphs_lora"] = capture_graphs(policy, names, num_envs)
+                    result[mode], trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
+                elif mode == "pool_lora_merged":
+                    with_lora(policy, args.lora_rank)
+                    result[mode], trajs = merged_pool(env, policy, requests, mode, timer, forward_timer, names)
                 else:
                     shard_like_the_recipe(policy, device, args.lora_rank)
-                result[mode], trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
+                    result[mode], trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
                 result[mode]["lora_rank"] = args.lora_rank
                 checkpoint(result)
                 log(f"[{num_envs} envs] {mode} {result[mode]['env_steps_per_s']:.1f}")
@@ -1029,7 +1053,7 @@ def main() -> None:
                              "(VideoEmbedder.compile_layers) compiled in every mode and ceiling, as "
                              "model.compile_blocks=true does in the recipe")
     parser.add_argument("--lora-rank", type=int, default=0,
-                        help="pool_lora and pool_recipe: LoRA adapters of this rank (pool_recipe with 0: full "
+                        help="pool_lora, pool_lora_merged and pool_recipe: LoRA adapters of this rank (pool_recipe with 0: full "
                              "fine-tuning's fp32 master weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
@@ -1053,8 +1077,9 @@ def main() -> None:
     if changing and (args.cpu_render_slots or len(args.num_envs) > 1):
         parser.error(f"{', '.join(changing)} change the policy's model for good: run with one --num-envs and "
                      "without --cpu-render-slots")
-    if "pool_lora" in args.modes and args.lora_rank < 1:
-        parser.error(f"pool_lora needs --lora-rank >= 1, got {args.lora_rank}")
+    for mode in ("pool_lora", "pool_lora_merged"):
+        if mode in args.modes and args.lora_rank < 1:
+            parser.error(f"{mode} needs --lora-rank >= 1, got {args.lora_rank}")
     configure_rendering()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

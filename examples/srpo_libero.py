@@ -42,6 +42,7 @@ from srpo_rl.examples.utils_srpo import (
     memory_metrics,
     rollout_metrics,
 )
+from srpo_rl.lora import merged_adapters
 from srpo_rl.manifest import PromptStream
 from srpo_rl.rollout import collect_rollouts, group_requests
 from srpo_rl.trainer import update_policy
@@ -72,8 +73,9 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
     env = make_env(cfg, info)
 
     if cfg.mode == "eval":
-        result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
-                          num_videos=cfg.eval.num_videos, device=info.device)
+        with merged_adapters(policy.model):
+            result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
+                              num_videos=cfg.eval.num_videos, device=info.device)
         logger = make_logger(cfg, info)
         log_evaluation(logger, result, step=0, out_dir=cfg.output_dir, prefix="eval")
         env.close()
@@ -106,8 +108,9 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
     exploration = ExplorationType.RANDOM if cfg.rollout.do_sample else ExplorationType.DETERMINISTIC
 
     if cfg.trainer.val_before_train and step == 0:
-        result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
-                          num_videos=cfg.trainer.num_val_videos, device=info.device)
+        with merged_adapters(policy.model):
+            result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
+                              num_videos=cfg.trainer.num_val_videos, device=info.device)
         log_evaluation(logger, result, step=0, out_dir=cfg.output_dir)
 
     bar = tqdm(total=total_steps, initial=step, desc="srpo", disable=not info.is_main)
@@ -124,9 +127,10 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
                                       first_group_id=next_group * info.world_size + info.rank,
                                       group_id_stride=info.world_size)
             next_group += len(rows)
-            trajectories, stats = collect_rollouts(env, policy, requests, exploration_type=exploration,
-                                                   overlap=cfg.rollout.overlap, on_finished=background,
-                                                   progress=info.is_main and "rollout")
+            with merged_adapters(policy.model):  # LoRA: the rollout runs the plain model on the merged weights
+                trajectories, stats = collect_rollouts(env, policy, requests, exploration_type=exploration,
+                                                       overlap=cfg.rollout.overlap, on_finished=background,
+                                                       progress=info.is_main and "rollout")
             if background is not None:  # waits only for the last embeddings (NaN: a group the sampler drops)
                 trajectories.set("video_embedding", background.pop(trajectories["rollout_id"]))
             sampler.add(trajectories)  # copies the groups it keeps
@@ -171,8 +175,9 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
         # Validation and checkpoints
         if cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0:
             t0 = time.perf_counter()
-            result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
-                              num_videos=cfg.trainer.num_val_videos, device=info.device)
+            with merged_adapters(policy.model):
+                result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
+                                  num_videos=cfg.trainer.num_val_videos, device=info.device)
             log_evaluation(logger, result, step=step, out_dir=cfg.output_dir)
             logger.log({"time/validation": time.perf_counter() - t0}, step)
         if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):

@@ -51,6 +51,7 @@ from torchrl.data.vla.preprocessing import _fractional_center_crop, _lanczos3_re
 from .cuda_graphs import GraphedActionLogits, graphs_supported
 from .cuda_wait import wait_for_stream
 from .jpeg import JPEG_QUALITY, check_jpeg_quality, jpeg_roundtrip
+from .lora import adapters_active
 from .models.llama_tokenizer import SPIECE_UNDERLINE_ID, load_llama_tokenizer
 from .models.openvla_oft import OpenVLAOFT
 from .models.openvla_oft_files import REQUIRED_POLICY_FILES, check_files
@@ -549,10 +550,10 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         if not self.cuda_graphs or torch.is_grad_enabled():
             return None
         probe = self.model.projector.fc1.weight
-        # moved, cast, sharded or replaced parameters (a graph reads the old storage), or LoRA adapters added
-        # since (a graph replays the forward it captured): decide and capture again
+        # moved, cast, sharded or replaced parameters (a graph reads the old storage), or LoRA adapters added or
+        # merged since (a graph replays the forward it captured): decide and capture again
         local = probe.to_local() if isinstance(probe, DTensor) else probe
-        adapted = "lora_A" in self.model.projector.fc1._parameters
+        adapted = adapters_active(self.model.projector.fc1)
         # (the center crop is captured with the forward)
         key = (type(probe), probe.device, probe.dtype, local.data_ptr(), adapted, self.center_crop)
         if self._graphed is None or self._graphed[0] != key:

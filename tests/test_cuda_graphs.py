@@ -1,5 +1,6 @@
 """CUDA graphs of the policy forward: bucket sizes, padding invariance (CPU), graph replay == eager (GPU), the
-policy's preprocessing captured with the forward (GPU)."""
+policy's preprocessing captured with the forward (GPU), graphs of LoRA adapters beside or merged into the
+weights."""
 
 import pytest
 import torch
@@ -167,6 +168,56 @@ def test_policy_graphs_take_in_lora_adapters_added_after_a_forward():
     assert policy._graphed[1] is not before and all(g is not None for g in policy._graphed[1].graphs.values())
     assert torch.equal(graphed_out["action_tokens"], eager_out["action_tokens"])
     torch.testing.assert_close(graphed_out["action_log_prob"], eager_out["action_log_prob"], rtol=1e-4, atol=1e-4)
+
+
+def test_policy_decides_its_graphs_again_inside_merged_adapters():
+    # inside the block the layers run plain on merged weights: a graph of the adapters' forward would add them twice
+    from srpo_rl.lora import add_lora, merged_adapters
+
+    torch.manual_seed(0)
+    model = OpenVLAOFT(tiny_config()).eval()
+    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.0)
+    td = TensorDict({("observation", "image"): torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, [2])
+    td.set_non_tensor("instruction", ["open the drawer", "put the bowl on the plate"])
+    add_lora(model, rank=2)
+    with torch.no_grad():
+        policy(td.clone())
+        adapted = policy._graphed
+        with merged_adapters(model):
+            policy(td.clone())
+            merged = policy._graphed
+        policy(td.clone())
+    assert adapted[0][4] and not merged[0][4] and policy._graphed[0] == adapted[0]
+
+
+@pytest.mark.gpu
+def test_policy_graphs_inside_merged_adapters_sample_as_the_adapted_policy_across_updates():
+    # the rollout's setting: graphs captured inside merged_adapters, the adapters updated between two rollouts
+    from srpo_rl.lora import add_lora, merged_adapters
+
+    torch.manual_seed(0)
+    model = OpenVLAOFT(tiny_config()).eval().cuda()
+    adapters = add_lora(model, rank=4)
+    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.6,
+                              jpeg_quality=None).to("cuda")
+    eager = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.6,
+                             jpeg_quality=None, cuda_graphs=False).to("cuda")
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    graphs = []
+    with torch.no_grad():
+        for rollout in range(2):
+            for b in adapters[1::2]:  # an update between the rollouts
+                b.normal_(0.0, 0.05)
+            obs = _camera_obs(3, rollout).to("cuda")
+            reference = eager(obs.clone())  # the adapters beside the weights
+            with merged_adapters(model):
+                merged_out = policy(obs.clone())
+                graphs.append(policy._graphed[1])
+            assert torch.equal(merged_out["action_tokens"], reference["action_tokens"])  # greedy
+            torch.testing.assert_close(merged_out["action_log_prob"], reference["action_log_prob"],
+                                       rtol=1e-4, atol=1e-4)
+    assert graphs[0] is graphs[1] and all(g is not None for g in graphs[1].graphs.values())  # captured once
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)
 
 
 def _camera_obs(batch: int, seed: int) -> TensorDict:

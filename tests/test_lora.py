@@ -1,12 +1,13 @@
 """LoRA adapters: the adapted model starts as the checkpoint, only the adapters train, the merged weights are
 ``W + alpha / rank * B @ A`` (computed here independently), the published format written from an adapted model
-loads without LoRA, and the tiny recipe trains, checkpoints and resumes with adapters."""
+loads without LoRA, inference inside ``merged_adapters`` runs the plain model on those weights and leaves the base
+weights bit for bit as they were, and the tiny recipe trains, checkpoints and resumes with adapters."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from srpo_rl.lora import add_lora, lora_parameters, merge_lora_state
+from srpo_rl.lora import add_lora, adapters_active, lora_parameters, merge_lora_state, merged_adapters
 from srpo_rl.models.openvla_oft import OpenVLAOFT, write_tiny_checkpoint
 
 RANK, ALPHA = 4, 8.0
@@ -132,6 +133,82 @@ def test_compiled_adapted_layer_sums_as_the_eager_one_forward_and_backward():
         a.grad = b.grad = None
     for compiled, eager in zip(*results):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def _base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_inference_inside_merged_adapters_is_the_plain_model_on_the_merged_weights(ckpt):
+    model, adapters = _adapted(ckpt, seed=4)
+    plain = OpenVLAOFT.from_pretrained(ckpt, dtype=torch.float32)
+    plain.load_state_dict(merge_lora_state(model.state_dict()))
+    ids, mask, pixels = _inputs(4)
+    base = _base_weights(model)
+    with torch.no_grad():
+        adapted = model(ids, mask, pixels)
+        with merged_adapters(model):
+            assert not any(adapters_active(m) for m in model.modules())
+            merged = model(ids, mask, pixels)
+            for name, weight in plain.state_dict().items():  # W + alpha / rank * B @ A, in place
+                assert torch.equal(model.state_dict()[name], weight), name
+        after = model(ids, mask, pixels)
+    torch.testing.assert_close(merged, plain(ids, mask, pixels), atol=0, rtol=0)  # the same ops on the same weights
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)  # bit for bit
+    torch.testing.assert_close(after, adapted, atol=0, rtol=0)  # the adapters run beside the weights again
+    assert sum(adapters_active(m) for m in model.modules()) == len(adapters) // 2
+    model(ids, mask, pixels).logsumexp(-1).sum().backward()
+    assert all(a.grad.abs().sum() > 0 for a in adapters)  # they train again
+
+
+def test_merged_adapters_restore_bf16_weights_exactly_where_subtracting_would_not():
+    g = torch.Generator().manual_seed(6)
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    a, b = add_lora(layer, rank=RANK, alpha=ALPHA, skip=())
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape, generator=g))
+    base = layer.weight.detach().clone()
+    delta = ALPHA / RANK * b.detach() @ a.detach()
+    with merged_adapters(layer):
+        merged = layer.weight.detach().clone()
+    assert torch.equal(merged, (base.float() + delta).to(torch.bfloat16))
+    assert not torch.equal((merged.float() - delta).to(torch.bfloat16), base)  # unmerging would round twice
+    assert torch.equal(layer.weight, base)
+
+
+def test_merged_adapters_restore_on_error_and_take_in_weights_loaded_in_between():
+    g = torch.Generator().manual_seed(7)
+    layer = torch.nn.Linear(6, 5)
+    a, b = add_lora(layer, rank=2, alpha=2.0, skip=())
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape, generator=g))
+    first = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="mid-rollout"):
+        with merged_adapters(layer):
+            raise RuntimeError("mid-rollout")
+    assert torch.equal(layer.weight, first) and adapters_active(layer)
+    loaded = torch.randn(layer.weight.shape, generator=g)
+    layer.load_state_dict({**layer.state_dict(), "weight": loaded})  # in place: the host copy is stale now
+    with merged_adapters(layer):
+        torch.testing.assert_close(layer.weight.detach(), loaded + b.detach() @ a.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(layer.weight, loaded)
+    with merged_adapters(layer), merged_adapters(layer):  # nested: the inner block finds nothing left to merge
+        pass
+    assert torch.equal(layer.weight, loaded) and adapters_active(layer)
+
+
+def test_compiled_blocks_run_the_merged_weights_inside_merged_adapters(ckpt):
+    # the compiled blocks must not replay a graph that still adds the adapters to the merged weights
+    model, _ = _adapted(ckpt, seed=5)
+    ids, mask, pixels = _inputs(5)
+    with torch.no_grad():
+        adapted = model(ids, mask, pixels)
+        model.compile_blocks()
+        model(ids, mask, pixels)  # compiled with the adapters first
+        with merged_adapters(model):
+            torch.testing.assert_close(model(ids, mask, pixels), adapted, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(ids, mask, pixels), adapted, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_ranks_and_models_without_linear_layers_are_rejected():
