@@ -162,6 +162,28 @@ def test_inference_inside_merged_adapters_is_the_plain_model_on_the_merged_weigh
     assert all(a.grad.abs().sum() > 0 for a in adapters)  # they train again
 
 
+def test_bf16_rollout_log_probs_from_merged_weights_differ_from_the_adapters_far_less_than_bf16_does(ckpt):
+    # the rollout stores log-probs of the merged forward; the update recomputes them with the adapters beside the
+    # weights: the merged weight's one rounding must be small against what bf16 itself does to the log-probs
+    ids, mask, pixels = _inputs(6)
+    log_probs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = OpenVLAOFT.from_pretrained(ckpt, dtype=dtype)
+        add_lora(model, RANK, ALPHA)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(6)
+            for p in lora_parameters(model)[1::2]:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            adapted = model(ids, mask, pixels.to(dtype)).float().log_softmax(-1)
+            with merged_adapters(model):
+                merged = model(ids, mask, pixels.to(dtype)).float().log_softmax(-1)
+        log_probs[dtype] = adapted, merged
+    exact = log_probs[torch.float32][0]
+    adapted, merged = log_probs[torch.bfloat16]
+    bf16_error = (adapted - exact).abs().mean()
+    assert bf16_error > 0 and (merged - adapted).abs().mean() < 0.05 * bf16_error
+
+
 def test_merged_adapters_restore_bf16_weights_exactly_where_subtracting_would_not():
     g = torch.Generator().manual_seed(6)
     layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
