@@ -74,15 +74,20 @@ def test_graphs_refuse_cpu_models_and_the_policy_falls_back(model):
     policy.to(torch.float32)
 
 
-def test_policy_decides_its_graphs_again_when_lora_adapters_are_added():
-    # a graph replays the forward it captured: one captured before add_lora would skip the adapters
-    from srpo_rl.lora import add_lora
-
+def _tiny_policy_and_observation():
     torch.manual_seed(0)
     model = OpenVLAOFT(tiny_config()).eval()
     policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.0)
     td = TensorDict({("observation", "image"): torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, [2])
     td.set_non_tensor("instruction", ["open the drawer", "put the bowl on the plate"])
+    return model, policy, td
+
+
+def test_policy_decides_its_graphs_again_when_lora_adapters_are_added():
+    # a graph replays the forward it captured: one captured before add_lora would skip the adapters
+    from srpo_rl.lora import add_lora
+
+    model, policy, td = _tiny_policy_and_observation()
     with torch.no_grad():
         policy(td.clone())
     decided = policy._graphed
@@ -174,11 +179,7 @@ def test_policy_decides_its_graphs_again_inside_merged_adapters():
     # inside the block the layers run plain on merged weights: a graph of the adapters' forward would add them twice
     from srpo_rl.lora import add_lora, merged_adapters
 
-    torch.manual_seed(0)
-    model = OpenVLAOFT(tiny_config()).eval()
-    policy = OpenVLAOFTPolicy(model, build_tiny_llama_tokenizer(), preprocessor_config(), temperature=1.0)
-    td = TensorDict({("observation", "image"): torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, [2])
-    td.set_non_tensor("instruction", ["open the drawer", "put the bowl on the plate"])
+    model, policy, td = _tiny_policy_and_observation()
     add_lora(model, rank=2)
     with torch.no_grad():
         policy(td.clone())
