@@ -123,7 +123,6 @@ def merge_lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     merged = {key: value for key, value in state.items() if key.rsplit(".", 1)[-1] not in _SUFFIXES}
     for prefix in prefixes:
         weight = state[f"{prefix}.weight"]
-        delta = state[f"{prefix}.lora_B"].float() @ state[f"{prefix}.lora_A"].float()
         merged[f"{prefix}.weight"] = _merged_weight(weight, state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"],
                                                     state[f"{prefix}.lora_scaling"])
     return merged
@@ -153,11 +152,12 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     back from a host copy taken on the first merge: bit for bit, where subtracting ``B @ A`` again would leave
     each bf16 weight rounded twice. The copy is taken again when a weight was changed in place since (a loaded
     checkpoint). It costs host memory the size of the adapted weights (13.5 GiB for the 7B in bf16, pinned),
-    and a copy back to the GPU per block (about a second for the 7B).
+    and a copy of them back to the GPU per block.
 
-    The log-probs a rollout stores then come from the merged weights, and the update recomputes them with the
-    adapters beside the base: the two differ by the merged weight's one rounding, far less than the compute
-    dtype's own rounding of them (``tests/test_lora.py`` holds the bf16 case to under 5 % of it).
+    The log-probs a rollout stores (the loss's old ones) then come from the merged weights, and the update's
+    current ones from the adapters beside the base: at equal weights the two differ by the merged weight's one
+    rounding, far less than the compute dtype's own rounding of them (``tests/test_lora.py`` holds the bf16 case
+    to under 5 % of it).
 
     Layers whose weights are sharded (FSDP2's ``DTensor``) are left as they are: their adapters run beside them.
     Gradients must not flow through the block's forwards: the adapters' gradients would be lost.
