@@ -145,8 +145,9 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every adapted layer of ``model`` runs as a plain linear layer on ``W + scaling * B @ A``.
 
     For inference with adapters that do not change meanwhile (a rollout, a validation): each adapted layer then
-    costs what the frozen layer costs, without the adapters' extra passes over its input and output (on an H100
-    the adapters cost the 7B's rollout 13-17 %, ``benchmarks/rollout_throughput.py``, ``pool_lora``). The merged
+    costs what the frozen layer costs, without the adapters' extra passes over its input and output: on an H200
+    the 7B's rollout ran 1.13-1.15x faster merged than with the adapters beside the weights, as fast as the plain
+    model's (``benchmarks/rollout_throughput.py``, ``pool_lora_merged`` against ``pool_lora``). The merged
     weight is what :func:`merge_lora_state` publishes, written in place, so CUDA graphs captured inside the block
     stay valid from one block to the next. On leaving the block (also on an error) the base weights are copied
     back from a host copy taken on the first merge: bit for bit, where subtracting ``B @ A`` again would leave
