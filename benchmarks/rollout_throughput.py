@@ -1053,8 +1053,8 @@ def main() -> None:
                              "(VideoEmbedder.compile_layers) compiled in every mode and ceiling, as "
                              "model.compile_blocks=true does in the recipe")
     parser.add_argument("--lora-rank", type=int, default=0,
-                        help="pool_lora, pool_lora_merged and pool_recipe: LoRA adapters of this rank (pool_recipe with 0: full "
-                             "fine-tuning's fp32 master weights)")
+                        help="pool_lora, pool_lora_merged and pool_recipe: LoRA adapters of this rank "
+                             "(pool_recipe with 0: full fine-tuning's fp32 master weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--partial", default=None, metavar="PATH",
                         help="rewrite the JSON (with \"partial\": true) to PATH after every mode, for a run that "
