@@ -146,8 +146,8 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     For inference with adapters that do not change meanwhile (a rollout, a validation): each adapted layer then
     costs what the frozen layer costs, without the adapters' extra passes over its input and output: on an H200
-    the 7B's rollout ran 1.13-1.15x faster merged than with the adapters beside the weights, as fast as the plain
-    model's (``benchmarks/rollout_throughput.py``, ``pool_lora_merged`` against ``pool_lora``). The merged
+    the 7B's rollout ran 1.13-1.15x faster merged than with the adapters beside the weights (two runs), and 1.01x
+    the plain model's (one run; ``benchmarks/rollout_throughput.py``, ``pool_lora_merged``). The merged
     weight is what :func:`merge_lora_state` publishes, written in place, so CUDA graphs captured inside the block
     stay valid from one block to the next. On leaving the block (also on an error) the base weights are copied
     back from a host copy taken on the first merge: bit for bit, where subtracting ``B @ A`` again would leave
@@ -171,13 +171,14 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     layers = [m for m in model.modules()
               if adapters_active(m) and not isinstance(m.weight, DTensor) and not isinstance(m.lora_A, DTensor)]
+    cuda = any(layer.weight.is_cuda for layer in layers)
     try:
         with torch.no_grad():
             for layer in layers:
                 _keep_base_copy(layer)
                 del layer.forward  # nn.Linear's own forward; from here on the block's end restores the weight
                 layer.weight.copy_(_merged_weight(layer.weight, layer.lora_A, layer.lora_B, layer.lora_scaling))
-        if any(layer.weight.is_cuda for layer in layers):  # the rollout's own CUDA stream must see merged weights
+        if cuda:  # the rollout's own CUDA stream must see merged weights
             torch.cuda.synchronize()
         yield model
     finally:
@@ -187,7 +188,7 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
                     layer.weight.copy_(layer._lora_base[0], non_blocking=True)
                     layer._lora_base = (layer._lora_base[0], layer.weight._version)
                     layer.forward = types.MethodType(_lora_forward, layer)
-        if any(layer.weight.is_cuda for layer in layers):
+        if cuda:
             torch.cuda.synchronize()
 
 
