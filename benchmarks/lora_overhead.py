@@ -7,18 +7,20 @@ shape (or, ``--stack vision``, SigLIP-so400m blocks, the larger of OpenVLA-OFT's
 
 - ``full``: every weight trainable (full fine-tuning's forward + backward);
 - ``frozen``: every weight frozen, no adapter, the input's gradient only: the floor any LoRA can reach;
-- ``lora``: :func:`srpo_rl.lora.add_lora` at rank ``--rank`` on every linear layer (the library's forward: the
-  adapter's product accumulated in place into the base product eager, a plain sum compiled);
+- ``lora``: :func:`srpo_rl.lora.add_lora` at rank ``--rank`` on every linear layer (the library's forward: two
+  custom ops, forward and backward, each accumulating the adapter's product in place into the base one, opaque to
+  Inductor);
+- ``lora_sum``: the library's previous forward: in place eager, a plain sum compiled, which Inductor rewrites as an
+  out-of-place ``addmm`` that copies the base product first where the sum feeds q, k and v (the 7B's profile: 343
+  copies, 3 % of its kernels);
 - ``lora_outplace``: the same adapters, the sum by an out-of-place ``addmm`` (the library's first forward);
-- ``lora_inplace``: the same adapters, the sum in place (``addmm_``) compiled too;
-- ``lora_op``: the same adapters through two custom ops (``torch.library``), forward and backward, each
-  accumulating the adapter's product in place: opaque to Inductor, which otherwise rewrites the compiled sum as an
-  out-of-place ``addmm`` that copies the base product first (the 7B's profile: 343 copies, 3 % of its kernels).
+- ``lora_inplace``: the same adapters, the sum in place (``addmm_``) compiled too.
 
-A hand-written backward (a ``torch.autograd.Function`` accumulating the adapter's input gradient into the base one
-in place) ran 1.01x the in-place forward eager on an H100 (``docs/gpu_lora_overhead_llama_inplace_h100.json``, its
-``lora_fn`` rows; its compiled row there ran past Dynamo's recompile limit, so eager, before this script reset Dynamo
-between variants): too little for its code; it is not kept.
+A hand-written backward as a ``torch.autograd.Function`` (the input's gradient accumulated in place) ran 1.01x the
+in-place forward eager on an H100 (``docs/gpu_lora_overhead_llama_inplace_h100.json``, its ``lora_fn`` rows), too
+little for its code; as the custom ops of the library's form, opaque to Inductor, it also removes the compiled
+sum's copies: 1.02x compiled, 1.01x eager (``docs/gpu_lora_overhead_llama_op_h100.json``, where ``lora`` is the
+form now called ``lora_sum`` and ``lora_op`` the library's).
 
 Each in training (forward + backward of a fixed random output gradient) and in inference (``no_grad`` forward at
 each of ``--infer-batches``, replayed from a CUDA graph as the rollout's policy runs), eager and, with
@@ -50,7 +52,7 @@ from _common import command, machine, top_kernels, versions
 from srpo_rl.lora import add_lora
 from srpo_rl.models.openvla_oft_vision import SIGLIP_SO400M, Block, VisionTowerConfig
 
-VARIANTS = ("full", "frozen", "lora", "lora_outplace", "lora_inplace", "lora_op")
+VARIANTS = ("full", "frozen", "lora", "lora_sum", "lora_outplace", "lora_inplace")
 
 
 def lora_outplace_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -69,54 +71,19 @@ def lora_inplace_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-@torch.library.custom_op("srpo_rl_bench::lora_linear", mutates_args=())
-def lora_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows W^T + b + (rows A^T) up^T`` with the adapter's product accumulated in place, and ``rows A^T``."""
-    down = F.linear(rows, lora_a)
-    return F.linear(rows, weight, bias).addmm_(down, up.t()), down
-
-
-@lora_linear.register_fake
-def _(rows, weight, bias, lora_a, up):
-    return rows.new_empty(rows.shape[0], weight.shape[0]), rows.new_empty(rows.shape[0], lora_a.shape[0])
-
-
-@torch.library.custom_op("srpo_rl_bench::lora_linear_grad", mutates_args=())
-def lora_linear_grad(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                     up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of ``rows``, ``A`` and ``up`` (the base weight is frozen), the input's accumulated in place."""
-    grad_down = grad @ up
-    return (grad @ weight).addmm_(grad_down, lora_a), grad_down.t() @ rows, grad.t() @ down
-
-
-@lora_linear_grad.register_fake
-def _(grad, rows, weight, lora_a, up, down):
-    return rows.new_empty(rows.shape), lora_a.new_empty(lora_a.shape), up.new_empty(up.shape)
-
-
-def _lora_linear_context(ctx, inputs, output):
-    rows, weight, _bias, lora_a, up = inputs
-    ctx.save_for_backward(rows, weight, lora_a, up, output[1])
-
-
-def _lora_linear_backward(ctx, grad, _grad_down):
-    rows, weight, lora_a, up, down = ctx.saved_tensors
-    grad_rows, grad_a, grad_up = lora_linear_grad(grad.contiguous(), rows, weight, lora_a, up, down)
-    return grad_rows, None, None, grad_a, grad_up
-
-
-lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_context)
-
-
-def lora_op_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The adapted layer through :func:`lora_linear` (the base weight and bias frozen)."""
-    out, _ = lora_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.lora_A.to(x.dtype),
-                         (self.lora_B * self.lora_scaling).to(x.dtype))
+def lora_sum_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The library's previous form: the adapter's product accumulated in place (``addmm_``) eager, a plain sum
+    compiled, which Inductor rewrites as an out-of-place ``addmm`` (a copy of the base product) before q, k and v."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = F.linear(rows, self.weight, self.bias)
+    down = F.linear(rows, self.lora_A.to(x.dtype))
+    up = (self.lora_B * self.lora_scaling).to(x.dtype)
+    out = out + down @ up.t() if torch.compiler.is_compiling() else out.addmm_(down, up.t())
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-FORWARDS = {"lora_outplace": lora_outplace_forward, "lora_inplace": lora_inplace_forward, "lora_op": lora_op_forward}
+FORWARDS = {"lora_sum": lora_sum_forward, "lora_outplace": lora_outplace_forward,
+            "lora_inplace": lora_inplace_forward}
 
 
 def llama_config(tiny: bool) -> LlamaConfig:

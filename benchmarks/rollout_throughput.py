@@ -1017,7 +1017,8 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
                       f"{e['embedded'] + e['not_embedded']}) during the {e['mode']} rollout, policy stream priority "
                       f"{e['policy_stream_priority']}, added {e['extra_wall_s']:.1f} s (drain {e['drain_s']:.1f} s) "
                       f"against {r['reward']['seconds']:.1f} s after it; max |diff| of embeddings "
-                      f"{e.get('max_abs_diff_vs_batch', float('nan')):.2e}")
+                      + (f"{e['max_abs_diff_vs_batch']:.2e}" if "max_abs_diff_vs_batch" in e
+                         else "not checked (--check-embeddings)"))
 
 
 def main() -> None:

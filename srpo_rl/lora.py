@@ -18,6 +18,10 @@ before, a training checkpoint (``torch.distributed.checkpoint``) holds the adapt
 :func:`merge_lora_state` folds them into the weights for the published format
 (:meth:`srpo_rl.models.openvla_oft.OpenVLAOFT.save_pretrained` does it), which loads without LoRA.
 
+An adapted layer runs through two custom ops (``srpo_rl::lora_linear`` and its gradient), which accumulate the
+adapter's products into the base ones in place, eager and under ``torch.compile`` alike; they treat the base weight
+as frozen (a layer whose base is trained again falls back to a plain sum).
+
 Inference need not pay for the adapters: :func:`merged_adapters` folds them into the weights in place for the
 length of a ``with`` block (the rollout, validation), where every adapted layer runs as the plain linear layer it
 was, and puts the base weights back bit for bit when the block ends.
@@ -49,19 +53,60 @@ __all__ = ["add_lora", "adapters_active", "lora_parameters", "lora_targets", "me
 _SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 
 
+@torch.library.custom_op("srpo_rl::lora_linear", mutates_args=())
+def _lora_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows W^T + b + (rows A^T) up^T`` for a frozen ``W``, and ``rows A^T`` (kept for the backward)."""
+    down = F.linear(rows, lora_a)
+    return F.linear(rows, weight, bias).addmm_(down, up.t()), down
+
+
+@_lora_linear.register_fake
+def _(rows, weight, bias, lora_a, up):
+    return rows.new_empty(rows.shape[0], weight.shape[0]), rows.new_empty(rows.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("srpo_rl::lora_linear_grad", mutates_args=())
+def _lora_linear_grad(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                      up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``rows``, ``A`` and ``up``; the adapter's part of the input's accumulates in place."""
+    grad_down = grad @ up
+    return (grad @ weight).addmm_(grad_down, lora_a), grad_down.t() @ rows, grad.t() @ down
+
+
+@_lora_linear_grad.register_fake
+def _(grad, rows, weight, lora_a, up, down):
+    return rows.new_empty(rows.shape), lora_a.new_empty(lora_a.shape), up.new_empty(up.shape)
+
+
+def _lora_linear_context(ctx, inputs, output):
+    rows, weight, _bias, lora_a, up = inputs
+    ctx.save_for_backward(rows, weight, lora_a, up, output[1])
+
+
+def _lora_linear_backward(ctx, grad, _grad_down):
+    rows, weight, lora_a, up, down = ctx.saved_tensors
+    grad_rows, grad_a, grad_up = _lora_linear_grad(grad.contiguous(), rows, weight, lora_a, up, down)
+    return grad_rows, None, None, grad_a, grad_up
+
+
+_lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_context)
+
+
 def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype, the scale on the small B.
-    # Eager, the adapter's product accumulates in place into the base product (addmm_'s epilogue), with no copy of
-    # that product, which an out-of-place addmm makes first. Compiled, a plain sum: an in-place or out-of-place addmm
-    # there trained alike and inferred 3-6 % slower (H100, benchmarks/lora_overhead.py,
-    # docs/gpu_lora_overhead_llama_forms_h100.json). Inductor still rewrites the sum as an out-of-place addmm, with
-    # its copy, where the sum feeds a non-pointwise op (by its post-grad rule: q, k, v): 343 copies, 3 % of the 7B's
-    # kernel time (docs/performance.md).
+    # The adapter's products accumulate in place into the base ones, forward and backward, inside two custom ops:
+    # compiled as a plain sum, Inductor rewrites it as an out-of-place addmm that copies the base product first
+    # wherever the sum feeds a non-pointwise op (q, k, v: 343 copies, 3 % of the 7B's kernel time). Through the ops,
+    # 4 decoder layers of the 7B's shape trained 1.02x faster compiled and 1.01x eager (H100,
+    # benchmarks/lora_overhead.py, docs/gpu_lora_overhead_llama_op_h100.json).
     rows = x.reshape(-1, x.shape[-1])
-    out = F.linear(rows, self.weight, self.bias)
-    down = F.linear(rows, self.lora_A.to(x.dtype))
+    lora_a = self.lora_A.to(x.dtype)
     up = (self.lora_B * self.lora_scaling).to(x.dtype)
-    out = out + down @ up.t() if torch.compiler.is_compiling() else out.addmm_(down, up.t())
+    if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):  # the ops freeze the base
+        out = F.linear(rows, self.weight, self.bias) + F.linear(rows, lora_a) @ up.t()
+    else:
+        out, _ = _lora_linear(rows, self.weight, self.bias, lora_a, up)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
