@@ -14,6 +14,11 @@ stand-in alone (measured before and after) gives the GPU time lost per render. W
 - ``agentview_tiled``: ``B`` (the layout's burst) agentview frames rendered into ``B`` 256x256 tiles of one
   offscreen buffer and read in one ``mjr_readPixels``: one submission of GL work for the burst, as a process
   rendering every env's frames would submit them (the tiles' pixels are compared once with robosuite's path);
+- ``agentview_burst``: ``agentview_tiled`` with the scene updated once before the burst, so that its ``B``
+  ``mjr_render`` calls follow each other with no ``mjv_updateScene`` between them: the GL work as close to one
+  uninterrupted submission as MuJoCo's renderer gets (a render process would update every env's scene first);
+- ``clear_only``: a clear of the offscreen buffer and a one-pixel read, no scene: the cost of a GL submission
+  (and its sync) that draws nothing;
 - ``agentview_small_buffer``: ``agentview`` with robosuite's offscreen buffer at the frame's 256x256 instead of
   the model's 640x480 (same 4x multisampling; the same pixels, compared once);
 - ``agentview_no_msaa``: ``agentview`` without multisampling (other pixels: for scale only);
@@ -57,7 +62,7 @@ import numpy as np
 
 from _common import command, machine, versions
 
-KINDS = ("agentview", "agentview_tiled",
+KINDS = ("agentview", "agentview_tiled", "agentview_burst", "clear_only",
          "agentview_small_buffer", "agentview_no_msaa", "two_cameras", "two_cameras_one_read",
          "agentview_low_priority", "empty_scene", "update_only", "simulate", "physics")
 FLAT_OUT = ("simulate", "physics")
@@ -135,11 +140,13 @@ def _renderers(sim):
         mujoco.mjr_readPixels(rgb, None, mujoco.MjrRect(0, 0, len(ids) * SIZE, SIZE), ctx.con)
         return [rgb[:, i * SIZE:(i + 1) * SIZE] for i in range(len(ids))]
 
-    def tiled(count: int) -> list[np.ndarray]:
+    def tiled(count: int, update_each: bool = True) -> list[np.ndarray]:
         columns = min(count, 8)
         rows = -(-count // columns)
+        update(ids[0])
         for i in range(count):
-            update(ids[0])
+            if update_each and i:
+                update(ids[0])
             mujoco.mjr_render(mujoco.MjrRect((i % columns) * SIZE, (i // columns) * SIZE, SIZE, SIZE),
                               ctx.scn, ctx.con)
         rgb = np.empty((rows * SIZE, columns * SIZE, 3), dtype=np.uint8)
@@ -147,10 +154,20 @@ def _renderers(sim):
         return [rgb[(i // columns) * SIZE:(i // columns + 1) * SIZE, (i % columns) * SIZE:(i % columns + 1) * SIZE]
                 for i in range(count)]
 
-    def tiled_context(count: int) -> list[np.ndarray]:
+    def tiled_context(count: int, update_each: bool = True) -> list[np.ndarray]:
         """``count`` tiles, in robosuite's context with a buffer that holds them (8 a row, 4x multisampling)."""
         columns = min(count, 8)
-        return robosuite_context(lambda: tiled(count), (columns * SIZE, -(-count // columns) * SIZE, 4))()
+        buffer = (columns * SIZE, -(-count // columns) * SIZE, 4)
+        return robosuite_context(lambda: tiled(count, update_each), buffer)()
+
+    def clear_only() -> list[np.ndarray]:
+        from OpenGL import GL
+
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, ctx.con)
+        GL.glClear(GL.GL_COLOR_BUFFER_BIT | GL.GL_DEPTH_BUFFER_BIT)
+        pixel = np.empty((1, 1, 3), dtype=np.uint8)
+        mujoco.mjr_readPixels(pixel, None, mujoco.MjrRect(0, 0, 1, 1), ctx.con)
+        return [pixel]
 
     low = []  # (make_current, MjrContext, granted) once built; [None] without the extension
 
@@ -215,6 +232,8 @@ def _renderers(sim):
         "two_cameras": robosuite_context(lambda: [robosuite_path(c) for c in CAMERAS]),
         "two_cameras_one_read": robosuite_context(one_read),
         "agentview_tiled": tiled_context,  # takes the tile count
+        "agentview_burst": lambda count: tiled_context(count, update_each=False),
+        "clear_only": robosuite_context(clear_only),
         "agentview_low_priority": low_priority,
         "empty_scene": empty_scene,
         "update_only": update_only,
@@ -240,6 +259,8 @@ def _worker(conn, task_id: int) -> None:
         facts[f"{kind}_max_diff"] = int(np.abs(render[kind]()[0].astype(np.int16) - separate[0]).max())
     tiles = render["agentview_tiled"](3)
     facts["tiled_max_diff"] = max(int(np.abs(t.astype(np.int16) - separate[0]).max()) for t in tiles)
+    tiles = render["agentview_burst"](3)
+    facts["burst_max_diff"] = max(int(np.abs(t.astype(np.int16) - separate[0]).max()) for t in tiles)
     render["agentview"]()  # the model's own buffer back
     if facts["egl_context_priority"]:
         try:
@@ -264,7 +285,7 @@ def _worker(conn, task_id: int) -> None:
                 time.sleep(due - now)
             t0 = time.perf_counter()
             try:
-                if kind == "agentview_tiled":  # the burst in one submission
+                if kind in ("agentview_tiled", "agentview_burst"):  # the burst in one submission
                     frames += len(render[kind](burst))
                 else:
                     for _ in range(burst):

@@ -27,7 +27,11 @@ Memory plans for the 7B actor on one 80 GB GPU (bytes per parameter in brackets)
   ``actor.lora_rank=32``), fp32 with fused AdamW on the GPU, the bf16 base weights frozen [2 for the base, 16
   for each adapter parameter]: another training problem (a low-rank update), so it has a ceiling of its own,
   ``bare lora`` (the adapted model's forward + backward, which computes no base-weight gradients), and its
-  ``vs_bare`` compares it with that. Run last: it leaves the base frozen.
+  ``vs_bare`` compares it with that. Run last: it leaves the base frozen;
+- ``lora_sum`` (after ``lora``): the same adapters through the library's previous form of their sum
+  (``lora_overhead.lora_sum_forward``: in place eager, a plain sum compiled, which Inductor turns into an
+  out-of-place ``addmm`` that copies the base product), its own ceiling and update: an A/B of the custom ops
+  against it in one run.
 
     python benchmarks/train_throughput.py            # OpenVLA-OFT-7B random weights, bf16, CUDA
     python benchmarks/train_throughput.py --tiny     # the tiny checkpoint on the CPU (checks the script)
@@ -45,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from importlib import metadata
 
 import torch
@@ -52,12 +57,14 @@ from tensordict import TensorDict
 
 from _common import command, machine, top_kernels
 
-from srpo_rl.lora import add_lora, lora_targets
+from lora_overhead import lora_sum_forward
+from srpo_rl.lora import add_lora, lora_parameters, lora_targets
 from srpo_rl.objectives import SRPOLoss
 from srpo_rl.optim import HostAdamW
 from srpo_rl.trainer import update_policy
 
 LR = 5e-6  # the recipe's actor learning rate
+PLANS = ("bf16-adamw", "host-adamw", "lora", "lora_sum")
 LORA_RANK, LORA_ALPHA = 32, 16.0  # OpenVLA's LoRA fine-tuning
 
 
@@ -196,8 +203,14 @@ def changed_fraction(params, before: list[torch.Tensor]) -> float:
 def run_plan(plan: str, policy, loss, batch, micros, device, repeats, profile: bool = False) -> dict:
     """update_policy under one memory plan at each micro-batch size, and how many weights a step moves."""
     result = {"plan": plan, "rows": []}
-    if plan == "lora":  # the last plan: the base weights stay frozen from here on
-        params = add_lora(policy.model, LORA_RANK, LORA_ALPHA)
+    if plan in ("lora", "lora_sum"):  # the last plans: the base weights stay frozen from here on
+        if plan == "lora":
+            params = add_lora(policy.model, LORA_RANK, LORA_ALPHA)
+        else:  # the adapters lora added, through the previous form of their sum
+            params = lora_parameters(policy.model)
+            for module in policy.model.modules():
+                if hasattr(module, "lora_A"):
+                    module.forward = types.MethodType(lora_sum_forward, module)
         # its own ceiling: the adapted model's forward + backward, which computes no base-weight gradients
         result["bare"] = [bare(policy, batch, micro, device, repeats, profile) for micro in micros]
     else:
@@ -216,7 +229,7 @@ def run_plan(plan: str, policy, loss, batch, micros, device, repeats, profile: b
     result["changed_fraction"] = changed_fraction(probe, before)
     if plan == "host-adamw":
         result["host_gib"] = optimizer.host_bytes() / 2**30
-    if plan == "lora":
+    if plan in ("lora", "lora_sum"):
         result["trainable"] = sum(p.numel() for p in params)
     del optimizer
     policy.model.zero_grad(set_to_none=True)
@@ -255,7 +268,8 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, nargs="+", default=None, help="default 8 16 32 (tiny 2 4)")
     parser.add_argument("--trajectories", type=int, default=None, help="per update (default 4; tiny 2)")
     parser.add_argument("--decisions", type=int, default=None, help="per trajectory (default 32; tiny 4)")
-    parser.add_argument("--plans", default="bf16-adamw,host-adamw,lora", help="lora last: it freezes the base")
+    parser.add_argument("--plans", default="bf16-adamw,host-adamw,lora",
+                        help="lora (then lora_sum, if asked) last: they freeze the base")
     parser.add_argument("--host-micro-batches", type=int, nargs="+", default=None,
                         help="micro-batches of the host-adamw plan, whose every update has a slow host step "
                         "(default 16, the recipe's; tiny 2)")
@@ -277,6 +291,12 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
+    names = args.plans.split(",")
+    if unknown := [n for n in names if n not in PLANS]:
+        raise SystemExit(f"unknown plan {unknown[0]!r}; choose from {', '.join(PLANS)}")
+    adapted = [n for n in names if n.startswith("lora")]
+    if adapted not in ([], ["lora"], ["lora", "lora_sum"]) or names[len(names) - len(adapted):] != adapted:
+        raise SystemExit("the lora plans freeze the base weights: list lora last, or lora,lora_sum last")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if not args.tiny and device.type != "cuda":
         sys.exit("the 7B benchmark needs a CUDA device; pass --tiny to check the script on the CPU")
@@ -293,11 +313,7 @@ def main() -> None:
 
     bare_rows = [bare(policy, batch, m, device, args.repeats, args.profile) for m in args.micro_batches]
     results = []
-    for plan in args.plans.split(","):
-        if plan not in ("bf16-adamw", "host-adamw", "lora"):
-            raise SystemExit(f"unknown plan {plan!r}; choose from bf16-adamw, host-adamw, lora")
-        if plan == "lora" and args.plans.split(",")[-1] != "lora":
-            raise SystemExit("the lora plan freezes the base weights: list it last")
+    for plan in names:
         if plan == "host-adamw":
             row = run_plan(plan, policy, loss, batch, args.host_micro_batches, device, min(args.repeats, 2))
         else:
