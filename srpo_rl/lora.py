@@ -20,7 +20,8 @@ before, a training checkpoint (``torch.distributed.checkpoint``) holds the adapt
 
 An adapted layer runs through two custom ops (``srpo_rl::lora_linear`` and its gradient), which accumulate the
 adapter's products into the base ones in place, eager and under ``torch.compile`` alike; they treat the base weight
-as frozen (a layer whose base is trained again falls back to a plain sum).
+as frozen (a layer whose base is trained again falls back to a plain sum). Under ``torch.autocast`` an adapted
+layer computes in autocast's dtype, as a plain linear layer does; its adapters stay in their own dtype.
 
 Inference need not pay for the adapters: :func:`merged_adapters` folds them into the weights in place for the
 length of a ``with`` block (the rollout, validation), where every adapted layer runs as the plain linear layer it
@@ -100,13 +101,20 @@ def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # wherever the sum feeds a non-pointwise op (q, k, v: 343 copies, 3 % of the 7B's kernel time). Through the ops,
     # 4 decoder layers of the 7B's shape trained 1.02x faster compiled and 1.01x eager (H100,
     # benchmarks/lora_overhead.py, docs/gpu_lora_overhead_llama_op_h100.json).
+    weight, bias, autocast = self.weight, self.bias, contextlib.nullcontext()
+    if torch.is_autocast_enabled(x.device.type):  # as autocast runs a linear layer: every operand in its dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        autocast = torch.autocast(x.device.type, enabled=False)
     rows = x.reshape(-1, x.shape[-1])
     lora_a = self.lora_A.to(x.dtype)
     up = (self.lora_B * self.lora_scaling).to(x.dtype)
-    if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):  # the ops freeze the base
-        out = F.linear(rows, self.weight, self.bias) + F.linear(rows, lora_a) @ up.t()
-    else:
-        out, _ = _lora_linear(rows, self.weight, self.bias, lora_a, up)
+    with autocast:
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):  # the ops freeze it
+            out = F.linear(rows, weight, bias) + F.linear(rows, lora_a) @ up.t()
+        else:
+            out, _ = _lora_linear(rows, weight, bias, lora_a, up)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -5,6 +5,7 @@ weights bit for bit as they were, and the tiny recipe trains, checkpoints and re
 layer's custom ops give the formula's values and gradients eager, compiled and under FSDP2, and compiled they copy
 nothing where a plain sum would."""
 
+import copy
 import functools
 
 import pytest
@@ -91,6 +92,34 @@ def test_adapted_layer_computes_x_wt_plus_b_plus_scaled_x_at_bt_and_its_gradient
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         else:  # bf16 keeps 8 bits of mantissa: compare the error to the whole tensor's size
             assert (got - want).norm() / want.norm() < 0.02
+
+
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen_base", "trainable_base"])
+def test_adapted_fp32_layer_under_autocast_runs_in_its_dtype_as_a_plain_layer_does(train_base):
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(12, 10)
+    plain = copy.deepcopy(layer)
+    (a, b) = add_lora(layer, rank=RANK, alpha=ALPHA, skip=())
+    layer.requires_grad_(train_base)
+    a.requires_grad_(), b.requires_grad_()
+    x = torch.randn(2, 5, 12, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zero_b = layer(x)  # B starts at zero: exactly the plain layer under autocast
+        expected = plain(x)
+    assert zero_b.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(zero_b, expected)
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape, generator=g))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = x @ layer.weight.detach().T + layer.bias.detach() + ALPHA / RANK * (x @ a_ref.T) @ b_ref.T
+    ref.square().sum().backward()
+    assert out.dtype == torch.bfloat16 and a.grad.dtype == b.grad.dtype == torch.float32
+    for got, want in [(out.detach().float(), ref.detach()), (a.grad, a_ref.grad), (b.grad, b_ref.grad)]:
+        assert (got - want).norm() / want.norm() < 0.02  # bf16 operands: 8 bits of mantissa
+    assert (layer.weight.grad is not None) == train_base
 
 
 def test_merged_weights_are_w_plus_scaled_b_a_and_give_the_adapted_logits(ckpt):
