@@ -27,7 +27,6 @@ import json
 import platform
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -345,7 +344,6 @@ def main(cfg: ReacherConfig) -> None:
     if unknown:
         raise ValueError(f"unknown reward {unknown[0]!r}; choose from {', '.join(REWARDS)}")
     torch.set_num_threads(cfg.threads)
-    warnings.filterwarnings("ignore", message="A partial `'_reset'` key")  # the rollout's per-slot resets
     out_dir = Path(hydra.utils.to_absolute_path(cfg.output_dir))
     env = make_env(cfg)
     vjepa_path = Path(tempfile.mkdtemp()) / "tiny_vjepa2.pt"

@@ -494,11 +494,22 @@ class _Rollout:
         t0 = time.perf_counter()
         chosen = self.assign(slot_ids)
         if chosen:
-            td = self.env.reset(TensorDict(_reset_fields(self.num_slots, chosen), batch_size=[self.num_slots]))
+            td = TensorDict(_reset_fields(self.num_slots, chosen), batch_size=[self.num_slots])
+            td = self.env.reset(td.update(self.idle_flags()))
             self.begin(td, list(chosen))
             for s in chosen:
                 self.slots[s].rebuilding = False
         self.stats.reset_time += time.perf_counter() - t0
+
+    def idle_flags(self) -> TensorDictBase:
+        """The env's done flags, true for every slot that runs no episode. torchrl asks a partial reset's
+        input for the other slots' flags (it warns at every reset without them); nothing reads them back."""
+        flags = self.env.full_done_spec.zero()
+        idle = torch.ones(self.num_slots, dtype=torch.bool)
+        idle[self.running(range(self.num_slots))] = False
+        for key in flags.keys(True, True):
+            flags.get(key)[idle] = True
+        return flags
 
     def rebuild(self, slot_ids: list[int]) -> None:
         """Starts the task-changing resets of ``slot_ids`` on their own: no round waits for a rebuild."""

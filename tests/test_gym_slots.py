@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import gymnasium
 import numpy as np
@@ -25,7 +26,7 @@ from srpo_rl.examples.reacher_policy import (
 from srpo_rl.rollout import collect_rollouts, group_requests
 from srpo_rl.token_policy import StateTokenPolicy
 
-# collect_rollouts resets slots one by one without passing the others' done flags; torchrl warns each time
+# the tests' own partial resets leave out the other slots' done flags, which torchrl warns about
 pytestmark = pytest.mark.filterwarnings("ignore:A partial `'_reset'` key")
 
 SEED = 3
@@ -234,6 +235,22 @@ def test_slots_never_reset_report_blank_data():
     env.close()
     assert out["observation", "image"][[0, 2]].eq(0).all() and out["observation", "image"][1].gt(0).any()
     assert out["done"][[0, 2]].all() and not out["done"][1].item()
+
+
+def test_collect_rollouts_gives_torchrl_the_other_slots_done_flags():
+    # Partial resets: 8 rollouts of 16 steps on 3 slots (the last round resets 2 slots while the third, out of
+    # requests, stays done), then 2 rollouts on the 3 slots (the start resets 2). Without the other slots' done
+    # flags in the reset's input torchrl warns at each of them.
+    env = slot_env(3, max_steps=16)
+    torch.manual_seed(0)
+    policy = StateTokenPolicy(env.state_dim, env.action_dim, CHUNK, hidden_sizes=(32,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trajs, _ = collect_rollouts(env, policy, group_requests([(0, i) for i in range(4)], rollouts_per_group=2))
+        again, _ = collect_rollouts(env, policy, group_requests([(0, 9)], rollouts_per_group=2))
+    env.close()
+    assert sorted(trajs["rollout_id"].tolist()) == list(range(8)) and again["init_state_id"].tolist() == [9, 9]
+    assert [str(w.message) for w in caught if "_reset" in str(w.message)] == []
 
 
 def test_collect_rollouts_runs_on_it_unchanged():

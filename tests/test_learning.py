@@ -26,9 +26,6 @@ from srpo_rl.examples import srpo_reacher as experiment
 from srpo_rl.models.vjepa2 import write_tiny_vjepa2_checkpoint
 from srpo_rl.token_policy import StateTokenPolicy
 
-# collect_rollouts resets slots one by one without passing the others' done flags; torchrl warns each time
-pytestmark = pytest.mark.filterwarnings("ignore:A partial `'_reset'` key")
-
 SEED = 1
 CI_SIZE = {"seeds": [SEED], "rewards": ["srpo"], "iterations": 90, "eval_every": 30}
 
