@@ -25,10 +25,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_allowed():
+    with warnings.catch_warnings():
+        # one process without a process group saves and loads on purpose; DCP warns at every call all the same
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def get_rng_state() -> dict:
@@ -102,8 +112,9 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save(model_state, checkpoint_id=tmp / "model")
-        dcp.save(optim_state, checkpoint_id=tmp / "optim")
+        with _single_process_allowed():
+            dcp.save(model_state, checkpoint_id=tmp / "model")
+            dcp.save(optim_state, checkpoint_id=tmp / "optim")
         torch.save({**trainer_state, "rng": get_rng_state()}, tmp / f"trainer_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
@@ -130,10 +141,11 @@ class CheckpointManager:
             return None
         path = self.path(steps[-1])
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.load(model_state, checkpoint_id=path / "model")
-        # Parameters that never received a gradient (e.g. the unused last tower blocks) have no saved optimizer
-        # state; they keep the freshly initialised one.
-        dcp.load(optim_state, checkpoint_id=path / "optim", planner=DefaultLoadPlanner(allow_partial_load=True))
+        with _single_process_allowed():
+            dcp.load(model_state, checkpoint_id=path / "model")
+            # Parameters that never received a gradient (e.g. the unused last tower blocks) have no saved
+            # optimizer state; they keep the freshly initialised one.
+            dcp.load(optim_state, checkpoint_id=path / "optim", planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
         trainer_file = path / f"trainer_rank{_rank()}.pt"
         if not trainer_file.exists():
