@@ -22,6 +22,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import io
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -125,6 +126,12 @@ def _upstream_config_file() -> Path:
 
 
 @functools.cache
+def _not_about_macros(record: logging.LogRecord) -> bool:
+    # robosuite logs three lines at import, in every env process, that it has no private macro file: its
+    # defaults are the settings LIBERO runs with
+    return "macro" not in record.getMessage()
+
+
 def import_libero():
     """Imports ``libero.libero`` without ever prompting, and checks that its assets exist.
 
@@ -145,6 +152,7 @@ def import_libero():
             f"LIBERO with: {INSTALL_COMMAND}"
         )
     configure_rendering()
+    logging.getLogger("robosuite_logs").addFilter(_not_about_macros)
     import libero.libero as libero
 
     assets = Path(libero.get_libero_path("assets"))

@@ -250,6 +250,18 @@ def test_libero_import_never_prompts_or_writes_config(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_robosuite_macro_file_notes_are_not_shown():
+    # robosuite logs at import, in every env process, that it has no private macro file (its defaults are LIBERO's)
+    code = (
+        "import sys\nfrom srpo_rl.envs.suites import import_libero\n"
+        "import_libero()\nfrom libero.libero.envs import OffScreenRenderEnv\nprint('robosuite' in sys.modules)"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "True"
+    assert "macro" not in result.stderr, result.stderr
+
+
 def test_killed_worker_is_recovered(env, caplog):
     env.reset(_reset_td([True, True], [0, 1], [0, 0], [200, 201]))
     old = env.worker_pids
