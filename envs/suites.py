@@ -125,13 +125,13 @@ def _upstream_config_file() -> Path:
     return Path(os.environ.get("LIBERO_CONFIG_PATH", os.path.expanduser("~/.libero"))) / "config.yaml"
 
 
-@functools.cache
 def _not_about_macros(record: logging.LogRecord) -> bool:
     # robosuite logs three lines at import, in every env process, that it has no private macro file: its
     # defaults are the settings LIBERO runs with
     return "macro" not in record.getMessage()
 
 
+@functools.cache
 def import_libero():
     """Imports ``libero.libero`` without ever prompting, and checks that its assets exist.
 
