@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from srpo_rl.distributed import DTYPES, DistInfo, shard_actor
 from srpo_rl.envs import make_libero_env
@@ -45,9 +44,8 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     canonical_suite(cfg.env.env_name)
     for key in ("path", "vjepa_path"):
-        try:
-            value = cfg.model[key]
-        except MissingMandatoryValue:
+        value = cfg.model.get(key)  # None where the config leaves it missing (???)
+        if value is None:
             _fail(f"model.{key} is required for model={cfg.model.name}; pass model.{key}=<path>")
         if cfg.model.name != "tiny" and not Path(value).exists() and (key == "path" or cfg.mode == "train"):
             _fail(f"model.{key}={value!r} does not exist")
