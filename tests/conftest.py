@@ -3,6 +3,9 @@ import os
 # Headless rendering: EGL (Mesa llvmpipe on CPU machines) unless the user chose otherwise.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+# llvmpipe draws the small frames rendered in this process (Reacher's 64x64) faster in the calling thread than
+# through its worker threads; read once, at the process's first EGL context. NVIDIA's EGL ignores it.
+os.environ.setdefault("LP_NUM_THREADS", "0")
 
 import pytest
 import torch
