@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -51,6 +52,31 @@ def versions(names: tuple[str, ...] = PACKAGES) -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def mujoco_target(version: str, root: str = tempfile.gettempdir()) -> str | None:
+    """The ``pip --target`` folder of MuJoCo ``version`` (``root/mj_<version>``), or None for the environment's own."""
+    return None if version == metadata.version("mujoco") else os.path.join(root, f"mj_{version}")
+
+
+def install_mujoco(version: str, root: str = tempfile.gettempdir()) -> None:
+    """Installs MuJoCo ``version`` into its :func:`mujoco_target` folder, unless it is there or is the environment's."""
+    target = mujoco_target(version, root)
+    if target is None or os.path.isdir(os.path.join(target, "mujoco")):
+        return
+    print(f"installing mujoco=={version} into {target}", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, f"mujoco=={version}"],
+        check=True,
+    )
+
+
+def with_mujoco(env: dict, version: str, root: str = tempfile.gettempdir()) -> dict:
+    """``env`` with MuJoCo ``version``'s folder first on ``PYTHONPATH`` (as it is for the environment's own)."""
+    target = mujoco_target(version, root)
+    if target is None:
+        return env
+    return dict(env, PYTHONPATH=os.pathsep.join([target, *filter(None, [env.get("PYTHONPATH")])]))
 
 
 def run_child(command: list[str], env: dict, version: str, what: str) -> dict:

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from importlib import metadata
 
 import numpy as np
 
-from _common import command, machine, run_child
+from _common import command, install_mujoco, machine, run_child, with_mujoco
 
 DEFAULT_VERSIONS = "3.3.3,3.3.7,3.10.0,3.17.0"
 DEFAULT_SCENES = "libero_object:0:0,libero_goal:0:0,libero_spatial:0:0"
@@ -72,28 +71,10 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(info))
 
 
-def _target(version: str, root: str) -> str | None:
-    """The ``--target`` folder of ``version``, or None for the environment's own MuJoCo."""
-    return None if version == metadata.version("mujoco") else os.path.join(root, f"mj_{version}")
-
-
-def _install(version: str, root: str) -> None:
-    target = _target(version, root)
-    if target is None or os.path.isdir(os.path.join(target, "mujoco")):
-        return
-    print(f"installing mujoco=={version} into {target}", flush=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, f"mujoco=={version}"],
-        check=True,
-    )
-
-
 def _run(version: str, scene: tuple[str, int, int], out: str, state: str | None, args) -> dict:
     env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
     env.setdefault("PYOPENGL_PLATFORM", env["MUJOCO_GL"])
-    target = _target(version, args.target_root)
-    if target is not None:
-        env["PYTHONPATH"] = os.pathsep.join([target, *filter(None, [env.get("PYTHONPATH")])])
+    env = with_mujoco(env, version, args.target_root)
     suite, task, init = scene
     command = [sys.executable, os.path.abspath(__file__), "--child", "--suite", suite, "--task", str(task)]
     command += ["--init", str(init), "--size", str(args.size), "--out", out]
@@ -155,7 +136,7 @@ def main() -> None:
         raise SystemExit(f"the baseline must be MuJoCo <= 3.3.2 (the legacy look), not {baseline}")
     versions = [v for v in args.versions.split(",") if v != baseline]
     for version in versions:
-        _install(version, args.target_root)
+        install_mujoco(version, args.target_root)
     runs = [(baseline, "noise floor")] if not args.tiny else []
     runs += [(version, "") for version in versions]
 

@@ -25,12 +25,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from importlib import metadata
 
-from _common import command, machine, run_child
+from _common import command, install_mujoco, machine, run_child, with_mujoco
 
 DEFAULT_VERSIONS = "2.3.7,3.1.6,3.2.7,3.3.2"
 
@@ -87,27 +86,9 @@ def _child(args: argparse.Namespace) -> None:
     )
 
 
-def _target(version: str) -> str | None:
-    """The ``--target`` folder of ``version``, or None for the environment's own MuJoCo."""
-    return None if version == metadata.version("mujoco") else f"/tmp/mj_{version}"
-
-
-def _install(version: str) -> None:
-    target = _target(version)
-    if target is None or os.path.isdir(os.path.join(target, "mujoco")):
-        return
-    print(f"installing mujoco=={version} into {target}", flush=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, f"mujoco=={version}"],
-        check=True,
-    )
-
-
 def _measure(version: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    target = _target(version)
-    if target is not None:
-        env["PYTHONPATH"] = os.pathsep.join([target, *filter(None, [env.get("PYTHONPATH")])])
+    env = with_mujoco(env, version)
     command = [sys.executable, os.path.abspath(__file__), "--child", "--suite", args.suite, "--task", str(args.task)]
     command += ["--steps", str(args.steps), "--core", str(args.core)]
     return run_child(command, env, version, "run")
@@ -133,7 +114,7 @@ def main() -> None:
     if baseline not in versions:
         versions.append(baseline)
     for version in versions:
-        _install(version)
+        install_mujoco(version)
 
     runs: dict[str, list[dict]] = {v: [] for v in versions}
     for _ in range(args.repeats):
