@@ -106,6 +106,10 @@ class LiberoVecEnv(EnvBase):
             for it, and the pixels differ a little from the GPU's. It did not pay with the 7B: on an H200 with
             32 envs, 16 CPU-render slots ran 0.97x the rollout of all-GPU frames (those slots come back later,
             so the policy's batches halve). Defaults to 0.
+        legacy_look: draw the scenes' textures as MuJoCo <= 3.3.2 drew them, the look the published
+            checkpoints were trained on, on a MuJoCo from 3.3.3 on (which draws them darker); a no-op on 3.3.2
+            (:func:`~srpo_rl.envs.render_fidelity.apply_legacy_look`, ``docs/mujoco_rendering.md``). Defaults
+            to ``False``.
         device: device of the returned tensors. Defaults to CPU.
 
     Reset: ``env.reset(td)`` resets the slots where ``td["_reset"]`` is true (all when absent) to
@@ -149,6 +153,7 @@ class LiberoVecEnv(EnvBase):
         seed: int = 0,
         jpeg_quality: int | None = None,
         cpu_render_slots: int = 0,
+        legacy_look: bool = False,
         device: torch.device | str | None = None,
     ):
         info = suite_info(suite)  # validates the name and imports LIBERO (clear errors)
@@ -201,6 +206,7 @@ class LiberoVecEnv(EnvBase):
             channels_first=True,
             seed=self._seed,
             jpeg_quality=check_jpeg_quality(jpeg_quality),
+            legacy_look=bool(legacy_look),
         )
         # a reply's frames (observation, wrist, reward frames) through shared memory, not the pipe
         frame_bytes = 3 * self.image_size**2

@@ -181,6 +181,7 @@ def make_env(cfg: DictConfig, info: DistInfo):
         step_timeout=cfg.env.step_timeout,
         seed=cfg.seed + 1000 * info.rank,
         jpeg_quality=JPEG_QUALITY if cfg.rollout.jpeg_in_workers else None,
+        legacy_look=cfg.env.legacy_look,
     )
 
 

@@ -1,10 +1,9 @@
 """apply_legacy_look: textures drawn as MuJoCo <= 3.3.2 drew them, on whichever MuJoCo is installed.
 
 The checks hold on every MuJoCo version. On the project's MuJoCo (3.3.2, no texture colour space)
-the function must change nothing; on MuJoCo >= 3.3.3 it must undo the sRGB decoding. Run this file
-under a newer MuJoCo too (``PYTHONPATH=<pip --target folder of mujoco>=3.3.3> pytest ...``) to
-exercise that branch; ``benchmarks/mujoco_render_fidelity.py`` compares whole LIBERO images
-across versions.
+the function must change nothing; on MuJoCo >= 3.3.3 it must undo the sRGB decoding.
+``test_newer_mujoco.py`` runs this file under MuJoCo 3.17.0 to exercise that branch;
+``benchmarks/mujoco_render_fidelity.py`` compares whole LIBERO images across versions.
 """
 
 import struct
@@ -140,3 +139,14 @@ def test_libero_sim_reapplies_after_a_hard_reset(sim):
     assert srgb_textures(_model_of(sim)) == ()
     assert sim.legacy_look_textures == before
     assert abs(sim.render().mean() - LIBERO_OBJECT_MEAN) < 0.5
+
+
+def test_the_batched_env_draws_the_legacy_look_in_its_workers():
+    from srpo_rl.envs import LiberoVecEnv
+
+    env = LiberoVecEnv("libero_object", 1, num_steps_wait=0, legacy_look=True)
+    try:
+        image = env.reset()["observation", "image"][0]
+    finally:
+        env.close()
+    assert abs(image.float().mean().item() - LIBERO_OBJECT_MEAN) < 0.5
