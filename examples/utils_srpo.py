@@ -44,7 +44,7 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     canonical_suite(cfg.env.env_name)
     for key in ("path", "vjepa_path"):
-        value = cfg.model.get(key)  # None where the config leaves it missing (???)
+        value = cfg.model.get(key)  # None also where the config leaves OmegaConf's missing value, ???
         if value is None:
             _fail(f"model.{key} is required for model={cfg.model.name}; pass model.{key}=<path>")
         if cfg.model.name != "tiny" and not Path(value).exists() and (key == "path" or cfg.mode == "train"):

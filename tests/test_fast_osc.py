@@ -103,4 +103,3 @@ def test_a_bad_state_is_reset_and_stepped_as_robosuite_would(sims, tmp_path, mon
     np.testing.assert_array_equal(_physics(fast), _physics(stock))
     for sim in (fast, stock):
         assert sim.env.env.sim.data._data.warning.number[int(mujoco.mjtWarning.mjWARN_BADQVEL)] == 1
-
