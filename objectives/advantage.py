@@ -214,6 +214,7 @@ class GroupAdvantage(TensorDictModuleBase):
         return [keys.advantage, keys.step_advantage, keys.token_mask]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Writes the group-normalised advantages and the token mask into ``tensordict`` (in place) and returns it."""
         keys = self.tensor_keys
         reward = tensordict.get(keys.reward)
         group_id = tensordict.get(keys.group_id)

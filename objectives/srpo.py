@@ -275,6 +275,11 @@ class SRPOLoss(ClipPPOLoss):
     # ---- forward ------------------------------------------------------------------------------
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """The clipped token-level policy loss of a batch of trajectories.
+
+        Returns the entries the class docstring lists: ``loss_objective`` (and ``loss_entropy`` with
+        ``entropy_bonus``), the terms to sum and minimise, and detached diagnostics.
+        """
         advantage = tensordict.get(self.tensor_keys.advantage, None)
         if advantage is None:
             raise KeyError(

@@ -13,7 +13,7 @@ same task in the batch; the closer it ends up, the higher its score in ``[0, 0.6
 - :class:`BackgroundEmbedder` embeds each trajectory as soon as its episode ends, on a side CUDA stream
   while the other rollouts go on: the reward then costs no wall time of its own where the GPU would wait for
   the simulation. Where the policy's forward keeps the GPU busy it does not pay (the 7B on an H100 with 16
-  envs: 1.19x and 1.33x the embedding's time after the rollout, ``benchmarks/rollout_throughput.py``).
+  envs: 0.77-1.33x the embedding's time after the rollout, 1.01x at 8 rollouts an env; ``benchmarks/rollout_throughput.py``).
 """
 
 from __future__ import annotations
@@ -450,6 +450,11 @@ class SRPOProgressReward(Transform):
         return video_emb[[row_of[int(r)] for r in kept]]
 
     def forward(self, tensordict: TensorDictBase, keep: torch.Tensor | None = None) -> TensorDictBase:
+        """Writes the progress score and ``reward_coef`` times it into ``tensordict`` (in place) and returns it.
+
+        ``keep`` (or the tensordict's ``keep`` key) marks the trajectories to embed; the others keep their
+        0/1 success as the score. Successes always score 1.
+        """
         success = self._get(tensordict, "success").reshape(-1).bool()
         score = success.to(torch.float64).cpu()
         if not self.binary:

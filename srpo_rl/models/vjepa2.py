@@ -472,6 +472,7 @@ class VideoEmbedder(nn.Module):
 
     @torch.no_grad()
     def forward(self, videos: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Videos (each ``[T, 3, H, W]`` uint8) -> one float32 embedding each, ``[len(videos), D]`` on the CPU."""
         # Each video is read once, batch by batch, so ``videos`` may be a lazy sequence that gathers
         # frames on access: a batch of long trajectories never needs to sit in memory at once.
         out = torch.zeros(len(videos), self.embedding_dim)
