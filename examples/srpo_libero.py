@@ -45,7 +45,7 @@ from srpo_rl.examples.utils_srpo import (
 from srpo_rl.lora import merged_adapters
 from srpo_rl.manifest import PromptStream
 from srpo_rl.rollout import collect_rollouts, group_requests
-from srpo_rl.trainer import update_policy
+from srpo_rl.trainer import recompute_log_probs, update_policy
 
 
 # The folder beside this file, as a path: as the console script (the package installed as a wheel or editable)
@@ -133,6 +133,7 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
                                                        progress=info.is_main and "rollout")
             if background is not None:  # waits only for the last embeddings (NaN: a group the sampler drops)
                 trajectories.set("video_embedding", background.pop(trajectories["rollout_id"]))
+            trajectories.set("policy_version", torch.full(trajectories.batch_size, step))  # the step sampled at
             sampler.add(trajectories)  # copies the groups it keeps
             # the metrics need no steps: a round's policy images (4.6 GiB at the recipe's batch) go once it is taken in
             collected.append((trajectories.exclude("steps"), stats))
@@ -146,31 +147,33 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
             print(f"step {step}: no batch of {cfg.data.train_batch_size} groups passed the filters after {rounds} "
                   "rollout rounds; skipping the update (raise max_rollout_rounds or check the policy)", flush=True)
             logger.log({"train/skipped": 1.0}, step)
-            bar.update(1)
-            continue
+        else:
+            # SRPO progress reward on the kept groups, then GRPO advantages
+            t0 = time.perf_counter()
+            batch = advantage_module(reward_module(batch))
+            logger.log({**batch_metrics(batch), "time/reward_and_advantage": time.perf_counter() - t0}, step)
+            if info.is_main and not batch["advantage"].abs().gt(0).any():
+                print(f"step {step}: every advantage is 0 (no group mixes outcomes): this update has zero gradient",
+                      flush=True)
 
-        # SRPO progress reward on the kept groups, then GRPO advantages
-        t0 = time.perf_counter()
-        batch = advantage_module(reward_module(batch))
-        logger.log({**batch_metrics(batch), "time/reward_and_advantage": time.perf_counter() - t0}, step)
-        if info.is_main and not batch["advantage"].abs().gt(0).any():
-            print(f"step {step}: every advantage is 0 (no group mixes outcomes): this update has zero gradient",
-                  flush=True)
-
-        # Policy update: epochs x mini-batches, exact accumulation over micro-batches
-        t0 = time.perf_counter()
-        policy.train()
-        losses = update_policy(
-            loss_module, optimizer, batch,
-            mini_batch_trajectories=mini_batch_trajectories,
-            micro_batch_trajectories=cfg.actor.ppo_micro_batch_size,
-            traj_mini_batch_size=cfg.actor.traj_mini_batch_size,
-            ppo_epochs=cfg.actor.ppo_epochs, grad_clip=cfg.actor.grad_clip,
-            shuffle=cfg.actor.shuffle, generator=generator, device=info.device, progress=info.is_main and "update",
-        )
-        policy.eval()
-        logger.log({**{f"train/{k}": v for k, v in losses.items()}, "train/lr": optimizer.param_groups[0]["lr"],
-                    "time/update": time.perf_counter() - t0, **memory_metrics(info.device)}, step)
+            # Policy update: groups carried from an earlier step first get the current policy's log-probs
+            # (their stored ones are an older policy's), then epochs x mini-batches, exact accumulation
+            t0 = time.perf_counter()
+            policy.train()
+            recomputed = recompute_log_probs(loss_module, batch, batch["policy_version"] < step,
+                                             slice_steps=cfg.actor.traj_mini_batch_size, device=info.device)
+            losses = update_policy(
+                loss_module, optimizer, batch,
+                mini_batch_trajectories=mini_batch_trajectories,
+                micro_batch_trajectories=cfg.actor.ppo_micro_batch_size,
+                traj_mini_batch_size=cfg.actor.traj_mini_batch_size,
+                ppo_epochs=cfg.actor.ppo_epochs, grad_clip=cfg.actor.grad_clip, shuffle=cfg.actor.shuffle,
+                generator=generator, device=info.device, progress=info.is_main and "update",
+            )
+            policy.eval()
+            logger.log({**{f"train/{k}": v for k, v in losses.items()}, "train/lr": optimizer.param_groups[0]["lr"],
+                        "train/recomputed_log_prob_steps": recomputed, "time/update": time.perf_counter() - t0,
+                        **memory_metrics(info.device)}, step)
 
         # Validation and checkpoints
         if cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0:

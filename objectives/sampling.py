@@ -159,6 +159,11 @@ class EmbodiedSampler:
         allow_partial (bool): when ``max_rounds`` is reached, train on the groups there are
             instead of skipping the step. Default ``False``.
 
+    Kept groups beyond ``train_batch_size`` stay cached for the next :meth:`pop`, after an update: their
+    stored log-probs are then an older policy's. Stamp each round with the policy's version and
+    refresh the older ones before the update (:func:`srpo_rl.trainer.recompute_log_probs`, as
+    ``examples/srpo_libero.py`` does); the reference recomputes every trajectory's log-probs there.
+
     Keys (``set_keys``): ``group_id``, ``success``, ``truncated``, ``failed`` (optional),
     ``steps`` (the nested per-decision tensordict, padded along its time dim when groups from
     rounds of different lengths are served together).

@@ -272,6 +272,15 @@ class SRPOLoss(ClipPPOLoss):
             )
         return token_mask.bool()
 
+    def log_prob(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The current policy's log-probs of the stored action tokens, ``[M, 8, 7]``.
+
+        The update's own forward; call it under ``torch.no_grad()`` to refresh the stored
+        ``sample_log_prob`` of trajectories sampled before the latest optimizer steps
+        (:func:`srpo_rl.trainer.recompute_log_probs`).
+        """
+        return self._get_cur_log_prob(tensordict)[0]
+
     # ---- forward ------------------------------------------------------------------------------
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from srpo_rl.distributed import reduce_scalar
 
-__all__ = ["executed_steps", "update_policy"]
+__all__ = ["executed_steps", "recompute_log_probs", "update_policy"]
 
 
 def executed_steps(batch: TensorDictBase) -> TensorDictBase:
@@ -119,6 +119,46 @@ def update_policy(
     metrics["optimizer_steps"] = steps_done
     metrics["samples"] = samples
     return metrics
+
+
+@torch.no_grad()
+def recompute_log_probs(
+    loss_module: torch.nn.Module,
+    batch: TensorDictBase,
+    stale: torch.Tensor,
+    *,
+    slice_steps: int = 16,
+    device: torch.device | None = None,
+) -> int:
+    """Replaces the stored log-probs of the trajectories ``stale`` marks with the current policy's, in place.
+
+    A group the sampler carries into a later step was sampled before that step's optimizer updates: its
+    stored log-probs belong to an older policy, so its ratios would start away from 1 and the clip would
+    act on the wrong interval. The reference recomputes every trajectory's log-probs before the update;
+    fresh ones equal what the rollout stored, so only ``stale`` (bool ``[N]``) ones are recomputed here, in
+    forwards of ``slice_steps`` executed decision steps (the last one filled up, so every forward has one
+    shape). With FSDP every rank runs as many forwards as the rank with the most. Returns the number of
+    decision steps recomputed on this rank.
+    """
+    keys = loss_module.tensor_keys
+    stored = batch.get(("steps", keys.sample_log_prob))
+    flat = executed_steps(batch[stale])
+    count = flat.batch_size[0]
+    source = flat if count else executed_steps(batch[:1])  # what a rank with nothing to do runs
+    width = max(1, min(slice_steps, source.batch_size[0]))
+    starts = range(0, count, width)
+    fresh = []
+    for i in range(int(reduce_scalar(len(starts), "max"))):
+        start = starts[i] if i < len(starts) else 0
+        rows = torch.arange(start, start + width) % source.batch_size[0]
+        log_prob = loss_module.log_prob(_to_device(source[rows], device))
+        if i < len(starts):
+            fresh.append(log_prob[: min(width, count - start)].to(stored))
+    if fresh:
+        where = batch.get(("steps", "mask")).bool() & stale.reshape(-1, 1).bool()
+        stored[where] = torch.cat(fresh)
+        batch.set(("steps", keys.sample_log_prob), stored)
+    return count
 
 
 def _to_device(piece: TensorDictBase, device: torch.device | str | None) -> TensorDictBase:

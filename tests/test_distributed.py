@@ -12,7 +12,7 @@ from srpo_rl.distributed import DistInfo, gathered, shard_actor
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.objectives import GroupAdvantage, SRPOLoss
 from srpo_rl.policy import OpenVLAOFTPolicy
-from srpo_rl.trainer import executed_steps, update_policy
+from srpo_rl.trainer import executed_steps, recompute_log_probs, update_policy
 
 NUM_TRAJ, T = 8, 3
 
@@ -153,6 +153,62 @@ def test_the_update_reads_its_diagnostics_back_once_not_per_slice(checkpoint, mo
         _, sizes = _sgd_update(checkpoint, traj_mini_batch_size=steps)
         reads_by_forwards[len(sizes)] = len(reads)
     assert reads_by_forwards[1] == reads_by_forwards[19] > 0, reads_by_forwards
+
+
+def _stale_batch(checkpoint: str) -> tuple[OpenVLAOFTPolicy, SRPOLoss, TensorDict, TensorDict]:
+    """_batch sampled, then one SGD step: the policy, its loss, the batch as stored and a copy to refresh."""
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.5)
+    update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, shuffle=False, grad_clip=None)
+    return policy, loss, batch, batch.clone()
+
+
+STALE = torch.tensor([True, False, False, True, False, True, False, False])  # 3 + 1 + 3 executed steps
+
+
+def test_recomputed_log_probs_are_the_updated_policys_on_the_stale_trajectories_only(checkpoint):
+    policy, loss, stored, batch = _stale_batch(checkpoint)
+    assert recompute_log_probs(loss, batch, STALE, slice_steps=2) == 7  # 4 forwards, the last one filled up
+    key = ("steps", loss.tensor_keys.sample_log_prob)
+    mask = batch["steps", "mask"]
+    for i in range(NUM_TRAJ):
+        steps = batch["steps"][i][mask[i]]
+        if STALE[i]:  # the updated policy's log-probs of the stored tokens, all steps in one forward
+            with torch.no_grad():
+                expected = policy.get_dist(steps).log_prob(steps["action_tokens"])
+            torch.testing.assert_close(batch.get(key)[i][mask[i]], expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(expected, stored.get(key)[i][mask[i]], atol=1e-3)  # the step moved them
+        else:
+            assert torch.equal(batch.get(key)[i], stored.get(key)[i])  # fresh rows untouched, bit for bit
+        assert torch.equal(batch.get(key)[i][~mask[i]], stored.get(key)[i][~mask[i]])  # unexecuted steps too
+    # the point: the stale trajectories' ratios start at 1 again, under the clip's real interval
+    with torch.no_grad():
+        ratio = loss(loss.add_token_weights(executed_steps(batch[STALE])))["ratio_mean"]
+        before = loss(loss.add_token_weights(executed_steps(stored[STALE])))["ratio_mean"]
+    assert abs(float(ratio) - 1.0) < 1e-5 and abs(float(before) - 1.0) > 1e-3
+
+
+def _recompute_worker(rank: int, world_size: int, checkpoint: str, out: str) -> None:
+    """Rank 0 holds every stale trajectory, rank 1 none: both must run the same number of sharded forwards."""
+    _, loss, _, batch = _stale_batch(checkpoint)
+    shard_actor(loss.actor_network.model, DistInfo(rank, world_size, rank, torch.device("cpu")),
+                mixed_precision="fp32")
+    stale = STALE if rank == 0 else torch.zeros_like(STALE)
+    assert recompute_log_probs(loss, batch, stale, slice_steps=2) == (7 if rank == 0 else 0)
+    if rank == 0:
+        torch.save(batch.get(("steps", loss.tensor_keys.sample_log_prob)), out)
+
+
+@pytest.mark.slow
+def test_ranks_with_and_without_stale_trajectories_recompute_together(checkpoint, tmp_path):
+    spawn_gloo(_recompute_worker, 2, checkpoint, str(tmp_path / "log_prob.pt"))
+    _, loss, _, batch = _stale_batch(checkpoint)
+    recompute_log_probs(loss, batch, STALE, slice_steps=2)
+    torch.testing.assert_close(torch.load(tmp_path / "log_prob.pt"),
+                               batch.get(("steps", loss.tensor_keys.sample_log_prob)), rtol=1e-5, atol=1e-6)
 
 
 def _observations() -> TensorDict:

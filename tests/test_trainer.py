@@ -126,22 +126,24 @@ def _optimizer_steps(checkpoint: Path) -> set[int]:
     return {int(s["step"]) for s in _load_dcp(checkpoint, "optim")["state"].values()}
 
 
-def _logged_steps(log_dir: Path, tag: str) -> list[int]:
+def _logged(log_dir: Path, tag: str) -> dict[int, float]:
+    """``tag``'s value at each step, over every TensorBoard file of the run (a resumed run writes another)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    steps = []
+    values = {}
     for events in sorted(log_dir.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         if tag in accumulator.Tags()["scalars"]:
-            steps += [e.step for e in accumulator.Scalars(tag)]
-    return sorted(steps)
+            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return values
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "run"
-    code, log = _run(out, 3, stop_after=2)
+    # twice the groups a step needs in the first round: the surplus is carried into the next steps
+    code, log = _run(out, 3, "algorithm.embodied_sampling.oversample_factor=2", stop_after=2)
     assert code == -signal.SIGKILL, log[-3000:]
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step_1", "global_step_2"]
@@ -155,7 +157,12 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     state = torch.load(checkpoints / "global_step_3" / "trainer_rank0.pt", weights_only=False)
     assert state["step"] == 3 and state["prompts"]["position"] > 0
     assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
-    assert _logged_steps(out / "tensorboard", "train/optimizer_steps") == [1, 2, 3]
+    assert sorted(_logged(out / "tensorboard", "train/optimizer_steps")) == [1, 2, 3]
+    # step 2 trained on step 1's surplus after giving it the current policy's log-probs; step 1's batch was all
+    # fresh. (The resumed run's groups carry the embeddings' entry, so it dropped the carried one, with a warning.)
+    recomputed = _logged(out / "tensorboard", "train/recomputed_log_prob_steps")
+    assert recomputed[1] == 0 and recomputed[2] == 8, recomputed  # 2 groups x 2 rollouts x 16 steps / 8-step chunks
+    assert "dropping 1 carried groups" in log
     assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
 
 
