@@ -32,6 +32,7 @@ from srpo_rl.examples.utils_srpo import (
     make_advantage,
     make_background_embedder,
     make_env,
+    make_eval_rows,
     make_logger,
     make_loss,
     make_manifests,
@@ -53,6 +54,22 @@ from srpo_rl.trainer import recompute_log_probs, update_policy
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 
 
+def run_eval(cfg: DictConfig, info: DistInfo) -> None:
+    """Greedy rollouts of ``model.path`` on ``eval.task_ids`` x ``eval.num_trials_per_task`` of the env's suite."""
+    rows = make_eval_rows(cfg)
+    policy = make_policy(cfg, info)
+    env = make_env(cfg, info)
+    logger = make_logger(cfg, info)
+    try:
+        with merged_adapters(policy.model):
+            result = evaluate(env, policy, rows, rank=info.rank, world_size=info.world_size,
+                              num_videos=cfg.eval.num_videos, device=info.device)
+        log_evaluation(logger, result, step=0, out_dir=cfg.output_dir, prefix="eval")
+    finally:
+        logger.close()
+        env.close()
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     """The ``srpo-libero`` entry point: training (``mode=train``) or greedy evaluation (``mode=eval``)."""
@@ -66,20 +83,13 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, info: DistInfo) -> None:
     """The recipe on this process (one rank of the job)."""
     torch.manual_seed(cfg.seed + info.rank)
+    if cfg.mode == "eval":
+        return run_eval(cfg, info)
 
     # Task manifests (generated on first use) and models
     train_rows, val_rows = make_manifests(cfg, info)
     policy = make_policy(cfg, info)
     env = make_env(cfg, info)
-
-    if cfg.mode == "eval":
-        with merged_adapters(policy.model):
-            result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,
-                              num_videos=cfg.eval.num_videos, device=info.device)
-        logger = make_logger(cfg, info)
-        log_evaluation(logger, result, step=0, out_dir=cfg.output_dir, prefix="eval")
-        env.close()
-        return
 
     # Reward, advantage, sampling filters, loss and optimizer
     reward_module = make_reward(cfg, info)

@@ -1,5 +1,6 @@
 """The SRPO recipe end to end on real LIBERO (tiny model, CPU): train, SIGKILL, resume; config errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from srpo_rl.distributed import DTYPES
-from srpo_rl.examples.utils_srpo import check_config, host_reserve_bytes
+from srpo_rl.examples.utils_srpo import check_config, host_reserve_bytes, make_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "srpo_libero.py"
@@ -46,6 +47,17 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
         (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
         (["trainer.logger=[console,mlflow]"], "unknown trainer.logger 'mlflow'; choose from console, tensorboard, wandb"),
+        (["actor.loss_agg_mode=mean"], "unknown actor.loss_agg_mode 'mean'; choose one of seq-mean-token-mean, token-mean"),
+        (["algorithm.video_key_by=task"], "unknown algorithm.video_key_by 'task'; choose one of rollout, group"),
+        (["algorithm.progress_formula=linear"], "unknown algorithm.progress_formula 'linear'; choose one of reference"),
+        (["rollout.overlap=maybe"], "unknown rollout.overlap 'maybe'; choose one of True, False, halves"),
+        (["data.split_mode=foo"], "unknown data.split_mode 'foo'; choose one of shared, holdout"),
+        (["env.env_type=maniskill"], "unknown env.env_type 'maniskill'; choose one of libero"),
+        (["algorithm.workflow_type=dapo"], "unknown algorithm.workflow_type 'dapo'; choose one of embodied"),
+        (["env.max_steps=0"], "env.max_steps must be an int >= 1, 'suite' or null"),
+        (["env.max_steps=2.5"], "env.max_steps must be an int >= 1, 'suite' or null"),
+        (["embodied.frame_stride=0"], "embodied.frame_stride must be null .* or an int >= 1, got 0"),
+        (["actor.clip_ratio_low=1.2"], "actor.clip_ratio_low must lie in"),
     ],
 )
 def test_config_errors_name_the_bad_value(overrides, message):
@@ -77,6 +89,18 @@ def test_missing_model_path_and_unknown_groups():
     with pytest.raises(Exception, match="Could not find 'model/llama'"):
         _compose(["model=llama"])
     check_config(_compose([], name="tiny"), world_size=1)  # the README's main job is valid
+    check_config(_compose(["mode=eval", "model.path=."]), world_size=1)  # greedy evaluation needs no V-JEPA
+    with pytest.raises(ValueError, match="model.vjepa_path is required"):
+        check_config(_compose(["model.path=."]), world_size=1)
+
+
+def test_eval_rows_are_the_chosen_tasks_and_trials_of_the_suite():
+    rows = make_eval_rows(_compose(["env=libero_goal", "eval.task_ids=[3,0]", "eval.num_trials_per_task=2"]))
+    assert [(r["suite"], r["task_id"], r["trial_id"]) for r in rows] == [
+        ("libero_goal", 0, 0), ("libero_goal", 0, 1), ("libero_goal", 3, 0), ("libero_goal", 3, 1)]
+    assert len(make_eval_rows(_compose(["env=libero_goal", "eval.num_trials_per_task=1"]))) == 10  # every task
+    with pytest.raises(ValueError, match=r"eval.task_ids \[10\] are not tasks of libero_goal: choose from 0 to 9"):
+        make_eval_rows(_compose(["env=libero_goal", "eval.task_ids=[2,10]"]))
 
 
 def test_host_reserve_counts_env_growth_and_two_copies_of_a_batch_of_policy_images():
@@ -137,6 +161,15 @@ def _logged(log_dir: Path, tag: str) -> dict[int, float]:
         if tag in accumulator.Tags()["scalars"]:
             values.update({e.step: e.value for e in accumulator.Scalars(tag)})
     return values
+
+
+def test_eval_mode_rolls_out_the_chosen_tasks_of_a_checkpoint(tmp_path):
+    code, log = _run(tmp_path / "eval", 1, "mode=eval", "eval.task_ids=[1,4]", "eval.num_trials_per_task=1")
+    assert code == 0, log[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval_step0.json").read_text())
+    assert [(t["suite"], t["task_id"], t["trials"]) for t in report["tasks"]] == [
+        ("libero_object", 1, 1), ("libero_object", 4, 1)], report
+    assert not (tmp_path / "eval" / "data").exists()  # no training manifests for an evaluation
 
 
 @pytest.mark.slow
