@@ -16,8 +16,7 @@ from srpo_rl.evaluation import EvalResult
 from srpo_rl.loggers import LOGGER_TYPES, MetricLogger
 from srpo_rl.envs import canonical_suite
 from srpo_rl.manifest import SPLIT_MODES, ensure_manifests, generate_manifests
-from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
-from srpo_rl.objectives.srpo import AGGREGATIONS
+from srpo_rl.objectives import AGGREGATIONS, EmbodiedSampler, GroupAdvantage, SRPOLoss
 from srpo_rl.optim import HostAdamW, check_gpu_update_fits
 from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.lora import add_lora
@@ -362,7 +361,10 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         # the forwards' GPU time over the rollout's: how much of the GPU the rollout leaves idle
         "rollout/policy_gpu_share": totals["time_policy_gpu"] / max(totals["time_wall"], 1e-9),
     }
-    metrics.update({f"sampling/{k}": float(v) for k, v in sampler.stats().items()})
+    # groups_requested and steps_skipped are EmbodiedSampler.sample's counters; the script runs its own refill
+    # loop (the ranks agree on each round) and logs rollout/trajectories and train/skipped instead
+    metrics.update({f"sampling/{k}": float(v) for k, v in sampler.stats().items()
+                    if k not in ("groups_requested", "steps_skipped")})
     return metrics
 
 

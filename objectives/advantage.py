@@ -216,9 +216,15 @@ class GroupAdvantage(TensorDictModuleBase):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Writes the group-normalised advantages and the token mask into ``tensordict`` (in place) and returns it."""
         keys = self.tensor_keys
+        for name in ("reward", "group_id", "step_mask", "chunk_steps"):
+            if tensordict.get(getattr(keys, name), None) is None:
+                raise KeyError(f"no {name} under {getattr(keys, name)!r}; rename the key with set_keys({name}=...)")
         reward = tensordict.get(keys.reward)
         group_id = tensordict.get(keys.group_id)
-        # the rollout stores per-trajectory scalars as [N]; accept [N, 1] too
+        for name, value in (("reward", reward), ("group_id", group_id)):
+            if value.numel() != tensordict.numel():  # the rollout stores per-trajectory scalars as [N]; [N, 1] too
+                raise ValueError(f"{name} has shape {tuple(value.shape)}: one value per trajectory, "
+                                 f"{tuple(tensordict.batch_size)}, expected")
         reward = reward.reshape(tensordict.batch_size)
         group_id = group_id.reshape(tensordict.batch_size)
         advantage = group_advantages(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import dispatch
+from tensordict.nn import TensorDictModuleBase, dispatch
 from tensordict.utils import NestedKey
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.utils import _validate_clip_epsilon
@@ -149,7 +149,7 @@ class SRPOLoss(ClipPPOLoss):
 
     def __init__(
         self,
-        actor_network,
+        actor_network: TensorDictModuleBase,
         *,
         clip_epsilon: float | tuple[float, float] = (0.2, 0.28),
         clip_ratio_c: float | None = None,
@@ -159,6 +159,11 @@ class SRPOLoss(ClipPPOLoss):
         functional: bool = False,
         device: torch.device | None = None,
     ):
+        if not (hasattr(actor_network, "get_dist") and hasattr(actor_network, "in_keys")):
+            raise TypeError(
+                f"actor_network must be a tensordict module with in_keys and get_dist(tensordict) (e.g. "
+                f"srpo_rl.policy.OpenVLAOFTPolicy), got {type(actor_network).__name__}"
+            )
         if aggregation not in AGGREGATIONS:
             raise ValueError(
                 f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
@@ -295,6 +300,11 @@ class SRPOLoss(ClipPPOLoss):
                 f"no advantage under {self.tensor_keys.advantage!r}: SRPOLoss has no critic; "
                 "compute group advantages first or rename the key with set_keys(advantage=...)"
             )
+        for name in ("sample_log_prob", "action"):
+            key = getattr(self.tensor_keys, name)
+            if tensordict.get(key, None) is None:
+                raise KeyError(f"no {name} under {key!r}: the rollout stores it; rename the key with "
+                               f"set_keys({name}=...)")
         old_log_prob = tensordict.get(self.tensor_keys.sample_log_prob)
         if old_log_prob.requires_grad:
             raise RuntimeError(

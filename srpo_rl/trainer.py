@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -34,6 +35,9 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from srpo_rl.distributed import reduce_scalar
+
+if TYPE_CHECKING:
+    from srpo_rl.objectives import SRPOLoss
 
 __all__ = ["executed_steps", "recompute_log_probs", "update_policy"]
 
@@ -51,7 +55,7 @@ def executed_steps(batch: TensorDictBase) -> TensorDictBase:
 
 
 def update_policy(
-    loss_module: torch.nn.Module,
+    loss_module: SRPOLoss,
     optimizer: torch.optim.Optimizer,
     batch: TensorDictBase,
     *,
@@ -123,7 +127,7 @@ def update_policy(
 
 @torch.no_grad()
 def recompute_log_probs(
-    loss_module: torch.nn.Module,
+    loss_module: SRPOLoss,
     batch: TensorDictBase,
     stale: torch.Tensor,
     *,

@@ -153,6 +153,17 @@ def test_set_keys():
         module.set_keys(rewards="r")
 
 
+def test_missing_and_misshapen_inputs_are_named():
+    batch = trajectory_batch()
+    with pytest.raises(KeyError, match=r"no reward under 'reward'; rename the key with set_keys\(reward=...\)"):
+        GroupAdvantage()(batch.exclude("reward"))
+    with pytest.raises(KeyError, match=r"no step_mask under \('steps', 'mask'\)"):
+        GroupAdvantage()(batch.exclude(("steps", "mask")))
+    wide = batch.clone().set("reward", batch["reward"].unsqueeze(-1).expand(-1, 3).clone())
+    with pytest.raises(ValueError, match=r"reward has shape \(\d+, 3\): one value per trajectory"):
+        GroupAdvantage()(wide)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

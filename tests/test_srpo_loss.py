@@ -419,6 +419,11 @@ def test_bad_arguments(kwargs, match):
         SRPOLoss(TokenTable(steps=1), **kwargs)
 
 
+def test_an_actor_without_a_distribution_is_refused():
+    with pytest.raises(TypeError, match="actor_network must be a tensordict module with in_keys and get_dist.*Linear"):
+        SRPOLoss(torch.nn.Linear(2, 2))
+
+
 def test_missing_inputs_are_named():
     actor = TokenTable(steps=6)
     td, _ = make_ragged_batch(actor)
@@ -426,6 +431,10 @@ def test_missing_inputs_are_named():
         SRPOLoss(actor)(td.exclude("advantage"))
     with pytest.raises(KeyError, match="rollout_id"):
         SRPOLoss(actor)(td.exclude("rollout_id"))
+    with pytest.raises(KeyError, match=r"no sample_log_prob under 'action_log_prob'.*set_keys\(sample_log_prob="):
+        SRPOLoss(actor)(td.exclude("action_log_prob"))
+    with pytest.raises(KeyError, match=r"no action under 'action_tokens'"):
+        SRPOLoss(actor)(td.exclude("action_tokens"))
     # token-mean does not need trajectory ids
     SRPOLoss(actor, aggregation="token-mean")(td.exclude("rollout_id"))
     with pytest.raises(ValueError, match="token mask"):
