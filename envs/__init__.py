@@ -23,6 +23,7 @@ from .suites import (
     SUITES,
     canonical_suite,
     default_max_steps,
+    resolve_max_steps,
     suite_info,
 )
 from .workers import Failure, SimWorkers, WorkerError
@@ -45,6 +46,7 @@ __all__ = [
     "make_libero_env",
     "num_frames",
     "register_envs",
+    "resolve_max_steps",
     "run_chunk",
     "suite_info",
     "validate_chunk",

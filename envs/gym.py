@@ -27,7 +27,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .sim import ACTION_DIM, LiberoSim
-from .suites import RECIPE_MAX_STEPS, SUITE_ALIASES, SUITES, default_max_steps
+from .suites import SUITE_ALIASES, SUITES, resolve_max_steps
 
 __all__ = ["LiberoGymEnv", "register_envs"]
 
@@ -72,10 +72,7 @@ class LiberoGymEnv(gymnasium.Env):
             raise ValueError(f"unknown render_mode {render_mode!r}; choose None or 'rgb_array'")
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
-        if max_steps is None:
-            max_steps = RECIPE_MAX_STEPS
-        elif max_steps == "suite":
-            max_steps = default_max_steps(suite)
+        max_steps = resolve_max_steps(max_steps, suite)
         self.sim = LiberoSim(
             suite,
             task_id,
@@ -96,6 +93,8 @@ class LiberoGymEnv(gymnasium.Env):
         self._last_image = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Resets to ``options["task_id"]`` (default: the current task) and ``options["init_state_id"]`` (default:
+        one drawn from the env's generator); returns ``(observation, info)``."""
         super().reset(seed=seed)
         options = dict(options or {})
         task_id = options.pop("task_id", self.sim.task_id)
@@ -110,15 +109,18 @@ class LiberoGymEnv(gymnasium.Env):
         return self._observation(out), self._info(out)
 
     def step(self, action):
+        """Runs one chunk ``[chunk_len, 7]``; the reward is 1.0 on success, which terminates the episode."""
         action = np.asarray(action, dtype=np.float32).reshape(self.chunk_len, ACTION_DIM)
         out = self.sim.step_chunk(action, frame_stride=self.frame_stride)
         success = bool(out["success"])
         return self._observation(out), float(success), success, bool(out["truncated"]), self._info(out)
 
     def render(self):
+        """The last observation's agentview frame ``[H, W, 3]`` uint8 (``render_mode="rgb_array"``)."""
         return self._last_image
 
     def close(self):
+        """Closes the simulation."""
         self.sim.close()
 
     def _observation(self, out: dict) -> dict:

@@ -59,7 +59,7 @@ from .chunk import num_frames, validate_chunk
 from .slot_fields import slot_mask, slot_values
 from ..jpeg import check_jpeg_quality
 from .sim import ACTION_DIM
-from .suites import RECIPE_MAX_STEPS, default_max_steps, suite_info
+from .suites import resolve_max_steps, suite_info
 from .workers import Failure, SimWorkers, WorkerError
 
 __all__ = ["LiberoVecEnv", "make_libero_env"]
@@ -159,12 +159,7 @@ class LiberoVecEnv(EnvBase):
         info = suite_info(suite)  # validates the name and imports LIBERO (clear errors)
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
-        if max_steps is None:
-            max_steps = RECIPE_MAX_STEPS
-        elif max_steps == "suite":
-            max_steps = default_max_steps(info.name)
-        elif isinstance(max_steps, str) or int(max_steps) < 1:
-            raise ValueError(f"max_steps must be an int >= 1, None (512) or 'suite', got {max_steps!r}")
+        max_steps = resolve_max_steps(max_steps, info.name)
         if action_token_len != ACTION_DIM:
             raise ValueError(
                 f"action_token_len must be {ACTION_DIM} for LIBERO (6-D pose delta + gripper), got {action_token_len}"

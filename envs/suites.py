@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import io
 import logging
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "default_max_steps",
     "import_libero",
     "load_init_states",
+    "resolve_max_steps",
     "suite_info",
 ]
 
@@ -92,6 +94,18 @@ def canonical_suite(name: str) -> str:
 def default_max_steps(suite: str) -> int:
     """Episode length of the OpenVLA-OFT evaluation for ``suite`` (settle steps excluded)."""
     return SUITE_MAX_STEPS[canonical_suite(suite)]
+
+
+def resolve_max_steps(max_steps: int | str | None, suite: str) -> int:
+    """``max_steps`` as an episode length: an int >= 1 as it is, ``None`` the recipe's 512, ``"suite"``
+    :func:`default_max_steps`; anything else raises ``ValueError`` naming it."""
+    if max_steps is None:
+        return RECIPE_MAX_STEPS
+    if max_steps == "suite":
+        return default_max_steps(suite)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1, None (512) or 'suite', got {max_steps!r}")
+    return int(max_steps)
 
 
 def rendering_backend() -> str:

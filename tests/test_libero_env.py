@@ -17,7 +17,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import check_env_specs
 
 from srpo_rl.envs import INSTALL_COMMAND, LiberoVecEnv, make_libero_env, suite_info
-from srpo_rl.envs.suites import canonical_suite
+from srpo_rl.envs.suites import canonical_suite, resolve_max_steps
 from srpo_rl.envs.workers import (
     SimWorkers,
     _SharedArray,
@@ -187,6 +187,9 @@ def test_construction_errors():
         make_libero_env("libero_object", 0)
     with pytest.raises(ValueError, match=r"max_steps must be .* got 'long'"):
         make_libero_env("libero_object", 1, max_steps="long")
+    with pytest.raises(ValueError, match=r"max_steps must be .* got 2.5"):  # not truncated to 2
+        make_libero_env("libero_object", 1, max_steps=2.5)
+    assert resolve_max_steps(np.int64(300), "libero_goal") == 300 and resolve_max_steps("suite", "libero_goal") == 300
     with pytest.raises(ValueError, match="action_token_len must be 7"):
         make_libero_env("libero_object", 1, action_token_len=6)
     with pytest.raises(ValueError, match=r"task_id 12 out of range .*choose 0..9"):
