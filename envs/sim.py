@@ -339,7 +339,7 @@ class LiberoSim:
             "done": result.success or result.truncated,
             "step_count": self.step_count,
             "chunk_steps": result.steps,
-            "frames": self._to_policy(result.frames, batch=True),
+            "frames": self._to_policy(result.frames),
             "frames_mask": result.frames_mask,
             # the episode step each frame shows (0: the reset frame), for the reward's sampling in time
             "frames_step": np.where(result.frames_mask, self.step_count - result.steps + result.frames_step, 0),
@@ -348,7 +348,7 @@ class LiberoSim:
             out["wrist_image"] = self._to_policy(obs[f"{_WRIST}_image"], jpeg=True)
         return out
 
-    def _to_policy(self, image: np.ndarray, batch: bool = False, jpeg: bool = False) -> np.ndarray:
+    def _to_policy(self, image: np.ndarray, jpeg: bool = False) -> np.ndarray:
         """Rotates by 180 degrees (OpenVLA's orientation), then (``jpeg``, one image) the JPEG round trip
         when ``jpeg_quality`` is set, channels first when asked."""
         image = image[..., ::-1, ::-1, :]

@@ -59,7 +59,7 @@ def run_eval(cfg: DictConfig, info: DistInfo) -> None:
     rows = make_eval_rows(cfg)
     policy = make_policy(cfg, info)
     env = make_env(cfg, info)
-    logger = make_logger(cfg, info)
+    logger = make_logger(cfg)
     try:
         with merged_adapters(policy.model):
             result = evaluate(env, policy, rows, rank=info.rank, world_size=info.world_size,
@@ -100,7 +100,7 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
     optimizer = make_optimizer(cfg, policy)
 
     # Logger, checkpoints, resume
-    logger = make_logger(cfg, info)
+    logger = make_logger(cfg)
     checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep)
     prompts = PromptStream(train_rows, seed=cfg.seed)
     step, next_group = 0, 0

@@ -329,7 +329,7 @@ def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay, fused=fused or None)
 
 
-def make_logger(cfg: DictConfig, info: DistInfo) -> MetricLogger:
+def make_logger(cfg: DictConfig) -> MetricLogger:
     """The ``trainer.logger`` backends (console, TensorBoard, wandb), writing under ``output_dir``."""
     return MetricLogger(cfg.trainer.logger, log_dir=cfg.output_dir, experiment_name=cfg.trainer.experiment_name,
                         project_name=cfg.trainer.project_name, config=OmegaConf.to_container(cfg, resolve=False))
