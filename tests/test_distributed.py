@@ -191,6 +191,18 @@ def test_recomputed_log_probs_are_the_updated_policys_on_the_stale_trajectories_
     assert abs(float(ratio) - 1.0) < 1e-5 and abs(float(before) - 1.0) > 1e-3
 
 
+@pytest.mark.gpu
+def test_log_probs_recomputed_on_the_gpu_land_in_the_host_batch(checkpoint):
+    _, loss, _, on_cpu = _stale_batch(checkpoint)
+    on_gpu = on_cpu.clone()
+    recompute_log_probs(loss, on_cpu, STALE, slice_steps=2)
+    loss.to("cuda")
+    assert recompute_log_probs(loss, on_gpu, STALE, slice_steps=2, device=torch.device("cuda")) == 7
+    key = ("steps", loss.tensor_keys.sample_log_prob)
+    assert on_gpu.get(key).device.type == "cpu"  # written back into the batch where it lives
+    torch.testing.assert_close(on_gpu.get(key), on_cpu.get(key), rtol=1e-4, atol=1e-4)
+
+
 def _recompute_worker(rank: int, world_size: int, checkpoint: str, out: str) -> None:
     """Rank 0 holds every stale trajectory, rank 1 none: both must run the same number of sharded forwards."""
     _, loss, _, batch = _stale_batch(checkpoint)
