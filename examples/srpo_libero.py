@@ -167,11 +167,13 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
                       flush=True)
 
             # Policy update: groups carried from an earlier step first get the current policy's log-probs
-            # (their stored ones are an older policy's), then epochs x mini-batches, exact accumulation
+            # (their stored ones are an older policy's; after a skipped step the same, recomputed needlessly),
+            # then epochs x mini-batches, exact accumulation over micro-batches
             t0 = time.perf_counter()
             policy.train()
+            slice_steps = cfg.actor.ppo_micro_batch_size * cfg.actor.traj_mini_batch_size  # the update's shape
             recomputed = recompute_log_probs(loss_module, batch, batch["policy_version"] < step,
-                                             slice_steps=cfg.actor.traj_mini_batch_size, device=info.device)
+                                             slice_steps=slice_steps, device=info.device)
             losses = update_policy(
                 loss_module, optimizer, batch,
                 mini_batch_trajectories=mini_batch_trajectories,
