@@ -127,6 +127,10 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"unknown trainer.logger {unknown[0]!r}; choose from {', '.join(LOGGER_TYPES)}")
     if "wandb" in cfg.trainer.logger and importlib.util.find_spec("wandb") is None:
         _fail("trainer.logger has wandb, which is not installed: pip install 'srpo-rl[wandb]' or leave it out")
+    videos = cfg.eval.num_videos if cfg.mode == "eval" else cfg.trainer.num_val_videos
+    if videos and importlib.util.find_spec("imageio_ffmpeg") is None:  # else the first video fails, after the work
+        _fail("validation videos (mp4) need imageio-ffmpeg, which is not installed: pip install imageio-ffmpeg, or "
+              f"set {'eval.num_videos' if cfg.mode == 'eval' else 'trainer.num_val_videos'}=0")
     if cfg.algorithm.reward not in ("srpo", "binary"):
         _fail(f"unknown algorithm.reward {cfg.algorithm.reward!r}; choose one of srpo, binary")
     if cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node != world_size and world_size > 1:

@@ -75,6 +75,19 @@ def test_a_logger_that_is_not_installed_fails_before_any_work():
         check_config(_compose(VALID_7B + ["trainer.logger=[console,wandb]"]), world_size=1)
 
 
+def test_videos_without_an_mp4_writer_fail_before_any_work(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # this machine has imageio-ffmpeg: hide it, as a bare install lacks it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "imageio_ffmpeg" else find_spec(name, *args))
+    with pytest.raises(ValueError, match=r"need imageio-ffmpeg.*or set trainer.num_val_videos=0"):
+        check_config(_compose(VALID_7B), world_size=1)
+    with pytest.raises(ValueError, match=r"or set eval.num_videos=0"):
+        check_config(_compose(VALID_7B + ["mode=eval"]), world_size=1)
+    check_config(_compose(VALID_7B + ["trainer.num_val_videos=0"]), world_size=1)
+
+
 def test_config_errors_that_need_the_process_count():
     with pytest.raises(ValueError, match="train_batch_size=64 groups do not divide over 3 processes"):
         check_config(_compose(VALID_7B), world_size=3)
