@@ -64,13 +64,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    # the rank's GPU bound to the group: its barriers then know their device (else a warning at each one)
+    device_id = torch.device("cuda", local_rank) if use_cuda else None
     if not dist.is_initialized():
         if world_size > 1:
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device_id)
         elif use_cuda:
             # FSDP2 needs a process group even on one GPU (it gives the fp32-master / bf16-compute split and
             # CPU offload there too); a one-process group needs no rendezvous
-            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
     return DistInfo(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
