@@ -127,7 +127,8 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"unknown trainer.logger {unknown[0]!r}; choose from {', '.join(LOGGER_TYPES)}")
     if "wandb" in cfg.trainer.logger and importlib.util.find_spec("wandb") is None:
         _fail("trainer.logger has wandb, which is not installed: pip install 'srpo-rl[wandb]' or leave it out")
-    videos = cfg.eval.num_videos if cfg.mode == "eval" else cfg.trainer.num_val_videos
+    validates = cfg.trainer.val_before_train or cfg.trainer.test_freq > 0
+    videos = cfg.eval.num_videos if cfg.mode == "eval" else cfg.trainer.num_val_videos * validates
     if videos and importlib.util.find_spec("imageio_ffmpeg") is None:  # else the first video fails, after the work
         _fail("validation videos (mp4) need imageio-ffmpeg, which is not installed: pip install imageio-ffmpeg, or "
               f"set {'eval.num_videos' if cfg.mode == 'eval' else 'trainer.num_val_videos'}=0")

@@ -86,6 +86,7 @@ def test_videos_without_an_mp4_writer_fail_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match=r"or set eval.num_videos=0"):
         check_config(_compose(VALID_7B + ["mode=eval"]), world_size=1)
     check_config(_compose(VALID_7B + ["trainer.num_val_videos=0"]), world_size=1)
+    check_config(_compose(VALID_7B + ["trainer.test_freq=0", "trainer.val_before_train=false"]), world_size=1)
 
 
 def test_config_errors_that_need_the_process_count():
