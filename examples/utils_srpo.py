@@ -25,8 +25,8 @@ from srpo_rl.rewards import FORMULAS, VIDEO_KEY_BY
 
 __all__ = [
     "batch_metrics", "check_config", "host_optimizer", "log_evaluation", "make_advantage", "make_background_embedder",
-    "make_env", "make_eval_rows", "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy", "make_reward", "make_sampler",
-    "memory_metrics", "rollout_metrics",
+    "make_env", "make_eval_rows", "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy",
+    "make_reward", "make_sampler", "memory_metrics", "rollout_metrics",
 ]
 
 MODES = ("train", "eval")

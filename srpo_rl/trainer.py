@@ -145,6 +145,7 @@ def recompute_log_probs(
     decision steps recomputed on this rank.
     """
     keys = loss_module.tensor_keys
+    stale = stale.reshape(-1).bool().cpu()
     stored = batch.get(("steps", keys.sample_log_prob))
     flat = executed_steps(batch[stale])
     count = flat.batch_size[0]
@@ -159,7 +160,7 @@ def recompute_log_probs(
         if i < len(starts):
             fresh.append(log_prob[: min(width, count - start)].to(stored))
     if fresh:
-        where = batch.get(("steps", "mask")).bool() & stale.reshape(-1, 1).bool()
+        where = batch.get(("steps", "mask")).bool() & stale.unsqueeze(-1).to(stored.device)
         stored[where] = torch.cat(fresh)
         batch.set(("steps", keys.sample_log_prob), stored)
     return count
