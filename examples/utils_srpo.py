@@ -14,7 +14,7 @@ from srpo_rl.distributed import DTYPES, DistInfo, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
 from srpo_rl.loggers import LOGGER_TYPES, MetricLogger
-from srpo_rl.envs import canonical_suite
+from srpo_rl.envs import canonical_suite, resolve_max_steps
 from srpo_rl.manifest import SPLIT_MODES, ensure_manifests, generate_manifests
 from srpo_rl.objectives import AGGREGATIONS, EmbodiedSampler, GroupAdvantage, SRPOLoss
 from srpo_rl.optim import HostAdamW, check_gpu_update_fits
@@ -65,9 +65,10 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         value = OmegaConf.select(cfg, name)
         if value not in choices:
             _fail(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
-    max_steps = cfg.env.max_steps
-    if max_steps not in (None, "suite") and (not isinstance(max_steps, int) or max_steps < 1):
-        _fail(f"env.max_steps must be an int >= 1, 'suite' or null (512), got {max_steps!r}")
+    try:
+        resolve_max_steps(cfg.env.max_steps, cfg.env.env_name)
+    except ValueError as error:  # the env's own check, named as the config's option
+        raise ValueError(f"config error: env.{error}") from None
     stride = cfg.embodied.frame_stride
     if stride is not None and (not isinstance(stride, int) or stride < 1):
         _fail(f"embodied.frame_stride must be null (one frame per chunk) or an int >= 1, got {stride!r}")
