@@ -6,7 +6,8 @@ and before the reward is computed, the reference therefore
 
 - keeps a group only if its success rate lies in ``[accuracy_lower_bound, accuracy_upper_bound]``
   (``filter_accuracy``, inclusive bounds, 0.1 / 0.9 in the recipe);
-- optionally drops a group if any of its rollouts hit ``max_steps`` (``filter_truncated``);
+- optionally drops a group if any of its rollouts ran to ``max_steps`` (``filter_truncated``; the
+  reference's ``finish_step >= max_steps``, which also counts a success on the very last step);
 - caches the surviving groups until there are ``train_batch_size`` of them, rolling out more
   rounds if needed, trains on the first ``train_batch_size`` and carries the surplus to the next
   step (the semantics of siiRL's ``feature/srpo-embodied`` branch).
@@ -55,6 +56,7 @@ class _Keys:
     success: NestedKey = "success"
     truncated: NestedKey = "truncated"
     failed: NestedKey = "failed"
+    num_steps: NestedKey = "num_steps"
     steps: NestedKey = "steps"
 
 
@@ -65,6 +67,7 @@ def filter_groups(
     accuracy_lower_bound: float = 0.1,
     accuracy_upper_bound: float = 0.9,
     filter_truncated: bool = False,
+    max_steps: int | None = None,
     drop_failed: bool = True,
     keys: _Keys | None = None,
 ) -> tuple[list[torch.Tensor], Counter]:
@@ -72,9 +75,11 @@ def filter_groups(
 
     A group's success rate is ``mean(success)`` over its trajectories; it passes ``filter_accuracy``
     if ``lower <= rate <= upper``. ``filter_truncated`` drops a group if any trajectory is
-    ``truncated``; ``drop_failed`` drops a group if any trajectory's worker crashed (``failed``,
-    when present): its success rate would be biased. Each filter is counted on its own, so a
-    group can count under several.
+    ``truncated`` or, with ``max_steps``, ran ``num_steps >= max_steps`` env steps: the reference's
+    rule, under which a success on the very last step counts as truncated too (the env's
+    ``truncated`` flag, Gymnasium's, is set only without success). ``drop_failed`` drops a group if
+    any trajectory's worker crashed (``failed``, when present): its success rate would be biased.
+    Each filter is counted on its own, so a group can count under several.
 
     Returns:
         The row indices of each kept group, in order of first appearance, and a ``Counter`` with
@@ -96,6 +101,11 @@ def filter_groups(
     group_id = batch.get(keys.group_id).reshape(-1).tolist()
     success = batch.get(keys.success).reshape(-1).tolist()
     truncated = _flags(batch, keys.truncated, required=filter_truncated)
+    if filter_truncated and max_steps is not None:
+        num_steps = batch.get(keys.num_steps, None)
+        if num_steps is None:
+            raise KeyError(f"filter_truncated with max_steps needs {keys.num_steps!r} in the trajectory batch")
+        truncated = [t or n >= max_steps for t, n in zip(truncated, num_steps.reshape(-1).tolist())]
     failed = _flags(batch, keys.failed, required=False)
     rows: dict[int, list[int]] = {}
     for row, group in enumerate(group_id):
@@ -151,11 +161,14 @@ class EmbodiedSampler:
         accuracy_upper_bound (float): inclusive upper bound, in [0, 1]. Default ``0.9``.
         filter_truncated (bool): drop a group if any rollout was truncated at ``max_steps``.
             Default ``False`` (the recipe).
+        max_steps (int, optional): the episode length: with ``filter_truncated``, a rollout that ran
+            ``num_steps >= max_steps`` counts as truncated even if its last step succeeded (the
+            reference's rule). ``None`` (default): the ``truncated`` flag alone.
         drop_failed (bool): drop a group if any rollout's env worker crashed. Default ``True``.
         oversample_factor (float): each round requests ``ceil(factor * missing)`` groups.
             Default ``1.0``.
         max_rounds (int): rollout rounds :meth:`sample` may run for one step before giving up.
-            Default ``10``.
+            Default ``8`` (the example's ``max_rollout_rounds``).
         allow_partial (bool): when ``max_rounds`` is reached, train on the groups there are
             instead of skipping the step. Default ``False``.
 
@@ -165,8 +178,9 @@ class EmbodiedSampler:
     ``examples/srpo_libero.py`` does); the reference recomputes every trajectory's log-probs there.
 
     Keys (``set_keys``): ``group_id``, ``success``, ``truncated``, ``failed`` (optional),
-    ``steps`` (the nested per-decision tensordict, padded along its time dim when groups from
-    rounds of different lengths are served together).
+    ``num_steps`` (read with ``filter_truncated`` and ``max_steps``), ``steps`` (the nested
+    per-decision tensordict, padded along its time dim when groups from rounds of different lengths
+    are served together).
 
     Counters (:meth:`stats`, cumulative, saved by :meth:`state_dict`): ``rounds`` (calls to
     :meth:`add`), ``groups_requested`` (by :meth:`sample`), ``groups_seen``, ``groups_kept``, ``groups_dropped``,
@@ -197,9 +211,10 @@ class EmbodiedSampler:
         accuracy_lower_bound: float = 0.1,
         accuracy_upper_bound: float = 0.9,
         filter_truncated: bool = False,
+        max_steps: int | None = None,
         drop_failed: bool = True,
         oversample_factor: float = 1.0,
-        max_rounds: int = 10,
+        max_rounds: int = 8,
         allow_partial: bool = False,
     ):
         if int(train_batch_size) != train_batch_size or train_batch_size < 1:
@@ -212,11 +227,14 @@ class EmbodiedSampler:
             )
         if int(max_rounds) != max_rounds or max_rounds < 1:
             raise ValueError(f"max_rounds={max_rounds!r} must be an integer >= 1")
+        if max_steps is not None and (int(max_steps) != max_steps or max_steps < 1):
+            raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1, or None")
         self.train_batch_size = int(train_batch_size)
         self.filter_accuracy = filter_accuracy
         self.accuracy_lower_bound = float(accuracy_lower_bound)
         self.accuracy_upper_bound = float(accuracy_upper_bound)
         self.filter_truncated = filter_truncated
+        self.max_steps = None if max_steps is None else int(max_steps)
         self.drop_failed = drop_failed
         self.oversample_factor = float(oversample_factor)
         self.max_rounds = int(max_rounds)
@@ -312,6 +330,7 @@ class EmbodiedSampler:
             accuracy_lower_bound=self.accuracy_lower_bound,
             accuracy_upper_bound=self.accuracy_upper_bound,
             filter_truncated=self.filter_truncated,
+            max_steps=self.max_steps,
             drop_failed=self.drop_failed,
             keys=self.tensor_keys,
         )

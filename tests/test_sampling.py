@@ -105,6 +105,28 @@ def test_truncated_filter_drops_the_whole_group():
         filter_groups(batch.exclude("truncated"), filter_truncated=True)
 
 
+def test_truncated_filter_with_max_steps_counts_a_success_on_the_last_step():
+    # the reference drops a prompt if any rollout has finish_step >= max_steps; the env's truncated flag
+    # (Gymnasium's) is False for a success on the very last step, so only num_steps can tell
+    groups = [[True, False, False, False], [True, True, False, False], [True, False, True, False]]
+    batch = make_batch(groups)
+    batch["num_steps"] = torch.tensor([12, 17, 40, 9] + [40, 24, 8, 16] + [39, 3, 12, 5])
+    batch["truncated"][2] = True  # group 0: a failure at the limit, flagged by the env
+    # group 1: row 4 succeeded on exactly step 40; group 2: row 8 one step before the limit
+    kept, stats = filter_groups(batch, filter_truncated=True, max_steps=40)
+    assert [int(r[0]) for r in kept] == [8] and stats["dropped_truncated"] == 2
+    kept, stats = filter_groups(batch, filter_truncated=True)  # the flag alone: group 1 stays
+    assert [int(r[0]) for r in kept] == [4, 8] and stats["dropped_truncated"] == 1
+    kept, stats = filter_groups(batch, filter_truncated=False, max_steps=40)
+    assert len(kept) == 3 and stats["dropped_truncated"] == 0
+    sampler = EmbodiedSampler(8, filter_truncated=True, max_steps=40)
+    assert [sampler.keeps(batch[4 * g : 4 * g + 4]) for g in range(3)] == [False, False, True]
+    with pytest.raises(KeyError, match="num_steps"):
+        filter_groups(batch.exclude("num_steps"), filter_truncated=True, max_steps=40)
+    with pytest.raises(ValueError, match=r"max_steps=0 must be an integer >= 1"):
+        EmbodiedSampler(8, max_steps=0)
+
+
 def test_failed_worker_drops_the_group():
     groups = [[True, False, False, False], [True, True, False, False]]
     batch = make_batch(groups, failed=[False] * 4 + [False, False, False, True])
