@@ -28,6 +28,9 @@ __all__ = ["SRPOLoss", "AGGREGATIONS", "clipped_token_loss"]
 #: Supported ways to reduce the per-token losses to one scalar.
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 
+# The keys SRPOLoss reads; ClipPPOLoss's value, reward and done keys have no use without a critic.
+_KEYS_READ = ("action", "sample_log_prob", "advantage", "token_mask", "rollout_id", "token_weight")
+
 # The reference clamps the log-ratio before exponentiating so a stale or broken token cannot
 # overflow the ratio.
 _LOG_RATIO_BOUND = 20.0
@@ -64,6 +67,9 @@ class SRPOLoss(ClipPPOLoss):
         functional (bool): TorchRL's functional-parameter mode. Defaults to ``False``: the loss
             needs no target copy of the actor, and calling the actor directly keeps sharded
             (FSDP) parameters under their wrapper's control.
+        device (torch.device, optional): where :class:`~torchrl.objectives.LossModule` keeps the
+            loss's coefficient buffers (clip bounds, entropy coefficient). Defaults to the device of
+            the actor's first parameter.
 
     **Gradient accumulation.** The aggregation is a weighted sum of per-token losses with one
     weight per step: ``1 / (G * n_traj)`` for ``"seq-mean-token-mean"`` (``G`` trajectories in the
@@ -193,6 +199,21 @@ class SRPOLoss(ClipPPOLoss):
         self.clip_ratio_c = clip_ratio_c
 
     # ---- keys ---------------------------------------------------------------------------------
+    def set_keys(self, **kwargs: NestedKey) -> None:
+        """Renames the keys this loss reads, e.g. ``set_keys(advantage="adv")``.
+
+        Only the keys of :class:`SRPOLoss._AcceptedKeys` that it reads are accepted; the PPO keys it
+        inherits and never reads (value, value_target, reward, done, ...) are refused rather than
+        silently ignored.
+        """
+        unused = sorted(set(kwargs) - set(_KEYS_READ))
+        if unused:
+            raise ValueError(
+                f"SRPOLoss reads no {', '.join(map(repr, unused))} key (it has no critic); "
+                f"the keys it reads are {', '.join(_KEYS_READ)}"
+            )
+        super().set_keys(**kwargs)
+
     def _set_in_keys(self):
         keys = list(self.actor_network.in_keys)
         keys += [

@@ -174,6 +174,9 @@ def preprocess_images(
 
     Args:
         images: uint8 ``[N, 3, H, W]`` (already rotated by the env).
+        size: side of the output (the vision towers' 224).
+        center_crop: take the center 0.9 of the area and resize it back to ``size``, as the SRPO / OFT
+            LIBERO rollouts do; ``False`` stops after the resize.
         jpeg_quality: quality of the JPEG round trip; ``None`` skips it (the env did it:
             ``LiberoVecEnv(jpeg_quality=95)``, see :mod:`srpo_rl.jpeg`).
         device: where the resize and crop run (the JPEG codec runs on the CPU); default ``images.device``.
@@ -248,7 +251,8 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
     Categorical, decoding through :class:`~torchrl.data.vla.VocabTailActionTokenizer`); this class adds the
     reference preprocessing, the stored inputs for training-time recomputation and the temperature.
 
-    Reads (batch ``[B]`` or ``[B, T]``): ``("observation", "image")`` uint8 ``[..., 3, H, W]``, ``"instruction"``
+    Reads (batch ``[B]`` or ``[B, T]``; the keys are the ``image_key``, ``instruction_key`` and
+    ``wrist_image_key`` arguments): ``("observation", "image")`` uint8 ``[..., 3, H, W]``, ``"instruction"``
     (strings), and ``("observation", "wrist_image")`` when ``num_images_in_input=2``. Writes ``"policy_image"``
     uint8 ``[..., 3k, 224, 224]``, ``"prompt_ids"`` int64 / ``"prompt_mask"`` bool ``[..., L]``, ``"action_tokens"``
     int64 ``[..., 8, 7]`` (index in the 256-token action vocabulary), ``"action_log_prob"`` float32
@@ -268,11 +272,13 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             none of this process's time; see :mod:`srpo_rl.jpeg`).
         num_images_in_input: 1 (third-person camera) or 2 (+ wrist camera).
         libero_gripper: binarise and invert the gripper dimension for LIBERO, as the reference env wrapper does.
-        max_prompt_length: width of the stored ``prompt_ids`` (right-padded), so that steps stack across batches.
+        max_prompt_length: width of the stored ``prompt_ids`` (right-padded), so that steps stack across batches
+            (256, the recipe's ``data.max_prompt_length``; the forward trims it to the longest prompt).
         cuda_graphs: without gradients, on a CUDA model with plain (not FSDP-sharded) parameters, run the
             forward through CUDA graphs (:class:`~srpo_rl.cuda_graphs.GraphedActionLogits`): a graph per batch
             bucket, captured on first use, so that a forward costs its GPU time, not its kernel launches.
             The graphs read the parameters in place: update weights in place (``load_state_dict`` copies).
+        image_key, wrist_image_key, instruction_key: where the camera frames and the task instruction are read.
     """
 
     def __init__(
@@ -287,7 +293,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         jpeg_quality: int | None = JPEG_QUALITY,
         num_images_in_input: int = 1,
         libero_gripper: bool = True,
-        max_prompt_length: int = 64,
+        max_prompt_length: int = 256,
         cuda_graphs: bool = True,
         image_key: NestedKey = ("observation", "image"),
         wrist_image_key: NestedKey = ("observation", "wrist_image"),

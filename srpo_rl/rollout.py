@@ -814,7 +814,8 @@ def collect_rollouts(
             policy runs). ``"halves"``: two fixed halves in ping-pong instead (each half waits for its
             slowest slot). Needs an env with ``step_send`` / ``step_recv_ready``
             (:class:`~srpo_rl.envs.LiberoVecEnv`). The trajectories are the same as without it (same
-            requests, same ids, same order); only the timing differs.
+            requests, same ids, same order); only the timing differs. Default ``False``, so that any
+            batched TorchRL env works; the example's ``rollout.overlap`` turns the pool on.
         on_finished: called with each trajectory (a row of the returned batch, batch size ``[]``) as soon as
             its episode ends, while the other rollouts go on: e.g. to embed its video for the reward on a
             side CUDA stream, in the time the GPU would wait for the simulation

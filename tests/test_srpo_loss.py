@@ -392,8 +392,11 @@ def test_set_keys_renames_every_input():
     )
     assert ("chunk", "tokens") in loss.in_keys and "traj" in loss.in_keys
     torch.testing.assert_close(loss(renamed)["loss_objective"], reference)
-    with pytest.raises(ValueError, match="not an accepted tensordict key"):
-        loss.set_keys(action_token="x")
+    # a misspelt name and a PPO key the loss inherits but never reads are both refused
+    for name in ("action_token", "value_target"):
+        with pytest.raises(ValueError, match=rf"SRPOLoss reads no '{name}' key .* the keys it reads are action, "):
+            loss.set_keys(**{name: "x"})
+    assert loss.tensor_keys.value_target == "value_target" and loss.tensor_keys.action == ("chunk", "tokens")
 
 
 def test_default_clip_bounds_are_the_recipe():
