@@ -14,6 +14,7 @@ Installed as the ``srpo-libero`` console script.
 from __future__ import annotations
 
 import time
+from contextlib import closing, ExitStack
 from pathlib import Path
 
 import hydra
@@ -54,20 +55,16 @@ from srpo_rl.trainer import recompute_log_probs, update_policy
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 
 
-def run_eval(cfg: DictConfig, info: DistInfo) -> None:
+def run_eval(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     """Greedy rollouts of ``model.path`` on ``eval.task_ids`` x ``eval.num_trials_per_task`` of the env's suite."""
     rows = make_eval_rows(cfg)
     policy = make_policy(cfg, info)
-    env = make_env(cfg, info)
-    logger = make_logger(cfg)
-    try:
-        with merged_adapters(policy.model):
-            result = evaluate(env, policy, rows, rank=info.rank, world_size=info.world_size,
-                              num_videos=cfg.eval.num_videos, device=info.device)
-        log_evaluation(logger, result, step=0, out_dir=cfg.output_dir, prefix="eval")
-    finally:
-        logger.close()
-        env.close()
+    env = resources.enter_context(closing(make_env(cfg, info)))
+    logger = resources.enter_context(closing(make_logger(cfg)))
+    with merged_adapters(policy.model):
+        result = evaluate(env, policy, rows, rank=info.rank, world_size=info.world_size,
+                          num_videos=cfg.eval.num_videos, device=info.device)
+    log_evaluation(logger, result, step=0, out_dir=cfg.output_dir, prefix="eval")
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
@@ -81,26 +78,32 @@ def main(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, info: DistInfo) -> None:
-    """The recipe on this process (one rank of the job)."""
+    """The recipe (``mode=train``) or the evaluation (``mode=eval``) on this process (one rank of the job)."""
     torch.manual_seed(cfg.seed + info.rank)
-    if cfg.mode == "eval":
-        return run_eval(cfg, info)
+    # on any exit, an error included: the logger flushed, the embedder's thread and the env workers stopped
+    with ExitStack() as resources:
+        (run_eval if cfg.mode == "eval" else run_train)(cfg, info, resources)
 
+
+def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
+    """SRPO training: rollouts, reward, update, validation and checkpoints, resumed from the latest checkpoint."""
     # Task manifests (generated on first use) and models
     train_rows, val_rows = make_manifests(cfg, info)
     policy = make_policy(cfg, info)
-    env = make_env(cfg, info)
+    env = resources.enter_context(closing(make_env(cfg, info)))
 
     # Reward, advantage, sampling filters, loss and optimizer
     reward_module = make_reward(cfg, info)
     advantage_module = make_advantage(cfg)
     sampler = make_sampler(cfg, info)
     background = make_background_embedder(cfg, reward_module, sampler, info)  # None: V-JEPA after the rollout
+    if background is not None:
+        resources.callback(background.close)
     loss_module = make_loss(cfg, policy)
     optimizer = make_optimizer(cfg, policy)
 
     # Logger, checkpoints, resume
-    logger = make_logger(cfg)
+    logger = resources.enter_context(closing(make_logger(cfg)))
     checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep)
     prompts = PromptStream(train_rows, seed=cfg.seed)
     step, next_group = 0, 0
@@ -123,7 +126,7 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
                               num_videos=cfg.trainer.num_val_videos, device=info.device)
         log_evaluation(logger, result, step=0, out_dir=cfg.output_dir)
 
-    bar = tqdm(total=total_steps, initial=step, desc="srpo", disable=not info.is_main)
+    bar = resources.enter_context(tqdm(total=total_steps, initial=step, desc="srpo", disable=not info.is_main))
     while step < total_steps:
         step += 1
 
@@ -208,10 +211,6 @@ def run(cfg: DictConfig, info: DistInfo) -> None:
         bar.update(1)
 
     bar.close()
-    if background is not None:
-        background.close()
-    logger.close()
-    env.close()
     if info.is_main:
         print(f"done: {step} steps; logs in {cfg.output_dir}, checkpoints in {cfg.trainer.default_local_dir}")
 

@@ -54,7 +54,10 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.mode not in MODES:
         _fail(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    canonical_suite(cfg.env.env_name)
+    try:
+        canonical_suite(cfg.env.env_name)
+    except ValueError as error:  # the env's own check, named as the config's option
+        raise ValueError(f"config error: env.env_name: {error}") from None
     for key in ("path", "vjepa_path") if cfg.mode == "train" else ("path",):  # eval needs no reward model
         value = cfg.model.get(key)  # None also where the config leaves OmegaConf's missing value, ???
         if value is None:
@@ -63,8 +66,9 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
             _fail(f"model.{key}={value!r} does not exist")
     for name, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, name)
-        if value not in choices:
-            _fail(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+        if value not in choices:  # written as in YAML: true / false
+            shown = [str(c).lower() if isinstance(c, bool) else c for c in choices]
+            _fail(f"unknown {name} {value!r}; choose one of {', '.join(shown)}")
     try:
         resolve_max_steps(cfg.env.max_steps, cfg.env.env_name)
     except ValueError as error:  # the env's own check, named as the config's option
@@ -96,12 +100,17 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"data.train_batch_size={train_bs} is not a multiple of actor.ppo_mini_batch_size={mini}")
     if (mini * n) % world_size:
         _fail(f"actor.ppo_mini_batch_size x rollout.n = {mini * n} trajectories do not divide over {world_size} processes")
-    rollouts_per_rank = train_bs // world_size * n
-    if cfg.env.num_envs > rollouts_per_rank * sampling.oversample_factor:
+    rollouts_per_round = math.ceil(round(train_bs // world_size * sampling.oversample_factor, 9)) * n
+    if cfg.mode == "train" and cfg.env.num_envs > rollouts_per_round:
         _fail(f"env.num_envs={cfg.env.num_envs} slots cannot all be used: a rollout round of this process has only "
-              f"{rollouts_per_rank} rollouts (train_batch_size / processes x rollout.n); lower env.num_envs")
+              f"{rollouts_per_round} rollouts (train_batch_size / processes x oversample_factor, rounded up, x "
+              "rollout.n); lower env.num_envs")
     if not isinstance(cfg.embodied.embed_during_rollout, bool):
         _fail(f"embodied.embed_during_rollout must be true or false, got {cfg.embodied.embed_during_rollout!r}")
+    if cfg.embodied.embed_during_rollout and (cfg.algorithm.reward != "srpo" or cfg.algorithm.video_key_by != "rollout"):
+        _fail("embodied.embed_during_rollout embeds each rollout's own video for the srpo reward: it needs "
+              f"algorithm.reward=srpo and algorithm.video_key_by=rollout, got {cfg.algorithm.reward} and "
+              f"{cfg.algorithm.video_key_by}")
     if cfg.rollout.temperature <= 0:
         _fail(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     if cfg.actor.fsdp.mixed_precision not in DTYPES:
@@ -135,9 +144,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
               f"set {'eval.num_videos' if cfg.mode == 'eval' else 'trainer.num_val_videos'}=0")
     if cfg.algorithm.reward not in ("srpo", "binary"):
         _fail(f"unknown algorithm.reward {cfg.algorithm.reward!r}; choose one of srpo, binary")
-    if cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node != world_size and world_size > 1:
-        _fail(f"trainer.nnodes x trainer.n_gpus_per_node = {cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node} but "
-              f"torchrun started {world_size} processes")
+    processes = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    if processes != world_size:
+        launch = f"torchrun started {world_size} processes" if world_size > 1 else (
+            "this is one process: launch one per GPU with torchrun (--nnodes, --nproc_per_node)")
+        _fail(f"trainer.nnodes x trainer.n_gpus_per_node = {processes} but {launch}")
 
 
 def make_manifests(cfg: DictConfig, info: DistInfo):
@@ -256,12 +267,11 @@ def make_reward(cfg: DictConfig, info: DistInfo):
 
 def make_background_embedder(cfg: DictConfig, reward_module, sampler: EmbodiedSampler, info: DistInfo):
     """Embeds the trajectories of the groups the sampler keeps, for the reward, while the rollout runs (None
-    unless ``embodied.embed_during_rollout``, and for the binary or group-video reward: the reward then embeds
-    the kept groups after the rollout)."""
+    unless ``embodied.embed_during_rollout``, which check_config allows only for the srpo reward on each
+    rollout's video: the reward then embeds the kept groups after the rollout)."""
     from srpo_rl.rewards import BackgroundEmbedder
 
-    if (not cfg.embodied.embed_during_rollout or cfg.algorithm.reward == "binary"
-            or cfg.algorithm.video_key_by != "rollout"):
+    if not cfg.embodied.embed_during_rollout:
         return None
     return BackgroundEmbedder(reward_module.embedder, device=info.device, keep_group=sampler.keeps,
                               group_size=cfg.rollout.n)
@@ -279,7 +289,8 @@ def make_sampler(cfg: DictConfig, info: DistInfo) -> EmbodiedSampler:
     return EmbodiedSampler(
         cfg.data.train_batch_size // info.world_size, filter_accuracy=s.filter_accuracy,
         accuracy_lower_bound=s.accuracy_lower_bound, accuracy_upper_bound=s.accuracy_upper_bound,
-        filter_truncated=s.filter_truncated, oversample_factor=s.oversample_factor, max_rounds=s.max_rollout_rounds,
+        filter_truncated=s.filter_truncated, max_steps=resolve_max_steps(cfg.env.max_steps, cfg.env.env_name),
+        oversample_factor=s.oversample_factor, max_rounds=s.max_rollout_rounds,
     )
 
 

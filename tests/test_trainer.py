@@ -1,6 +1,7 @@
 """The SRPO recipe end to end on real LIBERO (tiny model, CPU): train, SIGKILL, resume; config errors."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from srpo_rl.distributed import DTYPES
+from srpo_rl.distributed import DTYPES, init_distributed
 from srpo_rl.examples.utils_srpo import check_config, host_reserve_bytes, make_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["env.env_name=libero_lng"], "unknown suite 'libero_lng'; choose one of"),
+        (["env.env_name=libero_lng"], "env.env_name: unknown suite 'libero_lng'; choose one of"),
         (["algorithm.embodied_sampling.accuracy_lower_bound=0.95"], "accuracy_lower_bound 0.95 > accuracy_upper_bound 0.9"),
         (["algorithm.embodied_sampling.accuracy_upper_bound=1.5"], r"accuracy bounds must lie in \[0, 1\]"),
         (["data.train_batch_size=10"], "train_batch_size=10 is not a multiple of actor.ppo_mini_batch_size=4"),
@@ -50,7 +51,7 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["actor.loss_agg_mode=mean"], "unknown actor.loss_agg_mode 'mean'; choose one of seq-mean-token-mean, token-mean"),
         (["algorithm.video_key_by=task"], "unknown algorithm.video_key_by 'task'; choose one of rollout, group"),
         (["algorithm.progress_formula=linear"], "unknown algorithm.progress_formula 'linear'; choose one of reference"),
-        (["rollout.overlap=maybe"], "unknown rollout.overlap 'maybe'; choose one of True, False, halves"),
+        (["rollout.overlap=maybe"], "unknown rollout.overlap 'maybe'; choose one of true, false, halves"),
         (["data.split_mode=foo"], "unknown data.split_mode 'foo'; choose one of shared, holdout"),
         (["env.env_type=maniskill"], "unknown env.env_type 'maniskill'; choose one of libero"),
         (["algorithm.workflow_type=dapo"], "unknown algorithm.workflow_type 'dapo'; choose one of embodied"),
@@ -58,6 +59,13 @@ VALID_7B = ["model.path=.", "model.vjepa_path=."]
         (["env.max_steps=2.5"], r"env.max_steps must be an int >= 1, None \(512\) or 'suite', got 2.5"),
         (["embodied.frame_stride=0"], "embodied.frame_stride must be null .* or an int >= 1, got 0"),
         (["actor.clip_ratio_low=1.2"], "actor.clip_ratio_low must lie in"),
+        (["trainer.n_gpus_per_node=8"], "n_gpus_per_node = 8 but this is one process: launch one per GPU with torchrun"),
+        (["embodied.embed_during_rollout=true", "algorithm.reward=binary"], "needs algorithm.reward=srpo and "
+         "algorithm.video_key_by=rollout, got binary and rollout"),
+        (["embodied.embed_during_rollout=true", "algorithm.video_key_by=group"], "got srpo and group"),
+        # 4 groups x 1.5 -> 6 requested a round, x 8 rollouts: 48 slots can be used, not 49
+        (["data.train_batch_size=4", "actor.ppo_mini_batch_size=1", "algorithm.embodied_sampling.oversample_factor=1.5",
+          "env.num_envs=49"], "env.num_envs=49 slots cannot all be used: a rollout round of this process has only 48"),
     ],
 )
 def test_config_errors_name_the_bad_value(overrides, message):
@@ -93,6 +101,9 @@ def test_config_errors_that_need_the_process_count():
     with pytest.raises(ValueError, match="train_batch_size=64 groups do not divide over 3 processes"):
         check_config(_compose(VALID_7B), world_size=3)
     check_config(_compose(VALID_7B + ["trainer.n_gpus_per_node=8"]), world_size=8)
+    check_config(_compose(VALID_7B + ["data.train_batch_size=4", "actor.ppo_mini_batch_size=1", "env.num_envs=48",
+                                      "algorithm.embodied_sampling.oversample_factor=1.5"]), world_size=1)
+    check_config(_compose(VALID_7B + ["mode=eval", "env.num_envs=1000"]), world_size=1)  # eval rolls out no groups
 
 
 def test_missing_model_path_and_unknown_groups():
@@ -100,6 +111,7 @@ def test_missing_model_path_and_unknown_groups():
         check_config(_compose([]), world_size=1)
     with pytest.raises(Exception, match="Could not find 'env/libero_lng'"):
         _compose(["env=libero_lng"])
+    assert _compose(["env=libero_10"]).env == _compose(["env=libero_long"]).env  # the reference's name for it
     with pytest.raises(Exception, match="Could not find 'model/llama'"):
         _compose(["model=llama"])
     check_config(_compose([], name="tiny"), world_size=1)  # the README's main job is valid
@@ -184,6 +196,24 @@ def test_eval_mode_rolls_out_the_chosen_tasks_of_a_checkpoint(tmp_path):
     assert [(t["suite"], t["task_id"], t["trials"]) for t in report["tasks"]] == [
         ("libero_object", 1, 1), ("libero_object", 4, 1)], report
     assert not (tmp_path / "eval" / "data").exists()  # no training manifests for an evaluation
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_mid_way_flushes_its_logs_and_stops_its_env_workers(tmp_path):
+    # In this process, as a notebook or a sweep would call it (a script's exit would flush and reap anyway).
+    # The first checkpoint cannot be written, its folder would sit under a file: the run fails after step 1.
+    from srpo_rl.examples.srpo_libero import run
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    cfg = _compose([f"output_dir={tmp_path / 'run'}", "trainer.total_training_steps=2", "env.max_steps=16",
+                    f"trainer.default_local_dir={blocker}/checkpoints"], name="tiny")
+    before = set(multiprocessing.active_children())
+    with pytest.raises(NotADirectoryError):
+        run(cfg, init_distributed("cpu"))
+    # step 1's metrics are in TensorBoard, and the env's worker processes are gone
+    assert _logged(tmp_path / "run" / "tensorboard", "train/optimizer_steps") == {1: 2.0}
+    assert set(multiprocessing.active_children()) <= before
 
 
 @pytest.mark.slow
