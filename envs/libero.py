@@ -16,7 +16,7 @@ Why not torchrl's ``LiberoEnv`` / ``LiberoWrapper`` + ``MultiAction`` directly
   rendered (the policy's frame after each chunk and the reward frames every ``frame_stride``).
 - ``MultiAction(stack_rewards=False)`` loses the success reward when success comes before the
   chunk's last sub-step: the remaining sub-steps are skipped and the outer reward is zero-filled
-  (``tests/test_libero_env.py::test_torchrl_multiaction_loses_mid_chunk_success`` shows it on a
+  (``tests/test_libero_sim.py::test_torchrl_multiaction_loses_mid_chunk_success`` shows it on a
   real LIBERO env). Here the chunk stops at the successful sub-step and reports reward 1.
 
 Rollout ids and group ids are not made up here: the caller passes them in the reset tensordict

@@ -103,6 +103,8 @@ def shard_actor(
     lives in :class:`srpo_rl.optim.HostAdamW`. Compute runs in ``mixed_precision``; gradients are accumulated
     and reduced in fp32.
     ``param_offload`` keeps parameters, gradients and optimizer states on the CPU (FSDP2's CPUOffloadPolicy).
+    ``forward_methods`` names the model's methods other than ``forward`` that run it (the policy calls
+    ``action_logits``): FSDP2 hooks them too, so that they gather the root's parameters.
     On a single CPU process without a process group the model is returned as it is: there is nothing to shard.
     """
     if mixed_precision not in DTYPES:

@@ -105,7 +105,24 @@ def evaluate(
     progress: bool = True,
     device: torch.device | None = None,
 ) -> EvalResult:
-    """Rolls out each row once with the greedy policy and counts successes per task (summed over ranks)."""
+    """Rolls out each row once with the greedy policy and counts successes per task (summed over ranks).
+
+    Args:
+        env: the batched env (e.g. :class:`~srpo_rl.envs.LiberoVecEnv`); its slots take the rows as they free up.
+        policy: the policy, run with ``ExplorationType.DETERMINISTIC`` (argmax tokens).
+        rows: manifest rows with ``suite``, ``task_id``, ``trial_id`` (the init state) and ``task_name``
+            (:func:`srpo_rl.manifest.ensure_manifests`); every rank passes all of them.
+
+    Keyword Args:
+        rank, world_size: this process's share is ``rows[rank::world_size]``; the counts are all-reduced.
+        num_videos: videos to record, on rank 0 only: its first ``num_videos`` rows.
+        progress: show a progress bar.
+        device: where the all-reduce's tensor lives (the process group's device; CPU by default).
+
+    Returns:
+        An :class:`EvalResult`: successes and trials per ``(suite, task_id)`` over all ranks, the task
+        names, this rank's rollout stats and rank 0's videos.
+    """
     mine = list(rows)[rank::world_size]
     requests = [RolloutRequest(r["task_id"], r["trial_id"], i, i) for i, r in enumerate(mine)]
     stats = None

@@ -1,6 +1,7 @@
 """Metric and video logging on torchrl's loggers: console, TensorBoard, wandb.
 
-torchrl's ``TensorboardLogger.log_video`` silently drops videos with moviepy 2.x (torchrl_vla.md), so videos
+torchrl's ``TensorboardLogger.log_video`` needs moviepy and, with moviepy 2.x, still writes nothing: torch's
+``tensorboard.summary.make_video`` imports ``moviepy.editor``, which 2.x removed, prints a line and returns. So videos
 are written as mp4 files (imageio + its ffmpeg) next to the logs, sent to wandb when enabled, and shown in
 TensorBoard as a strip of frames.
 
@@ -45,7 +46,18 @@ def _console_number(value: float) -> str:
 
 
 class MetricLogger:
-    """Logs scalars and videos to the chosen backends; only rank 0 writes."""
+    """Logs scalars and videos to the chosen backends; only rank 0 writes.
+
+    Args:
+        logger_types: any of ``console`` (one line a call), ``tensorboard``, ``wandb``.
+
+    Keyword Args:
+        log_dir: the run's folder: ``tensorboard/``, ``videos/`` and wandb's files go under it.
+        experiment_name: the run's name (TensorBoard's and wandb's).
+        project_name: wandb's project.
+        config: the run's configuration, stored with the wandb run.
+        wandb_offline: write the wandb run locally, to sync later.
+    """
 
     def __init__(
         self,

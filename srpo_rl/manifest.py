@@ -212,7 +212,8 @@ def ensure_manifests(
 
 
 class PromptStream:
-    """Yields batches of manifest rows epoch after epoch, reshuffled each epoch with ``seed`` (drop_last).
+    """Yields batches of manifest rows epoch after epoch (drop_last), reshuffled each epoch with ``seed``
+    (``shuffle=False``: in manifest order every epoch).
 
     Its :meth:`state_dict` (epoch and position) goes into checkpoints so a resumed run continues with the
     same next prompts.

@@ -75,10 +75,23 @@ def update_policy(
     ``mini_batch_trajectories`` trajectories make one optimizer step; each forward/backward takes
     ``micro_batch_trajectories * traj_mini_batch_size`` of their executed decision steps (or all of them, if
     fewer), packed across trajectory ends, the last slice filled up with masked-out steps (the module docstring
-    says why the gradient is the same). Returns the mean over
-    optimizer steps of every scalar the loss reports, plus ``grad_norm``, ``optimizer_steps`` and
-    ``samples`` (the decision steps trained on, over every epoch). ``progress`` (True or the bar's label)
-    shows a bar of those steps: its rate is the update's samples/s.
+    says why the gradient is the same).
+
+    Keyword Args:
+        mini_batch_trajectories: trajectories per optimizer step (``ppo_mini_batch_size x n`` / ranks).
+        micro_batch_trajectories, traj_mini_batch_size: a forward/backward takes their product of decision steps.
+        ppo_epochs: passes over the batch.
+        grad_clip: the gradients' total norm is clipped to it; ``None`` or 0 only measures the norm. A step whose
+            norm is not finite is skipped (no optimizer step), and counted.
+        shuffle: visit the trajectories in a random order each epoch (else in batch order).
+        generator: the shuffle's random stream (pass one per rank for reproducible runs).
+        device: where the loss runs (the slices move there); ``None`` leaves them where they are.
+        progress: ``True`` or the bar's label shows a bar of the decision steps: its rate is the update's samples/s.
+
+    Returns:
+        The mean over optimizer steps of every scalar the loss reports, plus ``grad_norm``,
+        ``skipped_nonfinite_grad`` (the fraction of steps skipped for a non-finite norm), ``optimizer_steps`` and
+        ``samples`` (the decision steps trained on, over every epoch).
     """
     if mini_batch_trajectories < 1 or micro_batch_trajectories < 1 or traj_mini_batch_size < 1:
         raise ValueError(
