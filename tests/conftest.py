@@ -42,3 +42,17 @@ def spawn_gloo(fn, world_size: int, *args) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_gloo_main, args=(world_size, port, fn, args), nprocs=world_size, join=True)
+
+
+def first_success_step(sim, init_state_id: int) -> int | None:
+    """The env step at which ``sim`` (a :class:`srpo_rl.envs.sim.LiberoSim`), reset to ``init_state_id`` and
+    teleported to its goal, first reports success under zero actions, stepped one action at a time: what a
+    chunk of zero actions must stop at. ``None`` if not within 8 steps."""
+    import numpy as np
+
+    sim.reset(init_state_id=init_state_id)
+    sim.teleport_to_goal()
+    for step in range(1, 9):
+        if sim.step_chunk(np.zeros((1, 7), np.float32))["success"]:
+            return step
+    return None

@@ -16,7 +16,8 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import check_env_specs
 
-from srpo_rl.envs import INSTALL_COMMAND, LiberoVecEnv, make_libero_env, suite_info
+from conftest import first_success_step
+from srpo_rl.envs import INSTALL_COMMAND, LiberoSim, LiberoVecEnv, make_libero_env, suite_info
 from srpo_rl.envs.suites import canonical_suite, resolve_max_steps
 from srpo_rl.envs.workers import (
     SimWorkers,
@@ -123,6 +124,11 @@ def test_partial_step(env):
 
 
 def test_success_inside_chunk(env):
+    sim = LiberoSim("libero_object", task_id=0, max_steps=MAX_STEPS)  # what a worker runs, stepped one by one here
+    try:
+        first = first_success_step(sim, init_state_id=3)
+    finally:
+        sim.close()
     env.reset(_reset_td([True, True], [0, 0], [3, 3]))
     env.teleport_to_goal([0])
     out = _step(env)
@@ -130,7 +136,7 @@ def test_success_inside_chunk(env):
     assert out["reward"].flatten().tolist() == [1.0, 0.0]
     assert out["terminated"].flatten().tolist() == [True, False]
     assert out["done"].flatten().tolist() == [True, False]
-    assert 1 <= out["chunk_steps"][0].item() < 8 and out["chunk_steps"][1].item() == 8
+    assert out["chunk_steps"].flatten().tolist() == [first, 8] and first < 8  # slot 0 stopped inside its chunk
     assert out["frames_mask"].all()  # one frame per chunk: the last executed step's
     assert out["frames_step"].flatten().tolist() == out["chunk_steps"].flatten().tolist()
     assert torch.equal(out["frames"][:, 0], out["observation", "image"])

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
+from conftest import first_success_step
 from srpo_rl.envs import LiberoSim, num_frames
 from srpo_rl.envs.chunk import frame_slots
 from srpo_rl.envs.sim import DUMMY_ACTION, quat2axisangle, release_free_heap
@@ -173,12 +174,14 @@ def test_explicit_render_equals_robosuite_observable(sim):
 
 @pytest.mark.parametrize("stride", [1, None])
 def test_success_inside_chunk(sim, stride):
+    first = first_success_step(sim, init_state_id=4)
     sim.reset(init_state_id=4)
     sim.teleport_to_goal()
     renders = sim.renders
     out = sim.step_chunk(np.zeros((8, 7), np.float32), frame_stride=stride)
     assert out["success"] and out["done"] and not out["truncated"]
-    assert 1 <= out["chunk_steps"] < 8 and out["step_count"] == out["chunk_steps"]
+    # the chunk stops where the step-by-step run first saw success, inside the chunk
+    assert out["chunk_steps"] == first and first < 8 and out["step_count"] == first
     n = out["chunk_steps"]
     expected_mask = np.arange(8) < n if stride == 1 else np.array([True])
     assert np.array_equal(out["frames_mask"], expected_mask)
