@@ -100,14 +100,16 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"data.train_batch_size={train_bs} is not a multiple of actor.ppo_mini_batch_size={mini}")
     if (mini * n) % world_size:
         _fail(f"actor.ppo_mini_batch_size x rollout.n = {mini * n} trajectories do not divide over {world_size} processes")
-    rollouts_per_round = math.ceil(round(train_bs // world_size * sampling.oversample_factor, 9)) * n
+    first_request = EmbodiedSampler(  # the first round's groups, by the sampler's own rule
+        train_bs // world_size, oversample_factor=sampling.oversample_factor).groups_to_request()
+    rollouts_per_round = first_request * n
     if cfg.mode == "train" and cfg.env.num_envs > rollouts_per_round:
         _fail(f"env.num_envs={cfg.env.num_envs} slots cannot all be used: a rollout round of this process has only "
               f"{rollouts_per_round} rollouts (train_batch_size / processes x oversample_factor, rounded up, x "
               "rollout.n); lower env.num_envs")
     if not isinstance(cfg.embodied.embed_during_rollout, bool):
         _fail(f"embodied.embed_during_rollout must be true or false, got {cfg.embodied.embed_during_rollout!r}")
-    if cfg.embodied.embed_during_rollout and (cfg.algorithm.reward != "srpo" or cfg.algorithm.video_key_by != "rollout"):
+    if cfg.embodied.embed_during_rollout and (cfg.algorithm.reward, cfg.algorithm.video_key_by) != ("srpo", "rollout"):
         _fail("embodied.embed_during_rollout embeds each rollout's own video for the srpo reward: it needs "
               f"algorithm.reward=srpo and algorithm.video_key_by=rollout, got {cfg.algorithm.reward} and "
               f"{cfg.algorithm.video_key_by}")
