@@ -119,6 +119,38 @@ def test_slices_are_packed_across_trajectories_and_the_update_is_exact(checkpoin
         torch.testing.assert_close(packed[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_grad_clip_rescales_the_step_to_the_clip_norm_and_a_non_finite_step_is_skipped(checkpoint):
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    initial = [p.detach().clone() for p in params]
+    # the plain gradient of the whole mini-batch, in one forward, and its total norm
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    out = loss(loss.add_token_weights(executed_steps(batch)))
+    torch.autograd.backward([v for k, v in out.items() if k.startswith("loss_")])
+    grads = [p.grad.detach().clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    clip, lr = norm / 10, 0.5
+    for p in params:
+        p.grad = None
+
+    optimizer = torch.optim.SGD(params, lr=lr)
+    metrics = update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, traj_mini_batch_size=64,
+                            shuffle=False, grad_clip=clip)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4) and metrics["skipped_nonfinite_grad"] == 0
+    for p, w0, g in zip(params, initial, grads):  # SGD on the gradient scaled to norm `clip`
+        torch.testing.assert_close(p.detach(), w0 - lr * g * (clip / norm), rtol=1e-4, atol=1e-6)
+
+    # a NaN advantage makes the gradient NaN: the step is skipped, counted, and the weights stay as they were
+    after = [p.detach().clone() for p in params]
+    batch["steps", "advantage"][0] = float("nan")
+    metrics = update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, traj_mini_batch_size=64,
+                            shuffle=False, grad_clip=clip)
+    assert metrics["skipped_nonfinite_grad"] == 1.0 and metrics["optimizer_steps"] == 1
+    assert all(torch.equal(p, w) for p, w in zip(params, after))
+
+
 def test_the_filled_up_last_slice_adds_nothing_to_the_diagnostics(checkpoint):
     torch.manual_seed(0)
     policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)

@@ -15,7 +15,7 @@ from scipy.spatial.transform import Rotation
 from conftest import first_success_step
 from srpo_rl.envs import LiberoSim, num_frames
 from srpo_rl.envs.chunk import frame_slots
-from srpo_rl.envs.sim import DUMMY_ACTION, quat2axisangle, release_free_heap
+from srpo_rl.envs.sim import quat2axisangle, release_free_heap
 
 SIZE = 256
 
@@ -33,6 +33,10 @@ def _actions(seed: int, n: int = 8) -> np.ndarray:
     return actions
 
 
+# OpenVLA's LIBERO evaluation settles the scene with get_libero_dummy_action(): no motion, the gripper open (-1)
+REFERENCE_WAIT_ACTION = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
+
+
 def _native_episode(sim: LiberoSim, init_state_id: int, actions: np.ndarray) -> list[np.ndarray]:
     """The OpenVLA evaluation protocol on plain robosuite: every step renders its camera.
 
@@ -47,7 +51,7 @@ def _native_episode(sim: LiberoSim, init_state_id: int, actions: np.ndarray) -> 
             robot.gripper.current_action = np.zeros(robot.gripper.dof)
         env.set_init_state(sim.init_states[init_state_id])
         for _ in range(sim.num_steps_wait):
-            obs, *_ = env.step(DUMMY_ACTION)
+            obs, *_ = env.step(REFERENCE_WAIT_ACTION)
         images = [obs["agentview_image"][::-1, ::-1]]
         for action in actions:
             obs, *_ = env.step(action.astype(np.float64))

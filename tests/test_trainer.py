@@ -28,6 +28,42 @@ def _compose(overrides, name="config"):
 VALID_7B = ["model.path=.", "model.vjepa_path=."]
 
 
+# The recipe, written out from siiRL's embodied SRPO script (its exported variables and command-line overrides)
+# and, for the knobs the script leaves to its trainer yaml, from the reference's algorithm notes.
+RECIPE = {
+    "data.train_batch_size": 64, "data.val_batch_size": 496, "data.max_prompt_length": 256,
+    "algorithm.workflow_type": "embodied", "algorithm.adv_estimator": "grpo", "algorithm.gamma": 1.0,
+    "algorithm.lam": 1.0, "algorithm.norm_adv_by_std_in_grpo": True, "algorithm.reward_coef": 5.0,
+    "algorithm.embodied_sampling.filter_accuracy": True, "algorithm.embodied_sampling.accuracy_lower_bound": 0.1,
+    "algorithm.embodied_sampling.accuracy_upper_bound": 0.9, "algorithm.embodied_sampling.filter_truncated": False,
+    "algorithm.embodied_sampling.oversample_factor": 1,
+    "actor.lr": 5e-6, "actor.weight_decay": 0.0, "actor.ppo_mini_batch_size": 4, "actor.ppo_micro_batch_size": 1,
+    "actor.traj_mini_batch_size": 16, "actor.ppo_epochs": 1, "actor.grad_clip": 1.0, "actor.clip_ratio_low": 0.2,
+    "actor.clip_ratio_high": 0.28, "actor.clip_ratio_c": 10000.0, "actor.entropy_coeff": 0.0, "actor.shuffle": True,
+    "actor.enable_gradient_checkpointing": True, "actor.fsdp.param_offload": False, "actor.fsdp.grad_offload": False,
+    "actor.fsdp.optimizer_offload": False,
+    "rollout.n": 8, "rollout.temperature": 1.6, "rollout.do_sample": True,
+    "embodied.action_token_len": 7, "embodied.action_chunks_len": 8, "embodied.embedding_img_size": 384,
+    "embodied.embedding_num_frames": 64, "embodied.embedding_enable_fp16": True,
+    "embodied.embedding_model_offload": False, "embodied.center_crop": True, "embodied.num_images_in_input": 1,
+    "env.env_type": "libero", "env.num_envs": 16, "env.max_steps": 512, "env.num_steps_wait": 10,
+    "env.num_trials_per_task": 50, "env.model_family": "openvla",
+    "trainer.total_epochs": 1000, "trainer.save_freq": 5, "trainer.test_freq": 5, "trainer.max_ckpt_keep": 5,
+    "trainer.logger": ["console", "tensorboard"], "trainer.nnodes": 1, "trainer.resume_mode": "auto",
+    "trainer.val_before_train": True,
+}
+
+
+@pytest.mark.parametrize("suite", ["libero_spatial", "libero_object", "libero_goal", "libero_long", "libero_90"])
+def test_the_default_config_is_the_recipe(suite):
+    from omegaconf import OmegaConf
+
+    cfg = _compose([f"env={suite}"])
+    differing = {k: (OmegaConf.select(cfg, k), v) for k, v in RECIPE.items() if OmegaConf.select(cfg, k) != v}
+    assert not differing, differing
+    assert cfg.env.env_name == suite and cfg.embodied.unnorm_key == {"libero_long": "libero_10"}.get(suite, suite)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
