@@ -47,6 +47,14 @@ def test_by_hand():
         torch.tensor([5.0, 0.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long), norm_by_std=False
     )
     torch.testing.assert_close(got, torch.tensor([3.75, -1.25, -1.25, -1.25]))
+    # where the std is of the order of epsilon (1e-6), epsilon shows: rewards 0 and 1e-6 have mean 5e-7 and std
+    # 1e-6 / sqrt(2), so the advantages are +-0.5 / (1 / sqrt(2) + 1) = +-0.29289, and +-1 / sqrt(2) without it
+    tiny = torch.tensor([0.0, 1e-6])
+    half = 0.5 / (2**-0.5 + 1)
+    torch.testing.assert_close(group_advantages(tiny, torch.zeros(2, dtype=torch.long)),
+                               torch.tensor([-half, half]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(group_advantages(tiny, torch.zeros(2, dtype=torch.long), epsilon=0.0),
+                               torch.tensor([-(2**-0.5), 2**-0.5]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("value", [0.0, 5.0, 0.3, 1.7])

@@ -52,6 +52,11 @@ def test_adapters_start_as_the_checkpoint_and_are_all_that_trains(ckpt):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         f"{name}.{part}" for name in trainable_linears for part in ("lora_A", "lora_B")]
     assert all(p.dtype == torch.float32 for p in adapters)
+    # PEFT's "gaussian" init, which OpenVLA's LoRA fine-tuning uses: A ~ N(0, 1 / rank^2), B = 0; scale alpha / rank
+    a = torch.cat([p.detach().flatten() for p in adapters[0::2]])
+    assert a.numel() > 10_000 and abs(a.std().item() * RANK - 1) < 0.05 and abs(a.mean().item()) * RANK < 0.05
+    assert all(not b.any() for b in adapters[1::2])
+    assert {m.lora_scaling.item() for m in model.modules() if hasattr(m, "lora_scaling")} == {ALPHA / RANK}
     ids, mask, pixels = _inputs()
     logits = model(ids, mask, pixels)
     torch.testing.assert_close(logits, base(ids, mask, pixels), atol=0, rtol=0)  # B = 0: exactly the checkpoint
