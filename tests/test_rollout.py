@@ -671,3 +671,32 @@ def test_trajectories_stack_zero_padded_to_the_longest():
             assert not out[n:].any()  # zeros beyond them: mask False, nothing executed
         assert (row == before[i]).all()  # the rows handed to on_finished are left as they were
     assert stacked["steps", "mask"].sum(-1).tolist() == [3, 5, 1]
+
+
+def test_evaluate_counts_each_tasks_successes_over_the_ranks_shares(env, policy):
+    from srpo_rl.evaluation import evaluate
+
+    names = {0: "task zero", 1: "task one"}
+    rows = [{"suite": "libero_object", "task_id": t, "trial_id": i, "task_name": names[t]}
+            for t, i in [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]]
+    succeed_at = {(0, 1): 1, (1, 0): 2, (1, 2): 1}  # (task, init state) -> chunk of success; the others time out
+    results = []
+    for rank, world_size in [(0, 1), (0, 2), (1, 2)]:
+        mine = rows[rank::world_size]  # evaluate's rollout ids are the positions in this rank's share
+        env.success_chunk = {i: succeed_at[r["task_id"], r["trial_id"]] for i, r in enumerate(mine)
+                             if (r["task_id"], r["trial_id"]) in succeed_at}
+        results.append(evaluate(env, policy, rows, rank=rank, world_size=world_size, num_videos=2, progress=False))
+    whole, first, second = results
+    assert whole.successes == {("libero_object", 0): 1, ("libero_object", 1): 2}
+    assert whole.trials == {("libero_object", 0): 2, ("libero_object", 1): 3}
+    for key in whole.trials:  # without a process group each rank counts its own share: the shares add up
+        assert first.successes[key] + second.successes[key] == whole.successes[key]
+        assert first.trials[key] + second.trials[key] == whole.trials[key]
+    assert whole.metrics() == {"val/success_rate": 3 / 5, "val/libero_object/success_rate": 3 / 5,
+                               "val/libero_object/task_0/success_rate": 1 / 2,
+                               "val/libero_object/task_1/success_rate": 2 / 3}
+    # videos of the first two rows: the initial frame, then one frame a chunk until the episode ended
+    assert sorted(whole.videos) == [0, 1]
+    assert whole.videos[0].shape[0] == 1 + MAX_STEPS // CHUNK and whole.videos[1].shape[0] == 1 + 1
+    assert whole.videos[0].dtype == torch.uint8 and whole.videos[0].shape[1] == 3
+    assert not torch.equal(whole.videos[1][0], whole.videos[1][1])  # the scene moved into its goal between them
