@@ -199,6 +199,57 @@ def test_preprocessing_resizes_and_crops_like_the_reference_geometry(policy):
     assert torch.equal(policy(obs)["policy_image"], preprocess_images(obs["observation", "image"]))
 
 
+def _tf_lanczos3_weights(in_size: int, out_size: int) -> np.ndarray:
+    """TF's ScaleAndTranslate with the antialiased Lanczos3 kernel (tf.image.resize(..., "lanczos3",
+    antialias=True)), written out as an ``[out, in]`` matrix: the kernel widened by 1 / scale when downscaling,
+    the span clipped to the image, the weights normalised."""
+    def lanczos3(x: float) -> float:
+        x = abs(x)
+        if x > 3.0:
+            return 0.0
+        return 1.0 if x < 1e-3 else 3.0 * math.sin(math.pi * x) * math.sin(math.pi * x / 3.0) / (math.pi * x) ** 2
+
+    scale = out_size / in_size
+    kernel_scale = max(1.0 / scale, 1.0)
+    weights = np.zeros((out_size, in_size))
+    for x in range(out_size):
+        centre = (x + 0.5) / scale
+        first = max(math.ceil(centre - 3.0 * kernel_scale - 0.5), 0)
+        last = min(math.floor(centre + 3.0 * kernel_scale - 0.5), in_size - 1)
+        for j in range(first, last + 1):
+            weights[x, j] = lanczos3((j + 0.5 - centre) / kernel_scale)
+        weights[x] /= weights[x].sum()
+    return weights
+
+
+def _tf_center_crop(channel: np.ndarray, area: float = 0.9) -> np.ndarray:
+    """OpenVLA's center_crop_image on one uint8 channel: to float in [0, 1], TF crop_and_resize (bilinear) of the
+    central box of side sqrt(area) back to the same size, then convert_image_dtype to uint8 (x 255.5, floor)."""
+    size = channel.shape[0]
+    low, high = (1 - math.sqrt(area)) / 2, (1 + math.sqrt(area)) / 2
+    coords = low * (size - 1) + np.arange(size) * (high - low) * (size - 1) / (size - 1)
+    below = np.floor(coords).astype(int)
+    above, frac = np.minimum(below + 1, size - 1), coords - below
+    image = channel / 255.0
+    rows = image[below] * (1 - frac)[:, None] + image[above] * frac[:, None]
+    crop = rows[:, below] * (1 - frac)[None] + rows[:, above] * frac[None]
+    return np.floor(np.clip(crop, 0, 1) * 255.5)
+
+
+def test_preprocessing_is_tf_lanczos3_then_crop_and_resize_on_a_noise_image():
+    # noise: every kernel weight and every sample position shows in the output (a bilinear resize would be off
+    # by tens of grey levels here, a half-pixel shift as much)
+    image = torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    weights = _tf_lanczos3_weights(256, 224)
+    resized = [np.clip(np.round(weights @ c @ weights.T), 0, 255) for c in image[0].double().numpy()]
+    plain = preprocess_images(image, jpeg_quality=None, center_crop=False)[0].int().numpy()
+    assert np.abs(plain - np.stack(resized)).max() <= 1  # float rounding at .5
+    cropped = preprocess_images(image, jpeg_quality=None)[0].int().numpy()
+    expected = np.stack([_tf_center_crop(c) for c in resized])
+    difference = np.abs(cropped - expected)
+    assert difference.max() <= 1 and difference.mean() < 0.01
+
+
 def test_without_its_jpeg_round_trip_the_policy_sees_the_env_decoded_image(policy, path):
     obs = _obs()
     raw = obs["observation", "image"]
