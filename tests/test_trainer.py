@@ -110,6 +110,37 @@ def test_config_errors_name_the_bad_value(overrides, message):
         check_config(cfg, world_size=1)
 
 
+def test_the_builders_carry_every_value_of_the_config(tmp_path):
+    # values away from every default, so that a knob the builders drop or mix up shows
+    from srpo_rl.examples.utils_srpo import (make_advantage, make_loss, make_optimizer, make_policy, make_reward,
+                                             make_sampler)
+
+    cfg = _compose([f"output_dir={tmp_path}", "actor.clip_ratio_low=0.15", "actor.clip_ratio_high=0.3",
+                    "actor.clip_ratio_c=3.0", "actor.entropy_coeff=0.01", "actor.loss_agg_mode=token-mean",
+                    "actor.lr=1e-4", "actor.weight_decay=0.01", "algorithm.reward_coef=4.0",
+                    "algorithm.progress_formula=paper", "algorithm.video_key_by=group",
+                    "algorithm.norm_adv_by_std_in_grpo=false", "algorithm.embodied_sampling.accuracy_lower_bound=0.2",
+                    "algorithm.embodied_sampling.accuracy_upper_bound=0.8",
+                    "algorithm.embodied_sampling.filter_truncated=true", "algorithm.embodied_sampling.oversample_factor=1.5",
+                    "algorithm.embodied_sampling.max_rollout_rounds=3", "rollout.temperature=1.3", "env.max_steps=40",
+                    "data.max_prompt_length=96", "embodied.center_crop=false"], name="tiny")
+    info = init_distributed("cpu")
+    policy = make_policy(cfg, info)
+    assert (policy.temperature, policy.center_crop, policy.max_prompt_length) == (1.3, False, 96)
+    loss = make_loss(cfg, policy)
+    assert (float(loss.clip_epsilon_low), float(loss.clip_epsilon_high)) == pytest.approx((0.15, 0.3))
+    assert (loss.clip_ratio_c, float(loss.entropy_coeff), loss.aggregation) == (3.0, pytest.approx(0.01), "token-mean")
+    optimizer = make_optimizer(cfg, policy)
+    assert {(g["lr"], g["weight_decay"]) for g in optimizer.param_groups} == {(1e-4, 0.01)}
+    assert make_advantage(cfg).norm_adv_by_std_in_grpo is False
+    reward = make_reward(cfg, info)
+    assert (reward.reward_coef, reward.formula, reward.video_key_by, reward.binary) == (4.0, "paper", "group", False)
+    sampler = make_sampler(cfg, info)
+    assert (sampler.accuracy_lower_bound, sampler.accuracy_upper_bound, sampler.filter_truncated, sampler.max_steps,
+            sampler.oversample_factor, sampler.max_rounds) == (0.2, 0.8, True, 40, 1.5, 3)
+    assert sampler.train_batch_size == cfg.data.train_batch_size
+
+
 def test_a_logger_that_is_not_installed_fails_before_any_work():
     import importlib.util
 
