@@ -20,17 +20,18 @@ def _gradients(shapes, steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
     return [[torch.randn(shape, generator=g) for shape in shapes] for _ in range(steps)]
 
 
-def _adamw_float64(weights: list[torch.Tensor], gradients: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def _adamw_float64(weights: list[torch.Tensor], gradients: list[list[torch.Tensor]], lr: float = LR,
+                   wd: float = WD) -> list[torch.Tensor]:
     """AdamW written out from Loshchilov & Hutter (decoupled decay) with Adam's bias corrections, in float64."""
     (b1, b2), out = BETAS, []
     for i, w in enumerate(weights):
         w, m, v = w.double(), torch.zeros_like(w, dtype=torch.float64), torch.zeros_like(w, dtype=torch.float64)
         for t, grads in enumerate(gradients, start=1):
             g = grads[i].double()
-            w = w * (1 - LR * WD)
+            w = w * (1 - lr * wd)
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
-            w = w - LR * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + EPS)
+            w = w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + EPS)
         out.append(w)
     return out
 
@@ -52,6 +53,23 @@ def test_master_weights_follow_adamw_and_the_parameters_their_bf16_rounding():
         torch.testing.assert_close(master.double(), want, rtol=1e-5, atol=1e-6)
         assert torch.equal(p.detach(), master)  # fp32 parameters: the master itself
         assert int(optimizer.state[p]["step"]) == 4
+
+
+def test_each_parameter_group_steps_with_its_own_lr_and_weight_decay():
+    shapes = [(6, 3), (4,)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(10 + i)) for i, s in enumerate(shapes)]
+    params = [torch.nn.Parameter(w.clone()) for w in start]
+    optimizer = HostAdamW([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.01, "weight_decay": 0.0}],
+                          lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    gradients = _gradients(shapes, steps=3, seed=1)
+    for grads in gradients:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+    first = _adamw_float64(start[:1], [g[:1] for g in gradients])[0]  # the defaults
+    second = _adamw_float64(start[1:], [g[1:] for g in gradients], lr=0.01, wd=0.0)[0]
+    torch.testing.assert_close(params[0].detach().double(), first, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(params[1].detach().double(), second, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_parameters_get_the_rounded_master_and_torch_adamw_s_bits():
