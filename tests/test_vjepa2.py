@@ -98,15 +98,17 @@ def _np_bilinear(img, oh, ow):
 
 
 def reference_preprocess(frames, img_size=IMG, num_frames=64):
-    """uint8 [T, 3, h, w] (upscaled, square) -> [num_frames, 3, S, S] float64, as the reference transform."""
-    t = frames.shape[0]
+    """uint8 [T, 3, h, w] (upscaled) -> [num_frames, 3, S, S] float64, as the reference transform: the short side
+    resized to 256 / 224 x S (torchvision's Resize(int): the long side in proportion, truncated), the centre cropped."""
+    t, h, w = frames.shape[0], frames.shape[2], frames.shape[3]
     idx = np.linspace(0, t - 1, num_frames, dtype=int) if t >= num_frames else np.resize(np.arange(t), num_frames)
     short = int(256.0 / 224 * img_size)
-    off = int(round((short - img_size) / 2.0))
+    oh, ow = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    top, left = int(round((oh - img_size) / 2.0)), int(round((ow - img_size) / 2.0))
     out = []
     for i in idx:
-        f = np.round(_np_bilinear(frames[i].numpy().astype(np.float64), short, short))
-        f = f[:, off : off + img_size, off : off + img_size] / 255.0
+        f = np.round(_np_bilinear(frames[i].numpy().astype(np.float64), oh, ow))
+        f = f[:, top : top + img_size, left : left + img_size] / 255.0
         out.append((f - MEAN[:, None, None]) / STD[:, None, None])
     return torch.from_numpy(np.stack(out))
 
@@ -144,6 +146,16 @@ def test_preprocess_matches_reference_transform(embedder):
     diff = (got - expected).abs()
     assert diff.max() <= 1 / (255 * 0.224) + 1e-5
     assert (diff > 1e-4).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (60, 44)])
+def test_preprocess_of_non_square_frames_crops_the_centre_of_the_resized_frame(embedder, shape):
+    frames = torch.randint(0, 256, (9, 3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    got = embedder.preprocess(frames).double()
+    expected = reference_preprocess(frames)
+    assert got.shape == expected.shape == (64, 3, IMG, IMG)
+    diff = (got - expected).abs()
+    assert diff.max() <= 1 / (255 * 0.224) + 1e-5 and (diff > 1e-4).float().mean() < 0.01
 
 
 def test_embedding_matches_reference_end_to_end(embedder, original_sd):
