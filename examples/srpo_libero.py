@@ -130,10 +130,12 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     while step < total_steps:
         step += 1
 
-        # Rollouts until train_batch_size groups pass the filters (refill; surplus carried over)
+        # Rollouts until train_batch_size groups pass the filters (refill; surplus carried over): none while the groups
+        # carried from earlier rounds fill the batch on every rank (every rank trains, or none does)
         t0 = time.perf_counter()
-        collected = []
-        for rounds in range(1, cfg.algorithm.embodied_sampling.max_rollout_rounds + 1):
+        collected, rounds = [], 0
+        while rounds < cfg.algorithm.embodied_sampling.max_rollout_rounds and not reduce_scalar(sampler.ready, "min"):
+            rounds += 1
             count = int(reduce_scalar(max(sampler.groups_to_request(), 1), "max"))  # same prompts on every rank
             rows = prompts.next(count * info.world_size)[info.rank :: info.world_size]
             requests = group_requests([(r["task_id"], r["trial_id"]) for r in rows], cfg.rollout.n,
@@ -151,9 +153,7 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
             # the metrics need no steps: a round's policy images (4.6 GiB at the recipe's batch) go once it is taken in
             collected.append((trajectories.exclude("steps"), stats))
             del trajectories
-            if reduce_scalar(float(sampler.ready), "min"):  # every rank trains, or none does
-                break
-        batch = sampler.pop() if reduce_scalar(float(sampler.ready), "min") else None
+        batch = sampler.pop() if reduce_scalar(sampler.ready, "min") else None
         # each phase's figures are logged as it ends: a long update that fails still leaves them
         logger.log({**rollout_metrics(collected, sampler, rounds), "time/rollout": time.perf_counter() - t0}, step)
         if batch is None:

@@ -355,7 +355,14 @@ def make_logger(cfg: DictConfig) -> MetricLogger:
 
 
 def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
-    """Success rate, episode length, throughput and time split of this step's rollout rounds."""
+    """Success rate, episode length, throughput and time split of this step's rollout rounds (none: the step trains
+    on carried groups)."""
+    # groups_requested and steps_skipped are EmbodiedSampler.sample's counters; the script runs its own refill
+    # loop (the ranks agree on each round) and logs rollout/trajectories and train/skipped instead
+    sampling = {f"sampling/{k}": float(v) for k, v in sampler.stats().items()
+                if k not in ("groups_requested", "steps_skipped")}
+    if not collected:
+        return {"rollout/rounds": 0.0, "rollout/trajectories": 0.0, **sampling}
     success = torch.cat([t["success"] for t, _ in collected]).float()
     lengths = torch.cat([t["num_steps"] for t, _ in collected]).float()
     totals = {"env_steps": 0.0, "decisions": 0.0, "policy_calls": 0.0, "time_wall": 0.0, "time_env": 0.0,
@@ -380,11 +387,7 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         # the forwards' GPU time over the rollout's: how much of the GPU the rollout leaves idle
         "rollout/policy_gpu_share": totals["time_policy_gpu"] / max(totals["time_wall"], 1e-9),
     }
-    # groups_requested and steps_skipped are EmbodiedSampler.sample's counters; the script runs its own refill
-    # loop (the ranks agree on each round) and logs rollout/trajectories and train/skipped instead
-    metrics.update({f"sampling/{k}": float(v) for k, v in sampler.stats().items()
-                    if k not in ("groups_requested", "steps_skipped")})
-    return metrics
+    return {**metrics, **sampling}
 
 
 def batch_metrics(batch) -> dict[str, float]:

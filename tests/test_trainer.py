@@ -289,6 +289,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     # twice the groups a step needs in the first round: the surplus is carried into the next steps
     code, log = _run(out, 3, "algorithm.embodied_sampling.oversample_factor=2", stop_after=2)
     assert code == -signal.SIGKILL, log[-3000:]
+    # step 1 rolled out 4 groups and trained on 2; step 2 trained on the other 2 without a rollout round
+    assert "rollout/rounds=1 " in log.split("[step 2]")[0] and "rollout/rounds=0 " in log.split("[step 2]", 1)[1]
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step_1", "global_step_2"]
     # tiny preset: 2 groups x 2 rollouts, mini-batches of 1 group -> 2 optimizer steps per training step
@@ -303,10 +305,10 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
     assert sorted(_logged(out / "tensorboard", "train/optimizer_steps")) == [1, 2, 3]
     # step 2 trained on step 1's surplus after giving it the current policy's log-probs; step 1's batch was all
-    # fresh. (The resumed run's groups carry the embeddings' entry, so it dropped the carried one, with a warning.)
+    # fresh, and so was step 3's (the surplus was used up at step 2)
     recomputed = _logged(out / "tensorboard", "train/recomputed_log_prob_steps")
-    assert recomputed[1] == 0 and recomputed[2] == 8, recomputed  # 2 groups x 2 rollouts x 16 steps / 8-step chunks
-    assert "dropping 1 carried groups" in log
+    assert recomputed == {1: 0, 2: 8, 3: 0}, recomputed  # 2 groups x 2 rollouts x 16 steps / 8-step chunks
+    assert _logged(out / "tensorboard", "rollout/rounds") == {1: 1, 2: 0, 3: 1}
     assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
 
 
@@ -384,6 +386,10 @@ def test_rollout_metrics_add_up_the_rounds_and_give_the_rows_a_policy_call():
         (2.0, 1.75, 0.25)
     assert metrics["rollout/policy_gpu_share"] == pytest.approx((1.5 + 0.6) / 3.0)
     assert metrics["sampling/groups_carried"] == 0.0
+    # a step that trains on carried groups runs no round: counts only, no rates over nothing
+    idle = rollout_metrics([], EmbodiedSampler(2), 0)
+    assert idle["rollout/rounds"] == 0.0 and idle["rollout/trajectories"] == 0.0
+    assert idle["sampling/groups_carried"] == 0.0 and not any(k.startswith("time/") for k in idle)
 
 
 def test_compile_blocks_compiles_the_reward_encoders_layers_too(tmp_path):
