@@ -3,7 +3,8 @@
 torchrl's ``TensorboardLogger.log_video`` needs moviepy and, with moviepy 2.x, still writes nothing: torch's
 ``tensorboard.summary.make_video`` imports ``moviepy.editor``, which 2.x removed, prints a line and returns. So videos
 are written as mp4 files (imageio + its ffmpeg) next to the logs, sent to wandb when enabled, and shown in
-TensorBoard as a strip of frames.
+TensorBoard as a strip of frames. On wandb each call of :meth:`MetricLogger.log` is one history row, and each
+metric's x-axis is its group's step (``train/step`` for ``train/...``), as torchrl's ``WandbLogger`` defines them.
 
 Example:
     >>> import tempfile, torch
@@ -99,12 +100,13 @@ class MetricLogger:
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Logs scalars; with ``console`` prints one compact line."""
-        if not self.enabled:
+        if not self.enabled or not metrics:
             return
-        for name, value in metrics.items():
-            for backend in self.backends:
-                backend.log_scalar(name, float(value), step=step)
-        if "console" in self.types and metrics:
+        values = {name: float(value) for name, value in metrics.items()}
+        for backend in self.backends:
+            # one call: wandb then writes one history row, each metric with its group's step ("train/step", ...)
+            backend.log_metrics(values, step=step)
+        if "console" in self.types:
             shown = " ".join(f"{k}={_console_number(float(v))}" for k, v in sorted(metrics.items()))
             print(f"[step {step}] {shown}", flush=True)
 
@@ -120,7 +122,9 @@ class MetricLogger:
             elif type(backend).__name__ == "WandbLogger":
                 import wandb
 
-                backend.experiment.log({name: wandb.Video(str(path), fps=fps, format="mp4")}, step=step)
+                # through torchrl's per-group step, as the scalars: wandb's own global step counts log calls, and
+                # a video logged at ``step=step`` behind it is dropped
+                backend.log_metrics({name: wandb.Video(str(path), format="mp4")}, step=step)  # the mp4 holds its fps
         return path
 
     def close(self) -> None:
