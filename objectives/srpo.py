@@ -247,6 +247,7 @@ class SRPOLoss(ClipPPOLoss):
         self._set_in_keys()
 
     def make_value_estimator(self, value_type=None, **hyperparams):
+        """Refused: the loss has no critic; the GRPO advantage comes from :class:`GroupAdvantage`."""
         raise NotImplementedError(
             "SRPOLoss has no critic and no value estimator: compute the advantage beforehand "
             "(srpo_rl.objectives.GroupAdvantage) and pass it under the 'advantage' key"

@@ -185,6 +185,7 @@ class VisionTower(nn.Module):
         return list(self.blocks[: self.cfg.depth - 1])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features ``[B, num_patches, embed_dim]`` of ``images`` ``[B, 3, H, W]`` (prefix tokens dropped)."""
         x = self.patch_embed(images) + self.pos_embed  # no_embed_class: patches only get positions
         prefix = []
         if self.cfg.class_token:
@@ -223,6 +224,7 @@ class FusedVisionBackbone(nn.Module):
         return self.featurizer.cfg.num_patches
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Both towers' patch features, concatenated per patch (shapes in the class docstring)."""
         b, c, h, w = pixel_values.shape
         if c % 6:
             raise ValueError(f"pixel_values must have 6 channels per image (DINOv2 + SigLIP), got {c}")
