@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from srpo_rl.distributed import DTYPES, init_distributed
+from srpo_rl.envs import LiberoVecEnv
 from srpo_rl.examples.utils_srpo import check_config, host_reserve_bytes, make_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,9 +216,14 @@ def test_script_fails_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists()  # no manifest, no model, no env was built
 
 
-def _run(out, steps, *overrides, stop_after=None):
-    """Runs the tiny recipe; with ``stop_after`` SIGKILLs the whole process group once that checkpoint exists."""
-    cmd = [sys.executable, str(SCRIPT), "--config-name", "tiny", f"output_dir={out}",
+def _run(out, steps, *overrides, stop_after=None, processes=1):
+    """Runs the tiny recipe (``processes`` > 1: through torchrun, gloo on the CPU); with ``stop_after`` SIGKILLs the
+    whole process group once that checkpoint exists."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        overrides += (f"trainer.n_gpus_per_node={processes}", "env.num_envs=1")  # one LIBERO worker a rank
+    cmd = [*launcher, str(SCRIPT), "--config-name", "tiny", f"output_dir={out}",
            f"trainer.total_training_steps={steps}", "trainer.test_freq=0", "env.max_steps=16", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
@@ -226,7 +232,7 @@ def _run(out, steps, *overrides, stop_after=None):
     for line in proc.stdout:
         lines.append(line)
         if stop_after and f"saved checkpoint {out}/checkpoints/global_step_{stop_after}" in line:
-            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its env workers, as a node failure would
+            os.killpg(proc.pid, signal.SIGKILL)  # the trainers and their env workers, as a node failure would
             break
     proc.wait(timeout=600)
     return proc.returncode, "".join(lines)
@@ -283,31 +289,96 @@ def test_a_run_that_fails_mid_way_flushes_its_logs_and_stops_its_env_workers(tmp
     assert set(multiprocessing.active_children()) <= before
 
 
+class _EvenRolloutsSucceed(LiberoVecEnv):
+    """LIBERO whose even rollout ids are moved into their goal before their second chunk (success at step 9)."""
+
+    def _move_due_slots(self, tensordict) -> None:
+        stepped = tensordict.get("_step", torch.ones(self.num_envs, dtype=torch.bool)).reshape(-1)
+        due = [s for s in stepped.nonzero().flatten().tolist()
+               if int(self._slots["rollout_id"][s]) % 2 == 0 and int(self._slots["step_count"][s]) == 8]
+        if due:
+            self.teleport_to_goal(due)
+
+    def _step(self, tensordict):
+        self._move_due_slots(tensordict)
+        return super()._step(tensordict)
+
+    def step_send(self, tensordict):
+        self._move_due_slots(tensordict)
+        return super().step_send(tensordict)
+
+
+def _published_weights(path: Path) -> dict[str, torch.Tensor]:
+    from srpo_rl.models.openvla_oft_files import iter_tensors, read_weight_map
+
+    return dict(iter_tensors(path, read_weight_map(path)))
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_where_it_stopped(tmp_path):
+def test_a_step_with_successes_trains_on_the_world_model_reward(tmp_path, monkeypatch):
+    # A random policy succeeds nowhere, so the main job's advantages are all 0. Here one rollout of each group
+    # succeeds (through the simulator state), so the whole chain runs on real values: the accuracy filter keeps
+    # the groups, V-JEPA scores the failures against the successes, and the update moves the weights.
+    from srpo_rl.examples import utils_srpo
+    from srpo_rl.examples.srpo_libero import run
+
+    monkeypatch.setattr(utils_srpo, "make_libero_env", lambda suite, num_envs, **kw: _EvenRolloutsSucceed(
+        suite, num_envs, **kw))
+    out = tmp_path / "run"
+    cfg = _compose([f"output_dir={out}", "trainer.total_training_steps=1", "trainer.test_freq=0", "env.max_steps=16",
+                    "algorithm.embodied_sampling.filter_accuracy=true"], name="tiny")
+    run(cfg, init_distributed("cpu"))
+
+    def logged(tag):
+        return _logged(out / "tensorboard", tag)[1]
+
+    assert logged("rollout/success_rate") == 0.5
+    # Each task's failures are scored 0.6 * sigmoid(10 * (0.5 - d_hat)) with d_hat min-max scaled over them: one
+    # failure gets sigmoid(0), two get sigmoid(5) and sigmoid(-5). Either way their mean is 0.6 / 2.
+    assert logged("train/failure_progress_mean") == pytest.approx(0.3)
+    assert logged("train/reward_mean") == pytest.approx((5.0 + 5.0 * 0.3) / 2)
+    # GRPO over a group of two different rewards: (r - mean) / unbiased std = +-(1/2) / (1/sqrt 2) = +-1/sqrt 2
+    assert logged("train/advantage_max") == pytest.approx(2**-0.5, abs=1e-5)
+    assert logged("train/advantage_min") == pytest.approx(-(2**-0.5), abs=1e-5)
+    # weight decay is 0: with all-zero advantages AdamW's step would be exactly 0
+    before, after = (_published_weights(path) for path in (out / "tiny_openvla_oft",
+                                                            out / "checkpoints" / "global_step_1" / "huggingface"))
+    assert before.keys() == after.keys()
+    moved = [name for name in before if not torch.equal(before[name], after[name])]
+    assert "language_model.lm_head.weight" in moved and len(moved) > len(before) // 2, moved
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_where_it_stopped(tmp_path):
+    # Two trainers through torchrun (gloo, FSDP2 over 2 ranks), as one node with two GPUs would run them
     out = tmp_path / "run"
     # twice the groups a step needs in the first round: the surplus is carried into the next steps
-    code, log = _run(out, 3, "algorithm.embodied_sampling.oversample_factor=2", stop_after=2)
+    code, log = _run(out, 3, "algorithm.embodied_sampling.oversample_factor=2", stop_after=2, processes=2)
     assert code == -signal.SIGKILL, log[-3000:]
-    # step 1 rolled out 4 groups and trained on 2; step 2 trained on the other 2 without a rollout round
+    # step 1 rolled out 4 groups (2 a rank) and trained on 2; step 2 trained on the other 2 with no rollout round on
+    # either rank
     assert "rollout/rounds=1 " in log.split("[step 2]")[0] and "rollout/rounds=0 " in log.split("[step 2]", 1)[1]
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step_1", "global_step_2"]
-    # tiny preset: 2 groups x 2 rollouts, mini-batches of 1 group -> 2 optimizer steps per training step
+    # tiny preset: 2 groups x 2 rollouts, mini-batches of 1 group (1 trajectory a rank) -> 2 optimizer steps a step
     assert _optimizer_steps(checkpoints / "global_step_2") == {4}
 
-    code, log = _run(out, 3, "embodied.embed_during_rollout=true")  # the reward's V-JEPA beside the rollout
+    code, log = _run(out, 3, "embodied.embed_during_rollout=true", processes=2)  # V-JEPA beside the rollout
     assert code == 0, log[-3000:]
     assert f"resumed from {checkpoints}/global_step_2 at step 2" in log
     assert "[step 3]" in log and "[step 1]" not in log and "[step 2]" not in log
-    state = torch.load(checkpoints / "global_step_3" / "trainer_rank0.pt", weights_only=False)
-    assert state["step"] == 3 and state["prompts"]["position"] > 0
+    positions = set()
+    for rank in (0, 1):  # each rank's prompt stream, sampler and step
+        state = torch.load(checkpoints / "global_step_3" / f"trainer_rank{rank}.pt", weights_only=False)
+        assert state["step"] == 3 and state["prompts"]["position"] > 0
+        positions.add(state["prompts"]["position"])
+    assert len(positions) == 1  # both ranks read the same prompts and take their own share of them
     assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
     assert sorted(_logged(out / "tensorboard", "train/optimizer_steps")) == [1, 2, 3]
     # step 2 trained on step 1's surplus after giving it the current policy's log-probs; step 1's batch was all
     # fresh, and so was step 3's (the surplus was used up at step 2)
     recomputed = _logged(out / "tensorboard", "train/recomputed_log_prob_steps")
-    assert recomputed == {1: 0, 2: 8, 3: 0}, recomputed  # 2 groups x 2 rollouts x 16 steps / 8-step chunks
+    assert recomputed == {1: 0, 2: 4, 3: 0}, recomputed  # rank 0's: 1 group x 2 rollouts x 16 steps / 8-step chunks
     assert _logged(out / "tensorboard", "rollout/rounds") == {1: 1, 2: 0, 3: 1}
     assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
 
@@ -319,11 +390,14 @@ def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_pa
     out = tmp_path / "run"
     offload = ["actor.fsdp.optimizer_offload=true", "actor.fsdp.mixed_precision=bf16", "actor.lr=0.01",
                "actor.weight_decay=0.5", f"actor.fsdp.optimizer_state_dtype={moments}"]
-    code, log = _run(out, 1, *offload)
-    assert code == 0, log[-3000:]
+    # the host state's resume once (bf16 moments, the state most unlike the weights); fp32 runs its 2 steps at once
+    # (tests/test_optim.py resumes HostAdamW's FSDP2 shards with fp32 moments)
+    if moments == "bf16":
+        code, log = _run(out, 1, *offload)
+        assert code == 0, log[-3000:]
     code, log = _run(out, 2, *offload)
     assert code == 0, log[-3000:]
-    assert f"resumed from {out}/checkpoints/global_step_1 at step 1" in log
+    assert (f"resumed from {out}/checkpoints/global_step_1 at step 1" in log) == (moments == "bf16")
     checkpoint = out / "checkpoints" / "global_step_2"
     weights = _load_dcp(checkpoint, "model")
     optim = _load_dcp(checkpoint, "optim")["state"]
