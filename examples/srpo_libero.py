@@ -102,18 +102,19 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     loss_module = make_loss(cfg, policy)
     optimizer = make_optimizer(cfg, policy)
 
-    # Logger, checkpoints, resume
-    logger = resources.enter_context(closing(make_logger(cfg)))
+    # Checkpoints, resume, logger (a resumed run goes on logging into its wandb run)
     checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep)
     prompts = PromptStream(train_rows, seed=cfg.seed)
     step, next_group = 0, 0
+    state = None
     if cfg.trainer.resume_mode == "auto":
         state = checkpoints.load_latest(model=policy.model, optimizer=optimizer)
-        if state is not None:
-            step, next_group = state["step"], state["next_group"]
-            prompts.load_state_dict(state["prompts"])
-            sampler.load_state_dict(state["sampler"])
-            print(f"resumed from {checkpoints.path(state['checkpoint_step'])} at step {step}", flush=True)
+    if state is not None:
+        step, next_group = state["step"], state["next_group"]
+        prompts.load_state_dict(state["prompts"])
+        sampler.load_state_dict(state["sampler"])
+        print(f"resumed from {checkpoints.path(state['checkpoint_step'])} at step {step}", flush=True)
+    logger = resources.enter_context(closing(make_logger(cfg, wandb_run_id=state and state.get("wandb_run_id"))))
     steps_per_epoch = len(train_rows) // cfg.data.train_batch_size
     total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * max(1, steps_per_epoch)
     mini_batch_trajectories = cfg.actor.ppo_mini_batch_size * cfg.rollout.n // info.world_size
@@ -202,7 +203,7 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
             t0 = time.perf_counter()
             path = checkpoints.save(step, model=policy.model, optimizer=optimizer, trainer_state={
                 "step": step, "next_group": next_group, "prompts": prompts.state_dict(),
-                "sampler": sampler.state_dict(),
+                "sampler": sampler.state_dict(), "wandb_run_id": logger.wandb_run_id,
             })
             policy.save_pretrained(path / "huggingface")
             logger.log({"time/checkpoint": time.perf_counter() - t0}, step)

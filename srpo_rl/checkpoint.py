@@ -5,7 +5,7 @@ Layout of ``<root>/global_step_<k>/``:
 - ``model/`` and ``optim/``: ``torch.distributed.checkpoint`` directories (sharded with FSDP2, one file set
   per rank; plain files when not distributed) -- every rank writes its own shards;
 - ``trainer_rank<r>.pt``: the ``trainer_state`` passed to :meth:`CheckpointManager.save` (the example's: step,
-  next group id, prompt cursor, sampler state with its refill cache) and the RNG streams of rank ``r``;
+  next group id, prompt cursor, sampler state with its refill cache, wandb run id) and the RNG streams of rank ``r``;
 - ``COMPLETE``: written last. A folder without it is ignored; an interrupted save's ``.tmp`` folder is removed
   by the next save.
 

@@ -58,6 +58,8 @@ class MetricLogger:
         project_name: wandb's project.
         config: the run's configuration, stored with the wandb run.
         wandb_offline: write the wandb run locally, to sync later.
+        wandb_run_id: an earlier run's :attr:`wandb_run_id`: wandb continues that run (a resumed training's
+            figures stay in one run) instead of starting another.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class MetricLogger:
         project_name: str = "srpo_rl",
         config: Mapping | None = None,
         wandb_offline: bool = False,
+        wandb_run_id: str | None = None,
     ) -> None:
         self.types = list(logger_types)
         unknown = [t for t in self.types if t not in LOGGER_TYPES]
@@ -94,9 +97,18 @@ class MetricLogger:
                     project=project_name,
                     save_dir=str(self.log_dir),
                     offline=wandb_offline,
+                    id=wandb_run_id,  # torchrl asks wandb.init for resume="allow": a new id starts a new run
                     config=dict(config) if config else None,
                 )
             )
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The wandb run's id (``None`` without wandb, and on ranks other than 0), to resume it later."""
+        for backend in self.backends:
+            if type(backend).__name__ == "WandbLogger":
+                return backend.experiment.id
+        return None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Logs scalars; with ``console`` prints one compact line."""
