@@ -119,7 +119,7 @@ class MetricLogger:
             # one call: wandb then writes one history row, each metric with its group's step ("train/step", ...)
             backend.log_metrics(values, step=step)
         if "console" in self.types:
-            shown = " ".join(f"{k}={_console_number(float(v))}" for k, v in sorted(metrics.items()))
+            shown = " ".join(f"{k}={_console_number(v)}" for k, v in sorted(values.items()))
             print(f"[step {step}] {shown}", flush=True)
 
     def log_video(self, name: str, frames: torch.Tensor, step: int, fps: int = 20) -> Path | None:
