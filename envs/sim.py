@@ -174,14 +174,17 @@ class LiberoSim:
     # -- building ---------------------------------------------------------------------------------
     @property
     def suite(self) -> str:
+        """The suite's name (``libero_object``, ...)."""
         return self.info.name
 
     @property
     def instruction(self) -> str:
+        """The current task's language instruction, as the policy reads it."""
         return self.info.instructions[self.task_id]
 
     @property
     def num_init_states(self) -> int:
+        """Init states the benchmark ships for the current task (50 for every LIBERO task)."""
         return len(self.init_states)
 
     @property

@@ -200,6 +200,7 @@ class SuiteInfo:
 
     @property
     def num_tasks(self) -> int:
+        """Tasks of the suite (10, or 90 for libero_90)."""
         return len(self.task_names)
 
     def check_task(self, task_id: int) -> int:

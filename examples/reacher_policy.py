@@ -68,6 +68,7 @@ class ReacherTasks(gymnasium.Wrapper):
     """``reset(seed, options={"task_id": k})`` moves the target to task ``k``'s place plus a seeded jitter."""
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Resets the arm and puts the target at ``options["task_id"]``'s place (default 0) plus a seeded jitter."""
         options = dict(options or {})
         task_id = options.pop("task_id", 0)
         if not 0 <= task_id < len(TASK_TARGETS):

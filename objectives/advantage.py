@@ -205,11 +205,13 @@ class GroupAdvantage(TensorDictModuleBase):
 
     @property
     def in_keys(self) -> list[NestedKey]:
+        """The keys read: reward, group id, step mask and chunk steps (renamed by :meth:`set_keys`)."""
         keys = self.tensor_keys
         return [keys.reward, keys.group_id, keys.step_mask, keys.chunk_steps]
 
     @property
     def out_keys(self) -> list[NestedKey]:
+        """The keys written: the trajectory advantage, the same on each of its valid steps, and the token mask."""
         keys = self.tensor_keys
         return [keys.advantage, keys.step_advantage, keys.token_mask]
 

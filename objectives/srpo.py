@@ -227,6 +227,7 @@ class SRPOLoss(ClipPPOLoss):
 
     @property
     def out_keys(self):
+        """The loss terms and diagnostics :meth:`forward` returns (the entropy term only with ``entropy_bonus``)."""
         if self._out_keys is None:
             keys = ["loss_objective"]
             if self.entropy_bonus:

@@ -49,6 +49,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that logs, prints and writes the shared files."""
         return self.rank == 0
 
 

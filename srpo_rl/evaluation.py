@@ -51,10 +51,12 @@ class EvalResult:
 
     @property
     def task_success(self) -> dict[tuple[str, int], float]:
+        """Success rate of each ``(suite, task_id)`` over its trials."""
         return {key: self.successes[key] / self.trials[key] for key in self.trials}
 
     @property
     def suite_success(self) -> dict[str, float]:
+        """Success rate of each suite over all its trials (tasks weighted by their trial counts)."""
         suites = sorted({suite for suite, _ in self.trials})
         return {
             s: sum(v for (su, _), v in self.successes.items() if su == s)

@@ -477,6 +477,7 @@ class SRPOProgressReward(Transform):
         return self.forward(tensordict)
 
     def extra_repr(self) -> str:
+        """The reward's settings, shown in the module's repr."""
         mode = "binary" if self.binary else f"video_key_by={self.video_key_by!r}, formula={self.formula!r}"
         return f"reward_coef={self.reward_coef}, {mode}"
 

@@ -156,6 +156,7 @@ class RolloutStats:
 
     @property
     def env_steps_per_second(self) -> float:
+        """Environment steps over the wall time of the rollout."""
         return self.env_steps / max(self.wall_time, 1e-9)
 
     def as_dict(self) -> dict[str, float]:

@@ -104,6 +104,7 @@ class OpenVLAOFTConfig:
 
     @property
     def vocab_size(self) -> int:
+        """Rows of the LM head and token embedding, padding included (32064 for the published 7B)."""
         return int(self.text_config.get("vocab_size", LLAMA2_TEXT_DEFAULTS["vocab_size"]))
 
     @property
@@ -113,6 +114,7 @@ class OpenVLAOFTConfig:
 
     @property
     def num_action_tokens(self) -> int:
+        """Tokens one forward predicts: a chunk of ``num_actions_chunk`` actions x ``action_dim`` (8 x 7 = 56)."""
         return self.num_actions_chunk * self.action_dim
 
     @classmethod

@@ -55,6 +55,7 @@ class VisionTowerConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens of one image (256 for 224 px and 14-px patches)."""
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -178,6 +179,7 @@ class VisionTower(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
+        """Class and register tokens ahead of the patches, dropped from the output."""
         return int(self.cfg.class_token) + self.cfg.num_registers
 
     def used_blocks(self) -> list[nn.Module]:
@@ -217,10 +219,12 @@ class FusedVisionBackbone(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Width of a fused patch feature: DINOv2's plus SigLIP's (1024 + 1152 for the 7B)."""
         return self.featurizer.cfg.embed_dim + self.fused_featurizer.cfg.embed_dim
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens of one image (both towers give the same grid)."""
         return self.featurizer.cfg.num_patches
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
