@@ -278,8 +278,9 @@ class LiberoSim:
         image = obs[f"{_AGENTVIEW}_image"] if self.num_steps_wait else self._cameras[_AGENTVIEW].render()
         if self.wrist_image and not self.num_steps_wait:
             obs = dict(obs, **{f"{_WRIST}_image": self._cameras[_WRIST].render()})
-        # the first reward frame, as rendered (the policy's ``image`` may be JPEG-decoded)
-        result = ChunkResult(0, bool(self.env.check_success()), False, image[None], np.ones(1, bool),
+        # the first reward frame, as rendered (the policy's ``image`` may be JPEG-decoded); success is read after
+        # steps only, as the reference rollout does: an episode that starts solved ends at its first step
+        result = ChunkResult(0, False, False, image[None], np.ones(1, bool),
                              np.zeros(1, np.int64), obs)
         return self._observation(result, image)
 

@@ -320,7 +320,8 @@ def host_reserve_bytes(cfg: DictConfig, image_size: int) -> int:
     and two copies of one training batch's policy images (uint8 ``image_size``², every trajectory padded to
     ``env.max_steps``): at the end of a round its trajectories are alive twice, as recorded and stacked, then
     stacked and in the sampler's copy of the groups it keeps (the update copies one mini-batch at a time)."""
-    chunks = math.ceil(cfg.env.max_steps / cfg.embodied.action_chunks_len)
+    max_steps = resolve_max_steps(cfg.env.max_steps, cfg.env.env_name)
+    chunks = math.ceil(max_steps / cfg.embodied.action_chunks_len)
     images = cfg.data.train_batch_size * cfg.rollout.n * chunks * 3 * image_size**2 * cfg.embodied.num_images_in_input
     return cfg.env.num_envs * ENV_PROCESS_GROWTH_BYTES + 2 * images
 

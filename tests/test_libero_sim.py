@@ -198,6 +198,25 @@ def test_success_inside_chunk(sim, stride):
         sim.step_chunk(np.zeros((8, 7), np.float32))
 
 
+def test_an_episode_that_starts_solved_ends_at_its_first_step(sim):
+    """Success is read after steps only (as the reference rollout reads ``done``): a reset from a solved state
+    reports a running episode, so a batched rollout steps it, and its first step ends it."""
+    sim.reset(init_state_id=4)
+    sim.teleport_to_goal()
+    assert sim.step_chunk(np.zeros((8, 7), np.float32))["success"]  # the goal holds within a chunk
+    solved = sim.env.get_sim_state().copy()
+    original = sim.init_states[4].copy()
+    sim.init_states[4] = solved
+    try:
+        out = sim.reset(init_state_id=4)
+        assert sim.check_success()  # the scene is solved after the settle steps ...
+        assert not out["success"] and not out["done"]  # ... yet the episode runs until a step is taken
+        out = sim.step_chunk(np.zeros((8, 7), np.float32))
+        assert out["success"] and out["done"] and out["chunk_steps"] == 1 and out["step_count"] == 1
+    finally:
+        sim.init_states[4] = original
+
+
 def test_episode_ends_at_max_steps(sim):
     sim.max_steps = 12
     try:

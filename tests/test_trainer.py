@@ -203,6 +203,9 @@ def test_host_reserve_counts_env_growth_and_two_copies_of_a_batch_of_policy_imag
     assert host_reserve_bytes(_compose(VALID_7B), 224) == 16 * 2**29 + 2 * 64 * 8 * (512 // 8) * 224 * 224 * 3
     two_images = _compose(VALID_7B + ["env.num_envs=4", "env.max_steps=100", "embodied.num_images_in_input=2"])
     assert host_reserve_bytes(two_images, 224) == 4 * 2**29 + 2 * 64 * 8 * 13 * 2 * 224 * 224 * 3  # 13 chunks
+    # the per-suite horizon: libero_goal's 300 steps, 38 chunks
+    per_suite = _compose(VALID_7B + ["env=libero_goal", "env.max_steps=suite"])
+    assert host_reserve_bytes(per_suite, 224) == 16 * 2**29 + 2 * 64 * 8 * 38 * 224 * 224 * 3
 
 
 def test_script_fails_before_any_work(tmp_path):
