@@ -192,7 +192,7 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
                         **memory_metrics(info.device)}, step)
 
         # Validation and checkpoints
-        if cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0:
+        if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):  # as siiRL
             t0 = time.perf_counter()
             with merged_adapters(policy.model):
                 result = evaluate(env, policy, val_rows, rank=info.rank, world_size=info.world_size,

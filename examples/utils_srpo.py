@@ -20,6 +20,7 @@ from srpo_rl.objectives import AGGREGATIONS, EmbodiedSampler, GroupAdvantage, SR
 from srpo_rl.optim import HostAdamW, check_gpu_update_fits
 from srpo_rl.jpeg import JPEG_QUALITY
 from srpo_rl.lora import add_lora
+from srpo_rl.models.openvla_oft import OpenVLAOFTConfig
 from srpo_rl.policy import OpenVLAOFTPolicy
 from srpo_rl.rewards import FORMULAS, VIDEO_KEY_BY
 
@@ -45,8 +46,49 @@ _CHOICES = {
 }
 
 
+# options that take true / false only (YAML's words): Hydra reads any other word as a string, which would pass as true
+_BOOLEANS = (
+    "algorithm.norm_adv_by_std_in_grpo", "algorithm.embodied_sampling.filter_accuracy",
+    "algorithm.embodied_sampling.filter_truncated", "actor.shuffle", "actor.enable_gradient_checkpointing",
+    "actor.fsdp.param_offload", "actor.fsdp.grad_offload", "actor.fsdp.optimizer_offload", "rollout.do_sample",
+    "rollout.jpeg_in_workers", "embodied.embedding_enable_fp16", "embodied.embedding_model_offload",
+    "embodied.center_crop", "embodied.embed_during_rollout", "trainer.val_before_train", "env.legacy_look",
+    "model.compile_blocks",
+)
+# integer options and the least value each may take
+_AT_LEAST = {
+    "data.train_batch_size": 1, "actor.ppo_mini_batch_size": 1, "rollout.n": 1, "actor.ppo_micro_batch_size": 1,
+    "actor.traj_mini_batch_size": 1, "actor.ppo_epochs": 1, "env.num_envs": 1, "env.num_steps_wait": 0,
+    "algorithm.embodied_sampling.max_rollout_rounds": 1, "trainer.total_epochs": 1, "trainer.num_val_videos": 0,
+    "embodied.embedding_num_frames": 1, "embodied.num_images_in_input": 1, "actor.lora_rank": 0,
+}
+# numeric options that must be > 0 (and >= 0 for the second group)
+_POSITIVE = ("actor.lr", "actor.grad_clip", "algorithm.reward_coef", "rollout.temperature",
+             "algorithm.embodied_sampling.oversample_factor", "actor.lora_alpha")
+_NON_NEGATIVE = ("actor.weight_decay", "actor.entropy_coeff")
+
+
 def _fail(message: str) -> None:
     raise ValueError(f"config error: {message}")
+
+
+def _check_types_and_ranges(cfg: DictConfig) -> None:
+    for name in _BOOLEANS:
+        value = OmegaConf.select(cfg, name)
+        if not isinstance(value, bool):
+            _fail(f"{name} must be true or false, got {value!r}")
+    for name, least in _AT_LEAST.items():
+        value = OmegaConf.select(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            _fail(f"{name} must be an int >= {least}, got {value!r}")
+    for name in _POSITIVE + _NON_NEGATIVE:
+        value = OmegaConf.select(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                value <= 0 if name in _POSITIVE else value < 0):
+            _fail(f"{name} must be a number {'> 0' if name in _POSITIVE else '>= 0'}, got {value!r}")
+    steps = cfg.trainer.total_training_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        _fail(f"trainer.total_training_steps must be null (trainer.total_epochs decides) or an int >= 1, got {steps!r}")
 
 
 def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
@@ -64,6 +106,7 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
             _fail(f"model.{key} is required for model={cfg.model.name}; pass model.{key}=<path>")
         if cfg.model.name != "tiny" and not Path(value).exists():
             _fail(f"model.{key}={value!r} does not exist")
+    _check_types_and_ranges(cfg)
     for name, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, name)
         if value not in choices:  # written as in YAML: true / false
@@ -73,6 +116,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         resolve_max_steps(cfg.env.max_steps, cfg.env.env_name)
     except ValueError as error:  # the env's own check, named as the config's option
         raise ValueError(f"config error: env.{error}") from None
+    model_chunk = (OpenVLAOFTConfig.num_actions_chunk, OpenVLAOFTConfig.action_dim)
+    if (cfg.embodied.action_chunks_len, cfg.embodied.action_token_len) != model_chunk:
+        _fail(f"embodied.action_chunks_len x action_token_len = {cfg.embodied.action_chunks_len} x "
+              f"{cfg.embodied.action_token_len}, but OpenVLA-OFT's LIBERO head decodes chunks of {model_chunk[0]} "
+              f"actions x {model_chunk[1]} dims: set {model_chunk[0]} and {model_chunk[1]}")
     stride = cfg.embodied.frame_stride
     if stride is not None and (not isinstance(stride, int) or stride < 1):
         _fail(f"embodied.frame_stride must be null (one frame per chunk) or an int >= 1, got {stride!r}")
@@ -86,14 +134,7 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"accuracy bounds must lie in [0, 1], got lower={low}, upper={high}")
     if low > high:
         _fail(f"accuracy_lower_bound {low} > accuracy_upper_bound {high}")
-    if sampling.oversample_factor <= 0 or sampling.max_rollout_rounds < 1:
-        _fail(f"oversample_factor must be > 0 and max_rollout_rounds >= 1, got {sampling.oversample_factor}, "
-              f"{sampling.max_rollout_rounds}")
-    if cfg.env.num_envs < 1:
-        _fail(f"env.num_envs must be >= 1, got {cfg.env.num_envs}")
     train_bs, mini, n = cfg.data.train_batch_size, cfg.actor.ppo_mini_batch_size, cfg.rollout.n
-    if train_bs < 1 or mini < 1 or n < 1:
-        _fail(f"train_batch_size, ppo_mini_batch_size and rollout.n must be >= 1, got {train_bs}, {mini}, {n}")
     if train_bs % world_size:
         _fail(f"data.train_batch_size={train_bs} groups do not divide over {world_size} processes")
     if train_bs % mini:
@@ -107,14 +148,10 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _fail(f"env.num_envs={cfg.env.num_envs} slots cannot all be used: a rollout round of this process has only "
               f"{rollouts_per_round} rollouts (train_batch_size / processes x oversample_factor, rounded up, x "
               "rollout.n); lower env.num_envs")
-    if not isinstance(cfg.embodied.embed_during_rollout, bool):
-        _fail(f"embodied.embed_during_rollout must be true or false, got {cfg.embodied.embed_during_rollout!r}")
     if cfg.embodied.embed_during_rollout and (cfg.algorithm.reward, cfg.algorithm.video_key_by) != ("srpo", "rollout"):
         _fail("embodied.embed_during_rollout embeds each rollout's own video for the srpo reward: it needs "
               f"algorithm.reward=srpo and algorithm.video_key_by=rollout, got {cfg.algorithm.reward} and "
               f"{cfg.algorithm.video_key_by}")
-    if cfg.rollout.temperature <= 0:
-        _fail(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     if cfg.actor.fsdp.mixed_precision not in DTYPES:
         _fail(f"unknown actor.fsdp.mixed_precision {cfg.actor.fsdp.mixed_precision!r}; choose one of "
               f"{', '.join(DTYPES)}")
@@ -124,9 +161,6 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     if cfg.actor.fsdp.optimizer_state_dtype != "fp32" and not host_optimizer(cfg):
         _fail(f"actor.fsdp.optimizer_state_dtype={cfg.actor.fsdp.optimizer_state_dtype} applies to the host optimizer "
               f"only: set actor.fsdp.optimizer_offload=true (without param_offload / grad_offload)")
-    if cfg.actor.lora_rank < 0 or cfg.actor.lora_alpha <= 0:
-        _fail(f"actor.lora_rank must be >= 0 (0: no LoRA) and actor.lora_alpha > 0, got {cfg.actor.lora_rank}, "
-              f"{cfg.actor.lora_alpha}")
     if cfg.actor.lora_rank and host_optimizer(cfg):
         _fail("actor.lora_rank trains fp32 adapters with AdamW on the GPU (108 M parameters for the 7B at rank 32): "
               "actor.fsdp.optimizer_offload (the host optimizer for the full model) does not apply; set it false")
@@ -260,7 +294,7 @@ def make_reward(cfg: DictConfig, info: DistInfo):
     encoder = load_vjepa2(cfg.model.vjepa_path, img_size=emb.embedding_img_size, num_frames=emb.embedding_num_frames)
     embedder = VideoEmbedder(encoder, img_size=emb.embedding_img_size, num_frames=emb.embedding_num_frames,
                              enable_fp16=emb.embedding_enable_fp16 and info.device.type == "cuda",
-                             offload=emb.embedding_model_offload, center_crop=emb.center_crop, device=info.device)
+                             offload=emb.embedding_model_offload, device=info.device)
     if cfg.model.compile_blocks:
         embedder.compile_layers()
     return SRPOProgressReward(embedder, reward_coef=alg.reward_coef, formula=alg.progress_formula,
@@ -282,7 +316,8 @@ def make_background_embedder(cfg: DictConfig, reward_module, sampler: EmbodiedSa
 def make_advantage(cfg: DictConfig) -> GroupAdvantage:
     """GRPO group advantages (``algorithm.*``)."""
     alg = cfg.algorithm
-    return GroupAdvantage(norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam)
+    return GroupAdvantage(norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma, lam=alg.lam,
+                          chunk_len=cfg.embodied.action_chunks_len, action_dim=cfg.embodied.action_token_len)
 
 
 def make_sampler(cfg: DictConfig, info: DistInfo) -> EmbodiedSampler:

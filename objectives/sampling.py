@@ -12,8 +12,12 @@ and before the reward is computed, the reference therefore
   rounds if needed, trains on the first ``train_batch_size`` and carries the surplus to the next
   step (the semantics of siiRL's ``feature/srpo-embodied`` branch).
 
-``oversample_factor`` (declared but unused in siiRL, used as in SimpleVLA-RL) asks each round for
-``ceil(oversample_factor * missing)`` groups, ``missing`` being the groups still needed.
+Each rollout round is a whole batch, as in the reference (siiRL rolls out the next dataloader batch of
+``train_batch_size`` prompts; SimpleVLA-RL's batch is ``train_batch_size * oversample_factor``):
+``ceil(oversample_factor * train_batch_size)`` groups, ``oversample_factor`` being declared but unused in
+siiRL and used as in SimpleVLA-RL. Asking only for the groups still missing would shrink the rounds
+geometrically: at a keep rate k the reference needs about 1/k rounds, the shrinking requests many more,
+each a round of few rollouts that leaves most env slots idle.
 Everything here is deterministic: groups are served first in, first out, with no random choice.
 """
 
@@ -165,8 +169,8 @@ class EmbodiedSampler:
             ``num_steps >= max_steps`` counts as truncated even if its last step succeeded (the
             reference's rule). ``None`` (default): the ``truncated`` flag alone.
         drop_failed (bool): drop a group if any rollout's env worker crashed. Default ``True``.
-        oversample_factor (float): each round requests ``ceil(factor * missing)`` groups.
-            Default ``1.0``.
+        oversample_factor (float): each round requests ``ceil(factor * train_batch_size)`` groups
+            (none once ``train_batch_size`` are cached). Default ``1.0``.
         max_rounds (int): rollout rounds :meth:`sample` may run for one step before giving up.
             Default ``8`` (the example's ``max_rollout_rounds``).
         allow_partial (bool): when ``max_rounds`` is reached, train on the groups there are
@@ -272,10 +276,12 @@ class EmbodiedSampler:
         return {**self._stats, "groups_carried": self.num_groups}
 
     def groups_to_request(self) -> int:
-        """Groups the next rollout round should produce: ``ceil(oversample_factor * missing)``."""
-        missing = max(self.train_batch_size - self.num_groups, 0)
+        """Groups the next rollout round should produce: a whole batch, ``ceil(oversample_factor *
+        train_batch_size)``, until ``train_batch_size`` groups are cached (then 0)."""
+        if self.ready:
+            return 0
         # round() first so 1.1 * 10 asks for 11 groups, not 12
-        return math.ceil(round(self.oversample_factor * missing, 9))
+        return math.ceil(round(self.oversample_factor * self.train_batch_size, 9))
 
     def keeps(self, group: TensorDictBase) -> bool:
         """Whether the trajectories of one whole group (batch ``[n]``) pass this sampler's filters.

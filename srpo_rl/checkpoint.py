@@ -41,6 +41,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .lora import check_adapters_apart
+
 __all__ = ["CheckpointManager", "get_rng_state", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -112,6 +114,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
+        check_adapters_apart(model)
         model_state, optim_state = get_state_dict(model, optimizer)
         with _single_process_allowed():
             dcp.save(model_state, checkpoint_id=tmp / "model")

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["add_lora", "adapters_active", "lora_parameters", "lora_targets", "merge_lora_state", "merged_adapters"]
+__all__ = ["add_lora", "adapters_active", "check_adapters_apart", "lora_parameters", "lora_targets", "merge_lora_state",
+           "merged_adapters"]
 
 _SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 
@@ -191,6 +192,14 @@ def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
 def adapters_active(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer that computes its adapter beside its weight (not merged into it)."""
     return "lora_A" in module._parameters and module.__dict__.get("forward") is not None
+
+
+def check_adapters_apart(model: nn.Module) -> None:
+    """Raises ``RuntimeError`` inside a :func:`merged_adapters` block: there each adapted weight already holds
+    ``W + scaling * B @ A`` beside its adapters, so a state dict saved then would count the adapters twice."""
+    if any("lora_A" in m._parameters and not adapters_active(m) for m in model.modules()):
+        raise RuntimeError("the model's adapters are merged into its weights (inside merged_adapters): save it, or "
+                           "take its state dict, after the block")
 
 
 @contextlib.contextmanager

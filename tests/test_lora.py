@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from srpo_rl.checkpoint import CheckpointManager
 from srpo_rl.lora import add_lora, adapters_active, lora_parameters, merge_lora_state, merged_adapters
 from srpo_rl.models.openvla_oft import OpenVLAOFT, write_tiny_checkpoint
 
@@ -269,8 +270,9 @@ def _base_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
 
 
-def test_inference_inside_merged_adapters_is_the_plain_model_on_the_merged_weights(ckpt):
+def test_inference_inside_merged_adapters_is_the_plain_model_on_the_merged_weights(ckpt, tmp_path):
     model, adapters = _adapted(ckpt, seed=4)
+    optimizer = torch.optim.AdamW(adapters)
     plain = OpenVLAOFT.from_pretrained(ckpt, dtype=torch.float32)
     plain.load_state_dict(merge_lora_state(model.state_dict()))
     ids, mask, pixels = _inputs(4)
@@ -282,6 +284,11 @@ def test_inference_inside_merged_adapters_is_the_plain_model_on_the_merged_weigh
             merged = model(ids, mask, pixels)
             for name, weight in plain.state_dict().items():  # W + alpha / rank * B @ A, in place
                 assert torch.equal(model.state_dict()[name], weight), name
+            # saved now, the merged weights and their adapters would count the adapters twice
+            with pytest.raises(RuntimeError, match="adapters are merged into its weights"):
+                model.save_pretrained(tmp_path / "inside")
+            with pytest.raises(RuntimeError, match="adapters are merged into its weights"):
+                CheckpointManager(tmp_path / "checkpoints").save(1, model=model, optimizer=optimizer, trainer_state={})
         after = model(ids, mask, pixels)
     torch.testing.assert_close(merged, plain(ids, mask, pixels), atol=0, rtol=0)  # the same ops on the same weights
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
@@ -290,6 +297,9 @@ def test_inference_inside_merged_adapters_is_the_plain_model_on_the_merged_weigh
     assert sum(adapters_active(m) for m in model.modules()) == len(adapters) // 2
     model(ids, mask, pixels).logsumexp(-1).sum().backward()
     assert all(a.grad.abs().sum() > 0 for a in adapters)  # they train again
+    model.save_pretrained(tmp_path / "after", dtype=torch.float32)  # after the block: W + scaling * B @ A
+    reloaded = OpenVLAOFT.from_pretrained(tmp_path / "after", dtype=torch.float32)
+    assert all(torch.equal(reloaded.state_dict()[n], w) for n, w in plain.state_dict().items())
 
 
 def test_bf16_rollout_log_probs_from_merged_weights_differ_from_the_adapters_far_less_than_bf16_does(ckpt):

@@ -170,18 +170,18 @@ def test_keeps_judges_one_group_as_add_does():
 
 # ---- oversampling and refill -------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "factor,cached,expected", [(1.0, 0, 10), (1.5, 3, 11), (1.1, 0, 11), (2.0, 10, 0), (0.5, 7, 2)]
+    "factor,cached,expected", [(1.0, 0, 10), (1.5, 3, 15), (1.1, 0, 11), (2.0, 10, 0), (0.5, 7, 5), (1.0, 9, 10)]
 )
-def test_groups_to_request(factor, cached, expected):
+def test_groups_to_request_is_a_whole_batch_until_the_batch_is_cached(factor, cached, expected):
     sampler = EmbodiedSampler(10, oversample_factor=factor, filter_accuracy=False)
     sampler.add(make_batch([[True] * N] * cached))
     assert sampler.num_groups == cached
     assert sampler.groups_to_request() == expected
-    assert expected == math.ceil(round(factor * max(10 - cached, 0), 9))
+    assert expected == (0 if cached >= 10 else math.ceil(round(factor * 10, 9)))
 
 
 def test_refill_across_rounds_and_carry_surplus():
-    source = Rollouts(seed=1)  # 5 rounds, the last one leaves a surplus
+    source = Rollouts(seed=0)  # 2 rounds, the last one leaves a surplus
     sampler = EmbodiedSampler(6, oversample_factor=1.5)
     result = sampler.sample(source)
     assert result.batch is not None and result.reason == "full"
@@ -190,11 +190,12 @@ def test_refill_across_rounds_and_carry_surplus():
     rates = group_rate(result.batch)
     assert len(rates) == 6 and all(0.1 <= r <= 0.9 for r in rates.values())
     assert result.batch["group_id"].unique_consecutive().numel() == 6
-    # each round asked for ceil(1.5 * missing) groups: replay the rounds and count by hand
-    replay, kept = Rollouts(seed=1), 0
+    # each round asked for a whole batch, ceil(1.5 * 6) = 9 groups, until 6 had passed: replay the rounds by hand
+    replay, kept = Rollouts(seed=0), 0
     for request in source.requests:
-        assert request == math.ceil(1.5 * (6 - kept))
+        assert kept < 6 and request == 9
         kept += len(filter_groups(replay(request))[0])
+    assert kept >= 6 and kept - 6 == sampler.num_groups
     assert result.rounds == len(source.requests) >= 2
     assert result.stats["groups_requested"] == sum(source.requests)
     assert result.stats["groups_seen"] == sum(source.requests)
@@ -209,7 +210,7 @@ def test_refill_across_rounds_and_carry_surplus():
     requests_before = len(source.requests)
     second = sampler.sample(source)
     assert second.batch["group_id"][0].item() == carried_first
-    assert source.requests[requests_before] == math.ceil(1.5 * (6 - result.stats["groups_carried"]))
+    assert source.requests[requests_before] == 9  # the carried groups do not fill the batch: a whole batch again
 
 
 def test_a_loop_owned_by_the_trainer_matches_sample():
@@ -309,7 +310,7 @@ def test_deterministic_given_the_seed():
 
 def test_state_dict_round_trip(tmp_path):
     sampler = EmbodiedSampler(6, oversample_factor=1.5)
-    source = Rollouts(seed=1)  # leaves a group carried
+    source = Rollouts(seed=0)  # leaves groups carried
     sampler.sample(source)
     assert sampler.num_groups > 0
     path = tmp_path / "sampler.pt"

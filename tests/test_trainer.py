@@ -72,14 +72,27 @@ def test_the_default_config_is_the_recipe(suite):
         (["algorithm.embodied_sampling.accuracy_lower_bound=0.95"], "accuracy_lower_bound 0.95 > accuracy_upper_bound 0.9"),
         (["algorithm.embodied_sampling.accuracy_upper_bound=1.5"], r"accuracy bounds must lie in \[0, 1\]"),
         (["data.train_batch_size=10"], "train_batch_size=10 is not a multiple of actor.ppo_mini_batch_size=4"),
-        (["env.num_envs=0"], "env.num_envs must be >= 1, got 0"),
+        (["env.num_envs=0"], "env.num_envs must be an int >= 1, got 0"),
+        (["actor.grad_clip=-1"], "actor.grad_clip must be a number > 0, got -1"),
+        (["actor.ppo_epochs=0"], "actor.ppo_epochs must be an int >= 1, got 0"),
+        (["actor.ppo_micro_batch_size=0"], "actor.ppo_micro_batch_size must be an int >= 1, got 0"),
+        (["actor.traj_mini_batch_size=2.5"], "actor.traj_mini_batch_size must be an int >= 1, got 2.5"),
+        (["data.train_batch_size=-4"], "data.train_batch_size must be an int >= 1, got -4"),
+        (["algorithm.reward_coef=-5"], "algorithm.reward_coef must be a number > 0, got -5"),
+        (["actor.weight_decay=-0.1"], "actor.weight_decay must be a number >= 0, got -0.1"),
+        (["algorithm.embodied_sampling.filter_accuracy=maybe"],
+         "algorithm.embodied_sampling.filter_accuracy must be true or false, got 'maybe'"),
+        (["rollout.do_sample=1"], "rollout.do_sample must be true or false, got 1"),
+        (["embodied.action_chunks_len=4"], "action_chunks_len x action_token_len = 4 x 7, but OpenVLA-OFT's LIBERO head "
+         "decodes chunks of 8 actions x 7 dims"),
+        (["trainer.total_training_steps=0"], "trainer.total_training_steps must be null .* or an int >= 1, got 0"),
         (["env.num_envs=1000"], "env.num_envs=1000 slots cannot all be used"),
-        (["rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["rollout.temperature=0"], "rollout.temperature must be a number > 0, got 0"),
         (["embodied.embed_during_rollout=sometimes"], "embodied.embed_during_rollout must be true or false, got 'sometimes'"),
         (["actor.fsdp.mixed_precision=int8"], "unknown actor.fsdp.mixed_precision 'int8'; choose one of bf16, fp16, fp32"),
         (["actor.fsdp.optimizer_state_dtype=fp8"], "unknown actor.fsdp.optimizer_state_dtype 'fp8'; choose one of fp32, bf16"),
         (["actor.fsdp.optimizer_state_dtype=bf16"], "optimizer_state_dtype=bf16 applies to the host optimizer only"),
-        (["actor.lora_rank=-1"], "actor.lora_rank must be >= 0"),
+        (["actor.lora_rank=-1"], "actor.lora_rank must be an int >= 0, got -1"),
         (["actor.lora_rank=32", "actor.fsdp.optimizer_offload=true"], "optimizer_offload .* does not apply"),
         (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
@@ -136,6 +149,7 @@ def test_the_builders_carry_every_value_of_the_config(tmp_path):
     assert make_advantage(cfg).norm_adv_by_std_in_grpo is False
     reward = make_reward(cfg, info)
     assert (reward.reward_coef, reward.formula, reward.video_key_by, reward.binary) == (4.0, "paper", "group", False)
+    assert reward.embedder.center_crop  # the policy's crop only: V-JEPA's input is always center-cropped (siiRL)
     sampler = make_sampler(cfg, info)
     assert (sampler.accuracy_lower_bound, sampler.accuracy_upper_bound, sampler.filter_truncated, sampler.max_steps,
             sampler.oversample_factor, sampler.max_rounds) == (0.2, 0.8, True, 40, 1.5, 3)

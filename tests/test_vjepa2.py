@@ -9,6 +9,7 @@ from srpo_rl.models.vjepa2 import (
     VideoEmbedder,
     load_vjepa2,
     sample_frame_indices,
+    vjepa2_config_from_state_dict,
     write_tiny_vjepa2_checkpoint,
 )
 
@@ -120,6 +121,17 @@ def test_sample_frame_indices():
     assert sample_frame_indices(100, 4).tolist() == [0, 33, 66, 99]
     assert sample_frame_indices(3, 7).tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert sample_frame_indices(1).tolist() == [0] * 64
+
+
+@pytest.mark.parametrize("hidden, mlp, heads", [(1024, 4096, 16), (1280, 5120, 16), (1408, 6144, 22), (128, 192, 2)])
+def test_head_count_of_the_released_encoders(hidden, mlp, heads):
+    # the upstream builders: vit_large 1024 / 16 heads, vit_huge 1280 / 16 (80-dim heads), vit_giant_xformers
+    # 1408 / 22; a width of no released encoder: heads of 64 dims
+    shapes = {"patch_embed.proj.weight": (hidden, 3, 2, 16, 16), "blocks.0.mlp.fc1.weight": (mlp, hidden)}
+    sd = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # shapes only, no memory
+    config = vjepa2_config_from_state_dict(sd)
+    assert config.num_attention_heads == heads and hidden % heads == 0
+    assert vjepa2_config_from_state_dict(sd, num_heads=8).num_attention_heads == 8
 
 
 def test_original_layout_matches_reference_forward(ckpt_dir, original_sd):

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from ..lora import merge_lora_state
+from ..lora import check_adapters_apart, merge_lora_state
 from .llama_tokenizer import EOS_ID, save_tiny_llama_tokenizer
 from .openvla_oft_files import (
     CONFIG_NAME,
@@ -430,6 +430,8 @@ class OpenVLAOFT(nn.Module):
                 in the original format; for a model not loaded from a directory, the parameters' dtype.
             max_shard_size: shard limit (transformers' default ``"5GB"`` gives the 7B's 4 shards).
         """
+        if state_dict is None:
+            check_adapters_apart(self)
         state = merge_lora_state(self._full_state_dict() if state_dict is None else state_dict)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return

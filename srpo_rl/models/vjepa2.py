@@ -40,7 +40,9 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The original ViTs use 64-dim heads; the head count is not stored in the checkpoint.
+# The head count is not stored in the checkpoint: the released V-JEPA 2 encoders' by width (ViT-L/16 vit_large,
+# ViT-H/16 vit_huge with 80-dim heads, ViT-g/16 vit_giant_xformers), else heads of 64 dims as most of the original ViTs
+RELEASED_HEADS = {1024: 16, 1280: 16, 1408: 22}
 ORIGINAL_HEAD_DIM = 64
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -61,8 +63,8 @@ def vjepa2_config_from_state_dict(
     """Infers a :class:`~transformers.VJEPA2Config` from an original-layout encoder state dict.
 
     Hidden size, in-channels, tubelet and patch size come from the patch-embedding Conv3d, depth from
-    the ``blocks.N`` indices, the MLP ratio from ``fc1``, the head count from a 64-dim head unless
-    ``num_heads`` is given. ``crop_size`` is set to ``img_size`` because transformers derives the RoPE
+    the ``blocks.N`` indices, the MLP ratio from ``fc1``, the head count from the released encoder of that
+    width (ViT-L 16, ViT-H 16, ViT-g 22), else from 64-dim heads, unless ``num_heads`` is given. ``crop_size`` is set to ``img_size`` because transformers derives the RoPE
     grid from it (it must equal the size of the frames fed to the model).
 
     Examples:
@@ -90,6 +92,7 @@ def vjepa2_config_from_state_dict(
     mlp_ratio = mlp_hidden / hidden
     if int(hidden * mlp_ratio) != mlp_hidden:  # guard against float rounding in int(hidden * ratio)
         mlp_ratio = (mlp_hidden + 0.5) / hidden
+    num_heads = num_heads or RELEASED_HEADS.get(hidden)
     if num_heads is None:
         if hidden % ORIGINAL_HEAD_DIM:
             raise ValueError(f"hidden size {hidden} is not a multiple of 64; pass num_heads explicitly")
