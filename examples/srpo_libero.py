@@ -13,6 +13,7 @@ Installed as the ``srpo-libero`` console script.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import closing, ExitStack
 from pathlib import Path
@@ -43,6 +44,7 @@ from srpo_rl.examples.utils_srpo import (
     make_sampler,
     memory_metrics,
     rollout_metrics,
+    siirl_overrides,
 )
 from srpo_rl.lora import merged_adapters
 from srpo_rl.manifest import PromptStream
@@ -67,9 +69,16 @@ def run_eval(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     log_evaluation(logger, result, step=0, out_dir=cfg.output_dir, prefix="eval")
 
 
+def main() -> None:
+    """The ``srpo-libero`` entry point: training (``mode=train``) or greedy evaluation (``mode=eval``); siiRL's
+    option names are read as ours (``siirl_overrides``), so a siiRL SRPO command line runs as it is."""
+    sys.argv[1:] = siirl_overrides(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """The ``srpo-libero`` entry point: training (``mode=train``) or greedy evaluation (``mode=eval``)."""
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra's entry: the composed config checked, then :func:`run` on this process."""
     # Config errors fail here, before any work
     check_config(cfg)
     info = init_distributed(cfg.device)

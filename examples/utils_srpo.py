@@ -68,6 +68,59 @@ _POSITIVE = ("actor.lr", "actor.grad_clip", "algorithm.reward_coef", "rollout.te
 _NON_NEGATIVE = ("actor.weight_decay", "actor.entropy_coeff")
 
 
+# siiRL's option names (its embodied SRPO script's) -> ours, whole names or prefixes (the longest match wins); the
+# suite's name selects the env group, which carries the suite's settings (unnorm_key, max_steps)
+SIIRL_NAMES = {
+    "actor_rollout_ref.model.path": "model.path",
+    "actor_rollout_ref.model.enable_gradient_checkpointing": "actor.enable_gradient_checkpointing",
+    "actor_rollout_ref.actor.optim.": "actor.",
+    "actor_rollout_ref.actor.fsdp_config.": "actor.fsdp.",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": "actor.ppo_micro_batch_size",
+    "actor_rollout_ref.actor.": "actor.",
+    "actor_rollout_ref.rollout.": "rollout.",
+    "actor_rollout_ref.embodied.video_embedding_model_path": "model.vjepa_path",
+    "actor_rollout_ref.embodied.env.env_name": "env",
+    "actor_rollout_ref.embodied.env.": "env.",
+    "actor_rollout_ref.embodied.": "embodied.",
+    "trainer.max_actor_ckpt_to_keep": "trainer.max_ckpt_keep",
+}
+# siiRL options that set nothing here, accepted at the values that describe this library: the response is always
+# the 56 action tokens, the rollout runs the training module itself, the model is OpenVLA-OFT, there is no critic
+SIIRL_FIXED = {
+    "data.max_response_length": None,
+    "actor_rollout_ref.rollout.response_length": None,
+    "actor_rollout_ref.rollout.name": ("hf",),
+    "actor_rollout_ref.embodied.embodied_type": ("openvla-oft", "openvla_oft"),
+    "critic.use_critic_model": ("False", "false"),
+}
+
+
+def siirl_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides with siiRL's option names written as ours, so that a siiRL SRPO command line runs
+    here as it is; the options that set nothing here are dropped at the values that describe this library.
+
+    Examples:
+        >>> siirl_overrides(["actor_rollout_ref.actor.optim.lr=1e-5", "actor_rollout_ref.embodied.env.env_name=libero_10",
+        ...                  "critic.use_critic_model=False", "rollout.n=4", "--config-name", "tiny"])
+        ['actor.lr=1e-5', 'env=libero_10', 'rollout.n=4', '--config-name', 'tiny']
+    """
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.startswith("-"):
+            out.append(override)
+        elif key in SIIRL_FIXED:
+            accepted = SIIRL_FIXED[key]
+            if accepted is not None and value not in accepted:
+                _fail(f"siiRL's {key}={value} has no counterpart here; accepted: {', '.join(accepted)} (README: "
+                      "Configuration)")
+        else:
+            prefix = max((p for p in SIIRL_NAMES if key == p or (p.endswith(".") and key.startswith(p))),
+                         key=len, default=None)
+            out.append(override if prefix is None else f"{SIIRL_NAMES[prefix]}{key[len(prefix):]}={value}")
+    return out
+
+
 def _fail(message: str) -> None:
     raise ValueError(f"config error: {message}")
 
@@ -404,7 +457,7 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
     success = torch.cat([t["success"] for t, _ in collected]).float()
     lengths = torch.cat([t["num_steps"] for t, _ in collected]).float()
     totals = {"env_steps": 0.0, "decisions": 0.0, "policy_calls": 0.0, "time_wall": 0.0, "time_env": 0.0,
-              "time_policy": 0.0, "time_reset": 0.0, "time_policy_gpu": 0.0}
+              "time_policy": 0.0, "time_reset": 0.0, "time_policy_gpu": 0.0, "restarts": 0.0}
     for _, stats in collected:
         for key, value in stats.as_dict().items():
             if key in totals:
@@ -424,6 +477,7 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         "time/rollout_reset": totals["time_reset"],
         # the forwards' GPU time over the rollout's: how much of the GPU the rollout leaves idle
         "rollout/policy_gpu_share": totals["time_policy_gpu"] / max(totals["time_wall"], 1e-9),
+        "rollout/restarts": totals["restarts"],  # rollouts that started over after their env crashed
     }
     return {**metrics, **sampling}
 

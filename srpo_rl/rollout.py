@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import multiprocessing
 import multiprocessing.connection
 import queue
@@ -68,6 +69,8 @@ from tqdm.auto import tqdm
 
 from .cuda_wait import wait_for_stream
 from .distributed import gathered
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["POLICY_KEYS", "POLICY_STREAM_PRIORITY", "RolloutRequest", "RolloutStats", "collect_rollouts", "group_requests",
            "single_cpu_thread"]
@@ -138,7 +141,8 @@ class RolloutStats:
     ``policy_gpu_time`` is the GPU time of the policy's calls by their CUDA events (``gpu_ms()`` of what
     ``launch`` returns, as :class:`~srpo_rl.policy.LaunchedDecision` reports; 0 for a policy that reports
     none): against ``wall_time`` it says how busy the rollout kept the GPU, and so what room is left beside it
-    (for the reward's embedding, :class:`~srpo_rl.rewards.BackgroundEmbedder`).
+    (for the reward's embedding, :class:`~srpo_rl.rewards.BackgroundEmbedder`). ``restarts`` counts the
+    rollouts that started over after their env crashed.
     """
 
     trajectories: int = 0
@@ -152,6 +156,7 @@ class RolloutStats:
     policy_cpu_time: float = 0.0
     loop_cpu_time: float = 0.0
     policy_gpu_time: float = 0.0
+    restarts: int = 0
     videos: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -174,6 +179,7 @@ class RolloutStats:
             "cpu_policy": self.policy_cpu_time,
             "cpu_loop": self.loop_cpu_time,
             "time_policy_gpu": self.policy_gpu_time,
+            "restarts": self.restarts,
         }
 
 
@@ -417,6 +423,7 @@ class _Rollout:
         self.pending = list(requests)
         self.video_ids = {r.rollout_id for r in requests[:record_videos]}
         self.finished: dict[int, TensorDict] = {}
+        self.restarted: set[int] = set()
         self.stats = RolloutStats()
         self.device = next((p.device for p in policy.parameters()), torch.device("cpu"))
         self.two_phase = callable(getattr(policy, "launch", None)) and callable(getattr(policy, "finish", None))
@@ -597,6 +604,7 @@ class _Rollout:
         self.stats.decisions += len(active)
         self.stats.env_steps += int(chunk_steps[active].sum())
         timed = (FRAMES_STEP_KEY,) if FRAMES_STEP_KEY in nxt.keys() else ()
+        crashed = nxt.get("worker_failed").view(-1) if "worker_failed" in nxt.keys() else None
         ended = []
         for s in active:
             slot = self.slots[s]
@@ -613,6 +621,9 @@ class _Rollout:
             if slot.video is not None:
                 frames, mask = nxt.get("frames")[s], nxt.get("frames_mask")[s]
                 slot.video.extend(frames[mask])
+            if done[s] and crashed is not None and bool(crashed[s]) and self._restart(slot):
+                ended.append(s)
+                continue
             if done[s]:
                 self.finished[slot.request.rollout_id] = row = _trajectory(slot, nxt, s, self.keep_steps)
                 if self.on_finished is not None:
@@ -623,6 +634,20 @@ class _Rollout:
                 ended.append(s)
                 self.bar.update(1)
         return ended
+
+    def _restart(self, slot: _Slot) -> bool:
+        """Puts the request of a slot whose env crashed (``worker_failed``) back in front of the pending ones:
+        it starts over on the restarted env, its steps so far dropped, so a crash costs no group. Once: a
+        rollout that crashes again ends as ``failed`` (the sampler drops its group)."""
+        request = slot.request
+        if request.rollout_id in self.restarted:
+            return False
+        self.restarted.add(request.rollout_id)
+        self.pending.insert(0, request)
+        self.stats.restarts += 1
+        logger.warning("rollout %d crashed its env; it starts over", request.rollout_id)
+        slot.request, slot.started, slot.steps, slot.video = None, False, [], None
+        return True
 
     def running(self, slot_ids) -> list[int]:
         return [s for s in slot_ids if self.slots[s].request is not None and self.slots[s].started]

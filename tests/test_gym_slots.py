@@ -229,6 +229,34 @@ def test_a_crashing_env_fails_its_rollout_only():
     env.close()
 
 
+@pytest.mark.parametrize("crashes", [1, 2])
+def test_a_rollout_whose_env_crashed_starts_over_once(crashes):
+    # rollout 2's env crashes in its second chunk, `crashes` times: after one crash the rollout starts over on
+    # the rebuilt env and ends as the others do; after two it ends as failed (the sampler drops its group)
+    left = {"crashes": crashes}
+
+    def success(gym_env, obs, info):
+        slot = next(slot for slot in env._slots if slot.env is gym_env)
+        if slot.rollout_id == 2 and slot.step_count > CHUNK and left["crashes"]:
+            left["crashes"] -= 1
+            raise RuntimeError("simulation diverged")
+        return reacher_success(gym_env, obs, info, distance=DISTANCE)
+
+    env = GymSlotEnv(make_env, 2, success_fn=success, instructions="reach", max_steps=24, chunk_len=CHUNK, seed=SEED)
+    torch.manual_seed(0)
+    policy = StateTokenPolicy(env.state_dim, env.action_dim, CHUNK, hidden_sizes=(32,))
+    trajs, stats = collect_rollouts(env, policy, group_requests([(0, 4), (0, 5)], rollouts_per_group=2))
+    env.close()
+    assert left["crashes"] == 0 and stats.restarts == 1
+    assert sorted(trajs["rollout_id"].tolist()) == [0, 1, 2, 3]  # no rollout lost or run twice
+    failed = dict(zip(trajs["rollout_id"].tolist(), trajs["failed"].tolist()))
+    assert failed == {0: False, 1: False, 2: crashes == 2, 3: False}
+    row = trajs[trajs["rollout_id"] == 2][0]
+    if crashes == 1:  # the restarted rollout is whole: every step it recorded is one of its own episode
+        executed = row["steps", "next", "chunk_steps"] * row["steps", "mask"]
+        assert int(executed.sum()) == int(row["num_steps"]) and (row["num_steps"] == 24 or row["success"])
+
+
 def test_slots_never_reset_report_blank_data():
     env = slot_env(3)
     out = reset(env, {1: 0})

@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import resource
+import signal
 import time
 
 import pytest
@@ -277,6 +278,35 @@ def test_each_trajectory_is_handed_over_when_it_ends(runs, overlap):
         assert rounds <= len(log)
     first_rounds = finished[0][0]
     assert first_rounds < len(log)  # the first trajectory came out while others still had rounds to run
+
+
+def test_a_rollout_whose_worker_is_killed_starts_over_and_none_is_lost(env, policy, caplog):
+    # when the first trajectory ends, the other slot's simulation process is killed mid-episode: its rollout
+    # starts over on the restarted worker and ends as scheduled; the batch is whole, nothing marked failed
+    killed = []
+
+    def kill_the_other_running_slot(row):
+        if killed:
+            return
+        ids = env._slots["rollout_id"].reshape(-1).tolist()
+        other = 1 - ids.index(int(row["rollout_id"]))
+        if not bool(env._slots["done"][other]):
+            killed.append(ids[other])
+            os.kill(env.worker_pids[other], signal.SIGKILL)
+
+    env.success_chunk, env.log = dict(SCHEDULE), []
+    trajs, stats = collect_rollouts(env, policy, _requests(), overlap=True,
+                                    exploration_type=ExplorationType.DETERMINISTIC,
+                                    on_finished=kill_the_other_running_slot)
+    assert len(killed) == 1 and stats.restarts == 1
+    assert f"rollout {killed[0]} crashed its env; it starts over" in caplog.text
+    requests = _requests()
+    assert trajs["rollout_id"].tolist() == [r.rollout_id for r in requests]
+    assert not trajs["failed"].any()
+    assert trajs["num_steps"].tolist() == [_expected_steps(r.rollout_id) for r in requests]
+    assert trajs["success"].tolist() == [r.rollout_id in SCHEDULE for r in requests]
+    executed = (trajs["steps", "next", "chunk_steps"] * trajs["steps", "mask"]).sum(-1)
+    assert executed.tolist() == trajs["num_steps"].tolist()  # the restarted rollout holds its new episode only
 
 
 @pytest.mark.parametrize("overlap", [False, True])

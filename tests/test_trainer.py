@@ -65,6 +65,79 @@ def test_the_default_config_is_the_recipe(suite):
     assert cfg.env.env_name == suite and cfg.embodied.unnorm_key == {"libero_long": "libero_10"}.get(suite, suite)
 
 
+# siiRL's embodied SRPO command line, every option of it, with values away from our defaults where it has a knob
+SIIRL_COMMAND_LINE = """
+data.train_files=/d/train.parquet data.val_files=/d/val.parquet data.train_batch_size=32 data.val_batch_size=100
+data.max_prompt_length=128 data.max_response_length=128 algorithm.workflow_type=embodied algorithm.adv_estimator=grpo
+algorithm.gamma=0.99 algorithm.lam=0.95 algorithm.norm_adv_by_std_in_grpo=False
+algorithm.embodied_sampling.filter_accuracy=False algorithm.embodied_sampling.accuracy_lower_bound=0.2
+algorithm.embodied_sampling.accuracy_upper_bound=0.8 algorithm.embodied_sampling.filter_truncated=True
+algorithm.embodied_sampling.oversample_factor=2 actor_rollout_ref.model.path=/m/sft
+actor_rollout_ref.model.enable_gradient_checkpointing=False actor_rollout_ref.actor.optim.lr=1e-5
+actor_rollout_ref.actor.optim.weight_decay=0.01 actor_rollout_ref.actor.ppo_mini_batch_size=8
+actor_rollout_ref.actor.ppo_epochs=2 actor_rollout_ref.actor.grad_clip=0.5 actor_rollout_ref.actor.clip_ratio_high=0.3
+actor_rollout_ref.actor.clip_ratio_low=0.1 actor_rollout_ref.actor.entropy_coeff=0.001 actor_rollout_ref.actor.shuffle=False
+actor_rollout_ref.actor.fsdp_config.param_offload=True actor_rollout_ref.actor.fsdp_config.grad_offload=True
+actor_rollout_ref.actor.fsdp_config.optimizer_offload=True actor_rollout_ref.rollout.name=hf
+actor_rollout_ref.rollout.n=4 actor_rollout_ref.rollout.temperature=1.2 actor_rollout_ref.rollout.do_sample=False
+actor_rollout_ref.rollout.response_length=512 actor_rollout_ref.embodied.embodied_type=openvla-oft
+actor_rollout_ref.embodied.action_token_len=7 actor_rollout_ref.embodied.action_chunks_len=8
+actor_rollout_ref.embodied.video_embedding_model_path=/m/vitg-384.pt actor_rollout_ref.embodied.embedding_img_size=256
+actor_rollout_ref.embodied.embedding_enable_fp16=False actor_rollout_ref.embodied.embedding_model_offload=True
+actor_rollout_ref.embodied.center_crop=False actor_rollout_ref.embodied.num_images_in_input=2
+actor_rollout_ref.embodied.unnorm_key=libero_goal actor_rollout_ref.embodied.env.env_type=libero
+actor_rollout_ref.embodied.env.env_name=libero_goal actor_rollout_ref.embodied.env.num_envs=8
+actor_rollout_ref.embodied.env.max_steps=300 actor_rollout_ref.embodied.env.num_steps_wait=5
+actor_rollout_ref.embodied.env.num_trials_per_task=20 actor_rollout_ref.embodied.env.model_family=openvla
+critic.use_critic_model=False trainer.total_epochs=10 trainer.save_freq=2 trainer.test_freq=3
+trainer.max_actor_ckpt_to_keep=2 trainer.logger=[console] trainer.project_name=p trainer.experiment_name=e
+trainer.nnodes=1 trainer.n_gpus_per_node=1 trainer.default_local_dir=/c trainer.resume_mode=disable
+trainer.val_before_train=False
+""".split()
+
+
+def test_a_siirl_command_line_sets_the_same_knobs_under_our_names():
+    from srpo_rl.examples.utils_srpo import siirl_overrides
+
+    ours = _compose(siirl_overrides(SIIRL_COMMAND_LINE))
+    expected = {
+        "data.train_batch_size": 32, "data.val_batch_size": 100, "data.max_prompt_length": 128,
+        "algorithm.gamma": 0.99, "algorithm.norm_adv_by_std_in_grpo": False,
+        "algorithm.embodied_sampling.filter_truncated": True, "algorithm.embodied_sampling.oversample_factor": 2,
+        "model.path": "/m/sft", "model.vjepa_path": "/m/vitg-384.pt", "actor.enable_gradient_checkpointing": False,
+        "actor.lr": 1e-5, "actor.weight_decay": 0.01, "actor.ppo_mini_batch_size": 8, "actor.ppo_epochs": 2,
+        "actor.grad_clip": 0.5, "actor.clip_ratio_high": 0.3, "actor.clip_ratio_low": 0.1, "actor.shuffle": False,
+        "actor.fsdp.param_offload": True, "actor.fsdp.grad_offload": True, "actor.fsdp.optimizer_offload": True,
+        "rollout.n": 4, "rollout.temperature": 1.2, "rollout.do_sample": False, "embodied.embedding_img_size": 256,
+        "embodied.embedding_enable_fp16": False, "embodied.embedding_model_offload": True,
+        "embodied.center_crop": False, "embodied.num_images_in_input": 2, "embodied.unnorm_key": "libero_goal",
+        "env.env_name": "libero_goal", "env.num_envs": 8, "env.max_steps": 300, "env.num_steps_wait": 5,
+        "env.num_trials_per_task": 20, "trainer.total_epochs": 10, "trainer.save_freq": 2, "trainer.test_freq": 3,
+        "trainer.max_ckpt_keep": 2, "trainer.logger": ["console"], "trainer.default_local_dir": "/c",
+        "trainer.resume_mode": "disable", "trainer.val_before_train": False,
+    }
+    from omegaconf import OmegaConf
+
+    assert {k: OmegaConf.select(ours, k) for k in expected} == expected
+    assert ours.env == _compose(["env=libero_goal", "env.num_envs=8", "env.max_steps=300", "env.num_steps_wait=5",
+                                 "env.num_trials_per_task=20"]).env  # the suite's group, then its options
+    with pytest.raises(ValueError, match=r"siiRL's critic.use_critic_model=True has no counterpart here; accepted: "
+                                         r"False, false"):
+        siirl_overrides(["critic.use_critic_model=True"])
+    with pytest.raises(ValueError, match="siiRL's actor_rollout_ref.rollout.name=vllm has no counterpart"):
+        siirl_overrides(["actor_rollout_ref.rollout.name=vllm"])
+
+
+def test_the_script_reads_siirl_option_names():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cfg", "job", "actor_rollout_ref.actor.optim.lr=3e-5",
+         "actor_rollout_ref.embodied.env.env_name=libero_spatial", "critic.use_critic_model=False"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "lr: 3.0e-05" in result.stdout and "env_name: libero_spatial" in result.stdout
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
