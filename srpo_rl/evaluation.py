@@ -34,6 +34,7 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType
 
 from srpo_rl.distributed import all_reduce_sum
+from srpo_rl.envs.suites import canonical_suite
 from srpo_rl.rollout import RolloutRequest, RolloutStats, collect_rollouts
 
 __all__ = ["EvalResult", "evaluate"]
@@ -125,6 +126,11 @@ def evaluate(
         An :class:`EvalResult`: successes and trials per ``(suite, task_id)`` over all ranks, the task
         names, this rank's rollout stats and rank 0's videos.
     """
+    env_suite = getattr(env, "suite", None)  # a LIBERO env runs one suite's task ids
+    others = sorted({canonical_suite(r["suite"]) for r in rows} - {canonical_suite(env_suite)}) if env_suite else []
+    if others:
+        raise ValueError(f"rows of {', '.join(others)} cannot run on this env of {env_suite}: its task ids are "
+                         f"{env_suite}'s; evaluate each suite's rows on an env of that suite")
     mine = list(rows)[rank::world_size]
     requests = [RolloutRequest(r["task_id"], r["trial_id"], i, i) for i, r in enumerate(mine)]
     stats = None

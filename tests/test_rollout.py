@@ -730,3 +730,5 @@ def test_evaluate_counts_each_tasks_successes_over_the_ranks_shares(env, policy)
     assert whole.videos[0].shape[0] == 1 + MAX_STEPS // CHUNK and whole.videos[1].shape[0] == 1 + 1
     assert whole.videos[0].dtype == torch.uint8 and whole.videos[0].shape[1] == 3
     assert not torch.equal(whole.videos[1][0], whole.videos[1][1])  # the scene moved into its goal between them
+    with pytest.raises(ValueError, match="rows of libero_goal cannot run on this env of libero_object"):
+        evaluate(env, policy, rows + [dict(rows[0], suite="libero_goal")], progress=False)
