@@ -108,13 +108,13 @@ class CheckpointManager:
 
     def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
         """Writes a checkpoint of ``step`` (collective: every rank calls it)."""
+        check_adapters_apart(model)
         final = self.path(step)
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        check_adapters_apart(model)
         model_state, optim_state = get_state_dict(model, optimizer)
         with _single_process_allowed():
             dcp.save(model_state, checkpoint_id=tmp / "model")
