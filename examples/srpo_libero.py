@@ -30,6 +30,7 @@ from srpo_rl.evaluation import evaluate
 from srpo_rl.examples.utils_srpo import (
     batch_metrics,
     check_config,
+    checkpoint_run_config,
     log_evaluation,
     make_advantage,
     make_background_embedder,
@@ -112,8 +113,10 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     optimizer = make_optimizer(cfg, policy)
 
     # Checkpoints, resume, logger (a resumed run goes on logging into its wandb run)
-    checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep)
+    checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep,
+                                    run_config=checkpoint_run_config(cfg))
     prompts = PromptStream(train_rows, seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + info.rank)  # the update's shuffling
     step, next_group = 0, 0
     state = None
     if cfg.trainer.resume_mode == "auto":
@@ -122,12 +125,15 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
         step, next_group = state["step"], state["next_group"]
         prompts.load_state_dict(state["prompts"])
         sampler.load_state_dict(state["sampler"])
+        if "generator" in state:
+            generator.set_state(state["generator"])
+        for group in optimizer.param_groups:  # the settings of this run, not the checkpoint's
+            group.update(lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
         print(f"resumed from {checkpoints.path(state['checkpoint_step'])} at step {step}", flush=True)
     logger = resources.enter_context(closing(make_logger(cfg, wandb_run_id=state and state.get("wandb_run_id"))))
     steps_per_epoch = len(train_rows) // cfg.data.train_batch_size
     total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * max(1, steps_per_epoch)
     mini_batch_trajectories = cfg.actor.ppo_mini_batch_size * cfg.rollout.n // info.world_size
-    generator = torch.Generator().manual_seed(cfg.seed + info.rank)
     exploration = ExplorationType.RANDOM if cfg.rollout.do_sample else ExplorationType.DETERMINISTIC
 
     if cfg.trainer.val_before_train and step == 0:
@@ -211,10 +217,9 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
         if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
             t0 = time.perf_counter()
             path = checkpoints.save(step, model=policy.model, optimizer=optimizer, trainer_state={
-                "step": step, "next_group": next_group, "prompts": prompts.state_dict(),
-                "sampler": sampler.state_dict(), "wandb_run_id": logger.wandb_run_id,
-            })
-            policy.save_pretrained(path / "huggingface")
+                "step": step, "next_group": next_group, "prompts": prompts.state_dict(), "sampler": sampler.state_dict(),
+                "generator": generator.get_state(), "wandb_run_id": logger.wandb_run_id,
+            }, extra=lambda folder: policy.save_pretrained(folder / "huggingface"))  # the published format
             logger.log({"time/checkpoint": time.perf_counter() - t0}, step)
             if info.is_main:
                 print(f"saved checkpoint {path}", flush=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from srpo_rl.checkpoint import CheckpointManager
 from srpo_rl.distributed import DTYPES, DistInfo, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
@@ -219,6 +220,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
               "actor.fsdp.optimizer_offload (the host optimizer for the full model) does not apply; set it false")
     if cfg.trainer.resume_mode not in RESUME_MODES:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")
+    earlier = CheckpointManager(cfg.trainer.default_local_dir).complete_steps()
+    if cfg.mode == "train" and cfg.trainer.resume_mode == "disable" and earlier:
+        _fail(f"trainer.default_local_dir={cfg.trainer.default_local_dir} holds an earlier run's checkpoints (steps "
+              f"{', '.join(map(str, earlier))}), which a fresh run's would mix with: resume it "
+              "(trainer.resume_mode=auto), or start afresh in another output_dir / trainer.default_local_dir")
     if cfg.algorithm.adv_estimator != "grpo":
         _fail(f"unknown algorithm.adv_estimator {cfg.algorithm.adv_estimator!r}; srpo_rl implements grpo")
     unknown = [name for name in cfg.trainer.logger if name not in LOGGER_TYPES]
@@ -412,6 +418,14 @@ def host_reserve_bytes(cfg: DictConfig, image_size: int) -> int:
     chunks = math.ceil(max_steps / cfg.embodied.action_chunks_len)
     images = cfg.data.train_batch_size * cfg.rollout.n * chunks * 3 * image_size**2 * cfg.embodied.num_images_in_input
     return cfg.env.num_envs * ENV_PROCESS_GROWTH_BYTES + 2 * images
+
+
+def checkpoint_run_config(cfg: DictConfig) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (:class:`~srpo_rl.checkpoint.
+    CheckpointManager`'s ``run_config``): what its weights and optimizer state are, and its groups' size."""
+    return {"actor.lora_rank": cfg.actor.lora_rank, "actor.lora_alpha": float(cfg.actor.lora_alpha),
+            "optimizer": "HostAdamW" if host_optimizer(cfg) else "AdamW",
+            "actor.fsdp.optimizer_state_dtype": cfg.actor.fsdp.optimizer_state_dtype, "rollout.n": cfg.rollout.n}
 
 
 def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Optimizer:

@@ -5,7 +5,11 @@ Layout of ``<root>/global_step_<k>/``:
 - ``model/`` and ``optim/``: ``torch.distributed.checkpoint`` directories (sharded with FSDP2, one file set
   per rank; plain files when not distributed) -- every rank writes its own shards;
 - ``trainer_rank<r>.pt``: the ``trainer_state`` passed to :meth:`CheckpointManager.save` (the example's: step,
-  next group id, prompt cursor, sampler state with its refill cache, wandb run id) and the RNG streams of rank ``r``;
+  next group id, prompt cursor, sampler state with its refill cache, shuffling generator, wandb run id) and the
+  RNG streams of rank ``r``;
+- ``run.json``: the settings a resuming run must share (``run_config``, and the number of ranks): a run that
+  differs is refused before anything loads, naming the settings;
+- whatever ``save``'s ``extra`` writes (the example: the published Hugging Face folder), before ``COMPLETE``;
 - ``COMPLETE``: written last. A folder without it is ignored; an interrupted save's ``.tmp`` folder is removed
   by the next save.
 
@@ -27,11 +31,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .lora import check_adapters_apart
@@ -65,11 +72,15 @@ def _single_process_allowed():
         yield
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def get_rng_state() -> dict:
-    """The RNG streams of this process: python, numpy, torch CPU and CUDA."""
+    """The RNG streams of this process: python, numpy, torch CPU and its current CUDA device's."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device: resumable where fewer GPUs are visible
     return state
 
 
@@ -78,18 +89,28 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # an older checkpoint's: every visible device's state
+        device = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[device] if device < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 class CheckpointManager:
-    """Saves and restores training state under ``root``; keeps the newest ``keep`` checkpoints."""
+    """Saves and restores training state under ``root``; keeps the newest ``keep`` checkpoints.
 
-    def __init__(self, root: str | os.PathLike, keep: int = 5) -> None:
+    ``run_config`` holds the settings a checkpoint must share with the run that resumes it (the example: the LoRA
+    rank, the optimizer's kind and state dtype, rollouts per group); the number of ranks is added to it. A run
+    whose settings differ from the latest checkpoint's is refused by :meth:`load_latest`, before anything loads.
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int = 5, run_config: dict | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep (max_ckpt_keep) must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self.run_config = dict(run_config or {})
 
     def complete_steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -106,8 +127,13 @@ class CheckpointManager:
         """The folder of ``step``'s checkpoint (``<root>/global_step_<step>``), complete or not."""
         return self.root / f"global_step_{step}"
 
-    def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Writes a checkpoint of ``step`` (collective: every rank calls it)."""
+    def _run(self) -> dict:
+        return {**self.run_config, "world_size": _world_size()}
+
+    def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             extra: Callable[[Path], None] | None = None) -> Path:
+        """Writes a checkpoint of ``step`` (collective: every rank calls it). ``extra(folder)``, called on every
+        rank, writes more into the checkpoint's folder before it is marked complete."""
         check_adapters_apart(model)
         final = self.path(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -120,18 +146,22 @@ class CheckpointManager:
             dcp.save(model_state, checkpoint_id=tmp / "model")
             dcp.save(optim_state, checkpoint_id=tmp / "optim")
         torch.save({**trainer_state, "rng": get_rng_state()}, tmp / f"trainer_rank{_rank()}.pt")
+        if extra is not None:
+            extra(tmp)
         _barrier()
         if _rank() == 0:
+            (tmp / "run.json").write_text(json.dumps(self._run(), indent=1, sort_keys=True))
             (tmp / "COMPLETE").write_text(str(step))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            self._prune()
+            self._prune(step)
         _barrier()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, saved: int) -> None:
         for step in self.complete_steps()[: -self.keep]:
-            shutil.rmtree(self.path(step), ignore_errors=True)
+            if step != saved:  # never the one just written, whatever older runs left beside it
+                shutil.rmtree(self.path(step), ignore_errors=True)
         for path in self.root.glob("global_step_*.tmp"):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -140,24 +170,46 @@ class CheckpointManager:
 
         Returns the trainer state that was saved (with ``"checkpoint_step"``), or ``None`` when there is none.
         """
-        steps = self.complete_steps()
-        if not steps:
+        step = self._latest_step()
+        if step is None:
             return None
-        path = self.path(steps[-1])
+        path = self.path(step)
+        self._check_run(path)
         model_state, optim_state = get_state_dict(model, optimizer)
-        with _single_process_allowed():
-            dcp.load(model_state, checkpoint_id=path / "model")
-            # Parameters that never received a gradient (e.g. the unused last tower blocks) have no saved
-            # optimizer state; they keep the freshly initialised one.
-            dcp.load(optim_state, checkpoint_id=path / "optim", planner=DefaultLoadPlanner(allow_partial_load=True))
+        try:
+            with _single_process_allowed():
+                dcp.load(model_state, checkpoint_id=path / "model")
+                # Parameters that never received a gradient (e.g. the unused last tower blocks) have no saved
+                # optimizer state; they keep the freshly initialised one.
+                dcp.load(optim_state, checkpoint_id=path / "optim",
+                         planner=DefaultLoadPlanner(allow_partial_load=True))
+        except (Exception, CheckpointException) as error:  # DCP's exception is a BaseException
+            cause = (str(error).strip().splitlines() or [type(error).__name__])[-1]  # DCP's: the ranks' tracebacks
+            raise RuntimeError(f"could not load checkpoint {path} ({cause}); delete that folder to resume from the "
+                               "one before, or start afresh elsewhere") from error
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-        trainer_file = path / f"trainer_rank{_rank()}.pt"
-        if not trainer_file.exists():
-            raise RuntimeError(
-                f"checkpoint {path} has no {trainer_file.name}: it was written by fewer ranks than this run has "
-                f"({dist.get_world_size() if dist.is_initialized() else 1}); resume with the same number of GPUs"
-            )
-        state = torch.load(trainer_file, weights_only=False)
+        state = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=False)
         set_rng_state(state.pop("rng"))
-        state["checkpoint_step"] = steps[-1]
+        state["checkpoint_step"] = step
         return state
+
+    def _latest_step(self) -> int | None:
+        """The newest complete step, as rank 0 sees it (every rank resumes the same one)."""
+        steps = self.complete_steps()
+        latest = [steps[-1] if steps else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(latest, src=0)
+        return latest[0]
+
+    def _check_run(self, path: Path) -> None:
+        """Refuses, on every rank and before anything loads, a checkpoint written with other run settings."""
+        saved_file = path / "run.json"
+        if not saved_file.exists():  # written before checkpoints recorded their run
+            return
+        saved, ours = json.loads(saved_file.read_text()), self._run()
+        differ = {k: (saved.get(k), ours.get(k)) for k in sorted(saved.keys() | ours.keys())
+                  if saved.get(k) != ours.get(k)}
+        if differ:
+            listed = "; ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differ.items())
+            raise ValueError(f"checkpoint {path} was written by a run with other settings ({listed}): resume with its "
+                             f"settings, or start afresh in another folder")

@@ -244,11 +244,12 @@ class _PolicyThread:
     back by then, and a slot back later waits for the batch after.
     """
 
-    def __init__(self, launch: Callable[[TensorDict], Any], finish: Callable[[Any], TensorDictBase]) -> None:
+    def __init__(self, launch: Callable[[TensorDict], Any], finish: Callable[[Any], TensorDictBase],
+                 clock: _ForwardClock | None = None) -> None:
         self._launch, self._finish = launch, finish
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (slot, observation), or None: stop
         self._decided: deque = deque()  # (slots, decision or the policy's exception)
-        self._clock = _ForwardClock()
+        self._clock = clock or _ForwardClock()
         self.signal, self._signal_sender = multiprocessing.Pipe(duplex=False)
         self._thread = threading.Thread(target=self._run, name="policy", daemon=True)
 
@@ -290,7 +291,7 @@ class _PolicyThread:
         return None if None in batch else batch
 
     def _run(self) -> None:
-        in_flight = None  # (slots, launched, when it is due on the perf_counter clock or None)
+        in_flight = None  # (slots, launched, when it is due on the clock's time or None)
         while True:
             if in_flight is not None:
                 self._clock.sleep_until_launch(in_flight[2], in_flight[1])
@@ -298,9 +299,9 @@ class _PolicyThread:
             try:
                 launched = None
                 if batch:
-                    t0 = time.perf_counter()
+                    t0 = self._clock.now()
                     launched = ([slot for slot, _ in batch], self._launch(_policy_input([obs for _, obs in batch])))
-                    launched_at = time.perf_counter()
+                    launched_at = self._clock.now()
                     self._clock.launched(launched_at - t0)
                 if in_flight is not None:
                     slots, decision = in_flight[:2]
@@ -339,7 +340,9 @@ class _ForwardClock:
     _MAX_GROWTH = 2.0  # a measurement counts at most this many times the estimate it updates
     _POLL_S = 0.002  # while asleep, how often the decision in flight is checked
 
-    def __init__(self) -> None:
+    def __init__(self, now: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.now, self.sleep = now, sleep  # the clock and the sleep it uses (a test gives its own)
         self._by_rows: dict[int, float] = {}  # rows -> seconds of GPU time
         self._per_row: float | None = None
         self._launch_s: float | None = None
@@ -355,7 +358,7 @@ class _ForwardClock:
 
     def finished(self, launched, rows: int) -> None:
         """``launched`` (``rows`` rows) is done on the GPU, now: its GPU time updates the estimates."""
-        self._free_at = time.perf_counter()
+        self._free_at = self.now()
         gpu_ms = getattr(launched, "gpu_ms", lambda: None)()
         if gpu_ms is None:
             return
@@ -386,13 +389,13 @@ class _ForwardClock:
             return
         wake = due - (self._launch_s or 0.0) - self._MARGIN_S
         is_done = getattr(in_flight, "is_done", None)
-        while (wait := wake - time.perf_counter()) > 0:
+        while (wait := wake - self.now()) > 0:
             if is_done is None:
-                time.sleep(wait)
+                self.sleep(wait)
                 return
             if is_done():
                 return
-            time.sleep(min(wait, self._POLL_S))
+            self.sleep(min(wait, self._POLL_S))
 
 
 def _reset_fields(num_slots: int, chosen: dict[int, RolloutRequest]) -> dict[str, torch.Tensor]:

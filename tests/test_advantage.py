@@ -32,7 +32,7 @@ def numpy_grpo(reward, group_id, norm_by_std=True, eps=1e-6):
 def test_matches_numpy_on_shuffled_groups(norm_by_std):
     gen = torch.Generator().manual_seed(0)
     group_id = torch.arange(6).repeat_interleave(8)[torch.randperm(48, generator=gen)] * 10 + 3
-    reward = torch.where(torch.rand(48, generator=gen) < 0.4, 5.0, 5 * 0.6 * torch.rand(48))
+    reward = torch.where(torch.rand(48, generator=gen) < 0.4, 5.0, 5 * 0.6 * torch.rand(48, generator=gen))
     got = group_advantages(reward, group_id, norm_by_std=norm_by_std)
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), numpy_grpo(reward, group_id, norm_by_std), atol=1e-5)

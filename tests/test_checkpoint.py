@@ -1,5 +1,6 @@
 """CheckpointManager on real files: the last ``keep`` kept, the newest complete one resumed with its RNG streams."""
 
+import json
 import random
 import shutil
 
@@ -58,3 +59,58 @@ def test_keeps_the_last_checkpoints_and_resumes_the_newest_complete_one(tmp_path
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep .* must be >= 1, got 0"):
         CheckpointManager(tmp_path, keep=0)
+
+
+def test_a_checkpoint_of_other_run_settings_is_refused_before_anything_loads(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    CheckpointManager(tmp_path, run_config={"lora_rank": 0, "n": 8}).save(
+        1, model=model, optimizer=optimizer, trainer_state={"step": 1})
+    assert json.loads((tmp_path / "global_step_1" / "run.json").read_text()) == {"lora_rank": 0, "n": 8,
+                                                                                "world_size": 1}
+    other = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"other settings \(lora_rank: 0 there, 32 here\): resume with its settings"):
+        CheckpointManager(tmp_path, run_config={"lora_rank": 32, "n": 8}).load_latest(
+            model=other, optimizer=torch.optim.AdamW(other.parameters()))
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing loaded
+    state = CheckpointManager(tmp_path, run_config={"n": 8, "lora_rank": 0}).load_latest(
+        model=other, optimizer=torch.optim.AdamW(other.parameters()))
+    assert state["step"] == 1 and torch.equal(other.weight, model.weight)
+
+
+def test_the_save_just_written_is_kept_beside_higher_steps_and_extra_files_come_before_complete(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in (10, 20):  # an earlier run's checkpoints, of higher steps
+        manager.save(step, model=model, optimizer=optimizer, trainer_state={})
+    seen = []
+
+    def extra(folder):
+        seen.append((folder.name, (folder / "COMPLETE").exists()))
+        (folder / "published.txt").write_text("weights")
+
+    path = manager.save(1, model=model, optimizer=optimizer, trainer_state={}, extra=extra)
+    assert seen == [("global_step_1.tmp", False)]  # written into the folder before it was marked complete
+    assert (path / "published.txt").read_text() == "weights" and (path / "COMPLETE").exists()
+    assert 1 in manager.complete_steps()  # pruning never deletes the checkpoint it has just written
+
+    def failing(folder):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        manager.save(2, model=model, optimizer=optimizer, trainer_state={}, extra=failing)
+    assert 2 not in manager.complete_steps()  # an export that failed leaves no checkpoint that looks complete
+
+
+def test_a_corrupt_checkpoint_names_its_folder(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, model=model, optimizer=optimizer, trainer_state={})
+    for shard in (path / "model").glob("*.distcp"):
+        shard.write_bytes(b"")
+    with pytest.raises(RuntimeError, match=rf"could not load checkpoint {path} .*delete that folder"):
+        manager.load_latest(model=model, optimizer=optimizer)

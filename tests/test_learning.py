@@ -92,7 +92,7 @@ def reference_logits(policy: StateTokenPolicy, state: torch.Tensor) -> np.ndarra
 
 
 def test_policy_argmax_outside_random_exploration_and_bin_centres(policy):
-    state = torch.randn(5, 3)
+    state = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
         td = policy(TensorDict({("observation", "state"): state}, [5]))
     tokens = reference_logits(policy, state).argmax(-1)
@@ -103,7 +103,7 @@ def test_policy_argmax_outside_random_exploration_and_bin_centres(policy):
 
 
 def test_policy_samples_and_log_probs_at_its_temperature(policy):
-    state = torch.randn(2, 3, 3)  # a [B, T] batch, as the loss sees it
+    state = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0))  # a [B, T] batch, as the loss sees it
     torch.manual_seed(1)
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():  # as in the rollout
         td = policy(TensorDict({("observation", "state"): state}, [2, 3]))

@@ -229,11 +229,12 @@ def test_the_builders_carry_every_value_of_the_config(tmp_path):
     assert sampler.train_batch_size == cfg.data.train_batch_size
 
 
-def test_a_logger_that_is_not_installed_fails_before_any_work():
+def test_a_logger_that_is_not_installed_fails_before_any_work(monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
+    find_spec = importlib.util.find_spec  # hidden where it is installed, as a bare install lacks it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "wandb" else find_spec(name, *args))
     with pytest.raises(ValueError, match=r"wandb, which is not installed: pip install 'srpo-rl\[wandb\]'"):
         check_config(_compose(VALID_7B + ["trainer.logger=[console,wandb]"]), world_size=1)
 
@@ -259,6 +260,18 @@ def test_config_errors_that_need_the_process_count():
     check_config(_compose(VALID_7B + ["data.train_batch_size=4", "actor.ppo_mini_batch_size=1", "env.num_envs=48",
                                       "algorithm.embodied_sampling.oversample_factor=1.5"]), world_size=1)
     check_config(_compose(VALID_7B + ["mode=eval", "env.num_envs=1000"]), world_size=1)  # eval rolls out no groups
+
+
+def test_a_fresh_run_into_an_earlier_runs_checkpoints_fails_before_any_work(tmp_path):
+    from srpo_rl.checkpoint import CheckpointManager
+
+    model = torch.nn.Linear(2, 1)
+    CheckpointManager(tmp_path).save(30, model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                     trainer_state={})
+    cfg = _compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}", "trainer.resume_mode=disable"])
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(steps 30\).*trainer.resume_mode=auto"):
+        check_config(cfg, world_size=1)
+    check_config(_compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}"]), world_size=1)  # auto resumes it
 
 
 def test_missing_model_path_and_unknown_groups():
@@ -453,8 +466,10 @@ def test_killed_two_process_run_resumes_where_it_stopped(tmp_path):
     # tiny preset: 2 groups x 2 rollouts, mini-batches of 1 group (1 trajectory a rank) -> 2 optimizer steps a step
     assert _optimizer_steps(checkpoints / "global_step_2") == {4}
 
-    code, log = _run(out, 3, "embodied.embed_during_rollout=true", processes=2)  # V-JEPA beside the rollout
+    # resumed with V-JEPA beside the rollout and another learning rate (the run's, not the checkpoint's)
+    code, log = _run(out, 3, "embodied.embed_during_rollout=true", "actor.lr=2e-5", processes=2)
     assert code == 0, log[-3000:]
+    assert _logged(out / "tensorboard", "train/lr") == pytest.approx({1: 5e-6, 2: 5e-6, 3: 2e-5})
     assert f"resumed from {checkpoints}/global_step_2 at step 2" in log
     assert "[step 3]" in log and "[step 1]" not in log and "[step 2]" not in log
     positions = set()
@@ -462,6 +477,8 @@ def test_killed_two_process_run_resumes_where_it_stopped(tmp_path):
         state = torch.load(checkpoints / "global_step_3" / f"trainer_rank{rank}.pt", weights_only=False)
         assert state["step"] == 3 and state["prompts"]["position"] > 0
         positions.add(state["prompts"]["position"])
+        # the update's shuffling goes on from where it was: the generator's state, not a fresh seed
+        assert not torch.equal(state["generator"], torch.Generator().manual_seed(rank).get_state())
     assert len(positions) == 1  # both ranks read the same prompts and take their own share of them
     assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
     assert sorted(_logged(out / "tensorboard", "train/optimizer_steps")) == [1, 2, 3]
