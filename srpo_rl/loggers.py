@@ -73,7 +73,7 @@ class MetricLogger:
         wandb_offline: bool = False,
         wandb_run_id: str | None = None,
     ) -> None:
-        self.types = list(logger_types)
+        self.types = [logger_types] if isinstance(logger_types, str) else list(logger_types)  # "console" is one
         unknown = [t for t in self.types if t not in LOGGER_TYPES]
         if unknown:
             raise ValueError(f"unknown logger {unknown[0]!r}; choose from {', '.join(LOGGER_TYPES)}")

@@ -228,9 +228,9 @@ class PromptStream:
     """
 
     def __init__(self, rows: Sequence[dict], *, seed: int = 0, shuffle: bool = True) -> None:
-        if not rows:
+        self.rows = list(rows)  # any iterable: an empty generator is empty here, not before
+        if not self.rows:
             raise ValueError("PromptStream needs at least one manifest row")
-        self.rows = list(rows)
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0

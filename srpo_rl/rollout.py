@@ -119,6 +119,8 @@ def group_requests(
     """
     if rollouts_per_group < 1:
         raise ValueError(f"rollouts_per_group must be >= 1, got {rollouts_per_group}")
+    if group_id_stride < 1:  # 0 would give every group the same id
+        raise ValueError(f"group_id_stride must be >= 1 (the number of ranks), got {group_id_stride}")
     requests = []
     for i, (task_id, init_state_id) in enumerate(prompts):
         group_id = first_group_id + i * group_id_stride
@@ -861,7 +863,7 @@ def collect_rollouts(
     """
     if not requests:
         raise ValueError("collect_rollouts needs at least one request")
-    if overlap not in (False, True, "halves"):
+    if not (overlap is True or overlap is False or overlap == "halves"):  # 1 == True: not a mode
         raise ValueError(f"overlap must be False, True (asynchronous pool) or 'halves'; got {overlap!r}")
     if overlap and not all(hasattr(env, name) for name in ("step_send", "step_recv", "step_recv_ready")):
         raise ValueError(

@@ -98,6 +98,10 @@ def update_policy(
             "mini_batch_trajectories, micro_batch_trajectories and traj_mini_batch_size must be >= 1, got "
             f"{mini_batch_trajectories}, {micro_batch_trajectories}, {traj_mini_batch_size}"
         )
+    if ppo_epochs < 1:
+        raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
+    if grad_clip is not None and grad_clip < 0:  # clip_grad_norm_ would scale the gradients by a negative factor
+        raise ValueError(f"grad_clip must be > 0 (or None / 0: measure the norm only), got {grad_clip}")
     params = [p for p in loss_module.parameters() if p.requires_grad]
     sums: dict[str, float | torch.Tensor] = defaultdict(float)
     steps_done = samples = 0
