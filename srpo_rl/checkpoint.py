@@ -188,7 +188,11 @@ class CheckpointManager:
             raise RuntimeError(f"could not load checkpoint {path} ({cause}); delete that folder to resume from the "
                                "one before, or start afresh elsewhere") from error
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-        state = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=False)
+        trainer_file = path / f"trainer_rank{_rank()}.pt"
+        if not trainer_file.exists():  # a checkpoint without run.json, written by fewer ranks
+            raise RuntimeError(f"checkpoint {path} has no {trainer_file.name}: it was written by fewer ranks than this "
+                               f"run has ({_world_size()}); resume with the same number of GPUs")
+        state = torch.load(trainer_file, weights_only=False)
         set_rng_state(state.pop("rng"))
         state["checkpoint_step"] = step
         return state
