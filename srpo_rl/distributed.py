@@ -174,11 +174,11 @@ def all_reduce_sum(values: Mapping[str, float], device: torch.device) -> dict[st
 
 def reduce_scalar(value: float, op: str, device: torch.device | None = None) -> float:
     """``min`` / ``max`` of a scalar over ranks (identity without a process group)."""
-    if op not in ("min", "max"):  # checked on one process too: a typo must not wait for the first multi-GPU run
-        raise ValueError(f"unknown op {op!r}; choose one of min, max")
+    ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    if op not in ops:  # checked on one process too: a typo must not wait for the first multi-GPU run
+        raise ValueError(f"unknown op {op!r}; choose one of {', '.join(ops)}")
     if not dist.is_initialized():
         return value
-    ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
     device = device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu"))
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=ops[op])
