@@ -20,13 +20,14 @@ computed here, vectorised over all groups of the batch.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
+
+from srpo_rl.keys import rename_keys
 
 __all__ = ["GroupAdvantage", "group_advantages", "token_mask_from_chunk_steps"]
 
@@ -196,11 +197,7 @@ class GroupAdvantage(TensorDictModuleBase):
 
     def set_keys(self, **kwargs: NestedKey) -> GroupAdvantage:
         """Renames tensordict keys, e.g. ``set_keys(reward="shaped_reward")``."""
-        accepted = [field.name for field in dataclasses.fields(self._AcceptedKeys)]
-        for name, key in kwargs.items():
-            if name not in accepted:
-                raise ValueError(f"unknown key name {name!r}; choose one of {', '.join(accepted)}")
-            setattr(self.tensor_keys, name, key)
+        rename_keys(self.tensor_keys, **kwargs)
         return self
 
     @property

@@ -23,7 +23,6 @@ Everything here is deterministic: groups are served first in, first out, with no
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections import Counter
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 from tensordict import is_non_tensor, is_tensor_collection, pad, TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
+
+from srpo_rl.keys import rename_keys
 
 __all__ = ["EmbodiedSampler", "SampleResult", "filter_groups"]
 
@@ -249,11 +250,7 @@ class EmbodiedSampler:
 
     def set_keys(self, **kwargs: NestedKey) -> EmbodiedSampler:
         """Renames tensordict keys, e.g. ``set_keys(group_id="prompt_id")``."""
-        accepted = [f.name for f in dataclasses.fields(_Keys)]
-        for name, key in kwargs.items():
-            if name not in accepted:
-                raise ValueError(f"unknown key name {name!r}; choose one of {', '.join(accepted)}")
-            setattr(self.tensor_keys, name, key)
+        rename_keys(self.tensor_keys, **kwargs)
         return self
 
     # ---- cache --------------------------------------------------------------------------------

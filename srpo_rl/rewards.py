@@ -18,7 +18,6 @@ same task in the batch; the closer it ends up, the higher its score in ``[0, 0.6
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
 import queue
 import threading
@@ -38,6 +37,7 @@ from torch import nn
 from torchrl.envs.transforms import Transform
 
 from srpo_rl.cuda_wait import wait_for_stream
+from srpo_rl.keys import rename_keys
 from srpo_rl.models.vjepa2 import sample_frame_indices
 
 __all__ = ["BackgroundEmbedder", "SRPOProgressReward", "srpo_progress_scores", "trajectory_videos"]
@@ -400,11 +400,7 @@ class SRPOProgressReward(Transform):
 
     def set_keys(self, **kwargs: NestedKey) -> SRPOProgressReward:
         """Renames tensordict keys, e.g. ``set_keys(success=("next", "success"))``."""
-        accepted = [field.name for field in dataclasses.fields(self._AcceptedKeys)]
-        for name, key in kwargs.items():
-            if name not in accepted:
-                raise ValueError(f"unknown key name {name!r}; choose one of {', '.join(accepted)}")
-            setattr(self.tensor_keys, name, key)
+        rename_keys(self.tensor_keys, **kwargs)
         self.in_keys = self._keys_read()
         self.out_keys = [self.tensor_keys.reward, self.tensor_keys.progress]
         return self

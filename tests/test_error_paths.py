@@ -16,7 +16,8 @@ from srpo_rl.envs.gym_slots import GymSlotEnv
 from srpo_rl.examples.reacher_policy import make_reacher_env, reacher_success
 from srpo_rl.loggers import MetricLogger
 from srpo_rl.manifest import MANIFEST_SCHEMA, PromptStream, generate_manifests, load_manifest
-from srpo_rl.objectives import SRPOLoss
+from srpo_rl.objectives import EmbodiedSampler, GroupAdvantage, SRPOLoss
+from srpo_rl.rewards import SRPOProgressReward
 from srpo_rl.rollout import collect_rollouts, group_requests
 from srpo_rl.token_policy import StateTokenPolicy
 from srpo_rl.trainer import update_policy
@@ -327,3 +328,16 @@ def test_update_policy_refuses_no_epochs_and_a_negative_clip(option, message):
     with pytest.raises(ValueError, match=message):
         update_policy(loss, optimizer, batch, mini_batch_trajectories=3, **option)
     assert torch.equal(actor.logits.detach(), before)
+
+
+@pytest.mark.parametrize("make", [lambda: GroupAdvantage(), lambda: EmbodiedSampler(train_batch_size=1),
+                                  lambda: SRPOProgressReward(binary=True)], ids=["advantage", "sampler", "reward"])
+def test_set_keys_with_a_typo_renames_nothing(make):
+    # every name is checked before any is set: a call that fails leaves the module reading its old keys
+    module = make()
+    before = dict(vars(module.tensor_keys))
+    with pytest.raises(ValueError, match="unknown key name 'grup_id'; choose one of .*group_id"):
+        module.set_keys(group_id="prompt_id", grup_id="x")
+    assert dict(vars(module.tensor_keys)) == before
+    module.set_keys(group_id="prompt_id")
+    assert module.tensor_keys.group_id == "prompt_id"
