@@ -22,10 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["ChunkResult", "frame_slots", "num_frames", "run_chunk", "validate_chunk"]
+if TYPE_CHECKING:  # the simulation workers import this module: no torch there
+    import torch
+
+__all__ = ["ChunkResult", "action_batch", "frame_slots", "num_frames", "run_chunk", "validate_chunk"]
 
 
 def num_frames(chunk_len: int, frame_stride: int) -> int:
@@ -66,6 +70,24 @@ def validate_chunk(actions: np.ndarray, chunk_len: int, action_dim: int, *, batc
         index = tuple(int(i) for i in np.argwhere(out)[0])
         where = _where(index, batch)
         raise ValueError(f"action {float(actions[index]):.6g} at {where} is outside the valid range [-1, 1]")
+
+
+def action_batch(action: torch.Tensor | None, num_envs: int, chunk_len: int, action_dim: int) -> np.ndarray:
+    """A step tensordict's ``"action"`` as a float32 array ``[num_envs, chunk_len, action_dim]``, validated.
+
+    Raises ``KeyError`` for a missing action and ``ValueError`` naming the dtype, shape or entry that is wrong
+    (:func:`validate_chunk` for the entries).
+    """
+    expected = [num_envs, chunk_len, action_dim]
+    if action is None:
+        raise KeyError(f"the step tensordict has no 'action'; expected float32 {expected}")
+    if not action.is_floating_point():
+        raise ValueError(f"action has dtype {action.dtype}; expected a floating dtype (float32) of shape {expected}")
+    array = action.detach().cpu().float().numpy()
+    if list(array.shape) != expected:
+        raise ValueError(f"action has shape {list(array.shape)}; expected {expected} (num_envs, chunk, dims)")
+    validate_chunk(array, chunk_len, action_dim, batch=True)
+    return array
 
 
 def _where(index: tuple[int, ...], batch: bool) -> str:

@@ -54,7 +54,7 @@ from tensordict import NonTensorStack, TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
 
-from .chunk import num_frames, validate_chunk
+from .chunk import action_batch, num_frames
 from .slot_fields import slot_mask, slot_values
 
 __all__ = ["GymSlotEnv", "init_state_seed"]
@@ -233,7 +233,7 @@ class GymSlotEnv(EnvBase):
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         n, k, image = self.num_envs, self.num_frames, self.image_shape
-        actions = self._check_action(tensordict.get("action", None))
+        actions = action_batch(tensordict.get("action", None), self.num_envs, self.chunk_len, self.action_dim)
         slots = torch.nonzero(slot_mask(tensordict, "_step", n)).flatten().tolist()
         over = [s for s in slots if self._slots[s].done]
         if over:
@@ -304,18 +304,6 @@ class GymSlotEnv(EnvBase):
         if viewer is not None and hasattr(viewer, "make_context_current"):
             viewer.make_context_current()
         return np.ascontiguousarray(np.asarray(env.render(), dtype=np.uint8).transpose(2, 0, 1))
-
-    def _check_action(self, action: torch.Tensor | None) -> np.ndarray:
-        expected = [self.num_envs, self.chunk_len, self.action_dim]
-        if action is None:
-            raise KeyError(f"the step tensordict has no 'action'; expected float32 {expected}")
-        if not torch.is_floating_point(action):
-            raise ValueError(f"action has dtype {action.dtype}; expected a floating dtype (float32) of shape {expected}")
-        array = action.detach().to("cpu", torch.float32).numpy()
-        if list(array.shape) != expected:
-            raise ValueError(f"action has shape {list(array.shape)}; expected {expected} (num_envs, chunk, dims)")
-        validate_chunk(array, self.chunk_len, self.action_dim, batch=True)
-        return array
 
     def _output(self, chunk_steps: torch.Tensor, frames: torch.Tensor, frames_mask: torch.Tensor,
                 frames_step: torch.Tensor) -> TensorDict:

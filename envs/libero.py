@@ -55,7 +55,7 @@ from tensordict import NonTensorStack, TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
 
-from .chunk import num_frames, validate_chunk
+from .chunk import action_batch, num_frames
 from .slot_fields import slot_mask, slot_values
 from ..jpeg import check_jpeg_quality
 from .sim import ACTION_DIM
@@ -484,7 +484,7 @@ class LiberoVecEnv(EnvBase):
         return {slot: results[slot] for slot in requests}
 
     def _step_slots(self, tensordict: TensorDictBase, mask: torch.Tensor) -> tuple[list[int], np.ndarray]:
-        actions = self._check_action(tensordict.get("action", None))
+        actions = action_batch(tensordict.get("action", None), self.num_envs, self.action_chunks_len, ACTION_DIM)
         slots = torch.nonzero(mask).flatten().tolist()
         over = [s for s in slots if bool(self._slots["done"][s])]
         if over:
@@ -528,18 +528,6 @@ class LiberoVecEnv(EnvBase):
         return out
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _check_action(self, action: torch.Tensor | None) -> np.ndarray:
-        expected = [self.num_envs, self.action_chunks_len, ACTION_DIM]
-        if action is None:
-            raise KeyError(f"the step tensordict has no 'action'; expected float32 {expected}")
-        if not torch.is_floating_point(action):
-            raise ValueError(f"action has dtype {action.dtype}; expected a floating dtype (float32), shape {expected}")
-        array = action.detach().to("cpu", torch.float32).numpy()
-        if list(array.shape) != expected:
-            raise ValueError(f"action has shape {list(array.shape)}; expected {expected} (num_envs, chunk, dims)")
-        validate_chunk(array, self.action_chunks_len, ACTION_DIM, batch=True)
-        return array
-
     def _write(self, slot: int, result: dict) -> None:
         row = self._slots[slot]
         row["image"].copy_(torch.from_numpy(result["image"]))
