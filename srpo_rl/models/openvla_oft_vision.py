@@ -83,6 +83,8 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
+    """``fc2(gelu(fc1 x))``, the block's MLP (timm's ``Mlp`` names, as the published files hold them)."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -93,6 +95,8 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (no mask) with a fused ``qkv`` projection, timm's layout."""
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
@@ -128,6 +132,8 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` patches -> ``embed_dim`` tokens ``[B, num_patches, embed_dim]``."""
+
     def __init__(self, cfg: VisionTowerConfig) -> None:
         super().__init__()
         self.proj = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
