@@ -63,19 +63,35 @@ _RESIZE_CHUNK = 8  # images per Lanczos call: bounds the [N, 3, H, W', taps] int
 
 
 class _SleepingDecoder(VocabTailActionTokenizer):
-    """torchrl's decoder, waiting for the GPU asleep first.
+    """torchrl's decoder, waiting for the GPU asleep first, then LIBERO's gripper step on the last dimension.
 
     ``VocabTailActionTokenizer.decode`` de-tokenises in NumPy float64 (reference parity), so it copies the
     sampled tokens to the host; that copy waits for the forward that produces them, spinning a CPU core for
     the whole forward (on an H200, 32 envs: 78 s of the policy thread's CPU in a 90 s rollout, a core the
     simulation workers need). Waiting with :func:`~srpo_rl.cuda_wait.wait_for_stream` first leaves the copy
     nothing to wait for. ``tests/test_policy.py`` checks the CPU time on a GPU.
+
+    With ``libero_gripper`` the last dimension ``g`` becomes ``-sign(2 g - 1)``, as the reference's LIBERO
+    wrapper does to every action whatever the statistics' ``mask`` says (torchrl's own gripper flags act on
+    the dimensions the mask leaves unnormalised only, so statistics without a mask would skip it).
     """
+
+    libero_gripper: bool = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # torchrl decodes in float64 and casts to its centres' dtype: float64 centres keep the gripper's value
+        # exact up to the step below (an unnormalised 0.5 + 5e-9 is 0.5 in float32, and sign(0) = 0)
+        bins = torch.linspace(-1.0, 1.0, self.num_bins, dtype=torch.float64)
+        self.bin_centers = (bins[:-1] + bins[1:]) / 2.0
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.is_cuda:
             wait_for_stream()
-        return super().decode(tokens)
+        actions = super().decode(tokens)  # float64
+        if self.libero_gripper:
+            actions[..., -1] = -torch.sign(2 * actions[..., -1] - 1)
+        return actions.float()
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -336,17 +352,11 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         self.register_buffer("image_std", std.view(1, 2, 3, 1, 1), persistent=False)
         # Window ids 0..255 are action-vocabulary indices (LM id = action_token_begin + index).
         codec = (
-            _SleepingDecoder.from_norm_stats(
-                model.norm_stats,
-                self.unnorm_key,
-                num_bins=cfg.n_action_bins,
-                gripper_binarize=libero_gripper,
-                gripper_binarize_threshold=0.5,
-                gripper_invert=libero_gripper,
-            )
+            _SleepingDecoder.from_norm_stats(model.norm_stats, self.unnorm_key, num_bins=cfg.n_action_bins)
             if self.unnorm_key is not None
             else _SleepingDecoder(cfg.n_action_bins)
         )
+        codec.libero_gripper = libero_gripper
         # Kept out of the module tree: a policy-wide .to(bfloat16) (or FSDP) must not round the float64 q01/q99
         # statistics that the decoder uses (reference parity in float64). The codec moves its lookups itself.
         self.__dict__["action_tokenizer"] = codec

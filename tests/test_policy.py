@@ -109,6 +109,28 @@ def test_tokens_bins_and_actions_match_hand_computation(policy, stats):
     assert set(out["action"][..., 6].unique().tolist()) <= {-1.0, 1.0}
 
 
+def test_statistics_without_a_mask_still_get_the_gripper_step(path, tmp_path):
+    # The reference unnormalises every dimension when the statistics carry no mask (OpenVLA's default mask is
+    # all True), and its LIBERO wrapper then maps the last one to -sign(2 g - 1) whatever the mask was
+    shutil.copytree(path, tmp_path / "no_mask")
+    file = tmp_path / "no_mask" / "dataset_statistics.json"
+    statistics = json.loads(file.read_text())
+    action_stats = statistics["libero_10_no_noops"]["action"]
+    del action_stats["mask"]
+    action_stats["q01"][6], action_stats["q99"][6] = 0.0, 1.0  # a gripper range that puts g on both sides of 0.5
+    file.write_text(json.dumps(statistics))
+    policy = OpenVLAOFTPolicy.from_pretrained(tmp_path / "no_mask", unnorm_key="libero_10", dtype=torch.float32)
+    index = np.array([0, 60, 100, 127, 128, 200, 255])
+    decoded = policy.action_tokenizer.decode(torch.from_numpy(index).expand(7, 7).T.contiguous()).numpy()
+    center = (np.linspace(-1, 1, 256)[:-1] + np.linspace(-1, 1, 256)[1:]) / 2
+    center = center[np.clip(255 - index, 0, 254)]  # id 31744 + i is the digitized bin 256 - i
+    q01, q99 = np.asarray(action_stats["q01"]), np.asarray(action_stats["q99"])
+    unnormalised = 0.5 * (center[:, None] + 1) * (q99 - q01 + 1e-8) + q01  # every dimension, the gripper too
+    np.testing.assert_allclose(decoded[:, :6], unnormalised[:, :6], rtol=1e-6, atol=1e-6)
+    gripper = -np.sign(2 * unnormalised[:, 6] - 1)
+    assert decoded[:, 6].tolist() == gripper.tolist() and set(gripper) == {-1.0, 1.0}
+
+
 def test_every_suite_of_the_tiny_statistics_decodes_into_the_env_range(path):
     from srpo_rl.envs.chunk import validate_chunk
 
