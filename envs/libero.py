@@ -94,8 +94,8 @@ class LiberoVecEnv(EnvBase):
         task_ids: initial task of each slot; defaults to slot ``i`` on task ``i % num_tasks``.
         step_timeout: seconds a chunk step or a reset may take before the worker is restarted.
         build_timeout: seconds building a task's simulation may take.
-        seed: seed of the simulators' random object placement (overwritten by the init states,
-            so episodes are determined by task, init state and actions).
+        seed: numpy's seed in the simulators, set before every reset: LIBERO draws the fixtures' placement
+            from it (the init states set the objects, not the fixtures). The reference seeds 0. Defaults to 0.
         jpeg_quality: the reference's JPEG round trip at this quality (95) for the policy's camera
             images, done in the worker processes, where it costs the policy's process no time; pair it with
             ``OpenVLAOFTPolicy(jpeg_quality=None)`` (the same bytes as the policy's own round trip). The
@@ -262,10 +262,10 @@ class LiberoVecEnv(EnvBase):
 
     # -- torchrl API ------------------------------------------------------------------------------
     def _set_seed(self, seed: int | None) -> None:
-        # episodes are determined by (task, init state, actions); the simulators' own seed only
-        # drives an object placement that the init state overwrites
-        if seed is not None:
-            self._seed = int(seed)
+        # Nothing to seed here: episodes are set by (task, init state, actions), and the simulators' numpy seed,
+        # which places LIBERO's fixtures at every reset, is the constructor's (``seed``: the reference's 0 for
+        # every episode), so that a collector seeding its envs does not move the scene away from the reference's
+        return None
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         n = self.num_envs

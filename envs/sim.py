@@ -7,8 +7,9 @@ what the batched env and the gymnasium env need on top of it:
   fixed initial state, then ``num_steps_wait`` uncounted no-op steps ``[0] * 6 + [-1]``. The reset
   is LIBERO's soft one (``hard_reset=False``: 0.1 s instead of about 2 s). robosuite's soft reset
   forgets to reset the gripper's action state (``GripperModel.current_action``), which shifts the
-  first steps of the next episode by up to 1e-3; it is reset here, so a soft reset reproduces a
-  hard reset's trajectory (and its images) to floating-point noise.
+  first steps of the next episode by up to 1e-3; it is reset here, and numpy's global stream is seeded
+  before every reset (LIBERO draws the fixtures' placement from it, which the init state does not
+  hold), so a soft reset reproduces a fresh env's first episode (and its images) to floating-point noise.
 - **Rendering only the frames that are used.** robosuite renders every camera at every env step
   (about 0.1 s per 256x256 frame on a CPU, ten times the physics). Each camera observable's sensor
   is gated here: robosuite keeps its own sampling schedule, but the sensor renders only on the
@@ -38,6 +39,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -86,11 +88,17 @@ def quat2axisangle(quat: np.ndarray) -> np.ndarray:
 
 
 class _GatedCamera:
-    """A robosuite camera sensor that renders only while ``open`` (else returns a blank image)."""
+    """A robosuite camera sensor that renders only while ``open`` (else returns a blank image).
 
-    def __init__(self, sensor, shape: tuple[int, int, int]):
+    ``make_current`` makes the simulation's GL context current first: robosuite makes a context current only
+    when it creates it, so with several simulations in one process (gymnasium's vector envs) a frame would
+    otherwise be drawn in the context of the last one created, or in none once that one is closed.
+    """
+
+    def __init__(self, sensor, shape: tuple[int, int, int], make_current: Callable[[], None]):
         self.sensor = sensor
         self.__modality__ = sensor.__modality__
+        self.make_current = make_current
         self.open = False
         self.renders = 0
         self._blank = np.zeros(shape, dtype=np.uint8)
@@ -102,6 +110,7 @@ class _GatedCamera:
 
     def render(self) -> np.ndarray:
         """The sensor's own render call (robosuite's ``sim.render`` + its image convention)."""
+        self.make_current()
         self.renders += 1
         return self.sensor({})
 
@@ -120,7 +129,8 @@ class LiberoSim:
         image_size: square camera resolution. Defaults to 256.
         wrist_image: also render the wrist camera for the policy. Defaults to ``False``.
         channels_first: return images ``[3, H, W]`` instead of ``[H, W, 3]``.
-        seed: robosuite/numpy seed (object placement before the init state is applied).
+        seed: numpy's global seed, set before every reset: LIBERO draws the fixtures' placement (cabinets,
+            stoves, racks; not part of the init state) from it. The reference seeds 0. Defaults to 0.
         legacy_look: render textures as MuJoCo <= 3.3.2 did, the look of the LIBERO training
             data, also on MuJoCo >= 3.3.3 (which darkens PNG textures tagged sRGB); a no-op on
             older MuJoCo. See :mod:`.render_fidelity`. Defaults to ``False``.
@@ -234,12 +244,30 @@ class LiberoSim:
                 sensor = sensor.sensor
             # assigned directly: Observable.set_sensor would call (render) it once to check it
             observable._sensor = self._cameras[name] = _GatedCamera(
-                sensor, (self.image_size, self.image_size, 3)
+                sensor, (self.image_size, self.image_size, 3), self._make_render_context_current
             )
+
+    def _make_render_context_current(self) -> None:
+        context = self.env.env.sim._render_context_offscreen  # robosuite creates it at the first reset
+        if context is None:
+            return
+        if type(context.gl_ctx).__module__.endswith("egl_context"):
+            from OpenGL import EGL
+
+            # closing another simulation's EGL context releases this thread's EGL state (eglReleaseThread),
+            # which resets its API to OpenGL ES: made current after that, the desktop GL context draws nothing
+            if EGL.eglQueryAPI() != EGL.EGL_OPENGL_API:
+                EGL.eglBindAPI(EGL.EGL_OPENGL_API)
+            current = EGL.eglGetCurrentContext()  # thread-local queries: the worker's one context costs no switch
+            if current and current.address == context.gl_ctx._context.address:
+                return
+        context.gl_ctx.make_current()
 
     def close(self) -> None:
         """Frees the simulation and its renderer."""
         if self.env is not None:
+            # robosuite frees MuJoCo's GL objects (mjr_freeContext) in whatever context is current: its own first
+            self._make_render_context_current()
             self.env.close()
             self.env = None
 
@@ -257,6 +285,11 @@ class LiberoSim:
         init_state_id = self.info.check_init_state(self.task_id, init_state_id)
         robosuite_env = self.env.env
         robosuite_env.hard_reset = bool(hard)
+        # LIBERO places the fixtures (cabinets, stoves, racks) at each reset from numpy's global stream, into the
+        # model, where the init state (time, qpos, qvel) does not reach; the reference builds a fresh env seeded 0
+        # for every episode, so every reset here starts from the seed's draw as that env's first reset does
+        self.env.seed(self.seed)
+        self._make_render_context_current()  # a hard reset frees the GL objects in the current context
         try:
             self.env.reset()
         finally:

@@ -324,7 +324,8 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
 
 
 def make_env(cfg: DictConfig, info: DistInfo):
-    """``env.num_envs`` LIBERO slots for this process (seeded per rank)."""
+    """``env.num_envs`` LIBERO slots for this process (the simulators' numpy seed 0 on every rank, as the reference
+    seeds every episode's env: it places LIBERO's fixtures, so one init state shows one scene on every rank)."""
     return make_libero_env(
         cfg.env.env_name,
         cfg.env.num_envs,
@@ -335,7 +336,6 @@ def make_env(cfg: DictConfig, info: DistInfo):
         frame_stride=cfg.embodied.frame_stride,
         wrist_image=cfg.embodied.num_images_in_input > 1,
         step_timeout=cfg.env.step_timeout,
-        seed=cfg.seed + 1000 * info.rank,
         jpeg_quality=JPEG_QUALITY if cfg.rollout.jpeg_in_workers else None,
         legacy_look=cfg.env.legacy_look,
     )

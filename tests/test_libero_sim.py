@@ -4,6 +4,8 @@ Real LIBERO (libero-pro) with Mesa EGL rendering; one simulation is built for th
 """
 
 import io
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import gymnasium
 import numpy as np
@@ -142,6 +144,65 @@ def test_soft_reset_matches_hard_reset(sim):
     for frames, states in soft:
         assert np.abs(states - hard_states).max() <= 1e-6
         assert np.array_equal(frames, hard_frames)
+
+
+def _fixture_layout(robosuite_env) -> np.ndarray:
+    model = robosuite_env.sim.model
+    return np.concatenate([model.body_pos, model.body_quat], axis=1).copy()
+
+
+def _fixture_layouts() -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Layouts after three resets of one LiberoSim (libero_goal task 3), the reference's fresh env seeded 0, and
+    that env after a second reset from the same stream."""
+    from libero.libero.envs import OffScreenRenderEnv
+
+    sim = LiberoSim("libero_goal", task_id=3, max_steps=64, num_steps_wait=2)
+    try:
+        layouts = []
+        for init_state_id in (0, 5, 0):
+            sim.reset(init_state_id=init_state_id)
+            sim.step_chunk(_actions(init_state_id), frame_stride=8)
+            layouts.append(_fixture_layout(sim.env.env))
+        fresh = OffScreenRenderEnv(bddl_file_name=sim.info.bddl_files[3], camera_heights=SIZE, camera_widths=SIZE)
+        try:
+            fresh.seed(0)
+            fresh.reset()
+            reference = _fixture_layout(fresh.env)
+            fresh.reset()  # a second reset from the same stream, as a soft reset without the seed would do
+            return layouts, reference, _fixture_layout(fresh.env)
+        finally:
+            fresh.close()
+    finally:
+        sim.close()
+
+
+def test_every_reset_places_the_fixtures_as_the_references_fresh_env():
+    # libero_goal's scene has fixtures (cabinet, stove, wine rack): LIBERO places them at each reset from numpy's
+    # global stream, into the model, where the init state does not reach. The reference builds an env seeded 0
+    # for every episode; here one simulation serves many episodes. In its own process: building and closing
+    # simulations here would leave the module's simulation without its current GL context.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        layouts, reference, moved = pool.submit(_fixture_layouts).result(timeout=300)
+    assert np.abs(moved - reference).max() > 1e-3  # the fixtures do move with the stream
+    for layout in layouts:
+        assert np.array_equal(layout, reference)
+
+
+def test_simulations_in_one_process_render_their_own_scenes(sim):
+    # robosuite makes a GL context current only when it creates it, and frees a closing simulation's GL objects
+    # in whatever context is current: a second simulation in the process (gymnasium's vector envs) made the
+    # first one draw another scene, then black frames once it was closed
+    before = sim.reset(init_state_id=1)["image"].copy()
+    other = LiberoSim("libero_goal", task_id=3, max_steps=64, num_steps_wait=2)
+    try:
+        other_image = other.reset(init_state_id=0)["image"]
+        assert np.array_equal(sim.reset(init_state_id=1)["image"], before)
+        assert np.abs(other_image.astype(int) - before).mean() > 10  # another scene: the check can tell them apart
+        other.set_task(4)  # a rebuild closes its first simulation
+        assert np.array_equal(sim.reset(init_state_id=1)["image"], before)
+    finally:
+        other.close()
+    assert np.array_equal(sim.reset(init_state_id=1)["image"], before)
 
 
 # -- chunks and frames -----------------------------------------------------------------------------
