@@ -1,6 +1,8 @@
-"""Greedy evaluation: success rate per task and per suite over manifest rows (LIBERO's standard protocol).
+"""Greedy evaluation: success rate per task and per suite over manifest rows.
 
-Every row (one task, one init state) is rolled out once with the argmax policy. With several ranks each
+Every row (one task, one init state) is rolled out once with the argmax policy, as LIBERO's evaluation does,
+for the env's ``max_steps``: the SRPO recipe's 512 for every suite, or OpenVLA-OFT's per-suite horizons with
+``make_libero_env(..., max_steps="suite")`` (``env.max_steps=suite`` in the example). With several ranks each
 takes every ``world_size``-th row and the counts are summed.
 
 Example (a tiny random policy, which succeeds nowhere):
