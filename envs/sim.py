@@ -219,7 +219,6 @@ class LiberoSim:
             # episode ends are ours (max_steps); robosuite's horizon would raise past 1000 steps
             ignore_done=True,
         )
-        self.env.seed(self.seed)
         fast_osc.install(self.env.env)  # robosuite's arm control substeps, bit for bit, without its overhead
         self._apply_look()
         self.task_id = task_id

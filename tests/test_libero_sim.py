@@ -179,8 +179,8 @@ def _fixture_layouts() -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
 def test_every_reset_places_the_fixtures_as_the_references_fresh_env():
     # libero_goal's scene has fixtures (cabinet, stove, wine rack): LIBERO places them at each reset from numpy's
     # global stream, into the model, where the init state does not reach. The reference builds an env seeded 0
-    # for every episode; here one simulation serves many episodes. In its own process: building and closing
-    # simulations here would leave the module's simulation without its current GL context.
+    # for every episode; here one simulation serves many episodes. In its own process: the reference's plain
+    # robosuite env, closed, would free its GL objects in whatever context is current (LiberoSim guards that).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         layouts, reference, moved = pool.submit(_fixture_layouts).result(timeout=300)
     assert np.abs(moved - reference).max() > 1e-3  # the fixtures do move with the stream
