@@ -212,10 +212,12 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     the plain model's (one run; ``benchmarks/rollout_throughput.py``, ``pool_lora_merged``). The merged
     weight is what :func:`merge_lora_state` publishes, written in place, so CUDA graphs captured inside the block
     stay valid from one block to the next. On leaving the block (also on an error) the base weights are copied
-    back from a host copy taken on the first merge: bit for bit, where subtracting ``B @ A`` again would leave
-    each bf16 weight rounded twice. The copy is taken again when a weight was changed in place since (a loaded
-    checkpoint). It costs host memory the size of the adapted weights (13.5 GiB for the 7B in bf16, pinned),
-    and a copy of them back to the GPU per block.
+    back from a host copy taken when the block starts: bit for bit, where subtracting ``B @ A`` again would leave
+    each bf16 weight rounded twice. The copy is taken at every block, so whatever changed the base weights since
+    the last one (a loaded checkpoint, a write through ``.data`` or ``load_state_dict(assign=True)``, which
+    tensor version counters do not all see) is what comes back. It costs host memory the size of the adapted
+    weights (13.5 GiB for the 7B in bf16, pinned, allocated at the first block) and a copy of them each way per
+    block.
 
     The log-probs a rollout stores (the loss's old ones) then come from the merged weights, and the update's
     current ones from the adapters beside the base: at equal weights the two differ by the merged weight's one
@@ -247,20 +249,19 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for layer in layers:
                 if "forward" not in layer.__dict__:  # merged (an error may have come before the last layer)
-                    layer.weight.copy_(layer._lora_base[0], non_blocking=True)
-                    layer._lora_base = (layer._lora_base[0], layer.weight._version)
+                    layer.weight.copy_(layer._lora_base, non_blocking=True)
                     layer.forward = types.MethodType(_lora_forward, layer)
         if cuda:
             torch.cuda.synchronize()
 
 
 def _keep_base_copy(layer: nn.Linear) -> None:
-    """Keeps a host copy of ``layer.weight`` (pinned beside a GPU), unless the one kept is still current."""
+    """Copies ``layer.weight`` into its host buffer (pinned beside a GPU; allocated once, reused by later blocks).
+
+    Queued on the current stream: the merge that follows writes the weight only after the copy has read it.
+    """
     weight = layer.weight
     kept = layer.__dict__.get("_lora_base")
-    if kept is not None and kept[1] == weight._version and kept[0].shape == weight.shape \
-            and kept[0].dtype == weight.dtype:
-        return
-    copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.is_cuda)
-    copy.copy_(weight)
-    layer._lora_base = (copy, weight._version)
+    if kept is None or kept.shape != weight.shape or kept.dtype != weight.dtype:
+        kept = layer._lora_base = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.is_cuda)
+    kept.copy_(weight, non_blocking=True)

@@ -287,6 +287,8 @@ def test_inference_inside_merged_adapters_is_the_plain_model_on_the_merged_weigh
             # saved now, the merged weights and their adapters would count the adapters twice
             with pytest.raises(RuntimeError, match="adapters are merged into its weights"):
                 model.save_pretrained(tmp_path / "inside")
+            with pytest.raises(RuntimeError, match="adapters are merged into its weights"):  # its state dict too
+                model.save_pretrained(tmp_path / "inside", state_dict=model.state_dict())
             with pytest.raises(RuntimeError, match="adapters are merged into its weights"):
                 CheckpointManager(tmp_path / "checkpoints").save(1, model=model, optimizer=optimizer, trainer_state={})
         after = model(ids, mask, pixels)
@@ -358,6 +360,17 @@ def test_merged_adapters_restore_on_error_and_take_in_weights_loaded_in_between(
     with merged_adapters(layer), merged_adapters(layer):  # nested: the inner block finds nothing left to merge
         pass
     assert torch.equal(layer.weight, loaded) and adapters_active(layer)
+    # writes that no version counter sees: through .data, and a new tensor assigned in place of the weight
+    through_data = torch.randn(layer.weight.shape, generator=g)
+    layer.weight.data.copy_(through_data)
+    with merged_adapters(layer):
+        pass
+    assert torch.equal(layer.weight, through_data)
+    assigned = torch.randn(layer.weight.shape, generator=g)
+    layer.load_state_dict({**layer.state_dict(), "weight": assigned.clone()}, assign=True)
+    with merged_adapters(layer):
+        torch.testing.assert_close(layer.weight.detach(), assigned + b.detach() @ a.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(layer.weight, assigned)
 
 
 def test_bad_ranks_and_models_without_linear_layers_are_rejected():

@@ -430,8 +430,7 @@ class OpenVLAOFT(nn.Module):
                 in the original format; for a model not loaded from a directory, the parameters' dtype.
             max_shard_size: shard limit (transformers' default ``"5GB"`` gives the 7B's 4 shards).
         """
-        if state_dict is None:
-            check_adapters_apart(self)
+        check_adapters_apart(self)  # inside merged_adapters a state dict taken from the model counts them twice
         state = merge_lora_state(self._full_state_dict() if state_dict is None else state_dict)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
