@@ -227,7 +227,9 @@ class HostAdamW(torch.optim.Optimizer):
     def _state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
         if not state:
-            master = _local(param).detach().to("cpu", torch.float32, copy=True)
+            # row-major whatever the parameter's strides: the fused update pairs elements by memory position, and
+            # the gradient comes over row-major (a transposed parameter was updated at the wrong elements)
+            master = _local(param).detach().to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format)
             state["step"] = torch.tensor(0.0)
             state["master"] = _like(param, master)
             for key in _MOMENTS:
@@ -389,7 +391,7 @@ class HostAdamW(torch.optim.Optimizer):
             param = by_id[pid]
             for key, value in tensors.items():
                 dtype = torch.float32 if key == "master" else self.state_dtype
-                local = _local(value).detach().to("cpu", dtype)
+                local = _local(value).detach().to("cpu", dtype).contiguous()
                 if local.shape != _local(param).shape:
                     raise ValueError(f"HostAdamW state {key!r} of shape {tuple(local.shape)} does not fit the "
                                      f"parameter's local shape {tuple(_local(param).shape)}")

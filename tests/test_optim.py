@@ -55,6 +55,28 @@ def test_master_weights_follow_adamw_and_the_parameters_their_bf16_rounding():
         assert int(optimizer.state[p]["step"]) == 4
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_parameters_stored_transposed_get_their_update_at_their_own_elements(state_dtype):
+    # a transposed and a channels-last parameter: the update pairs master, moments and gradient element by element
+    g = torch.Generator().manual_seed(3)
+    transposed = torch.nn.Parameter(torch.randn(4, 3, generator=g).t())
+    channels_last = torch.nn.Parameter(torch.randn(2, 3, 2, 2, generator=g).to(memory_format=torch.channels_last))
+    params = [transposed, channels_last]
+    assert not any(p.is_contiguous() for p in params)
+    start = [p.detach().clone() for p in params]
+    optimizer = HostAdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, state_dtype=state_dtype)
+    gradients = _gradients([tuple(p.shape) for p in params], steps=3, seed=4)
+    gradients[0][0].zero_()
+    gradients[0][0][0, 1] = 1.0  # one element moves by its gradient at the first step: (0, 1), not (1, 0)
+    for grads in gradients:
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        optimizer.step()
+    tolerance = dict(rtol=1e-5, atol=1e-6) if state_dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    for p, want in zip(params, _adamw_float64(start, gradients)):
+        torch.testing.assert_close(p.detach().double(), want, **tolerance)
+
+
 def test_each_parameter_group_steps_with_its_own_lr_and_weight_decay():
     shapes = [(6, 3), (4,)]
     start = [torch.randn(s, generator=torch.Generator().manual_seed(10 + i)) for i, s in enumerate(shapes)]
