@@ -425,6 +425,20 @@ class LiberoVecEnv(EnvBase):
         out.set("_reset", mask.to(out.device))
         return out
 
+    def discard_pending(self) -> None:
+        """Waits for every step and reset in flight and drops their results, so that the env takes commands again
+        (after an error part-way through a rollout: :func:`srpo_rl.rollout.collect_rollouts` calls it).
+
+        Each wait is bounded by its command's timeout (a hung worker is restarted). The slots whose results were
+        dropped are marked done: their next command must be a reset.
+        """
+        slots = self._workers.in_flight  # the workers' own record: also a command sent whose bookkeeping here failed
+        self._sent.clear()
+        self._resetting.clear()
+        if slots:
+            self._workers.recv(slots)
+            self._slots["done"][slots] = True
+
     @property
     def pending_resets(self) -> list[int]:
         """Slots whose :meth:`reset_send` reset :meth:`reset_recv` has not collected yet."""

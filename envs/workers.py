@@ -314,26 +314,29 @@ class SimWorkers:
             raise ValueError(f"unknown start method {context!r}; choose 'spawn' or 'forkserver'")
         if reply_bytes < 0:
             raise ValueError(f"reply_bytes must be >= 0 (0: replies through the pipe only), got {reply_bytes}")
-        self._ctx = multiprocessing.get_context(context)
-        self._sim_kwargs = dict(sim_kwargs)
-        self.timeout = float(timeout)
-        self.build_timeout = float(build_timeout)
-        self._shared = [SharedMemory(create=True, size=reply_bytes) for _ in task_ids] if reply_bytes else []
         if not 0 <= cpu_render_slots <= len(task_ids):
             raise ValueError(
                 f"cpu_render_slots must be between 0 and the {len(task_ids)} slots, got {cpu_render_slots}"
             )
         if cpu_render_slots and rendering_backend() != "egl":
             raise ValueError(f"cpu_render_slots renders through EGL; MUJOCO_GL is {rendering_backend()!r}")
-        self._render_device = parent_render_device() if render_device is None else int(render_device)
-        self._cpu_render = _cpu_render_environment() if cpu_render_slots else None
-        self.cpu_render_slots = range(len(task_ids) - cpu_render_slots, len(task_ids))
-        self._workers = [self._start(slot, int(t)) for slot, t in enumerate(task_ids)]
+        self._ctx = multiprocessing.get_context(context)
+        self._sim_kwargs = dict(sim_kwargs)
+        self.timeout = float(timeout)
+        self.build_timeout = float(build_timeout)
         self.restarts = 0
         self.busy_time: dict[str, float] = defaultdict(float)
         self._inflight: dict[int, tuple[str, float, float]] = {}  # slot -> (method, timeout, deadline)
         self._failed: dict[int, Failure] = {}  # sends that failed at once, reported by recv
-        try:
+        self._workers: list[_Worker] = []
+        self._shared: list[SharedMemory] = []
+        self.cpu_render_slots = range(len(task_ids) - cpu_render_slots, len(task_ids))
+        try:  # whatever fails from here on, close() frees what was made (shared memory outlives the process)
+            self._shared = [SharedMemory(create=True, size=reply_bytes) for _ in task_ids] if reply_bytes else []
+            self._render_device = parent_render_device() if render_device is None else int(render_device)
+            self._cpu_render = _cpu_render_environment() if cpu_render_slots else None
+            for slot, task_id in enumerate(task_ids):
+                self._workers.append(self._start(slot, int(task_id)))
             self._wait_built(range(len(self._workers)), retry=True)
         except BaseException:
             self.close()
@@ -461,6 +464,11 @@ class SimWorkers:
                 self._failed[slot] = self._fail(slot, worker.describe_death())
                 continue
             self._inflight[slot] = (method, timeout, time.monotonic() + timeout)
+
+    @property
+    def in_flight(self) -> list[int]:
+        """Slots whose command :meth:`recv` has not collected (a crashed worker's failure included)."""
+        return sorted(set(self._inflight) | set(self._failed))
 
     def recv(self, slots: Sequence[int]) -> dict[int, Any]:
         """Waits for the results of the commands :meth:`send` started on ``slots``.

@@ -564,6 +564,9 @@ class BackgroundEmbedder:
         or holds it until its group is complete when there is a ``keep_group``."""
         if not self._thread.is_alive():
             raise RuntimeError("the BackgroundEmbedder is closed")
+        missing = [key for key in ("rollout_id", "group_id") if key not in trajectory.keys()]
+        if missing:  # here, not in the thread: pop() must never wait for a row the thread cannot file
+            raise KeyError(f"the trajectory has no {missing}; hand over the rows collect_rollouts gives on_finished")
         if self.keep_group is None:
             self._queue.put(trajectory)
             return
@@ -645,7 +648,7 @@ class BackgroundEmbedder:
                 embeddings = embeddings.to("cpu", torch.float32)
             results = dict(zip(ids, embeddings, strict=True))
             self._dim = embeddings.shape[-1]
-        except Exception as error:  # handed to pop(), which raises it in the caller
+        except BaseException as error:  # handed to pop(), which raises it in the caller (the thread lives on)
             results = dict.fromkeys(ids, error)
         self.busy_time += time.perf_counter() - t0
         return results

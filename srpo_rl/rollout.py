@@ -876,22 +876,39 @@ def collect_rollouts(
     cpu = time.thread_time()
     # an FSDP2-sharded policy's weights gathered once: its forwards, different in number on every rank, are
     # then no collectives
-    with gathered(policy) if isinstance(policy, torch.nn.Module) else contextlib.nullcontext():
-        if run.stream is not None:  # the policy reads weights the caller's stream may still be writing
-            run.stream.wait_stream(torch.cuda.current_stream(run.device))
-        with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(run.device.type != "cpu"):
-            if overlap == "halves":
-                run.run(num_groups=2)
-            elif overlap:
-                run.run_pool()
-            else:
-                run.run(num_groups=1)
-        if run.stream is not None:  # and what comes after the rollout runs after its GPU work
-            torch.cuda.current_stream(run.device).wait_stream(run.stream)
+    try:
+        with gathered(policy) if isinstance(policy, torch.nn.Module) else contextlib.nullcontext():
+            if run.stream is not None:  # the policy reads weights the caller's stream may still be writing
+                run.stream.wait_stream(torch.cuda.current_stream(run.device))
+            with set_exploration_type(exploration_type), torch.no_grad(), single_cpu_thread(run.device.type != "cpu"):
+                if overlap == "halves":
+                    run.run(num_groups=2)
+                elif overlap:
+                    run.run_pool()
+                else:
+                    run.run(num_groups=1)
+            if run.stream is not None:  # and what comes after the rollout runs after its GPU work
+                torch.cuda.current_stream(run.device).wait_stream(run.stream)
+    except BaseException:
+        run.bar.close()
+        _discard_pending(env)  # steps and resets still in flight would refuse the env's next rollout
+        raise
     run.stats.loop_cpu_time = time.thread_time() - cpu
     if overlap is not True:  # the policy ran on this thread: its time is in both counters
         run.stats.loop_cpu_time -= run.stats.policy_cpu_time
     return run.result(requests, start)
+
+
+def _discard_pending(env: EnvBase) -> None:
+    """Lets an env with commands in flight (``discard_pending``, e.g. :class:`~srpo_rl.envs.LiberoVecEnv`) take
+    commands again; a failure to do so is logged, not raised over the error being handled."""
+    discard = getattr(env, "discard_pending", None)
+    if discard is None or getattr(env, "is_closed", False):
+        return
+    try:
+        discard()
+    except Exception:  # noqa: BLE001 - the rollout's own error is the one to raise
+        logger.exception("could not collect the env's steps in flight after the rollout failed")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -358,6 +359,18 @@ def test_replies_through_shared_memory_equal_replies_through_the_pipe():
         through_shared.close()
     with pytest.raises(ValueError, match="reply_bytes must be >= 0"):
         SimWorkers(kwargs, [2], reply_bytes=-1)
+
+
+def test_workers_that_fail_to_start_leave_no_shared_memory_behind():
+    # shared memory outlives the process that made it: a start that fails after making it must unlink it
+    def blocks() -> set[str]:
+        return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+    before = blocks()
+    unpicklable = {"suite": "libero_object", "make": lambda: None}  # spawn pickles the kwargs: the start fails
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        SimWorkers(unpicklable, [0, 1], reply_bytes=1 << 16)
+    assert blocks() - before == set()
 
 
 @pytest.mark.parametrize(

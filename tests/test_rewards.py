@@ -374,6 +374,28 @@ def test_background_embedding_errors_reach_the_caller(batch):
         background(_rows_of(batch)[1])
 
 
+def test_background_thread_outlives_an_exit_raised_in_the_embedder_and_refuses_rows_without_ids(batch, embedder):
+    # a BaseException (SystemExit) in the embedder used to end the thread, and pop() then waited forever
+    class ExitsOnce(CountingEmbedder):
+        def __call__(self, videos):
+            if not self.calls:
+                self.calls.append(len(videos))
+                raise SystemExit("embedder exited")
+            return super().__call__(videos)
+
+    background = BackgroundEmbedder(ExitsOnce(embedder))
+    rows = _rows_of(batch)
+    background(rows[0])
+    with pytest.raises(RuntimeError, match="embedding a finished trajectory failed") as info:
+        background.pop([0])
+    assert isinstance(info.value.__cause__, SystemExit)
+    background(rows[1])  # the thread is still there
+    torch.testing.assert_close(background.pop([1]), embedder([manual_video(batch, [1])]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match=r"the trajectory has no \['rollout_id'\]"):
+        background(rows[2].exclude("rollout_id"))
+    background.close()
+
+
 def test_background_embeds_only_the_groups_the_sampler_keeps(batch, embedder):
     # group 0 succeeds 1 of 4 times: below a lower bound of 0.3 the sampler drops it; groups 1 and 2 pass
     sampler = EmbodiedSampler(2, accuracy_lower_bound=0.3)

@@ -488,13 +488,18 @@ def test_a_policy_error_in_the_pool_reaches_the_caller(policy, monkeypatch, meth
     monkeypatch.setattr(policy, method, failing_second_call)
     if method == "forward":
         monkeypatch.setattr(policy, "launch", None)
-    env = LiberoVecEnv("libero_object", 1, max_steps=4 * CHUNK, task_ids=[1])
+    env = LiberoVecEnv("libero_object", 2, max_steps=4 * CHUNK, task_ids=[1, 1])
     try:
         with pytest.raises(RuntimeError, match="policy failed on call 2"):
-            collect_rollouts(env, policy, group_requests([(1, 0)], rollouts_per_group=1), overlap=True)
+            collect_rollouts(env, policy, group_requests([(1, 0)], rollouts_per_group=2), overlap=True)
+        assert calls == [0, 1]
+        # the steps and resets the failed rollout left in flight are collected: the env takes the next rollout
+        assert env.pending_steps == 0 and env.pending_resets == []
+        monkeypatch.undo()
+        trajectories, _ = collect_rollouts(env, policy, group_requests([(1, 0)], rollouts_per_group=2), overlap=True)
+        assert trajectories["num_steps"].tolist() == [4 * CHUNK] * 2
     finally:
         env.close()
-    assert calls == [0, 1]
 
 
 def test_overlap_needs_an_async_env(policy):
