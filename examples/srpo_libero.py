@@ -62,7 +62,7 @@ def run_eval(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     """Greedy rollouts of ``model.path`` on ``eval.task_ids`` x ``eval.num_trials_per_task`` of the env's suite."""
     rows = make_eval_rows(cfg)
     policy = make_policy(cfg, info)
-    env = resources.enter_context(closing(make_env(cfg, info)))
+    env = resources.enter_context(closing(make_env(cfg)))
     logger = resources.enter_context(closing(make_logger(cfg)))
     with merged_adapters(policy.model):
         result = evaluate(env, policy, rows, rank=info.rank, world_size=info.world_size,
@@ -100,7 +100,7 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     # Task manifests (generated on first use) and models
     train_rows, val_rows = make_manifests(cfg, info)
     policy = make_policy(cfg, info)
-    env = resources.enter_context(closing(make_env(cfg, info)))
+    env = resources.enter_context(closing(make_env(cfg)))
 
     # Reward, advantage, sampling filters, loss and optimizer
     reward_module = make_reward(cfg, info)

@@ -323,7 +323,7 @@ def make_policy(cfg: DictConfig, info: DistInfo) -> OpenVLAOFTPolicy:
     return policy.eval()
 
 
-def make_env(cfg: DictConfig, info: DistInfo):
+def make_env(cfg: DictConfig):
     """``env.num_envs`` LIBERO slots for this process (the simulators' numpy seed 0 on every rank, as the reference
     seeds every episode's env: it places LIBERO's fixtures, so one init state shows one scene on every rank)."""
     return make_libero_env(
