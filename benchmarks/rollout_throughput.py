@@ -50,8 +50,9 @@ executes the same env steps, so its env-steps/s compare directly.
   recipe's LoRA actor on one GPU (``examples/srpo_libero.py`` leaves it unsharded there).
 - ``pool_lora_merged``: ``pool_lora``'s model inside :func:`srpo_rl.lora.merged_adapters` (the adapters folded
   into the weights for the rollout, as ``examples/srpo_libero.py`` rolls out), its graphs captured again inside it
-  before the timed run; ``merge_s`` and ``restore_s`` are the block's entry and exit (the first entry takes the
-  host copy of the base weights).
+  before the timed run; ``merge_s`` and ``restore_s`` are the block's entry and exit (the first entry allocates
+  the pinned host buffers), ``remerge_s`` a second block's entry, as every later rollout pays it (the copy of the
+  base weights to the host and the merge).
 - ``pool_recipe``: the model FSDP2-sharded over a world of one with bf16 compute (``shard_actor``): fp32 master
   weights, or with ``--lora-rank R`` the bf16 base frozen under the rank-R adapters; gathered once for the
   rollout (``collect_rollouts`` does) and run without CUDA graphs (they do not capture an FSDP2 module). The
@@ -321,7 +322,12 @@ def merged_pool(env, policy, requests, mode: str, timer, forward_timer, names) -
             captured = capture_graphs(policy, names, env.num_envs)
         row, trajs = scheduler(env, policy, requests, mode, timer, forward_timer)
         t0 = time.perf_counter()
-    row.update(merge_s=merge_s, restore_s=time.perf_counter() - t0, cuda_graphs=captured)
+    restore_s = time.perf_counter() - t0
+    # a later block, as every rollout after the first pays it: the host buffers exist; the copy and merge remain
+    t0 = time.perf_counter()
+    with merged_adapters(policy.model):
+        remerge_s = time.perf_counter() - t0
+    row.update(merge_s=merge_s, restore_s=restore_s, remerge_s=remerge_s, cuda_graphs=captured)
     return row, trajs
 
 
