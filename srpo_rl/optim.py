@@ -19,7 +19,7 @@ same fused update and rounds them back stochastically (:func:`round_to_bf16_stoc
 the second moment's increment of ``(1 - beta2) = 0.1 %`` a step falls below bf16's half spacing (0.2-0.4 %)
 once the average has settled, and the moment stops moving (``tests/test_optim.py`` shows it stalled at about
 half its value); rounded stochastically it is unbiased. The master weights stay fp32. The rounding's noise is
-not part of the state: a resumed run continues with other draws than an uninterrupted one would have made.
+a function of the step count and the parameter's place in the optimizer: a resumed run continues bit for bit.
 
 The state has torch AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master``, each tensor on the
 host; for a DTensor parameter (FSDP2) each is a DTensor with the same mesh and placements whose local shard
@@ -39,7 +39,6 @@ Example:
 from __future__ import annotations
 
 import os
-import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -62,20 +61,33 @@ class _BlockNoise:
 
     Drawing fresh noise for the 7B's 15 billion moment elements costs about a minute of CPU a step (torch's CPU
     ``randint``); instead one table of ``2 x block`` values is drawn once, and each call reads up to ``block``
-    consecutive values from a random offset. An element so meets a value from a random place of the table at
-    every step: uniform, and independent from step to step (up to the table's 2^21 draws).
+    consecutive values from an offset that a hash of the call's ``key`` picks (the step, the parameter, the
+    block, the moment). An element so meets a value from a pseudo-random place of the table at every step:
+    uniform, and independent from step to step (up to the table's 2^21 draws). The draws are a function of the
+    optimizer's state: a resumed run rounds as an uninterrupted one would have.
     """
 
     def __init__(self, seed: int = 0, block: int = _BLOCK) -> None:
         self.block = block
         self.table = torch.randint(0, 2**16, (2 * block,), dtype=torch.int32,
                                    generator=torch.Generator().manual_seed(seed))
-        self.offsets = random.Random(seed)
 
-    def __call__(self, numel: int) -> torch.Tensor:
-        """Noise for ``numel <= block`` elements."""
-        offset = self.offsets.randrange(self.block)
+    def __call__(self, numel: int, key: tuple[int, ...]) -> torch.Tensor:
+        """Noise for ``numel <= block`` elements, the same for the same ``key`` (non-negative integers)."""
+        offset = _hash(key) % self.block
         return self.table[offset:offset + numel]
+
+
+def _hash(key: tuple[int, ...]) -> int:
+    """A 64-bit hash of non-negative integers (splitmix64's finalizer over each): the same in every process,
+    where Python's ``hash`` of a tuple is not guaranteed to be."""
+    mask, x = 2**64 - 1, 0
+    for value in key:
+        x = (x ^ value) + 0x9E3779B97F4A7C15 & mask
+        x = (x ^ x >> 30) * 0xBF58476D1CE4E5B9 & mask
+        x = (x ^ x >> 27) * 0x94D049BB133111EB & mask
+        x ^= x >> 31
+    return x
 
 
 def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, settings: dict) -> None:
@@ -341,6 +353,7 @@ class HostAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_host_memory([p for group in self.param_groups for p in group["params"] if p.grad is not None])
+        position = {p: i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for chunk in self._chunks([p for p in group["params"] if p.grad is not None]):
@@ -353,15 +366,17 @@ class HostAdamW(torch.optim.Optimizer):
                     _fused_adamw(masters, grads, [_local(s["exp_avg"]) for s in states],
                                  [_local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], settings)
                 else:
-                    for master, grad, state in zip(masters, grads, states):
-                        self._bf16_moments_update(master, grad, state, settings)
+                    for param, master, grad, state in zip(chunk, masters, grads, states):
+                        self._bf16_moments_update(master, grad, state, settings, position[param])
                 self._write_back(chunk, masters)
         return loss
 
-    def _bf16_moments_update(self, master: torch.Tensor, grad: torch.Tensor, state: dict, settings: dict) -> None:
+    def _bf16_moments_update(self, master: torch.Tensor, grad: torch.Tensor, state: dict, settings: dict,
+                             position: int) -> None:
         """One parameter's update with bf16 moments, ``_BLOCK`` elements at a time: the moments' fp32 copies, the
         fused update and the stochastic rounding back each pass over data still in the CPU's caches (over the
-        whole parameter, each pass goes to memory: the step took 2.3x the fp32 one on a 16-core host, 1.65x so)."""
+        whole parameter, each pass goes to memory: the step took 2.3x the fp32 one on a 16-core host, 1.65x so).
+        ``position``: the parameter's place in the optimizer, part of the rounding noise's key."""
         master, grad = master.view(-1), grad.view(-1)
         moments = [_local(state[key]).view(-1) for key in _MOMENTS]
         for start in range(0, master.numel(), _BLOCK):
@@ -370,8 +385,9 @@ class HostAdamW(torch.optim.Optimizer):
                                                           moments)]
             step = state["step"].clone()  # the fused update counts the step: once per parameter, below
             _fused_adamw([master[start:end]], [grad[start:end]], wide[:1], wide[1:], [step], settings)
-            for w, m in zip(wide, moments):
-                m[start:end].copy_(round_to_bf16_stochastic(w, self._noise(end - start)))  # exact: a bf16 value
+            for moment, (w, m) in enumerate(zip(wide, moments)):
+                noise = self._noise(end - start, (int(step) - 1, position, start, moment))  # step: counted up
+                m[start:end].copy_(round_to_bf16_stochastic(w, noise))  # exact: a bf16 value
         state["step"] += 1
 
     def load_state_dict(self, state_dict: dict) -> None:

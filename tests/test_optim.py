@@ -296,18 +296,20 @@ def _train(model: torch.nn.Module, optimizer: HostAdamW, steps: range, x: torch.
         optimizer.step()
 
 
-def test_checkpoint_resume_continues_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_resume_continues_bit_for_bit(tmp_path, state_dtype):
+    # bf16 moments too: their stochastic rounding draws from the step and the parameter, not a running generator
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     straight = _model()
-    straight_opt = HostAdamW(straight.parameters(), lr=LR, weight_decay=WD)
+    straight_opt = HostAdamW(straight.parameters(), lr=LR, weight_decay=WD, state_dtype=state_dtype)
     _train(straight, straight_opt, range(4), x)
 
     first = _model()
-    first_opt = HostAdamW(first.parameters(), lr=LR, weight_decay=WD)
+    first_opt = HostAdamW(first.parameters(), lr=LR, weight_decay=WD, state_dtype=state_dtype)
     _train(first, first_opt, range(2), x)
     manager = CheckpointManager(tmp_path / "ckpt")
     resumed = _model()
-    resumed_opt = HostAdamW(resumed.parameters(), lr=LR, weight_decay=WD)
+    resumed_opt = HostAdamW(resumed.parameters(), lr=LR, weight_decay=WD, state_dtype=state_dtype)
     with warnings.catch_warnings(record=True) as caught:  # one process saves and loads without DCP's warnings
         warnings.simplefilter("always")
         manager.save(2, model=first, optimizer=first_opt, trainer_state={"step": 2})
@@ -316,12 +318,13 @@ def test_checkpoint_resume_continues_bit_for_bit(tmp_path):
     for p in resumed.parameters():
         state = resumed_opt.state[p]
         assert int(state["step"]) == 2
-        assert all(state[k].dtype == torch.float32 and state[k].device.type == "cpu"
-                   for k in ("master", "exp_avg", "exp_avg_sq"))
+        assert state["master"].dtype == torch.float32 and state["exp_avg"].dtype == state_dtype
+        assert all(state[k].device.type == "cpu" for k in ("master", "exp_avg", "exp_avg_sq"))
     _train(resumed, resumed_opt, range(2, 4), x)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
-        assert torch.equal(straight_opt.state[a]["master"], resumed_opt.state[b]["master"]), name
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(straight_opt.state[a][key], resumed_opt.state[b][key]), (name, key)
 
 
 def _sharded_worker(rank: int, world_size: int, out: str) -> None:
