@@ -35,7 +35,7 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType
 
-from srpo_rl.distributed import all_reduce_sum
+from srpo_rl.distributed import all_reduce_sum, gathered
 from srpo_rl.envs.suites import canonical_suite
 from srpo_rl.rollout import RolloutRequest, RolloutStats, collect_rollouts
 
@@ -44,13 +44,20 @@ __all__ = ["EvalResult", "evaluate"]
 
 @dataclass
 class EvalResult:
-    """Successes and trials per (suite, task), the task names, and the videos recorded on this rank."""
+    """Successes and trials per (suite, task), the task names, and the videos recorded on this rank.
+
+    ``failed`` counts the trials per (suite, task) whose simulation crashed twice (counted as failures, as the
+    env could not finish them); ``settings`` the env's episode settings (``max_steps``, ``num_steps_wait``), which
+    the JSON report keeps beside the rates.
+    """
 
     successes: dict[tuple[str, int], int]
     trials: dict[tuple[str, int], int]
     task_names: dict[tuple[str, int], str]
     stats: RolloutStats | None = None
     videos: dict[int, torch.Tensor] = field(default_factory=dict)
+    failed: dict[tuple[str, int], int] = field(default_factory=dict)
+    settings: dict[str, int | str] = field(default_factory=dict)
 
     @property
     def task_success(self) -> dict[tuple[str, int], float]:
@@ -69,7 +76,8 @@ class EvalResult:
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
         """Flat scalars for the logger: overall, per suite and per task success rates."""
-        out = {f"{prefix}/success_rate": sum(self.successes.values()) / max(1, sum(self.trials.values()))}
+        out = {f"{prefix}/success_rate": sum(self.successes.values()) / sum(self.trials.values()),
+               f"{prefix}/failed_rollouts": sum(self.failed.values())}
         out.update({f"{prefix}/{suite}/success_rate": rate for suite, rate in self.suite_success.items()})
         out.update({f"{prefix}/{s}/task_{t}/success_rate": rate for (s, t), rate in self.task_success.items()})
         return out
@@ -81,6 +89,8 @@ class EvalResult:
             rate = self.successes[key] / self.trials[key]
             lines.append(f"{key[0]:<15} {key[1]:>4} {self.successes[key]:>3}/{self.trials[key]:<3} {rate:6.1%}  {self.task_names[key]}")
         lines += [f"{suite:<15} {'all':>4} {rate:>9.1%}" for suite, rate in self.suite_success.items()]
+        if sum(self.failed.values()):
+            lines.append(f"{sum(self.failed.values())} trial(s) crashed twice in the simulation: counted as failures")
         return "\n".join(lines)
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -88,10 +98,12 @@ class EvalResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         report = {
+            "settings": self.settings,
             "suites": self.suite_success,
             "tasks": [
                 {"suite": s, "task_id": t, "task_name": self.task_names[(s, t)], "successes": self.successes[(s, t)],
-                 "trials": self.trials[(s, t)], "success_rate": self.successes[(s, t)] / self.trials[(s, t)]}
+                 "trials": self.trials[(s, t)], "success_rate": self.successes[(s, t)] / self.trials[(s, t)],
+                 "failed_rollouts": self.failed.get((s, t), 0)}
                 for s, t in sorted(self.trials)
             ],
         }
@@ -116,7 +128,8 @@ def evaluate(
         env: the batched env (e.g. :class:`~srpo_rl.envs.LiberoVecEnv`); its slots take the rows as they free up.
         policy: the policy, run with ``ExplorationType.DETERMINISTIC`` (argmax tokens).
         rows: manifest rows with ``suite``, ``task_id``, ``trial_id`` (the init state) and ``task_name``
-            (:func:`srpo_rl.manifest.ensure_manifests`); every rank passes all of them.
+            (:func:`srpo_rl.manifest.ensure_manifests`); every rank passes all of them (at least one; fewer
+            than ``world_size`` leaves some ranks none, which still join the collectives).
 
     Keyword Args:
         rank, world_size: this process's share is ``rows[rank::world_size]``; the counts are all-reduced.
@@ -128,6 +141,8 @@ def evaluate(
         An :class:`EvalResult`: successes and trials per ``(suite, task_id)`` over all ranks, the task
         names, this rank's rollout stats and rank 0's videos.
     """
+    if not rows:
+        raise ValueError("evaluate needs at least one manifest row; got none (an empty task selection?)")
     env_suite = getattr(env, "suite", None)  # a LIBERO env runs one suite's task ids
     others = sorted({canonical_suite(r["suite"]) for r in rows} - {canonical_suite(env_suite)}) if env_suite else []
     if others:
@@ -142,18 +157,19 @@ def evaluate(
             env, policy, requests, exploration_type=ExplorationType.DETERMINISTIC, keep_steps=False,
             record_videos=num_videos if rank == 0 else 0, progress="validation" if progress else False,
         )
-        outcome = dict(zip(trajs["rollout_id"].tolist(), trajs["success"].tolist()))
-    counts = {}
+        outcome = dict(zip(trajs["rollout_id"].tolist(), zip(trajs["success"].tolist(), trajs["failed"].tolist())))
+    elif isinstance(policy, torch.nn.Module):  # no rows here: the same all-gathers as the ranks that roll out
+        with gathered(policy):
+            pass
+    counts = {f"{r['suite']}|{r['task_id']}|{c}": 0 for r in rows for c in "snf"}  # every key on every rank
     for i, row in enumerate(mine):
         key = f"{row['suite']}|{row['task_id']}"
-        counts[f"{key}|s"] = counts.get(f"{key}|s", 0) + int(outcome[i])
-        counts[f"{key}|n"] = counts.get(f"{key}|n", 0) + 1
-    for row in rows:  # every rank reports every key, so the all-reduce lines up
-        key = f"{row['suite']}|{row['task_id']}"
-        counts.setdefault(f"{key}|s", 0)
-        counts.setdefault(f"{key}|n", 0)
+        success, failed = outcome[i]
+        counts[f"{key}|s"] += int(success)
+        counts[f"{key}|n"] += 1
+        counts[f"{key}|f"] += int(failed)
     totals = all_reduce_sum(counts, device or torch.device("cpu"))
     names = {(r["suite"], r["task_id"]): r["task_name"] for r in rows}
-    successes = {k: int(totals[f"{k[0]}|{k[1]}|s"]) for k in names}
-    trials = {k: int(totals[f"{k[0]}|{k[1]}|n"]) for k in names}
-    return EvalResult(successes, trials, names, stats, stats.videos if stats else {})
+    successes, trials, failed = ({k: int(totals[f"{k[0]}|{k[1]}|{c}"]) for k in names} for c in "snf")
+    settings = {name: getattr(env, name) for name in ("max_steps", "num_steps_wait") if hasattr(env, name)}
+    return EvalResult(successes, trials, names, stats, stats.videos if stats else {}, failed, settings)

@@ -20,20 +20,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def _gloo_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
+def _gloo_main(rank: int, world_size: int, port: int, fn, args: tuple, timeout_s: float | None) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from srpo_rl.distributed import close_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, **timeout)
     fn(rank, world_size, *args)
     close_distributed()  # fn's models are freed by now
 
 
-def spawn_gloo(fn, world_size: int, *args) -> None:
-    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined in a gloo group."""
+def spawn_gloo(fn, world_size: int, *args, timeout_s: float | None = None) -> None:
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined in a gloo group.
+
+    ``timeout_s``: the group's collective timeout (gloo's default is 30 minutes): a test of collectives that
+    must line up fails in that time instead of hanging."""
     import socket
 
     import torch.multiprocessing as mp
@@ -41,7 +47,7 @@ def spawn_gloo(fn, world_size: int, *args) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_gloo_main, args=(world_size, port, fn, args), nprocs=world_size, join=True)
+    mp.spawn(_gloo_main, args=(world_size, port, fn, args, timeout_s), nprocs=world_size, join=True)
 
 
 def first_success_step(sim, init_state_id: int) -> int | None:

@@ -302,3 +302,29 @@ def test_gathered_weights_let_ranks_run_different_forwards(checkpoint, tmp_path)
     assert len(logits) == 3
     for got in logits:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _eval_worker(rank: int, world_size: int, checkpoint: str, out: str) -> None:
+    """One row for two ranks: rank 1 rolls out nothing, yet must join rank 0's all-gathers of the weights."""
+    from srpo_rl.envs import make_libero_env
+    from srpo_rl.evaluation import evaluate
+    from srpo_rl.manifest import generate_manifests
+
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_object", dtype=torch.float32)
+    shard_actor(policy.model, DistInfo(rank, world_size, rank, torch.device("cpu")), mixed_precision="fp32")
+    _, rows = generate_manifests(["libero_object"], num_trials_per_task=1)
+    env = make_libero_env("libero_object", num_envs=1, max_steps=8)
+    try:
+        result = evaluate(env, policy, rows[:1], rank=rank, world_size=world_size, progress=False)
+    finally:
+        env.close()
+    torch.save((result.trials, result.failed, result.settings), f"{out}.{rank}")
+
+
+@pytest.mark.slow
+def test_ranks_without_rows_join_the_evaluation_s_collectives(checkpoint, tmp_path):
+    spawn_gloo(_eval_worker, 2, checkpoint, str(tmp_path / "eval"), timeout_s=120)  # it hung before
+    for rank in range(2):
+        trials, failed, settings = torch.load(tmp_path / f"eval.{rank}")
+        assert trials == {("libero_object", 0): 1} and failed == {("libero_object", 0): 0}  # summed over ranks
+        assert settings == {"max_steps": 8, "num_steps_wait": 10}

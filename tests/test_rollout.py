@@ -763,7 +763,8 @@ def test_evaluate_counts_each_tasks_successes_over_the_ranks_shares(env, policy)
     for key in whole.trials:  # without a process group each rank counts its own share: the shares add up
         assert first.successes[key] + second.successes[key] == whole.successes[key]
         assert first.trials[key] + second.trials[key] == whole.trials[key]
-    assert whole.metrics() == {"val/success_rate": 3 / 5, "val/libero_object/success_rate": 3 / 5,
+    assert whole.metrics() == {"val/success_rate": 3 / 5, "val/failed_rollouts": 0,
+                               "val/libero_object/success_rate": 3 / 5,
                                "val/libero_object/task_0/success_rate": 1 / 2,
                                "val/libero_object/task_1/success_rate": 2 / 3}
     # videos of the first two rows: the initial frame, then one frame a chunk until the episode ended
@@ -773,3 +774,5 @@ def test_evaluate_counts_each_tasks_successes_over_the_ranks_shares(env, policy)
     assert not torch.equal(whole.videos[1][0], whole.videos[1][1])  # the scene moved into its goal between them
     with pytest.raises(ValueError, match="rows of libero_goal cannot run on this env of libero_object"):
         evaluate(env, policy, rows + [dict(rows[0], suite="libero_goal")], progress=False)
+    with pytest.raises(ValueError, match="evaluate needs at least one manifest row; got none"):
+        evaluate(env, policy, [], progress=False)
