@@ -5,14 +5,18 @@ A manifest is a parquet file with one row per prompt, i.e. per LIBERO initial st
 =============  ======  ==============================================================
 column         type    meaning
 =============  ======  ==============================================================
-suite          str     canonical suite name (``libero_10`` for ``libero_long``)
+suite          str     canonical suite name (an alias is read as its suite: ``libero_long`` as ``libero_10``)
 task_id        int64   task index inside the suite
 task_name      str     LIBERO task name
-instruction    str     the language instruction given to the policy
+instruction    str     the task's language instruction; must equal the suite's own, the one the env gives
+                       the policy (an edited instruction would be silently unused, so loading refuses it)
 trial_id       int64   index of the fixed init state of the task (``set_init_state``)
 prompt_id      str     ``f"{suite}_{task_id}_{trial_id}"`` (the reference's prompt id)
 split          str     ``"train"`` or ``"val"``
 =============  ======  ==============================================================
+
+A file holds each (suite, task_id, trial_id) at most once: a repeated row would count twice in evaluation and
+be drawn twice an epoch.
 
 The reference recipe (siiRL's ``prepare_libero_train_valid_datasets``) trains and validates on the same
 ``num_trials_per_task`` init states of every task (``split_mode="shared"``); ``split_mode="holdout"`` keeps
@@ -30,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 from collections.abc import Sequence
@@ -39,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from srpo_rl.envs.suites import canonical_suite, suite_info
+from srpo_rl.envs.suites import SUITE_ALIASES, SUITES, canonical_suite, suite_info
 
 __all__ = [
     "MANIFEST_SCHEMA",
@@ -75,6 +80,31 @@ def suite_tasks(suite: str) -> list[dict]:
     ]
 
 
+def _suite_names(suites: Sequence[str]) -> list[str]:
+    """The canonical names of ``suites``, each once, in first-seen order (``libero_long`` is ``libero_10``)."""
+    valid = f"{', '.join(SUITES)} (or an alias: {', '.join(SUITE_ALIASES)})"
+    if isinstance(suites, str):  # iterating it would try its letters as suite names
+        raise TypeError(f"suites must be a list of suite names, got the str {suites!r}; pass [{suites!r}]")
+    if not isinstance(suites, Sequence):
+        raise TypeError(f"suites must be a list of suite names ({valid}), got {suites!r}")
+    if not suites:
+        raise ValueError(f"suites is empty; give at least one of {valid}")
+    # an alias and its suite are one suite: listing both would repeat every row
+    return list(dict.fromkeys(canonical_suite(suite) for suite in suites))
+
+
+def _integer(name: str, value, valid: str) -> int:
+    """``value`` as an int; a float, a bool or ``None`` is a TypeError naming ``name``, the value and ``valid``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {valid}, got {value!r}")
+    return int(value)
+
+
+def _check_split_mode(split_mode: str) -> None:
+    if split_mode not in SPLIT_MODES:
+        raise ValueError(f"unknown split_mode {split_mode!r}; choose one of {', '.join(SPLIT_MODES)}")
+
+
 def generate_manifests(
     suites: Sequence[str],
     *,
@@ -84,16 +114,21 @@ def generate_manifests(
 ) -> tuple[list[dict], list[dict]]:
     """Builds the train and validation rows for every task of ``suites`` x ``min(num_trials_per_task, available)``.
 
+    ``suites`` is a list of suite names; an alias and a repeated name add nothing (each suite comes once, in
+    first-seen order). ``num_trials_per_task`` (an integer >= 1) is capped at each task's number of init states
+    (50 for every standard suite), as in the reference: a larger value takes all of them, without an error.
     ``split_mode="shared"`` (the reference) puts the same rows in both; ``"holdout"`` moves the last
     ``val_trials_per_task`` init states of each task to validation.
     """
-    if split_mode not in SPLIT_MODES:
-        raise ValueError(f"unknown split_mode {split_mode!r}; choose one of {', '.join(SPLIT_MODES)}")
+    _check_split_mode(split_mode)
+    names = _suite_names(suites)
+    num_trials_per_task = _integer("num_trials_per_task", num_trials_per_task, "an integer >= 1")
     if num_trials_per_task < 1:
-        raise ValueError(f"num_trials_per_task must be >= 1, got {num_trials_per_task}")
+        raise ValueError(f"num_trials_per_task must be an integer >= 1, got {num_trials_per_task}")
+    if split_mode == "holdout":  # shared mode never reads it; its range is checked per task below
+        val_trials_per_task = _integer("val_trials_per_task", val_trials_per_task, "an integer")
     train, val = [], []
-    for suite in suites:
-        name = canonical_suite(suite)
+    for name in names:
         for task in suite_tasks(name):
             trials = min(num_trials_per_task, task["num_init_states"])
             first_val = trials if split_mode == "shared" else trials - val_trials_per_task
@@ -136,7 +171,9 @@ def write_manifest(rows: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def load_manifest(path: str | os.PathLike, *, check_tasks: bool = True) -> list[dict]:
-    """Reads and validates a manifest: schema, known suites, task ids and init states in range."""
+    """Reads and validates a manifest: schema and known suites (an alias becomes its canonical name, so every
+    consumer keys rows by one name); with ``check_tasks``, also each row against the suite's tables (task id,
+    init state, instruction) and that no (suite, task_id, trial_id) repeats."""
     table = pq.read_table(path)
     missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
     if missing:
@@ -151,30 +188,63 @@ def load_manifest(path: str | os.PathLike, *, check_tasks: bool = True) -> list[
     rows = table.to_pylist()
     if not rows:
         raise ValueError(f"manifest {path} has no rows")
+    _canonicalise_suites(rows, path)
     if check_tasks:
         _check_rows(rows, path)
     return rows
 
 
+def _canonicalise_suites(rows: list[dict], path) -> None:
+    """Rewrites each row's suite to its canonical name, so that an alias row is keyed and checked as its suite."""
+    names = {}
+    for i, row in enumerate(rows):
+        if row["suite"] not in names:
+            try:
+                names[row["suite"]] = canonical_suite(row["suite"])
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"manifest {path} row {i}: {err}") from err
+        row["suite"] = names[row["suite"]]
+
+
 def _check_rows(rows: list[dict], path) -> None:
     tasks = {}
+    seen = {}  # (suite, task_id, trial_id) -> index of its first row
     for i, row in enumerate(rows):
-        suite = canonical_suite(row["suite"])
+        suite = row["suite"]  # canonical: _canonicalise_suites ran
         if suite not in tasks:
             tasks[suite] = suite_tasks(suite)
-        n_tasks = len(tasks[suite])
-        if not 0 <= row["task_id"] < n_tasks:
+        _check_row(i, row, tasks[suite], path)
+        key = (suite, row["task_id"], row["trial_id"])
+        if key in seen:
             raise ValueError(
-                f"manifest {path} row {i}: unknown task_id {row['task_id']} for {suite}; valid ids are 0..{n_tasks - 1}"
+                f"manifest {path} rows {seen[key]} and {i} are the same init state ({suite} task {key[1]} trial "
+                f"{key[2]}, prompt_id {row['prompt_id']!r}): it would count twice in evaluation and be drawn twice "
+                "an epoch; keep one row per (suite, task_id, trial_id)"
             )
-        n_states = tasks[suite][row["task_id"]]["num_init_states"]
-        if not 0 <= row["trial_id"] < n_states:
-            raise ValueError(
-                f"manifest {path} row {i}: trial_id {row['trial_id']} out of range for {suite} task "
-                f"{row['task_id']}; valid init states are 0..{n_states - 1}"
-            )
-        if row["split"] not in ("train", "val"):
-            raise ValueError(f"manifest {path} row {i}: split {row['split']!r} is not 'train' or 'val'")
+        seen[key] = i
+
+
+def _check_row(i: int, row: dict, tasks: list[dict], path) -> None:
+    suite, task_id = row["suite"], row["task_id"]
+    if not 0 <= task_id < len(tasks):
+        raise ValueError(
+            f"manifest {path} row {i}: unknown task_id {task_id} for {suite}; valid ids are 0..{len(tasks) - 1}"
+        )
+    n_states = tasks[task_id]["num_init_states"]
+    if not 0 <= row["trial_id"] < n_states:
+        raise ValueError(
+            f"manifest {path} row {i}: trial_id {row['trial_id']} out of range for {suite} task "
+            f"{task_id}; valid init states are 0..{n_states - 1}"
+        )
+    expected = tasks[task_id]["instruction"]
+    if row["instruction"] != expected:
+        raise ValueError(
+            f"manifest {path} row {i}: instruction {row['instruction']!r} is not {suite} task {task_id}'s "
+            f"instruction {expected!r}; the env gives the policy the suite's own instruction, so this one would "
+            "go unused: restore it (or delete the file to have it generated)"
+        )
+    if row["split"] not in ("train", "val"):
+        raise ValueError(f"manifest {path} row {i}: split {row['split']!r} is not 'train' or 'val'")
 
 
 def ensure_manifests(
@@ -189,8 +259,12 @@ def ensure_manifests(
     """Loads the manifests, generating (atomically) whichever file does not exist yet.
 
     Raises ``ValueError`` when an existing manifest holds a suite outside ``suites`` (e.g. one left in the
-    output directory by a run on another suite), whose task ids would otherwise run on the wrong tasks.
+    output directory by a run on another suite), whose task ids would otherwise run on the wrong tasks, and
+    with ``split_mode="holdout"`` when the two files share an init state (e.g. a train file left by a
+    ``"shared"`` run next to a newly generated validation file).
     """
+    _check_split_mode(split_mode)
+    wanted = set(_suite_names(suites))
     paths = (train_path, val_path)
     if not all(os.path.exists(p) for p in paths):
         generated = generate_manifests(
@@ -200,7 +274,6 @@ def ensure_manifests(
             if not os.path.exists(path):
                 write_manifest(rows, path)
     manifests = load_manifest(train_path), load_manifest(val_path)
-    wanted = {canonical_suite(suite) for suite in suites}
     for rows, path in zip(manifests, paths):
         other = sorted({row["suite"] for row in rows} - wanted)
         if other:
@@ -208,7 +281,22 @@ def ensure_manifests(
                 f"manifest {path} holds suite(s) {', '.join(other)}, but this run is on {', '.join(sorted(wanted))}: "
                 "point it at a manifest of these suites, or delete it to have it generated"
             )
+    if split_mode == "holdout":
+        _check_disjoint(*manifests, *paths)
     return manifests
+
+
+def _check_disjoint(train: list[dict], val: list[dict], train_path, val_path) -> None:
+    # only one file may have been generated now: the other may come from a run with other settings
+    trained = {(row["suite"], row["task_id"], row["trial_id"]) for row in train}
+    shared = sorted(trained & {(row["suite"], row["task_id"], row["trial_id"]) for row in val})
+    if shared:
+        suite, task_id, trial_id = shared[0]
+        raise ValueError(
+            f"split_mode='holdout' but manifests {train_path} and {val_path} share {len(shared)} init state(s) "
+            f"(e.g. {suite} task {task_id} trial {trial_id}), so validation would run on trained init states: "
+            "delete both files to have them generated together"
+        )
 
 
 class PromptStream:

@@ -1,5 +1,6 @@
 """Manifest generation, loading and validation against the real LIBERO benchmark tables."""
 
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -67,6 +68,10 @@ def test_failed_write_leaves_nothing(tmp_path):
         ({"task_id": 10}, "unknown task_id 10 for libero_goal; valid ids are 0..9"),
         ({"trial_id": 50}, "trial_id 50 out of range for libero_goal task 0; valid init states are 0..49"),
         ({"split": "test"}, "split 'test' is not 'train' or 'val'"),
+        # the env gives the policy the suite's own instruction: an edited one would be silently unused
+        ({"instruction": "open the top drawer"}, "row 0: instruction 'open the top drawer' is not libero_goal task 0's "
+                                                 "instruction 'open the middle drawer of the cabinet'; the env gives "
+                                                 "the policy the suite's own instruction"),
     ],
 )
 def test_invalid_rows_are_named(tmp_path, row_change, message):
@@ -87,13 +92,85 @@ def test_bad_arguments():
     assert canonical_suite("libero_long") == "libero_10"
     with pytest.raises(ValueError, match="unknown split_mode 'random'; choose one of shared, holdout"):
         generate_manifests(["libero_goal"], split_mode="random")
-    with pytest.raises(ValueError, match="num_trials_per_task must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_trials_per_task must be an integer >= 1, got 0"):
         generate_manifests(["libero_goal"], num_trials_per_task=0)
     with pytest.raises(ValueError, match="val_trials_per_task=3 of the 3 trials of libero_goal task 0 leaves none "
                                          "for training: use 1 to 2, or split_mode='shared'"):
         generate_manifests(["libero_goal"], num_trials_per_task=3, split_mode="holdout", val_trials_per_task=3)
     with pytest.raises(ValueError, match=r"leaves none for training: use more trials per task \(num_trials_per_task >= 2\)"):
         generate_manifests(["libero_goal"], num_trials_per_task=1, split_mode="holdout", val_trials_per_task=10)
+
+
+def test_bad_argument_types_are_named(tmp_path):
+    # a bare string is one suite, not a list of the suites 'l', 'i', 'b', ...
+    with pytest.raises(TypeError, match=re.escape("suites must be a list of suite names, got the str 'libero_10'; "
+                                                  "pass ['libero_10']")):
+        generate_manifests("libero_10")
+    with pytest.raises(TypeError, match="suites must be a list of suite names"):
+        ensure_manifests(tmp_path / "train.parquet", tmp_path / "val.parquet", suites="libero_10")
+    with pytest.raises(ValueError, match="suites is empty; give at least one of libero_spatial, "):
+        generate_manifests([])
+    for bad in (2.5, None, True, "5"):
+        with pytest.raises(TypeError, match=re.escape(f"num_trials_per_task must be an integer >= 1, got {bad!r}")):
+            generate_manifests(["libero_goal"], num_trials_per_task=bad)
+    with pytest.raises(TypeError, match="val_trials_per_task must be an integer, got 2.5"):
+        generate_manifests(["libero_goal"], num_trials_per_task=5, split_mode="holdout", val_trials_per_task=2.5)
+    assert not list(tmp_path.iterdir())
+
+
+def test_more_trials_than_init_states_take_all_of_them():
+    # the documented cap: min(num_trials_per_task, available), 50 init states per task
+    train, _ = generate_manifests(["libero_object"], num_trials_per_task=80)
+    assert len(train) == 10 * 50 and max(r["trial_id"] for r in train) == 49
+
+
+def test_an_alias_and_its_suite_are_one_suite():
+    train, val = generate_manifests(["libero_10", "libero_long"])
+    assert len(train) == len(val) == 500
+    assert len({r["prompt_id"] for r in train}) == 500
+    # each suite once, in first-seen order
+    train, _ = generate_manifests(["libero_goal", "libero_long", "libero_goal", "libero_10"], num_trials_per_task=1)
+    assert [r["suite"] for r in train[::10]] == ["libero_goal", "libero_10"]
+
+
+def test_alias_rows_load_as_their_suite(tmp_path):
+    rows, _ = generate_manifests(["libero_10"], num_trials_per_task=2)
+    write_manifest([{**row, "suite": "libero_long"} for row in rows], tmp_path / "train.parquet")
+    write_manifest([{**row, "suite": "LIBERO_LONG", "split": "val"} for row in rows], tmp_path / "val.parquet")
+    assert load_manifest(tmp_path / "train.parquet") == rows
+    train, val = ensure_manifests(tmp_path / "train.parquet", tmp_path / "val.parquet", suites=["libero_10"])
+    assert {r["suite"] for r in train} == {r["suite"] for r in val} == {"libero_10"}
+
+
+def test_a_repeated_init_state_is_named(tmp_path):
+    rows, _ = generate_manifests(["libero_goal"], num_trials_per_task=2)
+    write_manifest(rows + [rows[1]], tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"m.parquet rows 1 and 20 are the same init state \(libero_goal task 0 "
+                                         r"trial 1, prompt_id 'libero_goal_0_1'\): it would count twice in evaluation"):
+        load_manifest(tmp_path / "m.parquet")
+    # an alias names the same init state
+    rows, _ = generate_manifests(["libero_10"], num_trials_per_task=1)
+    write_manifest(rows + [{**rows[3], "suite": "libero_long"}], tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"rows 3 and 10 are the same init state \(libero_10 task 3 trial 0"):
+        load_manifest(tmp_path / "m.parquet")
+
+
+def test_holdout_refuses_a_validation_file_that_overlaps_training(tmp_path):
+    paths = tmp_path / "train.parquet", tmp_path / "val.parquet"
+    ensure_manifests(*paths, suites=["libero_goal"], num_trials_per_task=5)  # shared: the same rows in both
+    paths[1].unlink()  # only the validation file is generated again, next to the shared run's train file
+    holdout = dict(suites=["libero_goal"], num_trials_per_task=5, split_mode="holdout", val_trials_per_task=2)
+    with pytest.raises(ValueError, match=r"split_mode='holdout' but manifests \S+train.parquet and \S+val.parquet "
+                                         r"share 20 init state\(s\) \(e.g. libero_goal task 0 trial 3\), so validation "
+                                         "would run on trained init states: delete both files"):
+        ensure_manifests(*paths, **holdout)
+    for path in paths:
+        path.unlink()
+    train, val = ensure_manifests(*paths, **holdout)
+    assert len(train) == 30 and len(val) == 20
+    # existing files skip generation, but not the split_mode check (a typo would skip the overlap check)
+    with pytest.raises(ValueError, match="unknown split_mode 'holdot'; choose one of shared, holdout"):
+        ensure_manifests(*paths, suites=["libero_goal"], split_mode="holdot")
 
 
 def test_prompt_stream_epochs_and_resume():
