@@ -25,7 +25,7 @@ from torchrl.envs.utils import ExplorationType
 from tqdm.auto import tqdm
 
 from srpo_rl.checkpoint import CheckpointManager
-from srpo_rl.distributed import DistInfo, close_distributed, init_distributed, reduce_scalar
+from srpo_rl.distributed import DistInfo, close_distributed, gathered, init_distributed, reduce_scalar
 from srpo_rl.evaluation import evaluate
 from srpo_rl.examples.utils_srpo import (
     batch_metrics,
@@ -46,6 +46,7 @@ from srpo_rl.examples.utils_srpo import (
     memory_metrics,
     rollout_metrics,
     siirl_overrides,
+    update_metrics,
 )
 from srpo_rl.lora import merged_adapters
 from srpo_rl.manifest import PromptStream
@@ -158,6 +159,10 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
                                       first_group_id=next_group * info.world_size + info.rank,
                                       group_id_stride=info.world_size)
             next_group += len(rows)
+            if sampler.ready:  # full already (its surplus would pile up, round after round, while another rank fills):
+                with gathered(policy.model):  # it joins only the collectives of the others' rollout
+                    pass
+                continue
             with merged_adapters(policy.model):  # LoRA: the rollout runs the plain model on the merged weights
                 trajectories, stats = collect_rollouts(env, policy, requests, exploration_type=exploration,
                                                        overlap=cfg.rollout.overlap, on_finished=background,
@@ -180,8 +185,9 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
             # SRPO progress reward on the kept groups, then GRPO advantages
             t0 = time.perf_counter()
             batch = advantage_module(reward_module(batch))
-            logger.log({**batch_metrics(batch), "time/reward_and_advantage": time.perf_counter() - t0}, step)
-            if info.is_main and not batch["advantage"].abs().gt(0).any():
+            metrics = batch_metrics(batch)  # over every rank's batch
+            logger.log({**metrics, "time/reward_and_advantage": time.perf_counter() - t0}, step)
+            if info.is_main and metrics["train/advantage_abs_mean"] == 0:
                 print(f"step {step}: every advantage is 0 (no group mixes outcomes): this update has zero gradient",
                       flush=True)
 
@@ -202,9 +208,8 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
                 generator=generator, device=info.device, progress=info.is_main and "update",
             )
             policy.eval()
-            logger.log({**{f"train/{k}": v for k, v in losses.items()}, "train/lr": optimizer.param_groups[0]["lr"],
-                        "train/recomputed_log_prob_steps": recomputed, "time/update": time.perf_counter() - t0,
-                        **memory_metrics(info.device)}, step)
+            logger.log({**update_metrics(losses, recomputed), "train/lr": optimizer.param_groups[0]["lr"],
+                        "time/update": time.perf_counter() - t0, **memory_metrics(info.device)}, step)
 
         # Validation and checkpoints
         if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):  # as siiRL

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from srpo_rl.checkpoint import CheckpointManager
-from srpo_rl.distributed import DTYPES, DistInfo, shard_actor
+from srpo_rl.distributed import DTYPES, DistInfo, combine_metrics, gather_objects, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
 from srpo_rl.loggers import LOGGER_TYPES, MetricLogger
@@ -28,7 +28,7 @@ from srpo_rl.rewards import FORMULAS, VIDEO_KEY_BY
 __all__ = [
     "batch_metrics", "check_config", "host_optimizer", "log_evaluation", "make_advantage", "make_background_embedder",
     "make_env", "make_eval_rows", "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy",
-    "make_reward", "make_sampler", "memory_metrics", "rollout_metrics",
+    "make_reward", "make_sampler", "memory_metrics", "rollout_metrics", "update_metrics",
 ]
 
 MODES = ("train", "eval")
@@ -84,6 +84,9 @@ SIIRL_NAMES = {
     "actor_rollout_ref.embodied.env.": "env.",
     "actor_rollout_ref.embodied.": "embodied.",
     "trainer.max_actor_ckpt_to_keep": "trainer.max_ckpt_keep",
+    "actor_rollout_ref.embodied.img_size": "embodied.embedding_img_size",  # the names in the recipe's comments
+    "actor_rollout_ref.embodied.enable_fp16": "embodied.embedding_enable_fp16",
+    "reward_model.reward_kwargs.reward_coef": "algorithm.reward_coef",  # siiRL's yaml
 }
 # siiRL options that set nothing here, accepted at the values that describe this library: the response is always
 # the 56 action tokens, the rollout runs the training module itself, the model is OpenVLA-OFT, there is no critic
@@ -93,7 +96,24 @@ SIIRL_FIXED = {
     "actor_rollout_ref.rollout.name": ("hf",),
     "actor_rollout_ref.embodied.embodied_type": ("openvla-oft", "openvla_oft"),
     "critic.use_critic_model": ("False", "false"),
+    # siiRL's yaml defaults, which the embodied actor leaves at no effect: no KL term, no top-k / top-p, a constant lr
+    "actor_rollout_ref.actor.use_kl_loss": ("False", "false"),
+    "actor_rollout_ref.actor.kl_loss_coef": None,
+    "actor_rollout_ref.actor.kl_loss_type": None,
+    "actor_rollout_ref.rollout.top_k": ("-1", "0"),
+    "actor_rollout_ref.rollout.top_p": ("1", "1.0"),
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": None,
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": ("-1", "0"),
+    "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio": ("0", "0.0"),
+    "actor_rollout_ref.actor.optim.warmup_style": ("constant",),
+    "trainer.val_only": ("False", "false"),
 }
+# siiRL options whose value would mean something else here
+SIIRL_REFUSED = {
+    "actor_rollout_ref.actor.ppo_micro_batch_size": "siiRL's deprecated global micro-batch; ours is per GPU: pass "
+                                                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+}
+SIIRL_CONFIG_NAME = "embodied_srpo_trainer"  # siiRL's config: ours is config.yaml
 
 
 def siirl_overrides(overrides: list[str]) -> list[str]:
@@ -108,8 +128,14 @@ def siirl_overrides(overrides: list[str]) -> list[str]:
     out = []
     for override in overrides:
         key, sep, value = override.partition("=")
-        if not sep or key.startswith("-"):
+        if override == SIIRL_CONFIG_NAME and out and out[-1] in ("--config-name", "-cn"):
+            out.append("config")
+        elif key in ("--config-name", "-cn") and value == SIIRL_CONFIG_NAME:
+            out.append(f"{key}=config")
+        elif not sep or key.startswith("-"):
             out.append(override)
+        elif key in SIIRL_REFUSED:
+            _fail(f"{key}: {SIIRL_REFUSED[key]}")
         elif key in SIIRL_FIXED:
             accepted = SIIRL_FIXED[key]
             if accepted is not None and value not in accepted:
@@ -140,9 +166,25 @@ def _check_types_and_ranges(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
                 value <= 0 if name in _POSITIVE else value < 0):
             _fail(f"{name} must be a number {'> 0' if name in _POSITIVE else '>= 0'}, got {value!r}")
+    keep = cfg.trainer.max_ckpt_keep
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        _fail(f"trainer.max_ckpt_keep must be null (keep every checkpoint) or an int >= 1, got {keep!r}")
     steps = cfg.trainer.total_training_steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         _fail(f"trainer.total_training_steps must be null (trainer.total_epochs decides) or an int >= 1, got {steps!r}")
+
+
+def _check_unnorm_key(cfg: DictConfig, suite: str) -> None:
+    """``env.env_name`` set alone keeps the env group's statistics key: another suite's, which would un-normalise the
+    actions with the wrong statistics (silently, for a checkpoint that holds both)."""
+    try:
+        key_suite = canonical_suite(cfg.embodied.unnorm_key)
+    except ValueError:  # a dataset key of the user's own, not a suite name: theirs to choose
+        return
+    if key_suite != suite:
+        _fail(f"env.env_name={cfg.env.env_name} but embodied.unnorm_key={cfg.embodied.unnorm_key} (the action "
+              f"statistics; env.unnorm_key by default): select the suite as env={cfg.env.env_name}, whose group sets "
+              "both, or set embodied.unnorm_key too")
 
 
 def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
@@ -151,9 +193,10 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     if cfg.mode not in MODES:
         _fail(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     try:
-        canonical_suite(cfg.env.env_name)
+        suite = canonical_suite(cfg.env.env_name)
     except ValueError as error:  # the env's own check, named as the config's option
         raise ValueError(f"config error: env.env_name: {error}") from None
+    _check_unnorm_key(cfg, suite)
     for key in ("path", "vjepa_path") if cfg.mode == "train" else ("path",):  # eval needs no reward model
         value = cfg.model.get(key)  # None also where the config leaves OmegaConf's missing value, ???
         if value is None:
@@ -227,10 +270,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
               "(trainer.resume_mode=auto), or start afresh in another output_dir / trainer.default_local_dir")
     if cfg.algorithm.adv_estimator != "grpo":
         _fail(f"unknown algorithm.adv_estimator {cfg.algorithm.adv_estimator!r}; srpo_rl implements grpo")
-    unknown = [name for name in cfg.trainer.logger if name not in LOGGER_TYPES]
+    loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
+    unknown = [name for name in loggers if name not in LOGGER_TYPES]
     if unknown:
         _fail(f"unknown trainer.logger {unknown[0]!r}; choose from {', '.join(LOGGER_TYPES)}")
-    if "wandb" in cfg.trainer.logger and importlib.util.find_spec("wandb") is None:
+    if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
         _fail("trainer.logger has wandb, which is not installed: pip install 'srpo-rl[wandb]' or leave it out")
     validates = cfg.trainer.val_before_train or cfg.trainer.test_freq > 0
     videos = cfg.eval.num_videos if cfg.mode == "eval" else cfg.trainer.num_val_videos * validates
@@ -460,14 +504,21 @@ def make_logger(cfg: DictConfig, wandb_run_id: str | None = None) -> MetricLogge
 
 
 def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
-    """Success rate, episode length, throughput and time split of this step's rollout rounds (none: the step trains
-    on carried groups)."""
+    """Success rate, episode length, throughput and time split of this step's rollout rounds over every rank (none:
+    the step trains on carried groups). A collective: every rank calls it, also one that rolled out nothing."""
     # groups_requested and steps_skipped are EmbodiedSampler.sample's counters; the script runs its own refill
     # loop (the ranks agree on each round) and logs rollout/trajectories and train/skipped instead
     sampling = {f"sampling/{k}": float(v) for k, v in sampler.stats().items()
                 if k not in ("groups_requested", "steps_skipped")}
-    if not collected:
-        return {"rollout/rounds": 0.0, "rollout/trajectories": 0.0, **sampling}
+    metrics = {"rollout/rounds": float(rounds), "rollout/trajectories": 0.0}
+    if collected:
+        metrics.update(_rollout_figures(collected))
+    summed = ["rollout/trajectories", "rollout/env_steps_per_s", "rollout/policy_calls", "rollout/restarts", *sampling]
+    return combine_metrics({**metrics, **sampling}, metrics["rollout/trajectories"], summed=summed)
+
+
+def _rollout_figures(collected) -> dict[str, float]:
+    """This rank's figures of its rollout rounds (``collected``: ``(trajectories, stats)`` pairs)."""
     success = torch.cat([t["success"] for t, _ in collected]).float()
     lengths = torch.cat([t["num_steps"] for t, _ in collected]).float()
     totals = {"env_steps": 0.0, "decisions": 0.0, "policy_calls": 0.0, "time_wall": 0.0, "time_env": 0.0,
@@ -476,11 +527,10 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         for key, value in stats.as_dict().items():
             if key in totals:
                 totals[key] += value
-    metrics = {
+    return {
         "rollout/success_rate": success.mean().item(),
         "rollout/episode_length": lengths.mean().item(),
         "rollout/trajectories": float(len(success)),
-        "rollout/rounds": float(rounds),
         "rollout/env_steps_per_s": totals["env_steps"] / max(totals["time_wall"], 1e-9),
         # rows a policy call: the pool batches the slots whose chunk came back, so a small mean says the
         # simulation, not the policy, was the slower side
@@ -493,11 +543,12 @@ def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:
         "rollout/policy_gpu_share": totals["time_policy_gpu"] / max(totals["time_wall"], 1e-9),
         "rollout/restarts": totals["restarts"],  # rollouts that started over after their env crashed
     }
-    return {**metrics, **sampling}
 
 
 def batch_metrics(batch) -> dict[str, float]:
-    """Shaped-reward and advantage statistics of a training batch (after the reward and the advantage)."""
+    """Shaped-reward and advantage statistics of the training batch of every rank (after the reward and the
+    advantage; a collective)."""
+    batch = torch.cat(gather_objects(batch.select("reward", "advantage", "success", "progress").cpu()))
     reward, advantage = batch["reward"].float(), batch["advantage"].float()
     failed = ~batch["success"].bool().reshape(-1)
     progress = batch["progress"].float().reshape(-1)[failed]
@@ -513,6 +564,14 @@ def batch_metrics(batch) -> dict[str, float]:
         metrics.update({"train/failure_progress_mean": progress.mean().item(),
                         "train/failure_progress_max": progress.max().item()})
     return metrics
+
+
+def update_metrics(losses: dict[str, float], recomputed: int) -> dict[str, float]:
+    """The update's losses and diagnostics (``update_policy``'s) over every rank, weighted by each rank's samples
+    (a collective)."""
+    metrics = {f"train/{k}": v for k, v in losses.items()}
+    metrics["train/recomputed_log_prob_steps"] = float(recomputed)
+    return combine_metrics(metrics, losses["samples"], summed=["train/samples", "train/recomputed_log_prob_steps"])
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,8 +32,8 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 
-__all__ = ["DistInfo", "all_reduce_sum", "close_distributed", "gathered", "init_distributed", "reduce_scalar",
-           "shard_actor"]
+__all__ = ["DistInfo", "all_reduce_sum", "close_distributed", "combine_metrics", "gather_objects", "gathered",
+           "init_distributed", "reduce_scalar", "shard_actor"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -170,6 +170,46 @@ def all_reduce_sum(values: Mapping[str, float], device: torch.device) -> dict[st
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return dict(zip(keys, tensor.tolist()))
+
+
+def gather_objects(obj: object) -> list:
+    """``obj`` from every rank, in rank order (picklable objects: small ones, such as metrics); ``[obj]`` without a
+    process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def combine_metrics(metrics: Mapping[str, float], weight: float, *, summed: Collection[str] = ()) -> dict[str, float]:
+    """One rank's metrics combined with every other rank's (a collective: every rank calls it).
+
+    A name in ``summed`` adds up over the ranks (counts, throughputs); one ending in ``_max`` or starting with
+    ``time/`` or ``memory/`` takes the largest value (the slowest rank sets the pace); one ending in ``_min`` the
+    smallest; any other is the mean over the ranks that report it, weighted by their ``weight`` (e.g. their
+    trajectories). Without a process group: ``metrics`` as they are.
+
+    Example:
+        >>> combine_metrics({"rollout/success_rate": 0.5, "rollout/trajectories": 16.0}, 16,
+        ...                 summed=["rollout/trajectories"])
+        {'rollout/success_rate': 0.5, 'rollout/trajectories': 16.0}
+    """
+    ranks = gather_objects((dict(metrics), float(weight)))
+    out = {}
+    for name in dict.fromkeys(k for values, _ in ranks for k in values):  # first-seen order
+        reported = [(values[name], w) for values, w in ranks if name in values]
+        if name in summed:
+            out[name] = sum(v for v, _ in reported)
+        elif name.endswith("_max") or name.startswith(("time/", "memory/")):
+            out[name] = max(v for v, _ in reported)
+        elif name.endswith("_min"):
+            out[name] = min(v for v, _ in reported)
+        else:
+            total = sum(w for _, w in reported)
+            out[name] = (sum(v * w for v, w in reported) / total if total > 0
+                         else sum(v for v, _ in reported) / len(reported))
+    return out
 
 
 def reduce_scalar(value: float, op: str, device: torch.device | None = None) -> float:

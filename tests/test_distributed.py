@@ -328,3 +328,41 @@ def test_ranks_without_rows_join_the_evaluation_s_collectives(checkpoint, tmp_pa
         trials, failed, settings = torch.load(tmp_path / f"eval.{rank}")
         assert trials == {("libero_object", 0): 1} and failed == {("libero_object", 0): 0}  # summed over ranks
         assert settings == {"max_steps": 8, "num_steps_wait": 10}
+
+
+def _metrics_worker(rank: int, world_size: int, out: str) -> None:
+    from tensordict import TensorDict
+
+    from srpo_rl.distributed import combine_metrics
+    from srpo_rl.examples.utils_srpo import batch_metrics
+
+    mine = {"rollout/success_rate": [0.5, 0.25][rank], "rollout/trajectories": [4.0, 12.0][rank],
+            "time/rollout_env": [3.0, 5.0][rank], "train/ratio_min": [0.9, 0.8][rank]}
+    if rank == 0:
+        mine["train/failure_progress_mean"] = 0.75  # a figure only one rank has
+    combined = combine_metrics(mine, weight=mine["rollout/trajectories"], summed=["rollout/trajectories"])
+    rewards = [[5.0, 1.0, 0.5], [5.0, 2.5]][rank]
+    batch = TensorDict(reward=torch.tensor(rewards), advantage=torch.tensor(rewards) - 2.0,
+                       success=torch.tensor([r == 5.0 for r in rewards]), progress=torch.tensor(rewards) / 5.0,
+                       batch_size=[len(rewards)])
+    torch.save((combined, batch_metrics(batch)), f"{out}.{rank}")
+
+
+def test_metrics_are_combined_over_the_ranks():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        spawn_gloo(_metrics_worker, 2, f"{folder}/metrics", timeout_s=60)
+        results = [torch.load(f"{folder}/metrics.{rank}") for rank in range(2)]
+    assert results[0] == results[1]  # every rank logs the same figures
+    combined, batch = results[0]
+    assert combined["rollout/success_rate"] == pytest.approx((0.5 * 4 + 0.25 * 12) / 16)  # weighted by trajectories
+    assert combined["rollout/trajectories"] == 16.0
+    assert combined["time/rollout_env"] == 5.0 and combined["train/ratio_min"] == 0.8  # slowest rank; smallest
+    assert combined["train/failure_progress_mean"] == 0.75  # the one rank that reports it
+    rewards = [5.0, 1.0, 0.5, 5.0, 2.5]  # both ranks' batches together
+    mean = sum(rewards) / 5
+    assert batch["train/reward_mean"] == pytest.approx(mean)
+    assert batch["train/reward_std"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 5) ** 0.5)
+    assert batch["train/failure_progress_mean"] == pytest.approx((0.2 + 0.1 + 0.5) / 3)
+    assert (batch["train/advantage_min"], batch["train/advantage_max"]) == (-1.5, 3.0)

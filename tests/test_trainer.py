@@ -126,6 +126,28 @@ def test_a_siirl_command_line_sets_the_same_knobs_under_our_names():
         siirl_overrides(["critic.use_critic_model=True"])
     with pytest.raises(ValueError, match="siiRL's actor_rollout_ref.rollout.name=vllm has no counterpart"):
         siirl_overrides(["actor_rollout_ref.rollout.name=vllm"])
+    with pytest.raises(ValueError, match="deprecated global micro-batch; ours is per GPU"):
+        siirl_overrides(["actor_rollout_ref.actor.ppo_micro_batch_size=16"])
+
+
+def test_siirl_s_config_name_comment_names_and_yaml_defaults_are_read():
+    from omegaconf import OmegaConf
+
+    from srpo_rl.examples.utils_srpo import siirl_overrides
+
+    assert siirl_overrides(["--config-name=embodied_srpo_trainer", "-cn", "embodied_srpo_trainer"]) == \
+        ["--config-name=config", "-cn", "config"]
+    ours = _compose(siirl_overrides([
+        "actor_rollout_ref.embodied.img_size=256", "actor_rollout_ref.embodied.enable_fp16=False",
+        "reward_model.reward_kwargs.reward_coef=3.0", "actor_rollout_ref.actor.use_kl_loss=False",
+        "actor_rollout_ref.actor.kl_loss_coef=0.001", "actor_rollout_ref.rollout.top_k=-1",
+        "actor_rollout_ref.actor.optim.warmup_style=constant", "trainer.val_only=False",
+    ]))
+    assert (OmegaConf.select(ours, "embodied.embedding_img_size"), OmegaConf.select(ours, "embodied.embedding_enable_fp16"),
+            OmegaConf.select(ours, "algorithm.reward_coef")) == (256, False, 3.0)
+    with pytest.raises(ValueError, match="siiRL's actor_rollout_ref.actor.use_kl_loss=True has no counterpart"):
+        siirl_overrides(["actor_rollout_ref.actor.use_kl_loss=True"])
+    check_config(_compose(VALID_7B + ["trainer.logger=console", "trainer.max_ckpt_keep=null"]), world_size=1)
 
 
 def test_the_script_reads_siirl_option_names():
@@ -171,6 +193,10 @@ def test_the_script_reads_siirl_option_names():
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
         (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
         (["trainer.logger=[console,mlflow]"], "unknown trainer.logger 'mlflow'; choose from console, tensorboard, wandb"),
+        (["trainer.logger=mlflow"], "unknown trainer.logger 'mlflow'; choose from"),  # one name, not a list
+        (["env.env_name=libero_goal"], "env.env_name=libero_goal but embodied.unnorm_key=libero_10 .* select the "
+         "suite as env=libero_goal"),
+        (["trainer.max_ckpt_keep=0"], r"trainer.max_ckpt_keep must be null \(keep every checkpoint\) or an int >= 1"),
         (["actor.loss_agg_mode=mean"], "unknown actor.loss_agg_mode 'mean'; choose one of seq-mean-token-mean, token-mean"),
         (["algorithm.video_key_by=task"], "unknown algorithm.video_key_by 'task'; choose one of rollout, group"),
         (["algorithm.progress_formula=linear"], "unknown algorithm.progress_formula 'linear'; choose one of reference"),
@@ -485,7 +511,8 @@ def test_killed_two_process_run_resumes_where_it_stopped(tmp_path):
     # step 2 trained on step 1's surplus after giving it the current policy's log-probs; step 1's batch was all
     # fresh, and so was step 3's (the surplus was used up at step 2)
     recomputed = _logged(out / "tensorboard", "train/recomputed_log_prob_steps")
-    assert recomputed == {1: 0, 2: 4, 3: 0}, recomputed  # rank 0's: 1 group x 2 rollouts x 16 steps / 8-step chunks
+    # summed over the ranks: 2 x (1 group x 2 rollouts x 16 steps / 8-step chunks)
+    assert recomputed == {1: 0, 2: 8, 3: 0}, recomputed
     assert _logged(out / "tensorboard", "rollout/rounds") == {1: 1, 2: 0, 3: 1}
     assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
 
