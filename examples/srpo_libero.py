@@ -114,7 +114,7 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     optimizer = make_optimizer(cfg, policy)
 
     # Checkpoints, resume, logger (a resumed run goes on logging into its wandb run)
-    checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep,
+    checkpoints = CheckpointManager(cfg.trainer.default_local_dir, keep=cfg.trainer.max_ckpt_keep or None,  # 0: all
                                     run_config=checkpoint_run_config(cfg))
     prompts = PromptStream(train_rows, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed + info.rank)  # the update's shuffling
@@ -122,6 +122,10 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
     state = None
     if cfg.trainer.resume_mode == "auto":
         state = checkpoints.load_latest(model=policy.model, optimizer=optimizer)
+        if state is None and info.is_main:  # a mistyped folder would otherwise start afresh unnoticed
+            print(f"no complete checkpoint in {checkpoints.root}: starting at step 0", flush=True)
+    elif cfg.trainer.resume_mode == "resume_path":
+        state = checkpoints.load(cfg.trainer.resume_from_path, model=policy.model, optimizer=optimizer)
     if state is not None:
         step, next_group = state["step"], state["next_group"]
         prompts.load_state_dict(state["prompts"])
@@ -130,7 +134,7 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
             generator.set_state(state["generator"])
         for group in optimizer.param_groups:  # the settings of this run, not the checkpoint's
             group.update(lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
-        print(f"resumed from {checkpoints.path(state['checkpoint_step'])} at step {step}", flush=True)
+        print(f"resumed from {state['checkpoint_path']} at step {step}", flush=True)
     logger = resources.enter_context(closing(make_logger(cfg, wandb_run_id=state and state.get("wandb_run_id"))))
     steps_per_epoch = len(train_rows) // cfg.data.train_batch_size
     total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * max(1, steps_per_epoch)

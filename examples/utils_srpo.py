@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ __all__ = [
 
 MODES = ("train", "eval")
 OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")
-RESUME_MODES = ("auto", "disable")
+RESUME_MODES = ("auto", "disable", "resume_path")
 # options with a fixed set of values, checked before any work (the library checks them again where it uses them)
 _CHOICES = {
     "algorithm.workflow_type": ("embodied",),
@@ -167,8 +168,8 @@ def _check_types_and_ranges(cfg: DictConfig) -> None:
                 value <= 0 if name in _POSITIVE else value < 0):
             _fail(f"{name} must be a number {'> 0' if name in _POSITIVE else '>= 0'}, got {value!r}")
     keep = cfg.trainer.max_ckpt_keep
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        _fail(f"trainer.max_ckpt_keep must be null (keep every checkpoint) or an int >= 1, got {keep!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        _fail(f"trainer.max_ckpt_keep must be null or 0 (keep every checkpoint, as siiRL) or an int >= 1, got {keep!r}")
     steps = cfg.trainer.total_training_steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         _fail(f"trainer.total_training_steps must be null (trainer.total_epochs decides) or an int >= 1, got {steps!r}")
@@ -185,6 +186,21 @@ def _check_unnorm_key(cfg: DictConfig, suite: str) -> None:
         _fail(f"env.env_name={cfg.env.env_name} but embodied.unnorm_key={cfg.embodied.unnorm_key} (the action "
               f"statistics; env.unnorm_key by default): select the suite as env={cfg.env.env_name}, whose group sets "
               "both, or set embodied.unnorm_key too")
+
+
+def _check_resume_path(path: str | None, save_dir: str, earlier: list[int]) -> None:
+    """``resume_mode=resume_path`` needs a ``global_step_<k>`` folder, and a save folder without later steps (the next
+    ``auto`` resume would take those: another branch of the run)."""
+    if not path:
+        _fail("trainer.resume_mode=resume_path needs trainer.resume_from_path=<a global_step_<k> folder>")
+    match = re.match(r"^global_step_(\d+)$", Path(path).name)
+    if match is None or not Path(path).is_dir():
+        _fail(f"trainer.resume_from_path={path} is not a global_step_<k> checkpoint folder")
+    later = [step for step in earlier if step > int(match.group(1))]
+    if later:
+        _fail(f"trainer.default_local_dir={save_dir} holds checkpoints after {Path(path).name} (steps "
+              f"{', '.join(map(str, later))}), which the next resume would take over this run's: save into another "
+              "output_dir / trainer.default_local_dir")
 
 
 def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
@@ -263,11 +279,13 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
               "actor.fsdp.optimizer_offload (the host optimizer for the full model) does not apply; set it false")
     if cfg.trainer.resume_mode not in RESUME_MODES:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")
-    earlier = CheckpointManager(cfg.trainer.default_local_dir).complete_steps()
+    earlier = CheckpointManager(cfg.trainer.default_local_dir, keep=None).complete_steps()
     if cfg.mode == "train" and cfg.trainer.resume_mode == "disable" and earlier:
         _fail(f"trainer.default_local_dir={cfg.trainer.default_local_dir} holds an earlier run's checkpoints (steps "
               f"{', '.join(map(str, earlier))}), which a fresh run's would mix with: resume it "
               "(trainer.resume_mode=auto), or start afresh in another output_dir / trainer.default_local_dir")
+    if cfg.mode == "train" and cfg.trainer.resume_mode == "resume_path":
+        _check_resume_path(cfg.trainer.resume_from_path, cfg.trainer.default_local_dir, earlier)
     if cfg.algorithm.adv_estimator != "grpo":
         _fail(f"unknown algorithm.adv_estimator {cfg.algorithm.adv_estimator!r}; srpo_rl implements grpo")
     loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)

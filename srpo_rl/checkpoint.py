@@ -11,10 +11,15 @@ Layout of ``<root>/global_step_<k>/``:
   differs is refused before anything loads, naming the settings;
 - whatever ``save``'s ``extra`` writes (the example: the published Hugging Face folder), before ``COMPLETE``;
 - ``COMPLETE``: written last. A folder without it is ignored; an interrupted save's ``.tmp`` folder is removed
-  by the next save.
+  when the next save starts.
 
 A save writes into ``global_step_<k>.tmp`` and renames it when every rank is done, so a crash never leaves
-a folder that looks complete.
+a folder that looks complete: every file is on disk (fsynced) before ``COMPLETE`` is written, and the rename
+is synced too. An old checkpoint is renamed before it is deleted, so a deletion cut short leaves nothing that
+looks complete either.
+
+:meth:`CheckpointManager.load_latest` resumes the newest complete checkpoint; :meth:`CheckpointManager.load`
+a chosen one (siiRL's ``resume_mode=resume_path``).
 
 Example:
     >>> import tempfile, torch
@@ -31,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -53,6 +59,9 @@ from .lora import check_adapters_apart
 __all__ = ["CheckpointManager", "get_rng_state", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
+_DCP_DIRS = ("model", "optim")  # torch.distributed.checkpoint's folders (its writer fsyncs their files)
+# DCP planner errors of a model (or optimizer) whose keys or shapes differ from the checkpoint's: not corruption
+_MISMATCH = ("Size mismatch between saved", "Missing key in checkpoint state_dict", "Invalid checkpoint metadata for")
 
 
 def _rank() -> int:
@@ -74,6 +83,58 @@ def _single_process_allowed():
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _fsync(path: Path) -> None:
+    """Waits until ``path``'s data (a folder's: its names) is on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        # some filesystems cannot sync a folder; its entries are then as durable as that filesystem makes them
+        if not (path.is_dir() and error.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsyncs every file under ``folder`` but DCP's (already synced by its writer), then every folder, deepest first:
+    the files a save wrote besides DCP's shards (trainer states, ``run.json``, ``extra``'s) and their names."""
+    folders = []
+    for dirpath, _, filenames in os.walk(folder):
+        here = Path(dirpath)
+        folders.append(here)
+        if here == folder or here.relative_to(folder).parts[0] not in _DCP_DIRS:
+            for name in filenames:
+                _fsync(here / name)
+    for here in reversed(folders):
+        _fsync(here)
+
+
+def _cause(error: BaseException) -> str:
+    """One line that says what went wrong."""
+    if isinstance(error, CheckpointException):  # DCP's: the ranks' tracebacks, each ending with its exception
+        return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return f"{type(error).__name__}: {error}".strip().splitlines()[0]
+
+
+def _mismatch(error: BaseException) -> str | None:
+    """The planner error of ``error`` (DCP's: one per failed rank) that says the model is not the checkpoint's."""
+    errors = [exc for exc, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    return next((f"{type(exc).__name__}: {exc}" for exc in errors if any(m in str(exc) for m in _MISMATCH)), None)
+
+
+def _load_error(path: Path, error: BaseException, file: str | None = None) -> RuntimeError:
+    """What to say when ``path`` could not load: a model it does not fit, or a damaged checkpoint."""
+    mismatch = _mismatch(error)
+    if mismatch is not None:  # every checkpoint of that run would fail alike: deleting this one does not help
+        return RuntimeError(f"checkpoint {path} does not match this model ({mismatch}): check model.path and the "
+                            "settings that shape the model against the run that wrote it (the checkpoint itself is "
+                            "not damaged)")
+    cause = f"{file}: {_cause(error)}" if file else _cause(error)
+    return RuntimeError(f"could not load checkpoint {path} ({cause}); delete that folder to resume from the one "
+                        "before, or start afresh elsewhere")
 
 
 def get_rng_state() -> dict:
@@ -100,14 +161,15 @@ def set_rng_state(state: dict) -> None:
 class CheckpointManager:
     """Saves and restores training state under ``root``; keeps the newest ``keep`` checkpoints.
 
-    ``run_config`` holds the settings a checkpoint must share with the run that resumes it (the example: the LoRA
-    rank, the optimizer's kind and state dtype, rollouts per group); the number of ranks is added to it. A run
-    whose settings differ from the latest checkpoint's is refused by :meth:`load_latest`, before anything loads.
+    ``keep=None`` keeps every checkpoint. ``run_config`` holds the settings a checkpoint must share with the run
+    that resumes it (the example: the LoRA rank, the optimizer's kind and state dtype, rollouts per group); the
+    number of ranks is added to it. A run whose settings differ from the checkpoint's is refused by
+    :meth:`load_latest` and :meth:`load`, before anything loads.
     """
 
-    def __init__(self, root: str | os.PathLike, keep: int = 5, run_config: dict | None = None) -> None:
-        if keep < 1:
-            raise ValueError(f"keep (max_ckpt_keep) must be >= 1, got {keep}")
+    def __init__(self, root: str | os.PathLike, keep: int | None = 5, run_config: dict | None = None) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep (max_ckpt_keep) must be >= 1, or None to keep every checkpoint; got {keep}")
         self.root = Path(root)
         self.keep = keep
         self.run_config = dict(run_config or {})
@@ -138,7 +200,9 @@ class CheckpointManager:
         final = self.path(step)
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # what a save or a deletion cut short left (never complete), before this save needs the disk space
+            for stale in self.root.glob("global_step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -151,29 +215,76 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             (tmp / "run.json").write_text(json.dumps(self._run(), indent=1, sort_keys=True))
+            _sync_tree(tmp)  # every rank's files are on disk before COMPLETE says they are
             (tmp / "COMPLETE").write_text(str(step))
-            shutil.rmtree(final, ignore_errors=True)
+            _fsync(tmp / "COMPLETE")
+            _fsync(tmp)  # COMPLETE's name
+            if final.exists():  # the same step saved again
+                self._discard(final)
             os.replace(tmp, final)
+            _fsync(self.root)  # the rename: otherwise a crash may bring back the .tmp name, and the next save drops it
             self._prune(step)
         _barrier()
         return final
 
     def _prune(self, saved: int) -> None:
+        if self.keep is None:
+            return
         for step in self.complete_steps()[: -self.keep]:
             if step != saved:  # never the one just written, whatever older runs left beside it
-                shutil.rmtree(self.path(step), ignore_errors=True)
-        for path in self.root.glob("global_step_*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
+                self._discard(self.path(step))
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        """Deletes a checkpoint folder, renamed first: a deletion cut short leaves no folder that looks complete, and
+        the next save removes what is left. (No such ``.tmp`` name exists: the save removed them when it started.)"""
+        doomed = path.with_name(path.name + ".discarded.tmp")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def load_latest(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
         """Restores the newest complete checkpoint into ``model`` / ``optimizer`` and this process's RNG streams.
 
-        Returns the trainer state that was saved (with ``"checkpoint_step"``), or ``None`` when there is none.
+        Returns the trainer state that was saved (with ``"checkpoint_step"`` and ``"checkpoint_path"``), or ``None``
+        when ``root`` holds no
+        complete checkpoint (the caller should say so, naming ``root``: a run pointed at the wrong folder starts
+        afresh otherwise unnoticed).
         """
         step = self._latest_step()
         if step is None:
             return None
-        path = self.path(step)
+        return self._load(self.path(step), step, model=model, optimizer=optimizer)
+
+    def load(self, path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restores the checkpoint folder ``path`` (a complete ``global_step_<k>`` of this layout, under ``root`` or
+        not), as :meth:`load_latest` does the newest: siiRL's ``resume_mode=resume_path``. Collective: every rank
+        passes the same ``path``.
+
+        Later saves still go to ``root``; checkpoints there newer than ``path``'s are another branch of the run,
+        which :meth:`load_latest` would prefer on the next resume.
+        """
+        path = Path(path)
+        return self._load(path, self._checked_step(path), model=model, optimizer=optimizer)
+
+    def _checked_step(self, path: Path) -> int:
+        """The step of ``path``, refused unless it is a complete checkpoint of this layout."""
+        if not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint folder {path}: pass an existing global_step_<step> folder")
+        match = _STEP_DIR.match(path.name)
+        if match is None:
+            held = CheckpointManager(path, keep=None).complete_steps()
+            hint = f"; it holds checkpoints: pass one, e.g. {path / f'global_step_{held[-1]}'}" if held else ""
+            raise ValueError(f"{path} is not a checkpoint folder (its name is not global_step_<step>){hint}")
+        if not (path / "COMPLETE").exists():
+            raise ValueError(f"checkpoint {path} is incomplete (no COMPLETE: its save was cut short); pass a complete "
+                             "one")
+        missing = [name for name in _DCP_DIRS if not (path / name).is_dir()]
+        if missing:
+            raise ValueError(f"{path} is not a checkpoint of this trainer (no {' or '.join(missing)} folder): pass "
+                             "a global_step_<step> folder that it wrote")
+        return int(match.group(1))
+
+    def _load(self, path: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         self._check_run(path)
         model_state, optim_state = get_state_dict(model, optimizer)
         try:
@@ -184,18 +295,28 @@ class CheckpointManager:
                 dcp.load(optim_state, checkpoint_id=path / "optim",
                          planner=DefaultLoadPlanner(allow_partial_load=True))
         except (Exception, CheckpointException) as error:  # DCP's exception is a BaseException
-            cause = (str(error).strip().splitlines() or [type(error).__name__])[-1]  # DCP's: the ranks' tracebacks
-            raise RuntimeError(f"could not load checkpoint {path} ({cause}); delete that folder to resume from the "
-                               "one before, or start afresh elsewhere") from error
+            raise _load_error(path, error) from error
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-        trainer_file = path / f"trainer_rank{_rank()}.pt"
-        if not trainer_file.exists():  # a checkpoint without run.json, written by fewer ranks
-            raise RuntimeError(f"checkpoint {path} has no {trainer_file.name}: it was written by fewer ranks than this "
-                               f"run has ({_world_size()}); resume with the same number of GPUs")
-        state = torch.load(trainer_file, weights_only=False)
+        state = self._trainer_state(path)
         set_rng_state(state.pop("rng"))
-        state["checkpoint_step"] = step
+        state["checkpoint_step"], state["checkpoint_path"] = step, str(path)
         return state
+
+    def _trainer_state(self, path: Path) -> dict:
+        """This rank's ``trainer_rank<r>.pt`` of ``path``."""
+        file = path / f"trainer_rank{_rank()}.pt"
+        if not file.exists():
+            saved = self._saved_run(path)
+            if saved is None or saved.get("world_size", 0) < _world_size():  # else run.json vouches for the file
+                raise RuntimeError(f"checkpoint {path} has no {file.name}: it was written by fewer ranks than this "
+                                   f"run has ({_world_size()}); resume with the same number of GPUs")
+            raise RuntimeError(f"could not load checkpoint {path} ({file.name} is missing, though its run.json records "
+                               f"world_size {saved['world_size']}); delete that folder to resume from the one "
+                               "before, or start afresh elsewhere")
+        try:
+            return torch.load(file, weights_only=False)
+        except Exception as error:
+            raise _load_error(path, error, file.name) from error
 
     def _latest_step(self) -> int | None:
         """The newest complete step, as rank 0 sees it (every rank resumes the same one)."""
@@ -207,13 +328,23 @@ class CheckpointManager:
 
     def _check_run(self, path: Path) -> None:
         """Refuses, on every rank and before anything loads, a checkpoint written with other run settings."""
-        saved_file = path / "run.json"
-        if not saved_file.exists():  # written before checkpoints recorded their run
+        saved, ours = self._saved_run(path), self._run()
+        if saved is None:  # written before checkpoints recorded their run
             return
-        saved, ours = json.loads(saved_file.read_text()), self._run()
         differ = {k: (saved.get(k), ours.get(k)) for k in sorted(saved.keys() | ours.keys())
                   if saved.get(k) != ours.get(k)}
         if differ:
             listed = "; ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differ.items())
             raise ValueError(f"checkpoint {path} was written by a run with other settings ({listed}): resume with its "
                              f"settings, or start afresh in another folder")
+
+    @staticmethod
+    def _saved_run(path: Path) -> dict | None:
+        """The run settings ``path`` recorded in its ``run.json``; ``None`` for a checkpoint without one."""
+        file = path / "run.json"
+        if not file.exists():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _load_error(path, error, file.name) from error

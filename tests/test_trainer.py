@@ -196,7 +196,10 @@ def test_the_script_reads_siirl_option_names():
         (["trainer.logger=mlflow"], "unknown trainer.logger 'mlflow'; choose from"),  # one name, not a list
         (["env.env_name=libero_goal"], "env.env_name=libero_goal but embodied.unnorm_key=libero_10 .* select the "
          "suite as env=libero_goal"),
-        (["trainer.max_ckpt_keep=0"], r"trainer.max_ckpt_keep must be null \(keep every checkpoint\) or an int >= 1"),
+        (["trainer.max_ckpt_keep=-1"], r"trainer.max_ckpt_keep must be null or 0 \(keep every checkpoint, as siiRL\)"),
+        (["trainer.resume_mode=resume_path"], "resume_mode=resume_path needs trainer.resume_from_path="),
+        (["trainer.resume_mode=resume_path", "trainer.resume_from_path=/nonexistent/global_step_3"],
+         "trainer.resume_from_path=/nonexistent/global_step_3 is not a global_step_<k> checkpoint folder"),
         (["actor.loss_agg_mode=mean"], "unknown actor.loss_agg_mode 'mean'; choose one of seq-mean-token-mean, token-mean"),
         (["algorithm.video_key_by=task"], "unknown algorithm.video_key_by 'task'; choose one of rollout, group"),
         (["algorithm.progress_formula=linear"], "unknown algorithm.progress_formula 'linear'; choose one of reference"),
@@ -532,6 +535,15 @@ def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_pa
     code, log = _run(out, 2, *offload)
     assert code == 0, log[-3000:]
     assert (f"resumed from {out}/checkpoints/global_step_1 at step 1" in log) == (moments == "bf16")
+    assert (f"no complete checkpoint in {out}/checkpoints: starting at step 0" in log) == (moments == "fp32")
+    if moments == "fp32":  # siiRL's resume_path: a chosen checkpoint, continued into another folder
+        branch = tmp_path / "branch"
+        code, log = _run(out, 2, *offload, "trainer.resume_mode=resume_path",
+                         f"trainer.resume_from_path={out}/checkpoints/global_step_1",
+                         f"trainer.default_local_dir={branch}")
+        assert code == 0, log[-3000:]
+        assert f"resumed from {out}/checkpoints/global_step_1 at step 1" in log
+        assert [p.name for p in branch.iterdir()] == ["global_step_2"]
     checkpoint = out / "checkpoints" / "global_step_2"
     weights = _load_dcp(checkpoint, "model")
     optim = _load_dcp(checkpoint, "optim")["state"]
