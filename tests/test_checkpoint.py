@@ -47,7 +47,7 @@ def test_keeps_the_last_checkpoints_and_resumes_the_newest_complete_one(tmp_path
     _draws()
 
     state = manager.load_latest(model=model, optimizer=optimizer)
-    assert state == {"step": 7, "cursor": 70, "checkpoint_step": 7}
+    assert state == {"step": 7, "cursor": 70, "checkpoint_step": 7, "checkpoint_path": str(manager.path(7))}
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved_weights[key]), key
     assert torch.equal(optimizer.state[model.weight]["exp_avg"], saved_moments)
@@ -227,14 +227,16 @@ def test_a_chosen_checkpoint_loads_and_other_folders_are_refused_with_the_reason
     other = torch.nn.Linear(3, 2)
     other_optimizer = torch.optim.AdamW(other.parameters())
     state = manager.load(manager.path(2), model=other, optimizer=other_optimizer)
-    assert state == {"step": 2, "checkpoint_step": 2} and torch.equal(other.weight, model.weight)
+    assert state == {"step": 2, "checkpoint_step": 2, "checkpoint_path": str(manager.path(2))}
+    assert torch.equal(other.weight, model.weight)
     # an older one, from outside the manager's root: the run settings are checked all the same
     with pytest.raises(ValueError, match=r"other settings \(lora_rank: None there, 8 here\)"):
         CheckpointManager(tmp_path / "elsewhere", run_config={"lora_rank": 8}).load(
             manager.path(1), model=other, optimizer=other_optimizer)
     state = CheckpointManager(tmp_path / "elsewhere").load(f"{manager.path(1)}/", model=other,
                                                            optimizer=other_optimizer)
-    assert state == {"step": 1, "checkpoint_step": 1} and not torch.equal(other.weight, model.weight)
+    assert state == {"step": 1, "checkpoint_step": 1, "checkpoint_path": str(manager.path(1))}
+    assert not torch.equal(other.weight, model.weight)
 
     root = re.escape(str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match=rf"{root} is not a checkpoint folder \(its name is not global_step_<step>\); "
