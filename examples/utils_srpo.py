@@ -286,6 +286,14 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
               "(trainer.resume_mode=auto), or start afresh in another output_dir / trainer.default_local_dir")
     if cfg.mode == "train" and cfg.trainer.resume_mode == "resume_path":
         _check_resume_path(cfg.trainer.resume_from_path, cfg.trainer.default_local_dir, earlier)
+    resumed = {"auto": earlier and CheckpointManager(cfg.trainer.default_local_dir).path(earlier[-1]),
+               "resume_path": cfg.trainer.resume_from_path}.get(cfg.trainer.resume_mode)
+    if cfg.mode == "train" and resumed:  # before the models and envs are built (the 7B, 84 GiB of host state)
+        try:
+            CheckpointManager(cfg.trainer.default_local_dir, run_config=checkpoint_run_config(cfg)).check_run(
+                resumed, world_size)
+        except ValueError as error:
+            _fail(str(error))
     if cfg.algorithm.adv_estimator != "grpo":
         _fail(f"unknown algorithm.adv_estimator {cfg.algorithm.adv_estimator!r}; srpo_rl implements grpo")
     loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
@@ -487,7 +495,9 @@ def checkpoint_run_config(cfg: DictConfig) -> dict:
     CheckpointManager`'s ``run_config``): what its weights and optimizer state are, and its groups' size."""
     return {"actor.lora_rank": cfg.actor.lora_rank, "actor.lora_alpha": float(cfg.actor.lora_alpha),
             "optimizer": "HostAdamW" if host_optimizer(cfg) else "AdamW",
-            "actor.fsdp.optimizer_state_dtype": cfg.actor.fsdp.optimizer_state_dtype, "rollout.n": cfg.rollout.n}
+            "actor.fsdp.optimizer_state_dtype": cfg.actor.fsdp.optimizer_state_dtype, "rollout.n": cfg.rollout.n,
+            # the prompt stream's order and position, and the carried groups, are the saved run's
+            "seed": cfg.seed, "data.train_batch_size": cfg.data.train_batch_size}
 
 
 def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Optimizer:

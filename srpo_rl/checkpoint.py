@@ -189,8 +189,8 @@ class CheckpointManager:
         """The folder of ``step``'s checkpoint (``<root>/global_step_<step>``), complete or not."""
         return self.root / f"global_step_{step}"
 
-    def _run(self) -> dict:
-        return {**self.run_config, "world_size": _world_size()}
+    def _run(self, world_size: int | None = None) -> dict:
+        return {**self.run_config, "world_size": world_size or _world_size()}
 
     def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
              extra: Callable[[Path], None] | None = None) -> Path:
@@ -285,7 +285,7 @@ class CheckpointManager:
         return int(match.group(1))
 
     def _load(self, path: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        self._check_run(path)
+        self.check_run(path)
         model_state, optim_state = get_state_dict(model, optimizer)
         try:
             with _single_process_allowed():
@@ -326,13 +326,16 @@ class CheckpointManager:
             dist.broadcast_object_list(latest, src=0)
         return latest[0]
 
-    def _check_run(self, path: Path) -> None:
-        """Refuses, on every rank and before anything loads, a checkpoint written with other run settings."""
-        saved, ours = self._saved_run(path), self._run()
+    def check_run(self, path: str | os.PathLike, world_size: int | None = None) -> None:
+        """Raises ``ValueError``, naming the settings, when the checkpoint ``path`` was written with other run
+        settings than this manager's ``run_config`` (and ``world_size`` processes: by default the process group's).
+        The loads call it before anything loads; a script may call it earlier still, before it builds anything.
+        A setting the checkpoint did not record (written by an older version) is not compared."""
+        path = Path(path)
+        saved, ours = self._saved_run(path), self._run(world_size)
         if saved is None:  # written before checkpoints recorded their run
             return
-        differ = {k: (saved.get(k), ours.get(k)) for k in sorted(saved.keys() | ours.keys())
-                  if saved.get(k) != ours.get(k)}
+        differ = {k: (saved[k], ours[k]) for k in sorted(saved.keys() & ours.keys()) if saved[k] != ours[k]}
         if differ:
             listed = "; ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differ.items())
             raise ValueError(f"checkpoint {path} was written by a run with other settings ({listed}): resume with its "

@@ -303,6 +303,21 @@ def test_a_fresh_run_into_an_earlier_runs_checkpoints_fails_before_any_work(tmp_
     check_config(_compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}"]), world_size=1)  # auto resumes it
 
 
+def test_a_resume_with_other_run_settings_fails_before_any_work(tmp_path):
+    from srpo_rl.checkpoint import CheckpointManager
+    from srpo_rl.examples.utils_srpo import checkpoint_run_config
+
+    model = torch.nn.Linear(2, 1)
+    saved = checkpoint_run_config(_compose(VALID_7B + ["rollout.n=4", "seed=3"]))
+    CheckpointManager(tmp_path, run_config=saved).save(30, model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                                       trainer_state={})
+    cfg = _compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"config error: checkpoint .*global_step_30 was written by a run with other "
+                                         r"settings \(rollout.n: 4 there, 8 here; seed: 3 there, 0 here\)"):
+        check_config(cfg, world_size=1)
+    check_config(_compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}", "rollout.n=4", "seed=3"]), world_size=1)
+
+
 def test_missing_model_path_and_unknown_groups():
     with pytest.raises(ValueError, match=r"model.path is required for model=openvla_oft_7b; pass model.path=<path>"):
         check_config(_compose([]), world_size=1)
