@@ -13,12 +13,14 @@ Installed as the ``srpo-libero`` console script.
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from contextlib import closing, ExitStack
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torchrl.envs.utils import ExplorationType
@@ -90,7 +92,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, info: DistInfo) -> None:
     """The recipe (``mode=train``) or the evaluation (``mode=eval``) on this process (one rank of the job)."""
-    torch.manual_seed(cfg.seed + info.rank)
+    for seed in (torch.manual_seed, random.seed, np.random.seed):  # checkpoints keep and restore all three
+        seed(cfg.seed + info.rank)
     # on any exit, an error included: the logger flushed, the embedder's thread and the env workers stopped
     with ExitStack() as resources:
         (run_eval if cfg.mode == "eval" else run_train)(cfg, info, resources)

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from srpo_rl.checkpoint import CheckpointManager
 from srpo_rl.distributed import DTYPES, DistInfo, combine_metrics, gather_objects, shard_actor
@@ -63,6 +63,7 @@ _AT_LEAST = {
     "actor.traj_mini_batch_size": 1, "actor.ppo_epochs": 1, "env.num_envs": 1, "env.num_steps_wait": 0,
     "algorithm.embodied_sampling.max_rollout_rounds": 1, "trainer.total_epochs": 1, "trainer.num_val_videos": 0,
     "embodied.embedding_num_frames": 1, "embodied.num_images_in_input": 1, "actor.lora_rank": 0,
+    "env.num_trials_per_task": 1, "eval.num_trials_per_task": 1,
 }
 # numeric options that must be > 0 (and >= 0 for the second group)
 _POSITIVE = ("actor.lr", "actor.grad_clip", "algorithm.reward_coef", "rollout.temperature",
@@ -338,6 +339,8 @@ def make_eval_rows(cfg: DictConfig) -> list[dict]:
     _, rows = generate_manifests([suite], num_trials_per_task=cfg.eval.num_trials_per_task)
     if cfg.eval.task_ids is None:
         return rows
+    if not isinstance(cfg.eval.task_ids, ListConfig | list) or not cfg.eval.task_ids:
+        _fail(f"eval.task_ids must be null (every task) or a non-empty list such as [0,3], got {cfg.eval.task_ids!r}")
     known = sorted({row["task_id"] for row in rows})
     unknown = sorted(set(cfg.eval.task_ids) - set(known))
     if unknown:
@@ -480,14 +483,17 @@ ENV_PROCESS_GROWTH_BYTES = 2**29
 
 
 def host_reserve_bytes(cfg: DictConfig, image_size: int) -> int:
-    """Host memory the job takes after start-up, beside an offloaded optimizer state: the env processes' growth
-    and two copies of one training batch's policy images (uint8 ``image_size``², every trajectory padded to
-    ``env.max_steps``): at the end of a round its trajectories are alive twice, as recorded and stacked, then
-    stacked and in the sampler's copy of the groups it keeps (the update copies one mini-batch at a time)."""
+    """Host memory the job takes after start-up on this host, beside the offloaded optimizer states: for each of its
+    processes (torchrun's ``LOCAL_WORLD_SIZE``), its env processes' growth and two copies of its share of a
+    training batch's policy images (uint8 ``image_size``², every trajectory padded to ``env.max_steps``): at the end
+    of a round its trajectories are alive twice, as recorded and stacked, then stacked and in the sampler's copy of
+    the groups it keeps (the update copies one mini-batch at a time)."""
+    ranks_here, world_size = (int(os.environ.get(name, "1")) for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"))
     max_steps = resolve_max_steps(cfg.env.max_steps, cfg.env.env_name)
     chunks = math.ceil(max_steps / cfg.embodied.action_chunks_len)
-    images = cfg.data.train_batch_size * cfg.rollout.n * chunks * 3 * image_size**2 * cfg.embodied.num_images_in_input
-    return cfg.env.num_envs * ENV_PROCESS_GROWTH_BYTES + 2 * images
+    groups_here = cfg.data.train_batch_size * ranks_here // world_size
+    images = groups_here * cfg.rollout.n * chunks * 3 * image_size**2 * cfg.embodied.num_images_in_input
+    return ranks_here * cfg.env.num_envs * ENV_PROCESS_GROWTH_BYTES + 2 * images
 
 
 def checkpoint_run_config(cfg: DictConfig) -> dict:

@@ -194,6 +194,8 @@ def test_the_script_reads_siirl_option_names():
         (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
         (["trainer.logger=[console,mlflow]"], "unknown trainer.logger 'mlflow'; choose from console, tensorboard, wandb"),
         (["trainer.logger=mlflow"], "unknown trainer.logger 'mlflow'; choose from"),  # one name, not a list
+        (["env.num_trials_per_task=0"], "env.num_trials_per_task must be an int >= 1, got 0"),
+        (["eval.num_trials_per_task=2.5"], "eval.num_trials_per_task must be an int >= 1, got 2.5"),
         (["env.env_name=libero_goal"], "env.env_name=libero_goal but embodied.unnorm_key=libero_10 .* select the "
          "suite as env=libero_goal"),
         (["trainer.max_ckpt_keep=-1"], r"trainer.max_ckpt_keep must be null or 0 \(keep every checkpoint, as siiRL\)"),
@@ -339,6 +341,9 @@ def test_eval_rows_are_the_chosen_tasks_and_trials_of_the_suite():
     assert len(make_eval_rows(_compose(["env=libero_goal", "eval.num_trials_per_task=1"]))) == 10  # every task
     with pytest.raises(ValueError, match=r"eval.task_ids \[10\] are not tasks of libero_goal: choose from 0 to 9"):
         make_eval_rows(_compose(["env=libero_goal", "eval.task_ids=[2,10]"]))
+    for bad in ("3", "[]"):  # a bare id, an empty selection
+        with pytest.raises(ValueError, match=r"eval.task_ids must be null \(every task\) or a non-empty list"):
+            make_eval_rows(_compose(["env=libero_goal", f"eval.task_ids={bad}"]))
 
 
 def test_host_reserve_counts_env_growth_and_two_copies_of_a_batch_of_policy_images():
@@ -350,6 +355,13 @@ def test_host_reserve_counts_env_growth_and_two_copies_of_a_batch_of_policy_imag
     # the per-suite horizon: libero_goal's 300 steps, 38 chunks
     per_suite = _compose(VALID_7B + ["env=libero_goal", "env.max_steps=suite"])
     assert host_reserve_bytes(per_suite, 224) == 16 * 2**29 + 2 * 64 * 8 * 38 * 224 * 224 * 3
+
+
+def test_host_reserve_counts_every_process_of_the_host(monkeypatch):
+    # two nodes of 8 processes: 8 here, each with 16 envs and 64 / 16 = 4 groups of the batch
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert host_reserve_bytes(_compose(VALID_7B), 224) == 8 * 16 * 2**29 + 2 * (8 * 4) * 8 * 64 * 224 * 224 * 3
 
 
 def test_script_fails_before_any_work(tmp_path):
