@@ -138,7 +138,8 @@ def run_train(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
         for group in optimizer.param_groups:  # the settings of this run, not the checkpoint's
             group.update(lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay)
         print(f"resumed from {state['checkpoint_path']} at step {step}", flush=True)
-    logger = resources.enter_context(closing(make_logger(cfg, wandb_run_id=state and state.get("wandb_run_id"))))
+    logger = resources.enter_context(closing(make_logger(cfg, wandb_run_id=state and state.get("wandb_run_id"),
+                                                         resume_step=state and step + 1)))
     steps_per_epoch = len(train_rows) // cfg.data.train_batch_size
     total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * max(1, steps_per_epoch)
     mini_batch_trajectories = cfg.actor.ppo_mini_batch_size * cfg.rollout.n // info.world_size

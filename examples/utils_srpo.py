@@ -529,12 +529,12 @@ def make_optimizer(cfg: DictConfig, policy: OpenVLAOFTPolicy) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=cfg.actor.lr, weight_decay=cfg.actor.weight_decay, fused=fused or None)
 
 
-def make_logger(cfg: DictConfig, wandb_run_id: str | None = None) -> MetricLogger:
+def make_logger(cfg: DictConfig, wandb_run_id: str | None = None, resume_step: int | None = None) -> MetricLogger:
     """The ``trainer.logger`` backends (console, TensorBoard, wandb), writing under ``output_dir``; with
-    ``wandb_run_id``, wandb continues that run."""
+    ``wandb_run_id``, wandb continues that run; with ``resume_step``, TensorBoard drops what was logged from it on."""
     return MetricLogger(cfg.trainer.logger, log_dir=cfg.output_dir, experiment_name=cfg.trainer.experiment_name,
                         project_name=cfg.trainer.project_name, config=OmegaConf.to_container(cfg, resolve=False),
-                        wandb_run_id=wandb_run_id)
+                        wandb_run_id=wandb_run_id, resume_step=resume_step)
 
 
 def rollout_metrics(collected, sampler, rounds: int) -> dict[str, float]:

@@ -46,6 +46,18 @@ def _console_number(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
 
 
+def _tensorboard_logger(experiment_name: str, log_dir: Path, purge_step: int | None):
+    """torchrl's ``TensorboardLogger``, its ``SummaryWriter`` made with ``purge_step`` (torchrl's passes none)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torchrl.record.loggers import TensorboardLogger
+
+    class PurgingTensorboardLogger(TensorboardLogger):
+        def _create_experiment(self) -> SummaryWriter:
+            return SummaryWriter(log_dir=os.path.join(self.log_dir, self.exp_name), purge_step=purge_step)
+
+    return PurgingTensorboardLogger(exp_name=experiment_name, log_dir=str(log_dir))
+
+
 class MetricLogger:
     """Logs scalars and videos to the chosen backends; only rank 0 writes.
 
@@ -60,6 +72,9 @@ class MetricLogger:
         wandb_offline: write the wandb run locally, to sync later.
         wandb_run_id: an earlier run's :attr:`wandb_run_id`: wandb continues that run (a resumed training's
             figures stay in one run) instead of starting another.
+        resume_step: a resumed run's first step: TensorBoard drops what earlier runs in ``log_dir`` logged from that
+            step on (the steps a crash cut short, which the resumed run logs again), as ``SummaryWriter``'s
+            ``purge_step`` does.
     """
 
     def __init__(
@@ -72,6 +87,7 @@ class MetricLogger:
         config: Mapping | None = None,
         wandb_offline: bool = False,
         wandb_run_id: str | None = None,
+        resume_step: int | None = None,
     ) -> None:
         self.types = [logger_types] if isinstance(logger_types, str) else list(logger_types)  # "console" is one
         unknown = [t for t in self.types if t not in LOGGER_TYPES]
@@ -85,9 +101,7 @@ class MetricLogger:
         if not self.enabled:
             return
         if "tensorboard" in self.types:
-            from torchrl.record.loggers import TensorboardLogger
-
-            self.backends.append(TensorboardLogger(exp_name=experiment_name, log_dir=str(self.log_dir / "tensorboard")))
+            self.backends.append(_tensorboard_logger(experiment_name, self.log_dir / "tensorboard", resume_step))
         if "wandb" in self.types:
             from torchrl.record.loggers import WandbLogger
 
