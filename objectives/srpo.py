@@ -81,7 +81,9 @@ class SRPOLoss(ClipPPOLoss):
     number of micro-batches): the accumulated gradient equals the mini-batch gradient exactly.
     The diagnostics (clip fractions, ratio statistics, KL, entropy) are plain means over the
     valid tokens of each call. Data-parallel training averages the ranks' gradients, which equals
-    the global mean over trajectories when every rank holds the same number of trajectories.
+    the global mean over trajectories when every rank holds the same number of trajectories; with
+    ``"token-mean"`` it is the mean over ranks of each rank's token mean, not the mean over every
+    token of the global mini-batch (the ranks' token counts differ).
 
     Reads (configurable with :meth:`set_keys`): ``action`` (``"action_tokens"``),
     ``sample_log_prob`` (``"action_log_prob"``), ``advantage`` (``"advantage"``),
