@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from srpo_rl.checkpoint import CheckpointManager
+from srpo_rl.checkpoint import CheckpointManager, checkpoint_step
 from srpo_rl.distributed import DTYPES, DistInfo, combine_metrics, gather_objects, shard_actor
 from srpo_rl.envs import make_libero_env
 from srpo_rl.evaluation import EvalResult
@@ -194,10 +193,11 @@ def _check_resume_path(path: str | None, save_dir: str, earlier: list[int]) -> N
     ``auto`` resume would take those: another branch of the run)."""
     if not path:
         _fail("trainer.resume_mode=resume_path needs trainer.resume_from_path=<a global_step_<k> folder>")
-    match = re.match(r"^global_step_(\d+)$", Path(path).name)
-    if match is None or not Path(path).is_dir():
-        _fail(f"trainer.resume_from_path={path} is not a global_step_<k> checkpoint folder")
-    later = [step for step in earlier if step > int(match.group(1))]
+    try:
+        chosen = checkpoint_step(path)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(f"trainer.resume_from_path: {error}")
+    later = [step for step in earlier if step > chosen]
     if later:
         _fail(f"trainer.default_local_dir={save_dir} holds checkpoints after {Path(path).name} (steps "
               f"{', '.join(map(str, later))}), which the next resume would take over this run's: save into another "

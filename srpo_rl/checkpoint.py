@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .lora import check_adapters_apart
 
-__all__ = ["CheckpointManager", "get_rng_state", "set_rng_state"]
+__all__ = ["CheckpointManager", "checkpoint_step", "get_rng_state", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _DCP_DIRS = ("model", "optim")  # torch.distributed.checkpoint's folders (its writer fsyncs their files)
@@ -156,6 +156,27 @@ def set_rng_state(state: dict) -> None:
         cuda = cuda[device] if device < len(cuda) else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of the checkpoint folder ``path``; ``FileNotFoundError`` or ``ValueError``, naming the path and why,
+    unless it is a complete ``global_step_<k>`` checkpoint of :class:`CheckpointManager`'s layout."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder {path}: pass an existing global_step_<step> folder")
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        held = CheckpointManager(path, keep=None).complete_steps()
+        hint = f"; it holds checkpoints: pass one, e.g. {path / f'global_step_{held[-1]}'}" if held else ""
+        raise ValueError(f"{path} is not a checkpoint folder (its name is not global_step_<step>){hint}")
+    if not (path / "COMPLETE").exists():
+        raise ValueError(f"checkpoint {path} is incomplete (no COMPLETE: its save was cut short); pass a complete "
+                         "one")
+    missing = [name for name in _DCP_DIRS if not (path / name).is_dir()]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this trainer (no {' or '.join(missing)} folder): pass "
+                         "a global_step_<step> folder that it wrote")
+    return int(match.group(1))
 
 
 class CheckpointManager:
@@ -264,25 +285,7 @@ class CheckpointManager:
         which :meth:`load_latest` would prefer on the next resume.
         """
         path = Path(path)
-        return self._load(path, self._checked_step(path), model=model, optimizer=optimizer)
-
-    def _checked_step(self, path: Path) -> int:
-        """The step of ``path``, refused unless it is a complete checkpoint of this layout."""
-        if not path.is_dir():
-            raise FileNotFoundError(f"no checkpoint folder {path}: pass an existing global_step_<step> folder")
-        match = _STEP_DIR.match(path.name)
-        if match is None:
-            held = CheckpointManager(path, keep=None).complete_steps()
-            hint = f"; it holds checkpoints: pass one, e.g. {path / f'global_step_{held[-1]}'}" if held else ""
-            raise ValueError(f"{path} is not a checkpoint folder (its name is not global_step_<step>){hint}")
-        if not (path / "COMPLETE").exists():
-            raise ValueError(f"checkpoint {path} is incomplete (no COMPLETE: its save was cut short); pass a complete "
-                             "one")
-        missing = [name for name in _DCP_DIRS if not (path / name).is_dir()]
-        if missing:
-            raise ValueError(f"{path} is not a checkpoint of this trainer (no {' or '.join(missing)} folder): pass "
-                             "a global_step_<step> folder that it wrote")
-        return int(match.group(1))
+        return self._load(path, checkpoint_step(path), model=model, optimizer=optimizer)
 
     def _load(self, path: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         self.check_run(path)

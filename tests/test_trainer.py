@@ -201,7 +201,7 @@ def test_the_script_reads_siirl_option_names():
         (["trainer.max_ckpt_keep=-1"], r"trainer.max_ckpt_keep must be null or 0 \(keep every checkpoint, as siiRL\)"),
         (["trainer.resume_mode=resume_path"], "resume_mode=resume_path needs trainer.resume_from_path="),
         (["trainer.resume_mode=resume_path", "trainer.resume_from_path=/nonexistent/global_step_3"],
-         "trainer.resume_from_path=/nonexistent/global_step_3 is not a global_step_<k> checkpoint folder"),
+         "trainer.resume_from_path: no checkpoint folder /nonexistent/global_step_3"),
         (["actor.loss_agg_mode=mean"], "unknown actor.loss_agg_mode 'mean'; choose one of seq-mean-token-mean, token-mean"),
         (["algorithm.video_key_by=task"], "unknown algorithm.video_key_by 'task'; choose one of rollout, group"),
         (["algorithm.progress_formula=linear"], "unknown algorithm.progress_formula 'linear'; choose one of reference"),
