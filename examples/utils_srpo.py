@@ -204,6 +204,30 @@ def _check_resume_path(path: str | None, save_dir: str, earlier: list[int]) -> N
               "output_dir / trainer.default_local_dir")
 
 
+def _check_checkpoints(cfg: DictConfig, world_size: int) -> None:
+    """What the training's start will do with ``trainer.default_local_dir``'s checkpoints, checked before any model is
+    built (the 7B, 84 GiB of host state): no fresh run into an earlier run's folder, and a resumed checkpoint written
+    with this run's settings."""
+    manager = CheckpointManager(cfg.trainer.default_local_dir, keep=None, run_config=checkpoint_run_config(cfg))
+    earlier = manager.complete_steps()
+    mode = cfg.trainer.resume_mode
+    if mode == "disable" and earlier:
+        _fail(f"trainer.default_local_dir={cfg.trainer.default_local_dir} holds an earlier run's checkpoints (steps "
+              f"{', '.join(map(str, earlier))}), which a fresh run's would mix with: resume it "
+              "(trainer.resume_mode=auto), or start afresh in another output_dir / trainer.default_local_dir")
+    resumed = None
+    if mode == "resume_path":
+        _check_resume_path(cfg.trainer.resume_from_path, cfg.trainer.default_local_dir, earlier)
+        resumed = cfg.trainer.resume_from_path
+    elif mode == "auto" and earlier:
+        resumed = manager.path(earlier[-1])
+    if resumed is not None:
+        try:
+            manager.check_run(resumed, world_size)
+        except ValueError as error:
+            _fail(str(error))
+
+
 def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     """Fails before any work with a message naming the bad value and the valid ones."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -280,21 +304,8 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
               "actor.fsdp.optimizer_offload (the host optimizer for the full model) does not apply; set it false")
     if cfg.trainer.resume_mode not in RESUME_MODES:
         _fail(f"unknown trainer.resume_mode {cfg.trainer.resume_mode!r}; choose one of {', '.join(RESUME_MODES)}")
-    earlier = CheckpointManager(cfg.trainer.default_local_dir, keep=None).complete_steps()
-    if cfg.mode == "train" and cfg.trainer.resume_mode == "disable" and earlier:
-        _fail(f"trainer.default_local_dir={cfg.trainer.default_local_dir} holds an earlier run's checkpoints (steps "
-              f"{', '.join(map(str, earlier))}), which a fresh run's would mix with: resume it "
-              "(trainer.resume_mode=auto), or start afresh in another output_dir / trainer.default_local_dir")
-    if cfg.mode == "train" and cfg.trainer.resume_mode == "resume_path":
-        _check_resume_path(cfg.trainer.resume_from_path, cfg.trainer.default_local_dir, earlier)
-    resumed = {"auto": earlier and CheckpointManager(cfg.trainer.default_local_dir).path(earlier[-1]),
-               "resume_path": cfg.trainer.resume_from_path}.get(cfg.trainer.resume_mode)
-    if cfg.mode == "train" and resumed:  # before the models and envs are built (the 7B, 84 GiB of host state)
-        try:
-            CheckpointManager(cfg.trainer.default_local_dir, run_config=checkpoint_run_config(cfg)).check_run(
-                resumed, world_size)
-        except ValueError as error:
-            _fail(str(error))
+    if cfg.mode == "train":
+        _check_checkpoints(cfg, world_size)
     if cfg.algorithm.adv_estimator != "grpo":
         _fail(f"unknown algorithm.adv_estimator {cfg.algorithm.adv_estimator!r}; srpo_rl implements grpo")
     loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
