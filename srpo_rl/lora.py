@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["add_lora", "adapters_active", "check_adapters_apart", "lora_parameters", "lora_targets", "merge_lora_state",
            "merged_adapters"]
@@ -95,6 +96,19 @@ def _lora_linear_backward(ctx, grad, _grad_down):
 _lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_context)
 
 
+# FlopCounterMode sees a custom op as one call with no count of its own: the products it runs, 2 FLOPs a multiply-add
+@register_flop_formula(torch.ops.srpo_rl.lora_linear)
+def _lora_linear_flops(rows_shape, weight_shape, _bias_shape, a_shape, _up_shape, **_) -> int:
+    (n, k), out, r = rows_shape, weight_shape[0], a_shape[0]
+    return 2 * n * (k * out + k * r + r * out)  # rows W^T, rows A^T, then (rows A^T) up^T
+
+
+@register_flop_formula(torch.ops.srpo_rl.lora_linear_grad)
+def _lora_linear_grad_flops(grad_shape, rows_shape, _weight_shape, a_shape, _up_shape, _down_shape, **_) -> int:
+    (n, out), k, r = grad_shape, rows_shape[1], a_shape[0]
+    return 2 * n * (out * r + out * k + r * k + r * k + out * r)  # grad up, grad W, (grad up) A, its^T rows, grad^T down
+
+
 def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # The adapters are kept in fp32 (AdamW's precision) and computed in the input's dtype, the scale on the small B.
     # The adapter's products accumulate in place into the base ones, forward and backward, inside two custom ops:
@@ -103,7 +117,10 @@ def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # 4 decoder layers of the 7B's shape trained 1.02x faster compiled and 1.01x eager (H100,
     # benchmarks/lora_overhead.py, docs/gpu_lora_overhead_llama_op_h100.json).
     weight, bias, autocast = self.weight, self.bias, contextlib.nullcontext()
-    if torch.is_autocast_enabled(x.device.type):  # as autocast runs a linear layer: every operand in its dtype
+    # As autocast runs a linear layer: every operand in its dtype. Autocast has no state on the meta device, where the
+    # FLOP counts run (benchmarks/iteration_flops.py): asking it there raises
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

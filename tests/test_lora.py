@@ -100,6 +100,23 @@ def test_adapted_layer_computes_x_wt_plus_b_plus_scaled_x_at_bt_and_its_gradient
             assert (got - want).norm() / want.norm() < 0.02
 
 
+def test_flop_counter_counts_the_adapted_layers_products_on_the_meta_device():
+    # benchmarks/iteration_flops.py counts on the meta device: the custom ops need formulas, autocast has no state
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, k, out, r = 6, 12, 10, RANK
+    with torch.device("meta"):
+        layer = torch.nn.Linear(k, out)
+        add_lora(layer, rank=r, alpha=ALPHA, skip=())
+        x = torch.empty(2, 3, k, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    forward = 2 * n * k * out + 2 * n * k * r + 2 * n * r * out  # x W^T, x A^T, (x A^T) (s B)^T
+    # dL/dx = g W + (g sB) A; dL/dA = (g sB)^T x; dL/d(sB) = g^T (x A^T)
+    backward = 2 * n * out * k + (2 * n * out * r + 2 * n * r * k) + 2 * r * n * k + 2 * out * n * r
+    assert counter.get_total_flops() == forward + backward
+
+
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen_base", "trainable_base"])
 def test_adapted_fp32_layer_under_autocast_runs_in_its_dtype_as_a_plain_layer_does(train_base):
     g = torch.Generator().manual_seed(5)
