@@ -33,6 +33,7 @@ from srpo_rl.examples.utils_srpo import (
     batch_metrics,
     check_config,
     checkpoint_run_config,
+    config_errors_reported,
     log_evaluation,
     make_advantage,
     make_background_embedder,
@@ -76,7 +77,8 @@ def run_eval(cfg: DictConfig, info: DistInfo, resources: ExitStack) -> None:
 def main() -> None:
     """The ``srpo-libero`` entry point: training (``mode=train``) or greedy evaluation (``mode=eval``); siiRL's
     option names are read as ours (``siirl_overrides``), so a siiRL SRPO command line runs as it is."""
-    sys.argv[1:] = siirl_overrides(sys.argv[1:])
+    with config_errors_reported():
+        sys.argv[1:] = siirl_overrides(sys.argv[1:])
     hydra_main()
 
 
@@ -84,7 +86,8 @@ def main() -> None:
 def hydra_main(cfg: DictConfig) -> None:
     """Hydra's entry: the composed config checked, then :func:`run` on this process."""
     # Config errors fail here, before any work
-    check_config(cfg)
+    with config_errors_reported():
+        check_config(cfg)
     info = init_distributed(cfg.device)
     run(cfg, info)
     close_distributed()  # after run's models are released

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib.util
 import math
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,9 +30,10 @@ from srpo_rl.policy import OpenVLAOFTPolicy
 from srpo_rl.rewards import FORMULAS, VIDEO_KEY_BY
 
 __all__ = [
-    "batch_metrics", "check_config", "host_optimizer", "log_evaluation", "make_advantage", "make_background_embedder",
-    "make_env", "make_eval_rows", "make_logger", "make_loss", "make_manifests", "make_optimizer", "make_policy",
-    "make_reward", "make_sampler", "memory_metrics", "rollout_metrics", "update_metrics",
+    "ConfigError", "batch_metrics", "check_config", "config_errors_reported", "host_optimizer", "known_options",
+    "log_evaluation", "make_advantage", "make_background_embedder", "make_env", "make_eval_rows", "make_logger",
+    "make_loss", "make_manifests", "make_optimizer", "make_policy", "make_reward", "make_sampler", "memory_metrics",
+    "rollout_metrics", "update_metrics",
 ]
 
 MODES = ("train", "eval")
@@ -58,12 +63,13 @@ _BOOLEANS = (
 )
 # integer options and the least value each may take
 _AT_LEAST = {
-    "data.train_batch_size": 1, "actor.ppo_mini_batch_size": 1, "rollout.n": 1, "actor.ppo_micro_batch_size": 1,
+    "data.train_batch_size": 1, "actor.ppo_mini_batch_size": 1, "rollout.n": 2, "actor.ppo_micro_batch_size": 1,
     "actor.traj_mini_batch_size": 1, "actor.ppo_epochs": 1, "env.num_envs": 1, "env.num_steps_wait": 0,
     "algorithm.embodied_sampling.max_rollout_rounds": 1, "trainer.total_epochs": 1, "trainer.num_val_videos": 0,
     "embodied.embedding_num_frames": 1, "embodied.num_images_in_input": 1, "actor.lora_rank": 0,
     "env.num_trials_per_task": 1, "eval.num_trials_per_task": 1,
 }
+_WHY_AT_LEAST = {"rollout.n": " (GRPO compares the rollouts of a group: a group of one has no advantage)"}
 # numeric options that must be > 0 (and >= 0 for the second group)
 _POSITIVE = ("actor.lr", "actor.grad_clip", "algorithm.reward_coef", "rollout.temperature",
              "algorithm.embodied_sampling.oversample_factor", "actor.lora_alpha")
@@ -149,8 +155,55 @@ def siirl_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+class ConfigError(ValueError):
+    """A bad configuration, found before any work: the message names the bad value, the valid ones and the fix.
+    ``srpo-libero`` prints it without a traceback and exits with status 2."""
+
+
+@contextlib.contextmanager
+def config_errors_reported() -> Iterator[None]:
+    """A :class:`ConfigError` raised inside printed as its message alone (no traceback), then exit status 2."""
+    try:
+        yield
+    except ConfigError as error:
+        print(f"srpo-libero: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _fail(message: str) -> None:
-    raise ValueError(f"config error: {message}")
+    raise ConfigError(f"config error: {message}") from None  # the message says it all, also inside an except
+
+
+def _leaf_keys(node: object, prefix: str = "") -> set[str]:
+    """The dotted names of a YAML tree's leaves (a list is a leaf)."""
+    if not isinstance(node, dict):
+        return {prefix}
+    return set().union(*(_leaf_keys(value, f"{prefix}{key}.") for key, value in node.items())) if node else {prefix}
+
+
+def known_options() -> set[str]:
+    """Every option the packaged configs define (``config.yaml``, ``tiny.yaml``, ``env/*.yaml``, ``model/*.yaml``)."""
+    config_dir = Path(__file__).resolve().parent / "config"
+    names: set[str] = set()
+    for path, prefix in [(p, "") for p in config_dir.glob("*.yaml")] + [
+            (p, f"{p.parent.name}.") for p in config_dir.glob("*/*.yaml")]:
+        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        names |= {name.rstrip(".") for name in _leaf_keys({k: v for k, v in tree.items() if k not in ("defaults",
+                                                                                                    "hydra")}, prefix)}
+    return names
+
+
+def _check_known_options(cfg: DictConfig) -> None:
+    # Hydra refuses a misspelled option but advises "+key=value", which would add an option nothing reads
+    known = known_options()
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    unknown = sorted(name.rstrip(".") for name in _leaf_keys({k: v for k, v in tree.items() if k != "hydra"})
+                     if name.rstrip(".") not in known)
+    if unknown:
+        hints = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1)) else name
+                 for name in unknown]
+        _fail(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: nothing here reads "
+              f"{'them' if len(unknown) > 1 else 'it'} (README: Configuration lists every option)")
 
 
 def _check_types_and_ranges(cfg: DictConfig) -> None:
@@ -161,7 +214,7 @@ def _check_types_and_ranges(cfg: DictConfig) -> None:
     for name, least in _AT_LEAST.items():
         value = OmegaConf.select(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            _fail(f"{name} must be an int >= {least}, got {value!r}")
+            _fail(f"{name} must be an int >= {least}, got {value!r}" + _WHY_AT_LEAST.get(name, ""))
     for name in _POSITIVE + _NON_NEGATIVE:
         value = OmegaConf.select(cfg, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
@@ -228,22 +281,38 @@ def _check_checkpoints(cfg: DictConfig, world_size: int) -> None:
             _fail(str(error))
 
 
+# what each model path holds, for the message that names a missing one
+_MODEL_PATHS = {
+    "path": "the OpenVLA-OFT SFT checkpoint folder (config.json, model*.safetensors, dataset_statistics.json, the "
+            "tokenizer), e.g. Sylvest/OpenVLA-AC-PD-1traj-libero-long",
+    "vjepa_path": "V-JEPA 2 ViT-g/384: the release's vitg-384.pt or a Hugging Face V-JEPA 2 folder",
+}
+
+
+def _check_model_paths(cfg: DictConfig) -> None:
+    problems = []
+    for key in ("path", "vjepa_path") if cfg.mode == "train" else ("path",):  # eval needs no reward model
+        value = cfg.model.get(key)  # None also where the config leaves OmegaConf's missing value, ???
+        if value is None:
+            problems.append(f"model.{key} is required for model={cfg.model.name}: pass model.{key}=<{_MODEL_PATHS[key]}>")
+        elif cfg.model.name != "tiny" and not Path(value).exists():
+            problems.append(f"model.{key}={value!r} does not exist (expected {_MODEL_PATHS[key]})")
+    if problems:
+        _fail("; ".join(problems) + ". Without weights, `--config-name tiny` runs the recipe with a tiny random model")
+
+
 def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     """Fails before any work with a message naming the bad value and the valid ones."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.mode not in MODES:
         _fail(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    _check_known_options(cfg)
     try:
         suite = canonical_suite(cfg.env.env_name)
     except ValueError as error:  # the env's own check, named as the config's option
-        raise ValueError(f"config error: env.env_name: {error}") from None
+        _fail(f"env.env_name: {error}")
     _check_unnorm_key(cfg, suite)
-    for key in ("path", "vjepa_path") if cfg.mode == "train" else ("path",):  # eval needs no reward model
-        value = cfg.model.get(key)  # None also where the config leaves OmegaConf's missing value, ???
-        if value is None:
-            _fail(f"model.{key} is required for model={cfg.model.name}; pass model.{key}=<path>")
-        if cfg.model.name != "tiny" and not Path(value).exists():
-            _fail(f"model.{key}={value!r} does not exist")
+    _check_model_paths(cfg)
     _check_types_and_ranges(cfg)
     for name, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, name)
@@ -253,7 +322,7 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     try:
         resolve_max_steps(cfg.env.max_steps, cfg.env.env_name)
     except ValueError as error:  # the env's own check, named as the config's option
-        raise ValueError(f"config error: env.{error}") from None
+        _fail(f"env.{error}")
     model_chunk = (OpenVLAOFTConfig.num_actions_chunk, OpenVLAOFTConfig.action_dim)
     if (cfg.embodied.action_chunks_len, cfg.embodied.action_token_len) != model_chunk:
         _fail(f"embodied.action_chunks_len x action_token_len = {cfg.embodied.action_chunks_len} x "

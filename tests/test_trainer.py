@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from srpo_rl.distributed import DTYPES, init_distributed
 from srpo_rl.envs import LiberoVecEnv
-from srpo_rl.examples.utils_srpo import check_config, host_reserve_bytes, make_eval_rows
+from srpo_rl.examples.utils_srpo import ConfigError, check_config, host_reserve_bytes, make_eval_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "srpo_libero.py"
@@ -191,7 +191,12 @@ def test_the_script_reads_siirl_option_names():
         (["actor.lora_rank=32", "actor.fsdp.optimizer_offload=true"], "optimizer_offload .* does not apply"),
         (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
         (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
-        (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
+        (["model.path=/nonexistent/ckpt"], r"model.path='/nonexistent/ckpt' does not exist \(expected the OpenVLA-OFT "
+         r"SFT checkpoint folder \(config.json, .*`--config-name tiny` runs the recipe"),
+        (["rollout.n=1"], r"rollout.n must be an int >= 2, got 1 \(GRPO compares the rollouts of a group"),
+        # Hydra refuses a misspelled option but advises "+": added that way it would do nothing
+        (["+trainer.save_freqq=3"], r"unknown option trainer.save_freqq \(did you mean trainer.save_freq\?\)"),
+        (["+actor.lr.value=1", "+foo=2"], r"unknown options actor.lr.value \(did you mean actor.lr\?\), foo: nothing"),
         (["trainer.logger=[console,mlflow]"], "unknown trainer.logger 'mlflow'; choose from console, tensorboard, wandb"),
         (["trainer.logger=mlflow"], "unknown trainer.logger 'mlflow'; choose from"),  # one name, not a list
         (["env.num_trials_per_task=0"], "env.num_trials_per_task must be an int >= 1, got 0"),
@@ -321,7 +326,9 @@ def test_a_resume_with_other_run_settings_fails_before_any_work(tmp_path):
 
 
 def test_missing_model_path_and_unknown_groups():
-    with pytest.raises(ValueError, match=r"model.path is required for model=openvla_oft_7b; pass model.path=<path>"):
+    # both missing paths in one message, with what each should hold
+    with pytest.raises(ConfigError, match=r"model.path is required for model=openvla_oft_7b: pass model.path=<the "
+                       r"OpenVLA-OFT SFT checkpoint folder .*; model.vjepa_path is required .*vitg-384.pt"):
         check_config(_compose([]), world_size=1)
     with pytest.raises(Exception, match="Could not find 'env/libero_lng'"):
         _compose(["env=libero_lng"])
@@ -370,8 +377,9 @@ def test_script_fails_before_any_work(tmp_path):
          "algorithm.embodied_sampling.accuracy_lower_bound=0.95"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "accuracy_lower_bound 0.95 > accuracy_upper_bound 0.9" in result.stderr
+    assert "Traceback" not in result.stderr  # the message alone
     assert not (tmp_path / "data").exists()  # no manifest, no model, no env was built
 
 
