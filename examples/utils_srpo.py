@@ -1,4 +1,18 @@
-"""Builders for examples/srpo_libero.py: config checks, models, env, reward, objectives, logging."""
+"""Builders for examples/srpo_libero.py: config checks, models, env, reward, objectives, logging.
+
+Example (the tiny config checked, then a bad value named before any work):
+    >>> from pathlib import Path
+    >>> from hydra import compose, initialize_config_dir
+    >>> import srpo_rl.examples
+    >>> from srpo_rl.examples.utils_srpo import check_config
+    >>> config_dir = str(Path(srpo_rl.examples.__file__).parent / "config")
+    >>> with initialize_config_dir(config_dir=config_dir, version_base=None):
+    ...     cfg = compose("tiny", overrides=["rollout.temperature=0"])
+    >>> check_config(cfg, world_size=1)
+    Traceback (most recent call last):
+    ...
+    srpo_rl.examples.utils_srpo.ConfigError: config error: rollout.temperature must be a number > 0, got 0
+"""
 
 from __future__ import annotations
 
