@@ -918,8 +918,8 @@ def single_cpu_thread(enabled: bool = True):
     Used around a rollout whose policy runs on an accelerator: this process then does little CPU work
     (stacking observations, copying results), but each such op wakes torch's OpenMP pool, whose threads
     spin for milliseconds after it at the default niceness, and with one op every few milliseconds they
-    spin all the time, on the cores the (niced) simulation workers need. ``tests/test_rollout.py`` shows
-    the spinning on this machine; on a 16-core GPU machine it took about half of the cores.
+    spin all the time, on the cores the (niced) simulation workers need. ``benchmarks/openmp_spin.py``
+    measures the spinning; on a 16-core GPU machine it took about half of the cores.
 
     Example:
         >>> import torch

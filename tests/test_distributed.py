@@ -177,14 +177,17 @@ def test_the_filled_up_last_slice_adds_nothing_to_the_diagnostics(checkpoint):
 def test_the_update_reads_its_diagnostics_back_once_not_per_slice(checkpoint, monkeypatch):
     # a read-back per slice would make the host wait for each backward before launching the next forward
     reads = []
-    to_float = torch.Tensor.__float__
-    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append(1) or to_float(self))
+    # every way a value comes to the host but int(), which each forward takes its prompt's width with (a shape)
+    for name in ("__float__", "item", "tolist", "__bool__"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _read=read, _name=name: reads.append(_name)
+                            or _read(self, *a))
     reads_by_forwards = {}
     for steps in (64, 1):  # one forward over the 19 steps, then 19 forwards of one step
         reads.clear()
         _, sizes = _sgd_update(checkpoint, traj_mini_batch_size=steps)
-        reads_by_forwards[len(sizes)] = len(reads)
-    assert reads_by_forwards[1] == reads_by_forwards[19] > 0, reads_by_forwards
+        reads_by_forwards[len(sizes)] = sorted(reads)
+    assert reads_by_forwards[1] == reads_by_forwards[19] and reads_by_forwards[1], reads_by_forwards
 
 
 def _stale_batch(checkpoint: str) -> tuple[OpenVLAOFTPolicy, SRPOLoss, TensorDict, TensorDict]:

@@ -429,7 +429,7 @@ def test_an_actor_without_a_distribution_is_refused():
 
 def test_missing_inputs_are_named():
     actor = TokenTable(steps=6)
-    td, _ = make_ragged_batch(actor)
+    td, ratio = make_ragged_batch(actor)
     with pytest.raises(KeyError, match="advantage"):
         SRPOLoss(actor)(td.exclude("advantage"))
     with pytest.raises(KeyError, match="rollout_id"):
@@ -438,7 +438,8 @@ def test_missing_inputs_are_named():
         SRPOLoss(actor)(td.exclude("action_log_prob"))
     with pytest.raises(KeyError, match=r"no action under 'action_tokens'"):
         SRPOLoss(actor)(td.exclude("action_tokens"))
-    # token-mean does not need trajectory ids
-    SRPOLoss(actor, aggregation="token-mean")(td.exclude("rollout_id"))
+    # token-mean does not need trajectory ids: the same loss without them
+    out = SRPOLoss(actor, aggregation="token-mean")(td.exclude("rollout_id"))
+    assert out["loss_objective"].item() == pytest.approx(hand_aggregate(ratio, td, "token-mean"), rel=1e-5)
     with pytest.raises(ValueError, match="token mask"):
         SRPOLoss(actor)(td.set("token_mask", td["token_mask"][..., :3]))
