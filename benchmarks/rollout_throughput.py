@@ -64,9 +64,14 @@ executes the same env steps, so its env-steps/s compare directly.
   in between, instead of sleeping on both until one is ready (the policy thread signals a pipe).
 - ceilings: ``bare_sim`` (the same number of LIBERO processes stepping random chunks, one 256x256
   frame per chunk, no policy, each process on its own: its next chunk goes out as soon as its last one is
-  back; ``--ceiling-s`` seconds after an untimed chunk each) and ``bare_policy`` (the model forward alone at batch ``num_envs``, in
+  back; ``--ceiling-s`` seconds after an untimed chunk each) and ``bare_policy`` (the model forward alone from pixel values, the fastest at batch ``num_envs``,
+  ``num_envs / 2`` and ``num_envs / 4``, in
   env-steps/s = batch x 8 / time, the faster of eager and CUDA graph, on an idle machine);
-  ``min_ceiling`` is the smaller. ``bare_policy_sustained``: the batch-8 forward back to back for
+  ``min_ceiling`` is the smaller. ``bare_policy_pipelined``: the policy's whole sampling decisions (``launch`` /
+  ``finish``, the frames' preprocessing in the graph, the sampling, the copies to the host) at the same batch
+  sizes, each launched before the one in flight is finished, for ``--sustain-s`` seconds with nothing beside:
+  the pool's GPU work per decision; ``bare_decisions`` the fastest, ``vs_bare_decisions`` a mode's ratio to
+  it. ``bare_policy_sustained``: the batch-8 forward back to back for
   ``--sustain-s`` seconds (first and last quarter's ms a call: a GPU that slows down under load shows it),
   ``min_sustained_ceiling`` the smaller of it and ``bare_sim``.
 - ``embed``: the fastest scheduler mode of the run with ``on_finished`` handing each finished trajectory
@@ -715,6 +720,30 @@ def sustained_forward(policy, batch: int, names: tuple[str, ...], device: torch.
             "first_ms": statistics.median(first), "last_ms": statistics.median(last)}
 
 
+def pipelined_decisions(policy, batch: int, names: tuple[str, ...], device: torch.device, seconds: float) -> dict:
+    """The policy's sampling decisions at ``batch`` for ``seconds``, each launched before the one in flight is
+    finished (``launch`` / ``finish``, as the pool's policy thread runs them) and nothing else on the machine: the
+    pool's GPU work per decision (the frames' preprocessing in the graph, the forward, the sampling, the copies to
+    the host) with the host's part overlapped. The JPEG round trip is left to the workers, as in the pool."""
+    quality, policy.jpeg_quality = policy.jpeg_quality, None
+    try:
+        with torch.inference_mode(), set_exploration_type(ExplorationType.RANDOM):
+            obs, _, _ = forward_inputs(policy, batch, names, device)
+            policy.finish(policy.launch(obs.clone()))  # untimed
+            calls, start = 0, time.perf_counter()
+            in_flight = policy.launch(obs.clone())
+            while time.perf_counter() - start < seconds:
+                following = policy.launch(obs.clone())
+                policy.finish(in_flight)
+                in_flight, calls = following, calls + 1
+            policy.finish(in_flight)
+            total = time.perf_counter() - start
+    finally:
+        policy.jpeg_quality = quality
+    return {"batch": batch, "seconds": total, "calls": calls + 1,
+            "env_steps_per_s": batch * CHUNK * (calls + 1) / total}
+
+
 def bare_policy(policy, batch: int, names: tuple[str, ...], device: torch.device, repeats: int) -> dict:
     """The model forward alone and the whole policy step, median over ``repeats`` calls."""
     def median_ms(fn) -> float:
@@ -775,6 +804,7 @@ def measure(args, num_envs: int, policy, timer: PreprocessTimer, forward_timer: 
         result["cuda_graphs"] = capture_graphs(policy, names, num_envs)
     sizes = sorted({num_envs, max(1, num_envs // 2), max(1, num_envs // 4)})
     result["bare_policy"] = [bare_policy(policy, b, names, device, args.repeats) for b in sizes]
+    result["bare_policy_pipelined"] = [pipelined_decisions(policy, b, names, device, args.sustain_s) for b in sizes]
     result["bare_policy_sustained"] = sustained_forward(policy, min(8, num_envs), names, device, args.sustain_s)
     log(f"[{num_envs} envs] bare policy sustained {result['bare_policy_sustained']}")
     env = ForcedSuccessEnv(args.suite, num_envs, max_steps=args.max_steps, task_ids=tasks, success_step=success_step,
@@ -921,11 +951,15 @@ def ratios(result: dict) -> None:
         result["ceilings"]["bare_policy_sustained"] = result["bare_policy_sustained"]["env_steps_per_s"]
         result["ceilings"]["min_sustained_ceiling"] = min(ceilings["bare_sim"],
                                                           result["ceilings"]["bare_policy_sustained"])
+    if "bare_policy_pipelined" in result:  # the policy's whole decisions, as the pool runs them, nothing beside
+        result["ceilings"]["bare_decisions"] = max(b["env_steps_per_s"] for b in result["bare_policy_pipelined"])
     sim = result["bare_sim"]
     for mode in row_modes(result):
         row = result[mode]
         rate = row["env_steps_per_s"]
         row["vs_min_ceiling"] = rate / result["ceilings"]["min_ceiling"]
+        if "bare_decisions" in result["ceilings"]:
+            row["vs_bare_decisions"] = rate / result["ceilings"]["bare_decisions"]
         row["vs_bare_sim"] = rate / ceilings["bare_sim"]
         row["vs_bare_policy"] = rate / ceilings["bare_policy"]
         if "min_sustained_ceiling" in result["ceilings"]:
@@ -973,6 +1007,12 @@ def print_table(results: list[dict], policy_name: str, reward_name: str) -> None
             print(f"{r['num_envs']:>4} {'bare pol':>23} {b['forward_env_steps_per_s']:>8.1f}  "
                   f"(batch {b['batch']}: forward eager {b['eager_forward_ms']:.1f} ms{graph}; policy step "
                   f"{b['policy_step_ms']:.1f} ms, eager {b['eager_policy_step_ms']:.1f} ms)")
+        for b in r.get("bare_policy_pipelined", []):
+            print(f"{r['num_envs']:>4} {'bare decisions':>23} {b['env_steps_per_s']:>8.1f}  (batch {b['batch']}: "
+                  f"{b['calls']} sampling decisions launched back to back in {b['seconds']:.1f} s, the pool's GPU work)")
+        if "bare_decisions" in r.get("ceilings", {}):
+            print(f"{r['num_envs']:>4} {'vs bare decisions':>23} {'':>8}  "
+                  + ", ".join(f"{m} {r[m]['vs_bare_decisions']:.2f}x" for m in row_modes(r) if "vs_bare_decisions" in r[m]))
         if "bare_policy_sustained" in r:
             b = r["bare_policy_sustained"]
             print(f"{r['num_envs']:>4} {'bare pol sustained':>23} {b['env_steps_per_s']:>8.1f}  (batch {b['batch']} "
@@ -1130,8 +1170,11 @@ def report(args, policy_name: str, reward_name: str, device: torch.device, resul
                      "temperature": 1.6, "frames": "one 256x256 agentview frame per chunk"},
         "baselines": {"lockstep": "siiRL loop: rebuild every env per batch, 64 chunk-steps querying every env",
                       "bare_sim": "the env's LIBERO processes stepping random chunks, each on its own, no policy",
-                      "bare_policy": "model forward alone at batch num_envs (env steps = batch x 8), "
-                                     "the faster of eager and CUDA graph"},
+                      "bare_policy": "model forward alone from pixel values, the fastest at batch num_envs, "
+                                     "num_envs/2, num_envs/4 (env steps = batch x 8), the faster of eager and CUDA "
+                                     "graph",
+                      "bare_decisions": "the policy's whole sampling decisions launched back to back (one in "
+                                        "flight), the fastest of the same batch sizes, nothing beside"},
         "results": results,
         "machine": machine(device),
         "versions": versions(),
