@@ -22,7 +22,8 @@ def machine(device=None) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    out = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+           "python": platform.python_version(),
            "mujoco_gl": os.environ.get("MUJOCO_GL"), "gpu": None}
     try:
         out["host_memory_gib"] = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30

@@ -131,6 +131,21 @@ def run_recipe(script: list[str], log_path: Path) -> tuple[dict[str, float], flo
     return metrics, time.perf_counter() - t0, proc.returncode
 
 
+def derived(metrics: dict[str, float], wall: float) -> dict:
+    """The figures the table derives: each phase's share of the wall time and of the phases, the start-up, the
+    update's samples/s."""
+    phases = {name: metrics.get(name) for name in PHASES}
+    accounted = sum(v for v in phases.values() if v is not None)
+    return {
+        "phases_total_s": accounted,
+        "startup_s": wall - accounted,
+        "share_of_wall": {name: v / wall for name, v in phases.items() if v is not None},
+        "share_of_phases": {name: v / accounted for name, v in phases.items() if v is not None and accounted},
+        "update_samples_per_s": (metrics["train/samples"] / metrics["time/update"]
+                                 if metrics.get("time/update") and "train/samples" in metrics else None),
+    }
+
+
 def print_table(metrics: dict[str, float], wall: float, setup_s: float) -> None:
     phases = {name: metrics.get(name, float("nan")) for name in PHASES}
     accounted = sum(v for v in phases.values() if v == v)
@@ -221,6 +236,7 @@ def main() -> None:
         "checkpoint_writing_s": setup_s,
         "gpu_memory_cap_gib": args.gpu_memory_gib,
         "phases_s": {name: metrics.get(name) for name in PHASES},
+        "derived": derived(metrics, wall),
         "metrics": metrics,
         "machine": machine(device),
         "versions": versions(),
