@@ -26,6 +26,7 @@ from pathlib import Path
 import imageio.v2 as imageio
 import torch
 import torch.distributed as dist
+from torchrl.record.loggers import TensorboardLogger, WandbLogger  # (wandb itself is imported only by a WandbLogger)
 
 __all__ = ["MetricLogger", "write_video"]
 
@@ -49,7 +50,6 @@ def _console_number(value: float) -> str:
 def _tensorboard_logger(experiment_name: str, log_dir: Path, purge_step: int | None):
     """torchrl's ``TensorboardLogger``, its ``SummaryWriter`` made with ``purge_step`` (torchrl's passes none)."""
     from torch.utils.tensorboard import SummaryWriter
-    from torchrl.record.loggers import TensorboardLogger
 
     class PurgingTensorboardLogger(TensorboardLogger):
         def _create_experiment(self) -> SummaryWriter:
@@ -103,8 +103,6 @@ class MetricLogger:
         if "tensorboard" in self.types:
             self.backends.append(_tensorboard_logger(experiment_name, self.log_dir / "tensorboard", resume_step))
         if "wandb" in self.types:
-            from torchrl.record.loggers import WandbLogger
-
             self.backends.append(
                 WandbLogger(
                     exp_name=experiment_name,
@@ -120,7 +118,7 @@ class MetricLogger:
     def wandb_run_id(self) -> str | None:
         """The wandb run's id (``None`` without wandb, and on ranks other than 0), to resume it later."""
         for backend in self.backends:
-            if type(backend).__name__ == "WandbLogger":
+            if isinstance(backend, WandbLogger):
                 return backend.experiment.id
         return None
 
@@ -143,9 +141,9 @@ class MetricLogger:
         path = write_video(self.log_dir / "videos" / f"{name.replace('/', '_')}_step{step}.mp4", frames, fps)
         strip = frames[:: max(1, len(frames) // 8)][:8]
         for backend in self.backends:
-            if type(backend).__name__ == "TensorboardLogger":
+            if isinstance(backend, TensorboardLogger):  # (a subclass of it: a name check missed it)
                 backend.experiment.add_images(name, strip, global_step=step, dataformats="NCHW")
-            elif type(backend).__name__ == "WandbLogger":
+            elif isinstance(backend, WandbLogger):
                 import wandb
 
                 # through torchrl's per-group step, as the scalars: wandb's own global step counts log calls, and

@@ -681,28 +681,3 @@ def test_one_gpu_lora_actor_is_the_plain_module_and_rolls_out_through_cuda_graph
                      f"model.vjepa_path={tmp_path / 'vjepa'}")
     assert code == 0, log[-3000:]
     assert "[step 1]" in log and (tmp_path / "run" / "checkpoints" / "global_step_1" / "huggingface").exists()
-
-
-def test_console_line_prints_counts_in_full_and_the_rest_to_four_digits(tmp_path, capsys):
-    from srpo_rl.loggers import MetricLogger
-
-    logger = MetricLogger(["console"], log_dir=tmp_path, experiment_name="console")
-    logger.log({"train/samples": 25085.0, "train/lr": 5e-6, "loss": -0.123456, "delta": -3.0, "odd": float("nan")}, 7)
-    assert capsys.readouterr().out == "[step 7] delta=-3 loss=-0.1235 odd=nan train/lr=5e-06 train/samples=25085\n"
-
-
-def test_a_resumed_run_s_tensorboard_replaces_the_steps_it_logs_again(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from srpo_rl.loggers import MetricLogger
-
-    first = MetricLogger(["tensorboard"], log_dir=tmp_path, experiment_name="run")
-    for step in (1, 2, 3):  # a crash after step 3's figures, before its checkpoint
-        first.log({"train/x": float(step)}, step)
-    first.close()
-    resumed = MetricLogger(["tensorboard"], log_dir=tmp_path, experiment_name="run", resume_step=3)  # from step 2's
-    resumed.log({"train/x": 30.0}, 3)
-    resumed.close()
-    run = EventAccumulator(str(tmp_path / "tensorboard" / "run"))  # the run's files in order, as TensorBoard reads them
-    run.Reload()
-    assert [(e.step, e.value) for e in run.Scalars("train/x")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
