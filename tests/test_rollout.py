@@ -5,6 +5,7 @@ rollouts are moved into their goal at a given step (``teleport_to_goal``): they 
 sub-step of that chunk. The env logs every round it runs, so the tests check the schedule itself.
 """
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -35,21 +36,29 @@ class ScheduledSuccessEnv(LiberoVecEnv):
     (1-based), so it succeeds at the first sub-step of that chunk: ``8 * (k - 1) + 1`` env steps.
     ``log`` holds ``("reset", {slot: (old_task, new_task, rollout_id)})`` and ``("step", slots)`` in
     call order (a ``step_send`` round logs its resets, then its steps).
+
+    With ``hold_rebuilds``, a rebuild sent on its own (``reset_send`` to another task) is held back (its
+    worker stopped) until the next step round has gone out: the order the tests check then does not rest on
+    a rebuild taking longer than a chunk step.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.success_chunk: dict[int, int] = {}
         self.log: list[tuple[str, object]] = []
+        self.hold_rebuilds = False
+        self._held: list[contextlib.ExitStack] = []
 
-    def _log_resets(self, td) -> None:
+    def _log_resets(self, td) -> list[int]:
+        """Logs the round's resets; returns the slots that load another task."""
         if td is None or "_reset" not in td.keys():
-            return
+            return []
         slots = td["_reset"].reshape(-1).nonzero().flatten().tolist()
-        if slots:
-            self.log.append(("reset", {
-                s: (self.task_ids[s], int(td["task_id"][s]), int(td["rollout_id"][s])) for s in slots
-            }))
+        if not slots:
+            return []
+        what = {s: (self.task_ids[s], int(td["task_id"][s]), int(td["rollout_id"][s])) for s in slots}
+        self.log.append(("reset", what))
+        return [s for s, (old, new, _) in what.items() if old != new]
 
     def _log_steps(self, td) -> None:
         mask = td["_step"] if "_step" in td.keys() else torch.ones(self.num_envs, dtype=torch.bool)
@@ -76,11 +85,34 @@ class ScheduledSuccessEnv(LiberoVecEnv):
     def step_send(self, tensordict):
         self._log_resets(tensordict)
         self._log_steps(tensordict)
-        return super().step_send(tensordict)
+        super().step_send(tensordict)
+        self.release_rebuilds()
 
     def reset_send(self, tensordict):
-        self._log_resets(tensordict)
-        return super().reset_send(tensordict)
+        rebuilds = self._log_resets(tensordict)
+        for slot in rebuilds if self.hold_rebuilds else ():
+            self._held.append(stopped(self.worker_pids[slot]))
+        super().reset_send(tensordict)
+
+    def release_rebuilds(self) -> None:
+        while self._held:
+            self._held.pop().close()
+
+
+@contextlib.contextmanager
+def _stopped(pid: int):
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def stopped(pid: int) -> contextlib.ExitStack:
+    """Stops process ``pid`` (SIGSTOP) until the returned stack is closed: what its worker was sent waits."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(_stopped(pid))
+    return stack
 
 
 @pytest.fixture(scope="module")
@@ -337,9 +369,13 @@ def test_a_task_change_rebuilds_while_the_other_slots_step(env, policy, overlap)
     # slot 0 (task 0) runs a one-chunk episode, then must load task 2; slot 1 (task 1) runs 3 chunks
     requests = group_requests([(0, 3), (1, 5), (2, 6)], rollouts_per_group=1, first_group_id=40)
     ids = [r.rollout_id for r in requests]
-    env.success_chunk, env.log = {ids[0]: 1, ids[2]: 1}, []
-    trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap,
-                                    exploration_type=ExplorationType.DETERMINISTIC)
+    env.success_chunk, env.log, env.hold_rebuilds = {ids[0]: 1, ids[2]: 1}, [], True
+    try:
+        trajs, stats = collect_rollouts(env, policy, requests, overlap=overlap,
+                                        exploration_type=ExplorationType.DETERMINISTIC)
+    finally:
+        env.hold_rebuilds = False
+        env.release_rebuilds()
     log = env.log
     rebuild = next(i for i, (kind, what) in enumerate(log)
                    if kind == "reset" and any(old != new for old, new, _ in what.values()))
@@ -420,19 +456,21 @@ def test_ready_slots_come_back_without_waiting_for_a_slower_one(env):
     env.reset(TensorDict({"_reset": torch.ones(n, 1, dtype=torch.bool), "task_id": torch.tensor([[1], [1]]),
                           "init_state_id": torch.tensor([[0], [1]]), **ids}, [n]))
     action = torch.zeros(n, CHUNK, 7)
-    # one round: slot 0 loads another task (a rebuild, seconds), slot 1 steps one chunk (a fraction of that)
-    env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True]),
-                              "_reset": torch.tensor([[True], [False]]), "task_id": torch.tensor([[4], [1]]),
-                              "init_state_id": torch.tensor([[2], [1]]), **ids}, [n]))
-    out = env.step_recv_ready(timeout=None)
-    assert out["_ready"].flatten().tolist() == [False, True]  # slot 1 is back; slot 0 is still rebuilding
-    assert out["chunk_steps"].flatten().tolist() == [0, CHUNK] and out["step_count"][1].item() == CHUNK
-    assert env.step_recv_ready(timeout=0.0) is None
-    # another thread's signal ends the wait (no timeout) with slot 0 still rebuilding
-    woken, signal = multiprocessing.Pipe(duplex=False)
-    signal.send_bytes(b"")
-    assert env.step_recv_ready(timeout=None, wake=(woken,)) is None and env.pending_steps == 1
-    woken.recv_bytes()
+    # one round: slot 0 loads another task (a rebuild, seconds), slot 1 steps one chunk; slot 0's worker is
+    # held stopped until slot 1 is back, so the rebuild is still running whatever the machine's speed
+    with stopped(env.worker_pids[0]):
+        env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True]),
+                                  "_reset": torch.tensor([[True], [False]]), "task_id": torch.tensor([[4], [1]]),
+                                  "init_state_id": torch.tensor([[2], [1]]), **ids}, [n]))
+        out = env.step_recv_ready(timeout=None)
+        assert out["_ready"].flatten().tolist() == [False, True]  # slot 1 is back; slot 0 is still rebuilding
+        assert out["chunk_steps"].flatten().tolist() == [0, CHUNK] and out["step_count"][1].item() == CHUNK
+        assert env.step_recv_ready(timeout=0.0) is None
+        # another thread's signal ends the wait (no timeout) with slot 0 still rebuilding
+        woken, waker = multiprocessing.Pipe(duplex=False)
+        waker.send_bytes(b"")
+        assert env.step_recv_ready(timeout=None, wake=(woken,)) is None and env.pending_steps == 1
+        woken.recv_bytes()
     # slot 1 goes on at once, in a round of its own
     env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True])}, [n]))
     got = {}
@@ -451,16 +489,17 @@ def test_a_reset_sent_on_its_own_is_collected_later(env):
     ids = {k: torch.tensor([[5], [6]]) for k in ("rollout_id", "group_id")}
     env.reset(TensorDict({"_reset": torch.ones(n, 1, dtype=torch.bool), "task_id": torch.tensor([[1], [1]]),
                           "init_state_id": torch.tensor([[0], [1]]), **ids}, [n]))
-    # slot 0 loads another task (a rebuild: seconds); slot 1 steps meanwhile
-    env.reset_send(TensorDict({"_reset": torch.tensor([[True], [False]]), "task_id": torch.tensor([[3], [1]]),
-                               "init_state_id": torch.tensor([[4], [1]]), **ids}, [n]))
-    assert env.pending_resets == [0]
-    assert env.reset_recv(timeout=0.0) is None  # a rebuild is not done in no time
-    action = torch.zeros(n, CHUNK, 7)
-    with pytest.raises(RuntimeError, match=r"slots \[0\] have a reset in flight"):
-        env.step_send(TensorDict({"action": action, "_step": torch.tensor([True, False])}, [n]))
-    env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True])}, [n]))
-    assert env.step_recv()["chunk_steps"].flatten().tolist() == [0, CHUNK]
+    # slot 0 loads another task (its worker held stopped meanwhile); slot 1 steps meanwhile
+    with stopped(env.worker_pids[0]):
+        env.reset_send(TensorDict({"_reset": torch.tensor([[True], [False]]), "task_id": torch.tensor([[3], [1]]),
+                                   "init_state_id": torch.tensor([[4], [1]]), **ids}, [n]))
+        assert env.pending_resets == [0]
+        assert env.reset_recv(timeout=0.0) is None
+        action = torch.zeros(n, CHUNK, 7)
+        with pytest.raises(RuntimeError, match=r"slots \[0\] have a reset in flight"):
+            env.step_send(TensorDict({"action": action, "_step": torch.tensor([True, False])}, [n]))
+        env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, True])}, [n]))
+        assert env.step_recv()["chunk_steps"].flatten().tolist() == [0, CHUNK]
     out = env.reset_recv(timeout=None)
     assert out["_reset"].flatten().tolist() == [True, False]
     assert out["task_id"].flatten().tolist() == [3, 1] and out["init_state_id"][0].item() == 4
