@@ -15,6 +15,27 @@ Examples:
     (8, 1, 3)
     >>> frame_slots(8, 3, executed=5)  # (slot, sub-step) pairs rendered when 5 sub-steps run
     [(0, 2), (1, 4)]
+
+    A toy env whose position moves by each action's first entry and succeeds past 2.5, its frame the position
+    painted into one pixel: a chunk of 8 steps of 0.5 stops at success, inside the chunk, and the success
+    step's frame (not planned at ``frame_stride=4``) is rendered then.
+
+    >>> position = [0.0]
+    >>> def step(action, want_frame, last):
+    ...     position[0] += float(action[0])
+    ...     return position[0] > 2.5, {"position": position[0]}, render() if want_frame else None
+    >>> def render():
+    ...     return np.full((1, 1, 3), int(position[0] * 10), np.uint8)
+    >>> chunk = np.full((8, 7), 0.5, np.float32)
+    >>> result = run_chunk(step, render, chunk, frame_stride=4, steps_left=100, frame_shape=(1, 1, 3))
+    >>> result.steps, result.success, result.truncated, result.frames_step.tolist()
+    (6, True, False, [4, 6])
+    >>> result.frames[:, 0, 0, 0].tolist()  # the positions 2.0 and 3.0
+    [20, 30]
+    >>> position[0] = 0.0
+    >>> result = run_chunk(step, render, chunk, frame_stride=4, steps_left=3, frame_shape=(1, 1, 3))
+    >>> result.steps, result.truncated, result.frames_mask.tolist()  # max_steps reached inside the chunk
+    (3, True, [True, False])
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ the env alone and returns False.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = ["FastOSCSubsteps", "install", "uninstall"]
@@ -99,7 +101,7 @@ class FastOSCSubsteps:
         'FastOSCSubsteps'
     """
 
-    def __init__(self, env) -> None:
+    def __init__(self, env: Any) -> None:
         self.env = env
         self.stock_pre_action = env._pre_action
         self.robot = self.controller = self.sim = None
@@ -228,7 +230,7 @@ class FastOSCSubsteps:
         return c.torques
 
 
-def install(env) -> bool:
+def install(env: Any) -> bool:
     """Gives the robosuite ``env`` the fast control substeps; False (env untouched) where they would not
     reproduce robosuite exactly. Installing twice is a no-op."""
     if isinstance(env.__dict__.get("_pre_action"), FastOSCSubsteps):
@@ -239,7 +241,7 @@ def install(env) -> bool:
     return True
 
 
-def uninstall(env) -> None:
+def uninstall(env: Any) -> None:
     """Gives the robosuite ``env`` robosuite's own control substeps back (for comparisons)."""
     substeps = env.__dict__.get("_pre_action")
     if isinstance(substeps, FastOSCSubsteps):

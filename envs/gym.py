@@ -92,7 +92,8 @@ class LiberoGymEnv(gymnasium.Env):
         self.action_space = spaces.Box(-1.0, 1.0, (self.chunk_len, ACTION_DIM), np.float32)
         self._last_image = None
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Resets to ``options["task_id"]`` (default: the current task) and ``options["init_state_id"]`` (default:
         one drawn from the env's generator); returns ``(observation, info)``."""
         super().reset(seed=seed)
@@ -108,18 +109,18 @@ class LiberoGymEnv(gymnasium.Env):
         out = self.sim.reset(init_state_id)
         return self._observation(out), self._info(out)
 
-    def step(self, action):
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         """Runs one chunk ``[chunk_len, 7]``; the reward is 1.0 on success, which terminates the episode."""
         action = np.asarray(action, dtype=np.float32).reshape(self.chunk_len, ACTION_DIM)
         out = self.sim.step_chunk(action, frame_stride=self.frame_stride)
         success = bool(out["success"])
         return self._observation(out), float(success), success, bool(out["truncated"]), self._info(out)
 
-    def render(self):
+    def render(self) -> np.ndarray | None:
         """The last observation's agentview frame ``[H, W, 3]`` uint8 (``render_mode="rgb_array"``)."""
         return self._last_image
 
-    def close(self):
+    def close(self) -> None:
         """Closes the simulation."""
         self.sim.close()
 

@@ -634,7 +634,7 @@ class LiberoVecEnv(EnvBase):
         super().close(raise_if_closed=raise_if_closed)
 
 
-def make_libero_env(suite: str, num_envs: int, **kwargs) -> LiberoVecEnv:
+def make_libero_env(suite: str, num_envs: int, **kwargs: Any) -> LiberoVecEnv:
     """Builds a :class:`LiberoVecEnv`: ``num_envs`` LIBERO simulations of ``suite``, batched.
 
     Keyword arguments go to :class:`LiberoVecEnv`, which documents them all (``max_steps``,

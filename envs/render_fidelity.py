@@ -27,6 +27,8 @@ Examples:
 
 from __future__ import annotations
 
+from typing import Any
+
 import mujoco
 
 __all__ = ["apply_legacy_look", "srgb_textures"]
@@ -57,7 +59,7 @@ def _model_and_contexts(target) -> tuple[mujoco.MjModel, list]:
     )
 
 
-def apply_legacy_look(sim_or_model) -> tuple[int, ...]:
+def apply_legacy_look(sim_or_model: Any) -> tuple[int, ...]:
     """Makes MuJoCo >= 3.3.3 draw every texture as MuJoCo <= 3.3.2 did: sRGB textures become linear.
 
     Args:

@@ -8,11 +8,13 @@ asks for a dataset path on stdin when ``$LIBERO_CONFIG_PATH/config.yaml`` (defau
 is missing; :func:`import_libero` refuses to import it in that case rather than block a worker.
 
 Examples:
-    >>> from srpo_rl.envs.suites import canonical_suite, default_max_steps
+    >>> from srpo_rl.envs.suites import canonical_suite, default_max_steps, resolve_max_steps
     >>> canonical_suite("libero_long")
     'libero_10'
     >>> default_max_steps("libero_object")
     280
+    >>> resolve_max_steps(None, "libero_long"), resolve_max_steps("suite", "libero_long"), resolve_max_steps(64, "")
+    (512, 520, 64)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -146,7 +149,7 @@ def _not_about_macros(record: logging.LogRecord) -> bool:
 
 
 @functools.cache
-def import_libero():
+def import_libero() -> ModuleType:
     """Imports ``libero.libero`` without ever prompting, and checks that its assets exist.
 
     Returns:

@@ -67,7 +67,7 @@ TOP_DOWN_CAMERA = {"distance": 0.6, "elevation": -90.0, "azimuth": 90.0, "lookat
 class ReacherTasks(gymnasium.Wrapper):
     """``reset(seed, options={"task_id": k})`` moves the target to task ``k``'s place plus a seeded jitter."""
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         """Resets the arm and puts the target at ``options["task_id"]``'s place (default 0) plus a seeded jitter."""
         options = dict(options or {})
         task_id = options.pop("task_id", 0)

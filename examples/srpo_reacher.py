@@ -71,6 +71,8 @@ POLICY_KEYS = (*OPENVLA_POLICY_KEYS, POLICY_STATE_KEY)
 
 @dataclass
 class ReacherConfig:
+    """The learning experiment's settings (Hydra overrides on the command line: ``iterations=30 seeds=[0]``)."""
+
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rewards: list[str] = field(default_factory=lambda: ["srpo", "binary"])
     output_dir: str = "docs"

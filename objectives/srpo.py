@@ -15,6 +15,7 @@ them); an entropy bonus exists but its coefficient is 0 in the recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -228,7 +229,7 @@ class SRPOLoss(ClipPPOLoss):
         self._in_keys = list(dict.fromkeys(keys))
 
     @property
-    def out_keys(self):
+    def out_keys(self) -> list[str]:
         """The loss terms and diagnostics :meth:`forward` returns (the entropy term only with ``entropy_bonus``)."""
         if self._out_keys is None:
             keys = ["loss_objective"]
@@ -242,14 +243,14 @@ class SRPOLoss(ClipPPOLoss):
         return self._out_keys
 
     @out_keys.setter
-    def out_keys(self, values):
+    def out_keys(self, values: list[str]) -> None:
         self._out_keys = values
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         # no value estimator: the advantage is always given
         self._set_in_keys()
 
-    def make_value_estimator(self, value_type=None, **hyperparams):
+    def make_value_estimator(self, value_type: Any = None, **hyperparams: Any) -> NoReturn:
         """Refused: the loss has no critic; the GRPO advantage comes from :class:`GroupAdvantage`."""
         raise NotImplementedError(
             "SRPOLoss has no critic and no value estimator: compute the advantage beforehand "

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -171,7 +171,7 @@ class GraphedActionLogits:
             self.capture_seconds += time.perf_counter() - t0
         return self.graphs[key]
 
-    def capture(self, batch_sizes, width: int, image_shape: tuple[int, ...],
+    def capture(self, batch_sizes: Iterable[int], width: int, image_shape: tuple[int, ...],
                 image_dtype: torch.dtype = torch.float32) -> None:
         """Captures the buckets of ``batch_sizes`` ahead of use (largest first: the pool is sized once)."""
         for batch in sorted({batch_bucket(b) for b in batch_sizes if b <= self.max_batch}, reverse=True):

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -376,7 +377,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         attention: str = "bidirectional",
-        **kwargs,
+        **kwargs: Any,
     ) -> OpenVLAOFTPolicy:
         """Loads a checkpoint directory (model, tokenizer, statistics, preprocessor config) as a policy.
 
@@ -388,7 +389,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         preprocessor = json.loads((path / "preprocessor_config.json").read_text())
         return cls(model, load_llama_tokenizer(path), preprocessor, unnorm_key=unnorm_key, **kwargs)
 
-    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """Writes the model as a published checkpoint directory (see :meth:`OpenVLAOFT.save_pretrained`)."""
         self.model.save_pretrained(path, **kwargs)
 
@@ -578,7 +579,7 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
             self.__dict__["_graphed"] = (key, graphed)
         return self._graphed[1]
 
-    def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
+    def forward(self, tensordict: TensorDictBase, **kwargs: Any) -> TensorDictBase:
         """Preprocesses the observation, then samples (RANDOM exploration) or takes the argmax of every token."""
         try:
             self._decision_inputs(tensordict)
@@ -636,11 +637,11 @@ class OpenVLAOFTPolicy(VLAWrapperBase):
         out.set(keys.action_chunk, self.action_tokenizer.decode(out.get(keys.action_tokens)))
         return out
 
-    def get_dist(self, tensordict: TensorDictBase, **kwargs) -> Categorical:
+    def get_dist(self, tensordict: TensorDictBase, **kwargs: Any) -> Categorical:
         """``Categorical`` with batch ``[*batch, 8, 7]`` over the 256 action tokens at ``temperature``, recomputed
         (with grad) from the stored ``policy_image`` / ``prompt_ids`` / ``prompt_mask``."""
         return Categorical(logits=self._action_logits(tensordict))
 
-    def log_prob(self, tensordict: TensorDictBase, **kwargs) -> torch.Tensor:
+    def log_prob(self, tensordict: TensorDictBase, **kwargs: Any) -> torch.Tensor:
         """Log-probs ``[*batch, 8, 7]`` of the stored ``action_tokens`` (the stored rollout values are left alone)."""
         return self.get_dist(tensordict).log_prob(tensordict.get(self._tensor_keys.action_tokens))

@@ -56,7 +56,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -912,7 +912,7 @@ def _discard_pending(env: EnvBase) -> None:
 
 
 @contextlib.contextmanager
-def single_cpu_thread(enabled: bool = True):
+def single_cpu_thread(enabled: bool = True) -> Iterator[None]:
     """Keeps torch's CPU ops in this process to one thread (while ``enabled``), then restores the count.
 
     Used around a rollout whose policy runs on an accelerator: this process then does little CPU work

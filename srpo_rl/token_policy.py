@@ -31,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tensordict import TensorDictBase
@@ -157,7 +158,7 @@ class StateTokenPolicy(VLAWrapperBase):
             )
         return self.token_logits(state) / self.temperature
 
-    def forward(self, tensordict: TensorDictBase, **kwargs) -> TensorDictBase:
+    def forward(self, tensordict: TensorDictBase, **kwargs: Any) -> TensorDictBase:
         """Stores the state it reads, then samples (RANDOM exploration) or takes the argmax of every token."""
         state = tensordict.get(self._tensor_keys.state, None)
         if state is None:
@@ -165,7 +166,7 @@ class StateTokenPolicy(VLAWrapperBase):
         tensordict.set(POLICY_STATE_KEY, state.to(torch.float32))
         return super().forward(tensordict, **kwargs)
 
-    def get_dist(self, tensordict: TensorDictBase, **kwargs) -> Categorical:
+    def get_dist(self, tensordict: TensorDictBase, **kwargs: Any) -> Categorical:
         """``Categorical`` with batch ``[*B, chunk_len, action_dim]`` over the bins at ``temperature``, recomputed
         (with grad) from the stored ``"policy_state"``."""
         return Categorical(logits=self._action_logits(tensordict))

@@ -15,12 +15,36 @@ With FSDP every rank must run the same number of forward/backward passes (each o
 trajectory lengths differ between ranks: a rank with fewer slices repeats its last slice with every token
 masked out (zero gradient). Gradients are reduced across ranks only on the last slice of a mini-batch.
 
-Example (the whole loop around it is the README's "Using the parts" example, which tests/test_readme.py
-runs): ``batch`` holds trajectories of :func:`~srpo_rl.rollout.collect_rollouts` with their ``"advantage"``,
-``loss_module`` is an :class:`~srpo_rl.objectives.SRPOLoss` on the rollout policy.
+Example: four trajectories of a tiny token policy, five decisions each (two of them ended after three), with
+their group advantages; in the recipe ``batch`` comes from :func:`~srpo_rl.rollout.collect_rollouts`, the reward
+and :class:`~srpo_rl.objectives.GroupAdvantage` (the README's "Using the parts" example).
 
-    >>> metrics = update_policy(loss_module, optimizer, batch, mini_batch_trajectories=32)  # doctest: +SKIP
-    >>> metrics["optimizer_steps"], metrics["clip_fraction"]  # doctest: +SKIP
+    >>> import torch
+    >>> from tensordict import TensorDict
+    >>> from torchrl.envs.utils import ExplorationType, set_exploration_type
+    >>> from srpo_rl.objectives import SRPOLoss
+    >>> from srpo_rl.token_policy import StateTokenPolicy
+    >>> _ = torch.manual_seed(0)
+    >>> policy = StateTokenPolicy(state_dim=3, action_dim=2, chunk_len=4)
+    >>> steps = TensorDict({("observation", "state"): torch.randn(4, 5, 3)}, [4, 5])
+    >>> with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+    ...     steps = policy(steps)  # the rollout's sampled tokens and their log-probs
+    >>> steps["mask"] = torch.tensor([[True] * 5, [True] * 3 + [False] * 2] * 2)  # executed decisions
+    >>> steps["token_mask"] = steps["mask"][..., None, None].expand(4, 5, 4, 2)
+    >>> steps["advantage"] = torch.tensor([1.0, 1.0, -1.0, -1.0])[:, None].expand(4, 5)
+    >>> batch = TensorDict(steps=steps, rollout_id=torch.arange(4), batch_size=[4])
+    >>> executed_steps(batch).batch_size
+    torch.Size([16])
+    >>> loss_module = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    >>> optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    >>> metrics = update_policy(loss_module, optimizer, batch, mini_batch_trajectories=2)
+    >>> metrics["optimizer_steps"], metrics["samples"]
+    (2, 16)
+    >>> recompute_log_probs(loss_module, batch, stale=torch.tensor([True, False, False, True]))  # carried groups
+    8
+    >>> fresh = loss_module(executed_steps(batch[torch.tensor([0, 3])]))  # their stored log-probs are the policy's
+    >>> round(float(fresh["ratio_mean"]), 4)
+    1.0
 """
 
 from __future__ import annotations

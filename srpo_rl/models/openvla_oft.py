@@ -27,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -343,7 +344,7 @@ class OpenVLAOFT(nn.Module):
         vb = self.vision_backbone
         return [*vb.featurizer.used_blocks(), *vb.fused_featurizer.used_blocks(), *self.language_model.model.layers]
 
-    def compile_blocks(self, **options) -> None:
+    def compile_blocks(self, **options: Any) -> None:
         """Compiles the forward of every repeated block (:meth:`fsdp_blocks`) with ``torch.compile``, in place.
 
         The blocks' matrix products run as before; what changes is the work between them (norms, the rotary
@@ -532,7 +533,7 @@ def tiny_config(
 
 
 def write_tiny_checkpoint(
-    path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, **sizes
+    path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, **sizes: int
 ) -> OpenVLAOFT:
     """Writes a complete tiny random checkpoint in exactly the published format and returns its model.
 

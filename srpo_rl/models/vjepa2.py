@@ -19,7 +19,7 @@ import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -434,7 +434,7 @@ class VideoEmbedder(nn.Module):
         """Size of one embedding (the encoder's hidden size)."""
         return self.encoder.config.hidden_size
 
-    def compile_layers(self, **options) -> None:
+    def compile_layers(self, **options: Any) -> None:
         """Compiles the forward of every encoder layer with ``torch.compile``, in place.
 
         The matrix products and the attention kernel stay what they were; Inductor fuses the work between them
