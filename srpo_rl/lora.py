@@ -121,10 +121,10 @@ def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # FLOP counts run (benchmarks/iteration_flops.py): asking it there raises
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = torch.get_autocast_dtype(device)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        autocast = torch.autocast(x.device.type, enabled=False)
+        autocast = torch.autocast(device, enabled=False)
     rows = x.reshape(-1, x.shape[-1])
     lora_a = self.lora_A.to(x.dtype)
     up = (self.lora_B * self.lora_scaling).to(x.dtype)
