@@ -68,10 +68,10 @@ def test_srpo_raises_held_out_success_by_20_points(experiment_run):
 @pytest.mark.slow
 def test_the_progress_reward_scored_the_failures(experiment_run):
     _, result = experiment_run
-    assert result["skipped_updates"] < CI_SIZE["iterations"]
     # the failures' progress scores rank them by how close they came (minus their final distance to the target),
     # weakly (the encoder is random): +0.144 on a 2-core AMD EPYC, +0.15 over seeds 0-2 (docs/learning_results.md);
-    # a random or inverted score would hover at or below 0
+    # a random or inverted score would hover at or below 0. The figure is the mean over the updates whose batch
+    # held 3 failures or more (None: no update ran; NaN, which fails the test too: none held 3)
     assert result["progress_spearman"] is not None and result["progress_spearman"] > 0
 
 
