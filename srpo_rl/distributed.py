@@ -2,7 +2,7 @@
 
 One process per GPU: ``torchrun --nproc_per_node=8 examples/srpo_libero.py ...`` on one node; several nodes
 with torchrun's rendezvous (``--nnodes``, ``--rdzv-endpoint``). Without torchrun's variables the run is a
-single process. CPU runs use gloo (two CPU processes give the same update as one: tests/test_trainer.py).
+single process. CPU runs use gloo (two CPU processes give the same update as one: tests/test_distributed.py).
 
 Example (one CPU process, no torchrun: nothing to shard, the model comes back as it is):
     >>> import torch

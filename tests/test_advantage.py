@@ -1,5 +1,6 @@
-"""Group advantages against numpy, their broadcast to tokens, and why torchrl's MCAdvantage is not
-used for them."""
+"""Group advantages against numpy, their broadcast to tokens, set_keys refusing a typo before it renames
+anything (GroupAdvantage's, and in the same parametrized test EmbodiedSampler's and SRPOProgressReward's),
+and why torchrl's MCAdvantage is not used for them."""
 
 import numpy as np
 import pytest
@@ -8,11 +9,13 @@ from tensordict import TensorDict
 from torchrl.objectives.llm import MCAdvantage
 
 from srpo_rl.objectives import (
+    EmbodiedSampler,
     filter_groups,
     group_advantages,
     GroupAdvantage,
     token_mask_from_chunk_steps,
 )
+from srpo_rl.rewards import SRPOProgressReward
 
 CHUNK, DIM = 8, 7
 
@@ -159,6 +162,21 @@ def test_set_keys():
     assert ("steps", "adv") in out.keys(True)
     with pytest.raises(ValueError, match="unknown key name 'rewards'"):
         module.set_keys(rewards="r")
+
+
+# one test over the three modules with tensor_keys (their common set_keys body is srpo_rl.keys.rename_keys):
+# GroupAdvantage here, EmbodiedSampler (test_sampling.py) and SRPOProgressReward (test_rewards.py)
+@pytest.mark.parametrize("make", [lambda: GroupAdvantage(), lambda: EmbodiedSampler(train_batch_size=1),
+                                  lambda: SRPOProgressReward(binary=True)], ids=["advantage", "sampler", "reward"])
+def test_set_keys_with_a_typo_renames_nothing(make):
+    # every name is checked before any is set: a call that fails leaves the module reading its old keys
+    module = make()
+    before = dict(vars(module.tensor_keys))
+    with pytest.raises(ValueError, match="unknown key name 'grup_id'; choose one of .*group_id"):
+        module.set_keys(group_id="prompt_id", grup_id="x")
+    assert dict(vars(module.tensor_keys)) == before
+    module.set_keys(group_id="prompt_id")
+    assert module.tensor_keys.group_id == "prompt_id"
 
 
 def test_missing_and_misshapen_inputs_are_named():

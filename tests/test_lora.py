@@ -399,7 +399,7 @@ def test_bad_ranks_and_models_without_linear_layers_are_rejected():
 
 @pytest.mark.slow
 def test_recipe_trains_checkpoints_and_resumes_the_adapters_alone(tmp_path):
-    from test_trainer import _load_dcp, _run
+    from test_srpo_libero import _load_dcp, _run
 
     out = tmp_path / "run"
     # a random policy fails everywhere, so every advantage is 0: the weight decay is what moves the adapters

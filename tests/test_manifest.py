@@ -1,4 +1,6 @@
-"""Manifest generation, loading and validation against the real LIBERO benchmark tables."""
+"""Manifest generation, loading and validation against the real LIBERO benchmark tables: a missing column, a
+column of the wrong type and an empty file are named; PromptStream needs rows, and without shuffling it
+follows the manifest's order every epoch."""
 
 import re
 
@@ -187,3 +189,47 @@ def test_prompt_stream_epochs_and_resume():
     assert sorted(int(r["prompt_id"]) for r in PromptStream(rows, seed=3).next(10)) == list(range(10))
     with pytest.raises(ValueError, match="count must be >= 1, got 0"):
         stream.next(0)
+
+
+def test_a_manifest_without_its_split_column_is_named(tmp_path):
+    rows, _ = generate_manifests(["libero_goal"], num_trials_per_task=1)
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).drop_columns(["split"])
+    pq.write_table(table, tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"m.parquet lacks columns \['split'\]; a manifest has columns suite, "
+                                         "task_id, task_name, instruction, trial_id, prompt_id, split"):
+        load_manifest(tmp_path / "m.parquet")
+
+
+def test_a_manifest_column_of_the_wrong_type_is_named(tmp_path):
+    rows, _ = generate_manifests(["libero_goal"], num_trials_per_task=1)
+    columns = {name: [row[name] for row in rows] for name in MANIFEST_SCHEMA.names}
+    columns["task_id"] = [f"task {t}" for t in columns["task_id"]]  # strings that are no int64
+    pq.write_table(pa.table(columns), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match="m.parquet has columns of the wrong type"):
+        load_manifest(tmp_path / "m.parquet")
+
+
+def test_a_manifest_without_rows_is_refused(tmp_path):
+    pq.write_table(MANIFEST_SCHEMA.empty_table(), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match="m.parquet has no rows"):
+        load_manifest(tmp_path / "m.parquet")
+
+
+def test_prompt_stream_needs_rows():
+    for empty in ([], (row for row in [])):  # an empty generator too (it is truthy)
+        with pytest.raises(ValueError, match="PromptStream needs at least one manifest row"):
+            PromptStream(empty)
+
+
+def test_prompt_stream_without_shuffle_follows_manifest_order_every_epoch():
+    rows = [{"prompt_id": i} for i in range(5)]
+    # the seed plays no part without shuffling
+    for seed in (0, 7):
+        stream = PromptStream(rows, seed=seed, shuffle=False)
+        ids = [[r["prompt_id"] for r in stream.next(2)] for _ in range(3)]
+        # the third batch does not fit the 1 row left: drop_last starts epoch 1 at the first row again
+        assert ids == [[0, 1], [2, 3], [0, 1]]
+        assert stream.state_dict() == {"epoch": 1, "position": 2}
+        # more than an epoch: the rest of the manifest does not fit, so a whole epoch, then the start of the next
+        assert [r["prompt_id"] for r in stream.next(7)] == [0, 1, 2, 3, 4, 0, 1]
+        assert stream.state_dict() == {"epoch": 3, "position": 2}

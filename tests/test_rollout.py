@@ -3,9 +3,12 @@
 One 2-slot libero_object env for the module (about 2 GB per slot). Episode lengths vary because chosen
 rollouts are moved into their goal at a given step (``teleport_to_goal``): they succeed at the first
 sub-step of that chunk. The env logs every round it runs, so the tests check the schedule itself.
+At the end, on a one-slot Reacher env: group ids unique across ranks and rounds, and bad requests or overlap
+modes refused with their names.
 """
 
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
@@ -18,11 +21,14 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType
 
 from srpo_rl.envs import LiberoVecEnv
+from srpo_rl.envs.gym_slots import GymSlotEnv
 from srpo_rl.envs.workers import WORKER_NICENESS
+from srpo_rl.examples.reacher_policy import make_reacher_env, reacher_success
 from srpo_rl.models.openvla_oft import write_tiny_checkpoint
 from srpo_rl.policy import LaunchedDecision, OpenVLAOFTPolicy
 from srpo_rl.rollout import (POLICY_STREAM_PRIORITY, RolloutRequest, _ForwardClock, _PolicyThread, _Rollout,
                              _stack_trajectories, collect_rollouts, group_requests, single_cpu_thread)
+from srpo_rl.token_policy import StateTokenPolicy
 
 N = 2
 CHUNK = 8
@@ -800,3 +806,71 @@ def test_evaluate_counts_each_tasks_successes_over_the_ranks_shares(env, policy)
         evaluate(env, policy, rows + [dict(rows[0], suite="libero_goal")], progress=False)
     with pytest.raises(ValueError, match="evaluate needs at least one manifest row; got none"):
         evaluate(env, policy, [], progress=False)
+
+
+# ---- group ids over ranks; bad requests and overlaps refused (a 1-slot Reacher env) ------------
+
+
+def test_group_ids_are_unique_across_ranks_and_rounds():
+    # the example's scheme: first_group_id = next_group * world_size + rank, stride world_size, where next_group
+    # counts the prompts each rank has taken so far (the same on every rank)
+    world_size, n = 2, 4
+    requests = {0: [], 1: []}
+    next_group = 0
+    for prompts_per_rank in (3, 2):  # two refill rounds
+        for rank in (0, 1):
+            prompts = [(rank, 10 * next_group + i) for i in range(prompts_per_rank)]
+            requests[rank] += group_requests(prompts, n, first_group_id=next_group * world_size + rank,
+                                             group_id_stride=world_size)
+        next_group += prompts_per_rank
+    groups = {rank: [r.group_id for r in reqs] for rank, reqs in requests.items()}
+    rollouts = {rank: [r.rollout_id for r in reqs] for rank, reqs in requests.items()}
+    # rank 0 gets the even groups, rank 1 the odd ones, in order; together they count up without a gap
+    assert sorted(set(groups[0])) == [0, 2, 4, 6, 8] and sorted(set(groups[1])) == [1, 3, 5, 7, 9]
+    assert not set(rollouts[0]) & set(rollouts[1])
+    assert sorted(rollouts[0] + rollouts[1]) == list(range(10 * n))
+    # rollout ids g * n .. g * n + n - 1 of group g
+    for r in requests[0] + requests[1]:
+        assert r.rollout_id // n == r.group_id
+    assert [r.rollout_id for r in requests[1][:n]] == [4, 5, 6, 7]  # rank 1's first group is group 1
+
+
+def test_group_requests_refuses_empty_groups_and_a_stride_that_repeats_ids():
+    with pytest.raises(ValueError, match="rollouts_per_group must be >= 1, got 0"):
+        group_requests([(0, 0)], 0)
+    with pytest.raises(ValueError, match=r"group_id_stride must be >= 1 \(the number of ranks\), got 0"):
+        group_requests([(0, 0), (0, 1)], 2, group_id_stride=0)
+
+
+@pytest.fixture(scope="module")
+def reacher():
+    """One Reacher slot and a small token policy: a real env that is never reset or stepped here."""
+    env = GymSlotEnv(functools.partial(make_reacher_env, image_size=32), 1, success_fn=reacher_success,
+                     instructions="reach", max_steps=16, chunk_len=CHUNK)
+    policy = StateTokenPolicy(env.state_dim, env.action_dim, CHUNK, hidden_sizes=(8,))
+    yield env, policy
+    env.close()
+
+
+@pytest.mark.parametrize("overlap", ["pool", None, "true", 1, 0.0])  # 1 == True, but no mode
+def test_collect_rollouts_names_an_invalid_overlap(reacher, overlap):
+    env, policy = reacher
+    with pytest.raises(ValueError, match=rf"overlap must be False, True \(asynchronous pool\) or 'halves'; "
+                                         rf"got {overlap!r}"):
+        collect_rollouts(env, policy, group_requests([(0, 0)], 1), overlap=overlap)
+
+
+@pytest.mark.parametrize("overlap", [True, "halves"])
+def test_collect_rollouts_refuses_overlap_on_an_env_without_send_and_receive(reacher, overlap):
+    env, policy = reacher
+    with pytest.raises(ValueError, match=rf"overlap={overlap!r} needs an env with step_send/step_recv_ready .* "
+                                         "GymSlotEnv has none: pass overlap=False"):
+        collect_rollouts(env, policy, group_requests([(0, 0)], 1), overlap=overlap)
+
+
+def test_collect_rollouts_refuses_no_requests(reacher):
+    # an empty prompt list expands to no requests, which the rollout refuses rather than returning an empty batch
+    env, policy = reacher
+    assert group_requests([], 8) == []
+    with pytest.raises(ValueError, match="collect_rollouts needs at least one request"):
+        collect_rollouts(env, policy, group_requests([], 8))

@@ -1,4 +1,7 @@
-"""SRPOLoss against values computed independently here (numpy, plain loops, by hand)."""
+"""SRPOLoss against values computed independently here (numpy, plain loops, by hand); bad inputs (stored
+log-probs or an advantage that require grad or have the wrong shape, an unknown aggregation) are named,
+an all-masked batch gives zero loss, zero gradient and no diagnostics, and bf16 log-probs are computed in
+fp32."""
 
 import math
 
@@ -16,16 +19,16 @@ CHUNK, DIM, VOCAB = 8, 7, 256
 
 
 class TokenTable(TensorDictModuleBase):
-    """A policy whose logits are free parameters, one row per step: each token is independent,
+    """A policy whose logits are free parameters, one row per step, in ``dtype``: each token is independent,
     so its ratio can be set exactly and its gradient read off exactly."""
 
     in_keys = ["index"]
     out_keys = []
 
-    def __init__(self, steps, seed=0):
+    def __init__(self, steps, seed=0, dtype=torch.float32):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.logits = torch.nn.Parameter(torch.randn(steps, CHUNK, DIM, VOCAB, generator=gen))
+        self.logits = torch.nn.Parameter(torch.randn(steps, CHUNK, DIM, VOCAB, generator=gen).to(dtype))
 
     def get_dist(self, td):
         return torch.distributions.Categorical(logits=self.logits[td["index"]])
@@ -443,3 +446,100 @@ def test_missing_inputs_are_named():
     assert out["loss_objective"].item() == pytest.approx(hand_aggregate(ratio, td, "token-mean"), rel=1e-5)
     with pytest.raises(ValueError, match="token mask"):
         SRPOLoss(actor)(td.set("token_mask", td["token_mask"][..., :3]))
+
+
+# ---- bad inputs, an all-masked batch, bf16 log-probs -------------------------------------------
+def steps_batch(actor, rollout_id=(0, 0, 1), advantage=(1.0, 1.0, -1.0), shift=None):
+    """Decision steps whose stored log-probs are the actor's own, minus ``shift`` (so the ratio is ``exp(shift)``)."""
+    steps = len(rollout_id)
+    tokens = torch.randint(0, VOCAB, (steps, CHUNK, DIM), generator=torch.Generator().manual_seed(1))
+    td = TensorDict(index=torch.arange(steps), action_tokens=tokens, batch_size=[steps])
+    with torch.no_grad():
+        log_prob = actor.get_dist(td).log_prob(tokens)
+    td["action_log_prob"] = log_prob if shift is None else (log_prob - shift).to(log_prob.dtype)
+    td["advantage"] = torch.tensor(advantage)
+    td["rollout_id"] = torch.tensor(rollout_id)
+    td["token_mask"] = torch.ones(steps, CHUNK, DIM, dtype=torch.bool)
+    return td
+
+
+def test_stored_log_probs_that_require_grad_are_refused():
+    # log-probs taken with grad at rollout time would let the loss differentiate through the "old" policy
+    actor = TokenTable(steps=3)
+    td = steps_batch(actor)
+    td["action_log_prob"] = actor.get_dist(td).log_prob(td["action_tokens"])  # no torch.no_grad()
+    with pytest.raises(RuntimeError, match="the stored log-probs 'action_log_prob' require grad"):
+        SRPOLoss(actor)(td)
+
+
+def test_an_advantage_that_requires_grad_is_refused():
+    actor = TokenTable(steps=3)
+    td = steps_batch(actor)
+    td["advantage"] = torch.tensor([1.0, 1.0, -1.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="the advantage requires grad; it must be a constant of the loss"):
+        SRPOLoss(actor)(td)
+
+
+def test_stored_log_probs_of_another_shape_are_named():
+    # e.g. log-probs stored per step ([M, 8]) or for another action dimension: a broadcast would hide it
+    actor = TokenTable(steps=3)
+    td = steps_batch(actor)
+    td["action_log_prob"] = td["action_log_prob"][..., :6].contiguous()
+    with pytest.raises(ValueError, match=r"current log-probs have shape \(3, 8, 7\) but the stored "
+                                         r"'action_log_prob' have \(3, 8, 6\)"):
+        SRPOLoss(actor)(td)
+
+
+def test_an_advantage_of_the_wrong_shape_is_named():
+    actor = TokenTable(steps=3)
+    td = steps_batch(actor)
+    td["advantage"] = torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"advantage has shape \(3, 2\); expected one value per step \(3,\) "
+                                         r"or per token \(3, 8, 7\)"):
+        SRPOLoss(actor)(td)
+
+
+def test_an_unknown_aggregation_is_named_with_the_choices():
+    with pytest.raises(ValueError, match="unknown aggregation 'seq-mean-token-sum'; choose one of "
+                                         "seq-mean-token-mean, token-mean"):
+        SRPOLoss(TokenTable(steps=1), aggregation="seq-mean-token-sum")
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean"])
+def test_an_all_masked_batch_gives_zero_loss_zero_gradient_and_no_diagnostics(aggregation):
+    # what update_policy feeds a rank that has run out of slices (trainer._without_tokens: "zero loss, zero
+    # gradient, no diagnostics"); the stored log-probs are far off, so a leak of any masked token would show
+    actor = TokenTable(steps=3)
+    td = steps_batch(actor, shift=torch.full((3, CHUNK, DIM), 3.0))
+    td["token_mask"] = torch.zeros_like(td["token_mask"])
+    out = SRPOLoss(actor, aggregation=aggregation, clip_ratio_c=3.0)(td)
+    out["loss_objective"].backward()
+    assert out["loss_objective"].item() == 0.0
+    assert torch.count_nonzero(actor.logits.grad) == 0
+    for key in ("entropy", "clip_fraction", "clip_fraction_low", "clip_fraction_high", "dual_clip_fraction",
+                "approx_kl", "ratio_mean"):
+        assert out[key].item() == 0.0, key  # means over no token: 0, not 0 / 0
+    assert out["ratio_min"].isnan() and out["ratio_max"].isnan()  # no token, no extremum
+
+
+def test_bf16_log_probs_are_computed_in_fp32():
+    # the weights 1 / (G * n_traj) (here 1 / 224 and 1 / 112) do not survive bfloat16
+    assert torch.tensor(1 / 224, dtype=torch.bfloat16).item() != 1 / 224
+    actor = TokenTable(steps=3, dtype=torch.bfloat16)
+    shift = torch.empty(3, CHUNK, DIM).uniform_(-0.4, 0.4, generator=torch.Generator().manual_seed(2))
+    td = steps_batch(actor, shift=shift)
+    assert td["action_log_prob"].dtype == torch.bfloat16
+    out = SRPOLoss(actor)(td)
+    assert out["loss_objective"].dtype == torch.float32 and out["ratio_mean"].dtype == torch.float32
+
+    # the same bf16 values, upcast by hand and aggregated in float64
+    with torch.no_grad():
+        current = actor.get_dist(td).log_prob(td["action_tokens"]).double()
+    ratio = (current - td["action_log_prob"].double()).exp()
+    advantage = torch.tensor([1.0, 1.0, -1.0]).double()[:, None, None]
+    # PPO's clipped objective written out (the default dual clip, c = 1e4, bounds nothing here)
+    token_loss = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(0.8, 1.28))
+    weight = torch.tensor([1 / (2 * 2 * 56), 1 / (2 * 2 * 56), 1 / (2 * 56)]).double()[:, None, None]
+    expected = (token_loss * weight).sum()
+    assert out["loss_objective"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert out["ratio_mean"].item() == pytest.approx(ratio.mean().item(), rel=1e-5)

@@ -1,683 +1,242 @@
-"""The SRPO recipe end to end on real LIBERO (tiny model, CPU): train, SIGKILL, resume; config errors."""
-
-import json
-import multiprocessing
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
+"""update_policy and recompute_log_probs (srpo_rl/trainer.py) on one process, with a tiny OpenVLA-OFT on ragged
+trajectories: the progress bar counts every epoch's executed steps, slices packed across trajectory ends give the
+same update as one forward, the gradient is clipped to its norm and a non-finite step skipped, the filled-up last
+slice adds nothing to the diagnostics, which are read back once, and stale trajectories get the updated policy's
+log-probs (on a GPU too); non-positive batch sizes, no epochs and a negative clip are refused before any step."""
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from tensordict import TensorDict
 
-from srpo_rl.distributed import DTYPES, init_distributed
-from srpo_rl.envs import LiberoVecEnv
-from srpo_rl.examples.utils_srpo import ConfigError, check_config, host_reserve_bytes, make_eval_rows
+from srpo_rl.models.openvla_oft import write_tiny_checkpoint
+from srpo_rl.objectives import GroupAdvantage, SRPOLoss
+from srpo_rl.policy import OpenVLAOFTPolicy
+from srpo_rl.trainer import executed_steps, recompute_log_probs, update_policy
+from test_srpo_loss import TokenTable, steps_batch
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "srpo_libero.py"
-CONFIG_DIR = REPO / "examples" / "config"
-
-
-def _compose(overrides, name="config"):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name=name, overrides=overrides)
+NUM_TRAJ, T = 8, 3
 
 
-VALID_7B = ["model.path=.", "model.vjepa_path=."]
-
-
-# The recipe, written out from siiRL's embodied SRPO script (its exported variables and command-line overrides)
-# and, for the knobs the script leaves to its trainer yaml, from the reference's algorithm notes.
-RECIPE = {
-    "data.train_batch_size": 64, "data.val_batch_size": 496, "data.max_prompt_length": 256,
-    "algorithm.workflow_type": "embodied", "algorithm.adv_estimator": "grpo", "algorithm.gamma": 1.0,
-    "algorithm.lam": 1.0, "algorithm.norm_adv_by_std_in_grpo": True, "algorithm.reward_coef": 5.0,
-    "algorithm.embodied_sampling.filter_accuracy": True, "algorithm.embodied_sampling.accuracy_lower_bound": 0.1,
-    "algorithm.embodied_sampling.accuracy_upper_bound": 0.9, "algorithm.embodied_sampling.filter_truncated": False,
-    "algorithm.embodied_sampling.oversample_factor": 1,
-    "actor.lr": 5e-6, "actor.weight_decay": 0.0, "actor.ppo_mini_batch_size": 4, "actor.ppo_micro_batch_size": 1,
-    "actor.traj_mini_batch_size": 16, "actor.ppo_epochs": 1, "actor.grad_clip": 1.0, "actor.clip_ratio_low": 0.2,
-    "actor.clip_ratio_high": 0.28, "actor.clip_ratio_c": 10000.0, "actor.entropy_coeff": 0.0, "actor.shuffle": True,
-    "actor.enable_gradient_checkpointing": True, "actor.fsdp.param_offload": False, "actor.fsdp.grad_offload": False,
-    "actor.fsdp.optimizer_offload": False,
-    "rollout.n": 8, "rollout.temperature": 1.6, "rollout.do_sample": True,
-    "embodied.action_token_len": 7, "embodied.action_chunks_len": 8, "embodied.embedding_img_size": 384,
-    "embodied.embedding_num_frames": 64, "embodied.embedding_enable_fp16": True,
-    "embodied.embedding_model_offload": False, "embodied.center_crop": True, "embodied.num_images_in_input": 1,
-    "env.env_type": "libero", "env.num_envs": 16, "env.max_steps": 512, "env.num_steps_wait": 10,
-    "env.num_trials_per_task": 50, "env.model_family": "openvla",
-    "trainer.total_epochs": 1000, "trainer.save_freq": 5, "trainer.test_freq": 5, "trainer.max_ckpt_keep": 5,
-    "trainer.logger": ["console", "tensorboard"], "trainer.nnodes": 1, "trainer.resume_mode": "auto",
-    "trainer.val_before_train": True,
-}
-
-
-@pytest.mark.parametrize("suite", ["libero_spatial", "libero_object", "libero_goal", "libero_long", "libero_90"])
-def test_the_default_config_is_the_recipe(suite):
-    from omegaconf import OmegaConf
-
-    cfg = _compose([f"env={suite}"])
-    differing = {k: (OmegaConf.select(cfg, k), v) for k, v in RECIPE.items() if OmegaConf.select(cfg, k) != v}
-    assert not differing, differing
-    assert cfg.env.env_name == suite and cfg.embodied.unnorm_key == {"libero_long": "libero_10"}.get(suite, suite)
-
-
-# siiRL's embodied SRPO command line, every option of it, with values away from our defaults where it has a knob
-SIIRL_COMMAND_LINE = """
-data.train_files=/d/train.parquet data.val_files=/d/val.parquet data.train_batch_size=32 data.val_batch_size=100
-data.max_prompt_length=128 data.max_response_length=128 algorithm.workflow_type=embodied algorithm.adv_estimator=grpo
-algorithm.gamma=0.99 algorithm.lam=0.95 algorithm.norm_adv_by_std_in_grpo=False
-algorithm.embodied_sampling.filter_accuracy=False algorithm.embodied_sampling.accuracy_lower_bound=0.2
-algorithm.embodied_sampling.accuracy_upper_bound=0.8 algorithm.embodied_sampling.filter_truncated=True
-algorithm.embodied_sampling.oversample_factor=2 actor_rollout_ref.model.path=/m/sft
-actor_rollout_ref.model.enable_gradient_checkpointing=False actor_rollout_ref.actor.optim.lr=1e-5
-actor_rollout_ref.actor.optim.weight_decay=0.01 actor_rollout_ref.actor.ppo_mini_batch_size=8
-actor_rollout_ref.actor.ppo_epochs=2 actor_rollout_ref.actor.grad_clip=0.5 actor_rollout_ref.actor.clip_ratio_high=0.3
-actor_rollout_ref.actor.clip_ratio_low=0.1 actor_rollout_ref.actor.entropy_coeff=0.001 actor_rollout_ref.actor.shuffle=False
-actor_rollout_ref.actor.fsdp_config.param_offload=True actor_rollout_ref.actor.fsdp_config.grad_offload=True
-actor_rollout_ref.actor.fsdp_config.optimizer_offload=True actor_rollout_ref.rollout.name=hf
-actor_rollout_ref.rollout.n=4 actor_rollout_ref.rollout.temperature=1.2 actor_rollout_ref.rollout.do_sample=False
-actor_rollout_ref.rollout.response_length=512 actor_rollout_ref.embodied.embodied_type=openvla-oft
-actor_rollout_ref.embodied.action_token_len=7 actor_rollout_ref.embodied.action_chunks_len=8
-actor_rollout_ref.embodied.video_embedding_model_path=/m/vitg-384.pt actor_rollout_ref.embodied.embedding_img_size=256
-actor_rollout_ref.embodied.embedding_enable_fp16=False actor_rollout_ref.embodied.embedding_model_offload=True
-actor_rollout_ref.embodied.center_crop=False actor_rollout_ref.embodied.num_images_in_input=2
-actor_rollout_ref.embodied.unnorm_key=libero_goal actor_rollout_ref.embodied.env.env_type=libero
-actor_rollout_ref.embodied.env.env_name=libero_goal actor_rollout_ref.embodied.env.num_envs=8
-actor_rollout_ref.embodied.env.max_steps=300 actor_rollout_ref.embodied.env.num_steps_wait=5
-actor_rollout_ref.embodied.env.num_trials_per_task=20 actor_rollout_ref.embodied.env.model_family=openvla
-critic.use_critic_model=False trainer.total_epochs=10 trainer.save_freq=2 trainer.test_freq=3
-trainer.max_actor_ckpt_to_keep=2 trainer.logger=[console] trainer.project_name=p trainer.experiment_name=e
-trainer.nnodes=1 trainer.n_gpus_per_node=1 trainer.default_local_dir=/c trainer.resume_mode=disable
-trainer.val_before_train=False
-""".split()
-
-
-def test_a_siirl_command_line_sets_the_same_knobs_under_our_names():
-    from srpo_rl.examples.utils_srpo import siirl_overrides
-
-    ours = _compose(siirl_overrides(SIIRL_COMMAND_LINE))
-    expected = {
-        "data.train_batch_size": 32, "data.val_batch_size": 100, "data.max_prompt_length": 128,
-        "algorithm.gamma": 0.99, "algorithm.norm_adv_by_std_in_grpo": False,
-        "algorithm.embodied_sampling.filter_truncated": True, "algorithm.embodied_sampling.oversample_factor": 2,
-        "model.path": "/m/sft", "model.vjepa_path": "/m/vitg-384.pt", "actor.enable_gradient_checkpointing": False,
-        "actor.lr": 1e-5, "actor.weight_decay": 0.01, "actor.ppo_mini_batch_size": 8, "actor.ppo_epochs": 2,
-        "actor.grad_clip": 0.5, "actor.clip_ratio_high": 0.3, "actor.clip_ratio_low": 0.1, "actor.shuffle": False,
-        "actor.fsdp.param_offload": True, "actor.fsdp.grad_offload": True, "actor.fsdp.optimizer_offload": True,
-        "rollout.n": 4, "rollout.temperature": 1.2, "rollout.do_sample": False, "embodied.embedding_img_size": 256,
-        "embodied.embedding_enable_fp16": False, "embodied.embedding_model_offload": True,
-        "embodied.center_crop": False, "embodied.num_images_in_input": 2, "embodied.unnorm_key": "libero_goal",
-        "env.env_name": "libero_goal", "env.num_envs": 8, "env.max_steps": 300, "env.num_steps_wait": 5,
-        "env.num_trials_per_task": 20, "trainer.total_epochs": 10, "trainer.save_freq": 2, "trainer.test_freq": 3,
-        "trainer.max_ckpt_keep": 2, "trainer.logger": ["console"], "trainer.default_local_dir": "/c",
-        "trainer.resume_mode": "disable", "trainer.val_before_train": False,
-    }
-    from omegaconf import OmegaConf
-
-    assert {k: OmegaConf.select(ours, k) for k in expected} == expected
-    assert ours.env == _compose(["env=libero_goal", "env.num_envs=8", "env.max_steps=300", "env.num_steps_wait=5",
-                                 "env.num_trials_per_task=20"]).env  # the suite's group, then its options
-    with pytest.raises(ValueError, match=r"siiRL's critic.use_critic_model=True has no counterpart here; accepted: "
-                                         r"False, false"):
-        siirl_overrides(["critic.use_critic_model=True"])
-    with pytest.raises(ValueError, match="siiRL's actor_rollout_ref.rollout.name=vllm has no counterpart"):
-        siirl_overrides(["actor_rollout_ref.rollout.name=vllm"])
-    with pytest.raises(ValueError, match="deprecated global micro-batch; ours is per GPU"):
-        siirl_overrides(["actor_rollout_ref.actor.ppo_micro_batch_size=16"])
-
-
-def test_siirl_s_config_name_comment_names_and_yaml_defaults_are_read():
-    from omegaconf import OmegaConf
-
-    from srpo_rl.examples.utils_srpo import siirl_overrides
-
-    assert siirl_overrides(["--config-name=embodied_srpo_trainer", "-cn", "embodied_srpo_trainer"]) == \
-        ["--config-name=config", "-cn", "config"]
-    ours = _compose(siirl_overrides([
-        "actor_rollout_ref.embodied.img_size=256", "actor_rollout_ref.embodied.enable_fp16=False",
-        "reward_model.reward_kwargs.reward_coef=3.0", "actor_rollout_ref.actor.use_kl_loss=False",
-        "actor_rollout_ref.actor.kl_loss_coef=0.001", "actor_rollout_ref.rollout.top_k=-1",
-        "actor_rollout_ref.actor.optim.warmup_style=constant", "trainer.val_only=False",
-    ]))
-    assert (OmegaConf.select(ours, "embodied.embedding_img_size"), OmegaConf.select(ours, "embodied.embedding_enable_fp16"),
-            OmegaConf.select(ours, "algorithm.reward_coef")) == (256, False, 3.0)
-    with pytest.raises(ValueError, match="siiRL's actor_rollout_ref.actor.use_kl_loss=True has no counterpart"):
-        siirl_overrides(["actor_rollout_ref.actor.use_kl_loss=True"])
-    check_config(_compose(VALID_7B + ["trainer.logger=console", "trainer.max_ckpt_keep=null"]), world_size=1)
-
-
-def test_the_script_reads_siirl_option_names():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cfg", "job", "actor_rollout_ref.actor.optim.lr=3e-5",
-         "actor_rollout_ref.embodied.env.env_name=libero_spatial", "critic.use_critic_model=False"],
-        capture_output=True, text=True, timeout=120,
+def _batch(policy: OpenVLAOFTPolicy) -> TensorDict:
+    """Four groups of two trajectories with stored policy outputs, mixed outcomes and ragged lengths."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (NUM_TRAJ * T, 3, 256, 256), dtype=torch.uint8, generator=g)
+    obs = TensorDict({("observation", "image"): image}, [NUM_TRAJ * T])
+    obs.set_non_tensor("instruction", "put the bowl on the plate")
+    with torch.no_grad():
+        steps = policy(obs).exclude("observation", "instruction").reshape(NUM_TRAJ, T)
+    lengths = torch.tensor([3, 2, 3, 1, 2, 3, 3, 2])
+    steps.set("mask", torch.arange(T)[None] < lengths[:, None])
+    steps.set(("next", "chunk_steps"), torch.full((NUM_TRAJ, T), 8))
+    batch = TensorDict(
+        {"rollout_id": torch.arange(NUM_TRAJ), "group_id": torch.arange(NUM_TRAJ) // 2,
+         "reward": torch.tensor([5.0, 0.0, 1.3, 5.0, 0.2, 5.0, 2.0, 0.0]), "steps": steps},
+        [NUM_TRAJ],
     )
-    assert result.returncode == 0, result.stderr
-    assert "lr: 3.0e-05" in result.stdout and "env_name: libero_spatial" in result.stdout
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["env.env_name=libero_lng"], "env.env_name: unknown suite 'libero_lng'; choose one of"),
-        (["algorithm.embodied_sampling.accuracy_lower_bound=0.95"], "accuracy_lower_bound 0.95 > accuracy_upper_bound 0.9"),
-        (["algorithm.embodied_sampling.accuracy_upper_bound=1.5"], r"accuracy bounds must lie in \[0, 1\]"),
-        (["data.train_batch_size=10"], "train_batch_size=10 is not a multiple of actor.ppo_mini_batch_size=4"),
-        (["env.num_envs=0"], "env.num_envs must be an int >= 1, got 0"),
-        (["actor.grad_clip=-1"], "actor.grad_clip must be a number > 0, got -1"),
-        (["actor.ppo_epochs=0"], "actor.ppo_epochs must be an int >= 1, got 0"),
-        (["actor.ppo_micro_batch_size=0"], "actor.ppo_micro_batch_size must be an int >= 1, got 0"),
-        (["actor.traj_mini_batch_size=2.5"], "actor.traj_mini_batch_size must be an int >= 1, got 2.5"),
-        (["data.train_batch_size=-4"], "data.train_batch_size must be an int >= 1, got -4"),
-        (["algorithm.reward_coef=-5"], "algorithm.reward_coef must be a number > 0, got -5"),
-        (["actor.weight_decay=-0.1"], "actor.weight_decay must be a number >= 0, got -0.1"),
-        (["algorithm.embodied_sampling.filter_accuracy=maybe"],
-         "algorithm.embodied_sampling.filter_accuracy must be true or false, got 'maybe'"),
-        (["rollout.do_sample=1"], "rollout.do_sample must be true or false, got 1"),
-        (["embodied.action_chunks_len=4"], "action_chunks_len x action_token_len = 4 x 7, but OpenVLA-OFT's LIBERO head "
-         "decodes chunks of 8 actions x 7 dims"),
-        (["trainer.total_training_steps=0"], "trainer.total_training_steps must be null .* or an int >= 1, got 0"),
-        (["env.num_envs=1000"], "env.num_envs=1000 slots cannot all be used"),
-        (["rollout.temperature=0"], "rollout.temperature must be a number > 0, got 0"),
-        (["embodied.embed_during_rollout=sometimes"], "embodied.embed_during_rollout must be true or false, got 'sometimes'"),
-        (["actor.fsdp.mixed_precision=int8"], "unknown actor.fsdp.mixed_precision 'int8'; choose one of bf16, fp16, fp32"),
-        (["actor.fsdp.optimizer_state_dtype=fp8"], "unknown actor.fsdp.optimizer_state_dtype 'fp8'; choose one of fp32, bf16"),
-        (["actor.fsdp.optimizer_state_dtype=bf16"], "optimizer_state_dtype=bf16 applies to the host optimizer only"),
-        (["actor.lora_rank=-1"], "actor.lora_rank must be an int >= 0, got -1"),
-        (["actor.lora_rank=32", "actor.fsdp.optimizer_offload=true"], "optimizer_offload .* does not apply"),
-        (["mode=serve"], "unknown mode 'serve'; choose one of train, eval"),
-        (["trainer.resume_mode=maybe"], "unknown trainer.resume_mode 'maybe'"),
-        (["model.path=/nonexistent/ckpt"], r"model.path='/nonexistent/ckpt' does not exist \(expected the OpenVLA-OFT "
-         r"SFT checkpoint folder \(config.json, .*`--config-name tiny` runs the recipe"),
-        (["rollout.n=1"], r"rollout.n must be an int >= 2, got 1 \(GRPO compares the rollouts of a group"),
-        # Hydra refuses a misspelled option but advises "+": added that way it would do nothing
-        (["+trainer.save_freqq=3"], r"unknown option trainer.save_freqq \(did you mean trainer.save_freq\?\)"),
-        (["+actor.lr.value=1", "+foo=2"], r"unknown options actor.lr.value \(did you mean actor.lr\?\), foo: nothing"),
-        (["trainer.logger=[console,mlflow]"], "unknown trainer.logger 'mlflow'; choose from console, tensorboard, wandb"),
-        (["trainer.logger=mlflow"], "unknown trainer.logger 'mlflow'; choose from"),  # one name, not a list
-        (["env.num_trials_per_task=0"], "env.num_trials_per_task must be an int >= 1, got 0"),
-        (["eval.num_trials_per_task=2.5"], "eval.num_trials_per_task must be an int >= 1, got 2.5"),
-        (["env.env_name=libero_goal"], "env.env_name=libero_goal but embodied.unnorm_key=libero_10 .* select the "
-         "suite as env=libero_goal"),
-        (["trainer.max_ckpt_keep=-1"], r"trainer.max_ckpt_keep must be null or 0 \(keep every checkpoint, as siiRL\)"),
-        (["trainer.resume_mode=resume_path"], "resume_mode=resume_path needs trainer.resume_from_path="),
-        (["trainer.resume_mode=resume_path", "trainer.resume_from_path=/nonexistent/global_step_3"],
-         "trainer.resume_from_path: no checkpoint folder /nonexistent/global_step_3"),
-        (["actor.loss_agg_mode=mean"], "unknown actor.loss_agg_mode 'mean'; choose one of seq-mean-token-mean, token-mean"),
-        (["algorithm.video_key_by=task"], "unknown algorithm.video_key_by 'task'; choose one of rollout, group"),
-        (["algorithm.progress_formula=linear"], "unknown algorithm.progress_formula 'linear'; choose one of reference"),
-        (["rollout.overlap=maybe"], "unknown rollout.overlap 'maybe'; choose one of true, false, halves"),
-        (["data.split_mode=foo"], "unknown data.split_mode 'foo'; choose one of shared, holdout"),
-        (["env.env_type=maniskill"], "unknown env.env_type 'maniskill'; choose one of libero"),
-        (["algorithm.workflow_type=dapo"], "unknown algorithm.workflow_type 'dapo'; choose one of embodied"),
-        (["env.max_steps=0"], r"env.max_steps must be an int >= 1, None \(512\) or 'suite', got 0"),
-        (["env.max_steps=2.5"], r"env.max_steps must be an int >= 1, None \(512\) or 'suite', got 2.5"),
-        (["embodied.frame_stride=0"], "embodied.frame_stride must be null .* or an int >= 1, got 0"),
-        (["actor.clip_ratio_low=1.2"], "actor.clip_ratio_low must lie in"),
-        (["trainer.n_gpus_per_node=8"], "n_gpus_per_node = 8 but this is one process: launch one per GPU with torchrun"),
-        (["embodied.embed_during_rollout=true", "algorithm.reward=binary"], "needs algorithm.reward=srpo and "
-         "algorithm.video_key_by=rollout, got binary and rollout"),
-        (["embodied.embed_during_rollout=true", "algorithm.video_key_by=group"], "got srpo and group"),
-        # 4 groups x 1.5 -> 6 requested a round, x 8 rollouts: 48 slots can be used, not 49
-        (["data.train_batch_size=4", "actor.ppo_mini_batch_size=1", "algorithm.embodied_sampling.oversample_factor=1.5",
-          "env.num_envs=49"], "env.num_envs=49 slots cannot all be used: a rollout round of this process has only 48"),
-    ],
-)
-def test_config_errors_name_the_bad_value(overrides, message):
-    cfg = _compose(VALID_7B + overrides)
-    with pytest.raises(ValueError, match=message):
-        check_config(cfg, world_size=1)
-
-
-def test_the_builders_carry_every_value_of_the_config(tmp_path):
-    # values away from every default, so that a knob the builders drop or mix up shows
-    from srpo_rl.examples.utils_srpo import (make_advantage, make_loss, make_optimizer, make_policy, make_reward,
-                                             make_sampler)
-
-    cfg = _compose([f"output_dir={tmp_path}", "actor.clip_ratio_low=0.15", "actor.clip_ratio_high=0.3",
-                    "actor.clip_ratio_c=3.0", "actor.entropy_coeff=0.01", "actor.loss_agg_mode=token-mean",
-                    "actor.lr=1e-4", "actor.weight_decay=0.01", "algorithm.reward_coef=4.0",
-                    "algorithm.progress_formula=paper", "algorithm.video_key_by=group",
-                    "algorithm.norm_adv_by_std_in_grpo=false", "algorithm.embodied_sampling.accuracy_lower_bound=0.2",
-                    "algorithm.embodied_sampling.accuracy_upper_bound=0.8",
-                    "algorithm.embodied_sampling.filter_truncated=true", "algorithm.embodied_sampling.oversample_factor=1.5",
-                    "algorithm.embodied_sampling.max_rollout_rounds=3", "rollout.temperature=1.3", "env.max_steps=40",
-                    "data.max_prompt_length=96", "embodied.center_crop=false"], name="tiny")
-    info = init_distributed("cpu")
-    policy = make_policy(cfg, info)
-    assert (policy.temperature, policy.center_crop, policy.max_prompt_length) == (1.3, False, 96)
-    loss = make_loss(cfg, policy)
-    assert (float(loss.clip_epsilon_low), float(loss.clip_epsilon_high)) == pytest.approx((0.15, 0.3))
-    assert (loss.clip_ratio_c, float(loss.entropy_coeff), loss.aggregation) == (3.0, pytest.approx(0.01), "token-mean")
-    optimizer = make_optimizer(cfg, policy)
-    assert {(g["lr"], g["weight_decay"]) for g in optimizer.param_groups} == {(1e-4, 0.01)}
-    assert make_advantage(cfg).norm_adv_by_std_in_grpo is False
-    reward = make_reward(cfg, info)
-    assert (reward.reward_coef, reward.formula, reward.video_key_by, reward.binary) == (4.0, "paper", "group", False)
-    assert reward.embedder.center_crop  # the policy's crop only: V-JEPA's input is always center-cropped (siiRL)
-    sampler = make_sampler(cfg, info)
-    assert (sampler.accuracy_lower_bound, sampler.accuracy_upper_bound, sampler.filter_truncated, sampler.max_steps,
-            sampler.oversample_factor, sampler.max_rounds) == (0.2, 0.8, True, 40, 1.5, 3)
-    assert sampler.train_batch_size == cfg.data.train_batch_size
-
-
-def test_a_logger_that_is_not_installed_fails_before_any_work(monkeypatch):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec  # hidden where it is installed, as a bare install lacks it
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "wandb" else find_spec(name, *args))
-    with pytest.raises(ValueError, match=r"wandb, which is not installed: pip install 'srpo-rl\[wandb\]'"):
-        check_config(_compose(VALID_7B + ["trainer.logger=[console,wandb]"]), world_size=1)
-
-
-def test_videos_without_an_mp4_writer_fail_before_any_work(monkeypatch):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec  # this machine has imageio-ffmpeg: hide it, as a bare install lacks it
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "imageio_ffmpeg" else find_spec(name, *args))
-    with pytest.raises(ValueError, match=r"need imageio-ffmpeg.*or set trainer.num_val_videos=0"):
-        check_config(_compose(VALID_7B), world_size=1)
-    with pytest.raises(ValueError, match=r"or set eval.num_videos=0"):
-        check_config(_compose(VALID_7B + ["mode=eval"]), world_size=1)
-    check_config(_compose(VALID_7B + ["trainer.num_val_videos=0"]), world_size=1)
-    check_config(_compose(VALID_7B + ["trainer.test_freq=0", "trainer.val_before_train=false"]), world_size=1)
-
-
-def test_config_errors_that_need_the_process_count():
-    with pytest.raises(ValueError, match="train_batch_size=64 groups do not divide over 3 processes"):
-        check_config(_compose(VALID_7B), world_size=3)
-    check_config(_compose(VALID_7B + ["trainer.n_gpus_per_node=8"]), world_size=8)
-    check_config(_compose(VALID_7B + ["data.train_batch_size=4", "actor.ppo_mini_batch_size=1", "env.num_envs=48",
-                                      "algorithm.embodied_sampling.oversample_factor=1.5"]), world_size=1)
-    check_config(_compose(VALID_7B + ["mode=eval", "env.num_envs=1000"]), world_size=1)  # eval rolls out no groups
-
-
-def test_a_fresh_run_into_an_earlier_runs_checkpoints_fails_before_any_work(tmp_path):
-    from srpo_rl.checkpoint import CheckpointManager
-
-    model = torch.nn.Linear(2, 1)
-    CheckpointManager(tmp_path).save(30, model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                                     trainer_state={})
-    cfg = _compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}", "trainer.resume_mode=disable"])
-    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(steps 30\).*trainer.resume_mode=auto"):
-        check_config(cfg, world_size=1)
-    check_config(_compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}"]), world_size=1)  # auto resumes it
-
-
-def test_a_resume_with_other_run_settings_fails_before_any_work(tmp_path):
-    from srpo_rl.checkpoint import CheckpointManager
-    from srpo_rl.examples.utils_srpo import checkpoint_run_config
-
-    model = torch.nn.Linear(2, 1)
-    saved = checkpoint_run_config(_compose(VALID_7B + ["rollout.n=4", "seed=3"]))
-    CheckpointManager(tmp_path, run_config=saved).save(30, model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                                                       trainer_state={})
-    cfg = _compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}"])
-    with pytest.raises(ValueError, match=r"config error: checkpoint .*global_step_30 was written by a run with other "
-                                         r"settings \(rollout.n: 4 there, 8 here; seed: 3 there, 0 here\)"):
-        check_config(cfg, world_size=1)
-    check_config(_compose(VALID_7B + [f"trainer.default_local_dir={tmp_path}", "rollout.n=4", "seed=3"]), world_size=1)
-
-
-def test_missing_model_path_and_unknown_groups():
-    # both missing paths in one message, with what each should hold
-    with pytest.raises(ConfigError, match=r"model.path is required for model=openvla_oft_7b: pass model.path=<the "
-                       r"OpenVLA-OFT SFT checkpoint folder .*; model.vjepa_path is required .*vitg-384.pt"):
-        check_config(_compose([]), world_size=1)
-    with pytest.raises(Exception, match="Could not find 'env/libero_lng'"):
-        _compose(["env=libero_lng"])
-    assert _compose(["env=libero_10"]).env == _compose(["env=libero_long"]).env  # the reference's name for it
-    with pytest.raises(Exception, match="Could not find 'model/llama'"):
-        _compose(["model=llama"])
-    check_config(_compose([], name="tiny"), world_size=1)  # the README's main job is valid
-    check_config(_compose(["mode=eval", "model.path=."]), world_size=1)  # greedy evaluation needs no V-JEPA
-    with pytest.raises(ValueError, match="model.vjepa_path is required"):
-        check_config(_compose(["model.path=."]), world_size=1)
-
-
-def test_eval_rows_are_the_chosen_tasks_and_trials_of_the_suite():
-    rows = make_eval_rows(_compose(["env=libero_goal", "eval.task_ids=[3,0]", "eval.num_trials_per_task=2"]))
-    assert [(r["suite"], r["task_id"], r["trial_id"]) for r in rows] == [
-        ("libero_goal", 0, 0), ("libero_goal", 0, 1), ("libero_goal", 3, 0), ("libero_goal", 3, 1)]
-    assert len(make_eval_rows(_compose(["env=libero_goal", "eval.num_trials_per_task=1"]))) == 10  # every task
-    with pytest.raises(ValueError, match=r"eval.task_ids \[10\] are not tasks of libero_goal: choose from 0 to 9"):
-        make_eval_rows(_compose(["env=libero_goal", "eval.task_ids=[2,10]"]))
-    for bad in ("3", "[]"):  # a bare id, an empty selection
-        with pytest.raises(ValueError, match=r"eval.task_ids must be null \(every task\) or a non-empty list"):
-            make_eval_rows(_compose(["env=libero_goal", f"eval.task_ids={bad}"]))
-
-
-def test_host_reserve_counts_env_growth_and_two_copies_of_a_batch_of_policy_images():
-    # the recipe: 16 envs growing by up to 0.5 GiB each; 64 groups x 8 rollouts x 64 chunks of one 224x224 RGB image,
-    # twice (a round's stacked trajectories beside the sampler's copy of the kept groups)
-    assert host_reserve_bytes(_compose(VALID_7B), 224) == 16 * 2**29 + 2 * 64 * 8 * (512 // 8) * 224 * 224 * 3
-    two_images = _compose(VALID_7B + ["env.num_envs=4", "env.max_steps=100", "embodied.num_images_in_input=2"])
-    assert host_reserve_bytes(two_images, 224) == 4 * 2**29 + 2 * 64 * 8 * 13 * 2 * 224 * 224 * 3  # 13 chunks
-    # the per-suite horizon: libero_goal's 300 steps, 38 chunks
-    per_suite = _compose(VALID_7B + ["env=libero_goal", "env.max_steps=suite"])
-    assert host_reserve_bytes(per_suite, 224) == 16 * 2**29 + 2 * 64 * 8 * 38 * 224 * 224 * 3
-
-
-def test_host_reserve_counts_every_process_of_the_host(monkeypatch):
-    # two nodes of 8 processes: 8 here, each with 16 envs and 64 / 16 = 4 groups of the batch
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setenv("WORLD_SIZE", "16")
-    assert host_reserve_bytes(_compose(VALID_7B), 224) == 8 * 16 * 2**29 + 2 * (8 * 4) * 8 * 64 * 224 * 224 * 3
-
-
-def test_script_fails_before_any_work(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config-name", "tiny", f"output_dir={tmp_path}", "actor.clip_ratio_low=0.2",
-         "algorithm.embodied_sampling.accuracy_lower_bound=0.95"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )
-    assert result.returncode == 2
-    assert "accuracy_lower_bound 0.95 > accuracy_upper_bound 0.9" in result.stderr
-    assert "Traceback" not in result.stderr  # the message alone
-    assert not (tmp_path / "data").exists()  # no manifest, no model, no env was built
-
-
-def _run(out, steps, *overrides, stop_after=None, processes=1):
-    """Runs the tiny recipe (``processes`` > 1: through torchrun, gloo on the CPU); with ``stop_after`` SIGKILLs the
-    whole process group once that checkpoint exists."""
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        overrides += (f"trainer.n_gpus_per_node={processes}", "env.num_envs=1")  # one LIBERO worker a rank
-    cmd = [*launcher, str(SCRIPT), "--config-name", "tiny", f"output_dir={out}",
-           f"trainer.total_training_steps={steps}", "trainer.test_freq=0", "env.max_steps=16", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
-                            start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if stop_after and f"saved checkpoint {out}/checkpoints/global_step_{stop_after}" in line:
-            os.killpg(proc.pid, signal.SIGKILL)  # the trainers and their env workers, as a node failure would
-            break
-    proc.wait(timeout=600)
-    return proc.returncode, "".join(lines)
-
-
-def _load_dcp(checkpoint: Path, part: str) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(checkpoint / part, checkpoint / f"{part}.pt")
-    return torch.load(checkpoint / f"{part}.pt", weights_only=False)
-
-
-def _optimizer_steps(checkpoint: Path) -> set[int]:
-    return {int(s["step"]) for s in _load_dcp(checkpoint, "optim")["state"].values()}
-
-
-def _logged(log_dir: Path, tag: str) -> dict[int, float]:
-    """``tag``'s value at each step, over every TensorBoard file of the run (a resumed run writes another)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return values
-
-
-def test_eval_mode_rolls_out_the_chosen_tasks_of_a_checkpoint(tmp_path):
-    code, log = _run(tmp_path / "eval", 1, "mode=eval", "eval.task_ids=[1,4]", "eval.num_trials_per_task=1")
-    assert code == 0, log[-3000:]
-    report = json.loads((tmp_path / "eval" / "eval_step0.json").read_text())
-    assert [(t["suite"], t["task_id"], t["trials"]) for t in report["tasks"]] == [
-        ("libero_object", 1, 1), ("libero_object", 4, 1)], report
-    assert not (tmp_path / "eval" / "data").exists()  # no training manifests for an evaluation
-
-
-@pytest.mark.slow
-def test_a_run_that_fails_mid_way_flushes_its_logs_and_stops_its_env_workers(tmp_path):
-    # In this process, as a notebook or a sweep would call it (a script's exit would flush and reap anyway).
-    # The first checkpoint cannot be written, its folder would sit under a file: the run fails after step 1.
-    from srpo_rl.examples.srpo_libero import run
-
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("")
-    cfg = _compose([f"output_dir={tmp_path / 'run'}", "trainer.total_training_steps=2", "env.max_steps=16",
-                    f"trainer.default_local_dir={blocker}/checkpoints"], name="tiny")
-    before = set(multiprocessing.active_children())
-    with pytest.raises(NotADirectoryError):
-        run(cfg, init_distributed("cpu"))
-    # step 1's metrics are in TensorBoard, and the env's worker processes are gone
-    assert _logged(tmp_path / "run" / "tensorboard", "train/optimizer_steps") == {1: 2.0}
-    assert set(multiprocessing.active_children()) <= before
-
-
-class _EvenRolloutsSucceed(LiberoVecEnv):
-    """LIBERO whose even rollout ids are moved into their goal before their second chunk (success at step 9)."""
-
-    def _move_due_slots(self, tensordict) -> None:
-        stepped = tensordict.get("_step", torch.ones(self.num_envs, dtype=torch.bool)).reshape(-1)
-        due = [s for s in stepped.nonzero().flatten().tolist()
-               if int(self._slots["rollout_id"][s]) % 2 == 0 and int(self._slots["step_count"][s]) == 8]
-        if due:
-            self.teleport_to_goal(due)
-
-    def _step(self, tensordict):
-        self._move_due_slots(tensordict)
-        return super()._step(tensordict)
-
-    def step_send(self, tensordict):
-        self._move_due_slots(tensordict)
-        return super().step_send(tensordict)
-
-
-def _published_weights(path: Path) -> dict[str, torch.Tensor]:
-    from srpo_rl.models.openvla_oft_files import iter_tensors, read_weight_map
-
-    return dict(iter_tensors(path, read_weight_map(path)))
-
-
-@pytest.mark.slow
-def test_a_step_with_successes_trains_on_the_world_model_reward(tmp_path, monkeypatch):
-    # A random policy succeeds nowhere, so the main job's advantages are all 0. Here one rollout of each group
-    # succeeds (through the simulator state), so the whole chain runs on real values: the accuracy filter keeps
-    # the groups, V-JEPA scores the failures against the successes, and the update moves the weights.
-    from srpo_rl.examples import utils_srpo
-    from srpo_rl.examples.srpo_libero import run
-
-    monkeypatch.setattr(utils_srpo, "make_libero_env", lambda suite, num_envs, **kw: _EvenRolloutsSucceed(
-        suite, num_envs, **kw))
-    out = tmp_path / "run"
-    cfg = _compose([f"output_dir={out}", "trainer.total_training_steps=1", "trainer.test_freq=0", "env.max_steps=16",
-                    "algorithm.embodied_sampling.filter_accuracy=true"], name="tiny")
-    run(cfg, init_distributed("cpu"))
-
-    def logged(tag):
-        return _logged(out / "tensorboard", tag)[1]
-
-    assert logged("rollout/success_rate") == 0.5
-    # Each task's failures are scored 0.6 * sigmoid(10 * (0.5 - d_hat)) with d_hat min-max scaled over them: one
-    # failure gets sigmoid(0), two get sigmoid(5) and sigmoid(-5). Either way their mean is 0.6 / 2.
-    assert logged("train/failure_progress_mean") == pytest.approx(0.3)
-    assert logged("train/reward_mean") == pytest.approx((5.0 + 5.0 * 0.3) / 2)
-    # GRPO over a group of two different rewards: (r - mean) / unbiased std = +-(1/2) / (1/sqrt 2) = +-1/sqrt 2
-    assert logged("train/advantage_max") == pytest.approx(2**-0.5, abs=1e-5)
-    assert logged("train/advantage_min") == pytest.approx(-(2**-0.5), abs=1e-5)
-    # weight decay is 0: with all-zero advantages AdamW's step would be exactly 0
-    before, after = (_published_weights(path) for path in (out / "tiny_openvla_oft",
-                                                            out / "checkpoints" / "global_step_1" / "huggingface"))
-    assert before.keys() == after.keys()
-    moved = [name for name in before if not torch.equal(before[name], after[name])]
-    assert "language_model.lm_head.weight" in moved and len(moved) > len(before) // 2, moved
-
-
-@pytest.mark.slow
-def test_killed_two_process_run_resumes_where_it_stopped(tmp_path):
-    # Two trainers through torchrun (gloo, FSDP2 over 2 ranks), as one node with two GPUs would run them
-    out = tmp_path / "run"
-    # twice the groups a step needs in the first round: the surplus is carried into the next steps
-    code, log = _run(out, 3, "algorithm.embodied_sampling.oversample_factor=2", stop_after=2, processes=2)
-    assert code == -signal.SIGKILL, log[-3000:]
-    # step 1 rolled out 4 groups (2 a rank) and trained on 2; step 2 trained on the other 2 with no rollout round on
-    # either rank
-    assert "rollout/rounds=1 " in log.split("[step 2]")[0] and "rollout/rounds=0 " in log.split("[step 2]", 1)[1]
-    checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step_1", "global_step_2"]
-    # tiny preset: 2 groups x 2 rollouts, mini-batches of 1 group (1 trajectory a rank) -> 2 optimizer steps a step
-    assert _optimizer_steps(checkpoints / "global_step_2") == {4}
-
-    # resumed with V-JEPA beside the rollout and another learning rate (the run's, not the checkpoint's)
-    code, log = _run(out, 3, "embodied.embed_during_rollout=true", "actor.lr=2e-5", processes=2)
-    assert code == 0, log[-3000:]
-    assert _logged(out / "tensorboard", "train/lr") == pytest.approx({1: 5e-6, 2: 5e-6, 3: 2e-5})
-    assert f"resumed from {checkpoints}/global_step_2 at step 2" in log
-    assert "[step 3]" in log and "[step 1]" not in log and "[step 2]" not in log
-    positions = set()
-    for rank in (0, 1):  # each rank's prompt stream, sampler and step
-        state = torch.load(checkpoints / "global_step_3" / f"trainer_rank{rank}.pt", weights_only=False)
-        assert state["step"] == 3 and state["prompts"]["position"] > 0
-        positions.add(state["prompts"]["position"])
-        # the update's shuffling goes on from where it was: the generator's state, not a fresh seed
-        assert not torch.equal(state["generator"], torch.Generator().manual_seed(rank).get_state())
-    assert len(positions) == 1  # both ranks read the same prompts and take their own share of them
-    assert _optimizer_steps(checkpoints / "global_step_3") == {6}  # optimizer state continued, not restarted
-    assert sorted(_logged(out / "tensorboard", "train/optimizer_steps")) == [1, 2, 3]
-    # step 2 trained on step 1's surplus after giving it the current policy's log-probs; step 1's batch was all
-    # fresh, and so was step 3's (the surplus was used up at step 2)
-    recomputed = _logged(out / "tensorboard", "train/recomputed_log_prob_steps")
-    # summed over the ranks: 2 x (1 group x 2 rollouts x 16 steps / 8-step chunks)
-    assert recomputed == {1: 0, 2: 8, 3: 0}, recomputed
-    assert _logged(out / "tensorboard", "rollout/rounds") == {1: 1, 2: 0, 3: 1}
-    assert (checkpoints / "global_step_3" / "huggingface" / "config.json").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("moments", ["fp32", "bf16"])
-def test_optimizer_offload_keeps_bf16_weights_and_fp32_master_on_the_host(tmp_path, moments):
-    # a random policy fails everywhere, so every advantage is 0: the weight decay is what moves the weights
-    out = tmp_path / "run"
-    offload = ["actor.fsdp.optimizer_offload=true", "actor.fsdp.mixed_precision=bf16", "actor.lr=0.01",
-               "actor.weight_decay=0.5", f"actor.fsdp.optimizer_state_dtype={moments}"]
-    # the host state's resume once (bf16 moments, the state most unlike the weights); fp32 runs its 2 steps at once
-    # (tests/test_optim.py resumes HostAdamW's FSDP2 shards with fp32 moments)
-    if moments == "bf16":
-        code, log = _run(out, 1, *offload)
-        assert code == 0, log[-3000:]
-    code, log = _run(out, 2, *offload)
-    assert code == 0, log[-3000:]
-    assert (f"resumed from {out}/checkpoints/global_step_1 at step 1" in log) == (moments == "bf16")
-    assert (f"no complete checkpoint in {out}/checkpoints: starting at step 0" in log) == (moments == "fp32")
-    if moments == "fp32":  # siiRL's resume_path: a chosen checkpoint, continued into another folder
-        branch = tmp_path / "branch"
-        code, log = _run(out, 2, *offload, "trainer.resume_mode=resume_path",
-                         f"trainer.resume_from_path={out}/checkpoints/global_step_1",
-                         f"trainer.default_local_dir={branch}")
-        assert code == 0, log[-3000:]
-        assert f"resumed from {out}/checkpoints/global_step_1 at step 1" in log
-        assert [p.name for p in branch.iterdir()] == ["global_step_2"]
-    checkpoint = out / "checkpoints" / "global_step_2"
-    weights = _load_dcp(checkpoint, "model")
-    optim = _load_dcp(checkpoint, "optim")["state"]
-    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
-    assert {int(s["step"]) for s in optim.values()} == {4}  # 2 per training step, continued after the resume
-    decayed = 0
-    for name, state in optim.items():
-        assert state["master"].dtype == torch.float32
-        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == DTYPES[moments]
-        assert torch.equal(state["master"].to(torch.bfloat16), weights[name]), name
-        decayed += not torch.equal(state["master"], state["master"].to(torch.bfloat16).float())
-    assert decayed > len(optim) // 2  # the masters moved off the bf16 grid: the update ran in fp32
-    assert (checkpoint / "huggingface" / "config.json").exists()  # the policy in its published format
-
-
-def test_batch_metrics_are_the_shaped_reward_and_advantage_statistics():
-    from tensordict import TensorDict
-
-    from srpo_rl.examples.utils_srpo import batch_metrics
-
-    success = [True, False, False, True, False]
-    progress = [1.0, 0.25, 0.5, 1.0, 0.125]
-    advantage = [1.5, -0.5, 0.0, 1.0, -2.0]
-    batch = TensorDict(success=torch.tensor(success), progress=torch.tensor(progress),
-                       reward=5.0 * torch.tensor(progress), advantage=torch.tensor(advantage), batch_size=[5])
-    metrics = batch_metrics(batch)
-    rewards = [5.0 * p for p in progress]
-    mean = sum(rewards) / 5
-    assert metrics["train/reward_mean"] == pytest.approx(mean)
-    assert metrics["train/reward_std"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 5) ** 0.5)
-    assert metrics["train/failure_progress_mean"] == pytest.approx((0.25 + 0.5 + 0.125) / 3)
-    assert metrics["train/failure_progress_max"] == pytest.approx(0.5)
-    assert metrics["train/advantage_abs_mean"] == pytest.approx(5.0 / 5)
-    assert (metrics["train/advantage_min"], metrics["train/advantage_max"]) == (-2.0, 1.5)
-    assert "train/failure_progress_mean" not in batch_metrics(batch[[0, 3]])  # no failure: no progress to show
-
-
-def test_rollout_metrics_add_up_the_rounds_and_give_the_rows_a_policy_call():
-    from tensordict import TensorDict
-
-    from srpo_rl.examples.utils_srpo import rollout_metrics
-    from srpo_rl.objectives import EmbodiedSampler
-    from srpo_rl.rollout import RolloutStats
-
-    def round_(success, steps, **counts):
-        trajectories = TensorDict(success=torch.tensor(success), num_steps=torch.tensor(steps), batch_size=[len(steps)])
-        return trajectories, RolloutStats(**counts)
-
-    collected = [round_([True, False], [160, 512], env_steps=672, decisions=84, policy_calls=20, wall_time=2.0,
-                        env_time=1.5, policy_time=1.0, policy_gpu_time=1.5),
-                 round_([False], [512], env_steps=512, decisions=64, policy_calls=12, wall_time=1.0, env_time=0.5,
-                        policy_time=0.75, reset_time=0.25, policy_gpu_time=0.6)]
-    metrics = rollout_metrics(collected, EmbodiedSampler(2), rounds=2)
-    assert metrics["rollout/success_rate"] == pytest.approx(1 / 3)
-    assert metrics["rollout/episode_length"] == pytest.approx((160 + 512 + 512) / 3)
-    assert metrics["rollout/env_steps_per_s"] == pytest.approx((672 + 512) / 3.0)
-    assert metrics["rollout/policy_calls"] == 32
-    assert metrics["rollout/mean_batch"] == pytest.approx((84 + 64) / 32)
-    assert (metrics["time/rollout_env"], metrics["time/rollout_policy"], metrics["time/rollout_reset"]) == \
-        (2.0, 1.75, 0.25)
-    assert metrics["rollout/policy_gpu_share"] == pytest.approx((1.5 + 0.6) / 3.0)
-    assert metrics["sampling/groups_carried"] == 0.0
-    # a step that trains on carried groups runs no round: counts only, no rates over nothing
-    idle = rollout_metrics([], EmbodiedSampler(2), 0)
-    assert idle["rollout/rounds"] == 0.0 and idle["rollout/trajectories"] == 0.0
-    assert idle["sampling/groups_carried"] == 0.0 and not any(k.startswith("time/") for k in idle)
-
-
-def test_compile_blocks_compiles_the_reward_encoders_layers_too(tmp_path):
-    from srpo_rl.distributed import DistInfo
-    from srpo_rl.examples.utils_srpo import make_reward
-    from srpo_rl.models.vjepa2 import write_tiny_vjepa2_checkpoint
-
-    write_tiny_vjepa2_checkpoint(tmp_path / "vjepa.pt", layout="original")
-    info = DistInfo(0, 1, 0, torch.device("cpu"))
-    for compiled in (False, True):
-        cfg = _compose([f"model.vjepa_path={tmp_path / 'vjepa.pt'}", f"model.compile_blocks={compiled}"], name="tiny")
-        layers = make_reward(cfg, info).embedder.encoder.encoder.layer
-        assert all(("forward" in layer.__dict__) == compiled for layer in layers)
+    return GroupAdvantage()(batch)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny_openvla_oft"))
+    write_tiny_checkpoint(path)
+    return path
+
+
+def test_update_progress_bar_counts_every_epochs_executed_steps(checkpoint, capsys):
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.0)
+    metrics = update_policy(SRPOLoss(policy), optimizer, batch, mini_batch_trajectories=4, traj_mini_batch_size=2,
+                            ppo_epochs=2, progress="update")
+    executed = 3 + 2 + 3 + 1 + 2 + 3 + 3 + 2  # the ragged lengths _batch sets
+    bar = capsys.readouterr().err
+    assert "update:" in bar and f"/{2 * executed} " in bar, bar
+    assert metrics["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches of 4 trajectories
+    assert metrics["samples"] == 2 * executed
+    quiet = update_policy(SRPOLoss(policy), optimizer, batch, mini_batch_trajectories=8, traj_mini_batch_size=2)
+    assert quiet["samples"] == executed and capsys.readouterr().err == ""  # no bar unless asked
+
+
+def _sgd_update(checkpoint: str, **slicing) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One SGD step of update_policy over _batch's 8 trajectories; the updated weights and each forward's size."""
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    sizes = []
+    loss.register_forward_pre_hook(lambda module, args: sizes.append(args[0].batch_size[0]))
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.5)
+    update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, shuffle=False, grad_clip=None, **slicing)
+    return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, sizes
+
+
+def test_slices_are_packed_across_trajectories_and_the_update_is_exact(checkpoint):
+    whole, sizes = _sgd_update(checkpoint, traj_mini_batch_size=64)
+    assert sizes == [19]  # every executed step of the ragged lengths 3, 2, 3, 1, 2, 3, 3, 2 in one forward
+    packed, sizes = _sgd_update(checkpoint, micro_batch_trajectories=2, traj_mini_batch_size=2)
+    # 4 steps a forward (2 trajectories' worth of 2-step slices), cut across trajectory ends: 5 forwards,
+    # where cutting each trajectory on its own would take 12; the last one's 3 steps filled up to 4 (one shape)
+    assert sizes == [4, 4, 4, 4, 4]
+    initial = OpenVLAOFTPolicy.from_pretrained(checkpoint, "libero_goal", dtype=torch.float32).model.state_dict()
+    assert sum(not torch.equal(whole[k], initial[k]) for k in whole) > 50  # the step really moved the weights
+    for key in whole:
+        torch.testing.assert_close(packed[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_grad_clip_rescales_the_step_to_the_clip_norm_and_a_non_finite_step_is_skipped(checkpoint):
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    initial = [p.detach().clone() for p in params]
+    # the plain gradient of the whole mini-batch, in one forward, and its total norm
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    out = loss(loss.add_token_weights(executed_steps(batch)))
+    torch.autograd.backward([v for k, v in out.items() if k.startswith("loss_")])
+    grads = [p.grad.detach().clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    clip, lr = norm / 10, 0.5
+    for p in params:
+        p.grad = None
+
+    optimizer = torch.optim.SGD(params, lr=lr)
+    metrics = update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, traj_mini_batch_size=64,
+                            shuffle=False, grad_clip=clip)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4) and metrics["skipped_nonfinite_grad"] == 0
+    for p, w0, g in zip(params, initial, grads):  # SGD on the gradient scaled to norm `clip`
+        torch.testing.assert_close(p.detach(), w0 - lr * g * (clip / norm), rtol=1e-4, atol=1e-6)
+
+    # a NaN advantage makes the gradient NaN: the step is skipped, counted, and the weights stay as they were
+    after = [p.detach().clone() for p in params]
+    batch["steps", "advantage"][0] = float("nan")
+    metrics = update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, traj_mini_batch_size=64,
+                            shuffle=False, grad_clip=clip)
+    assert metrics["skipped_nonfinite_grad"] == 1.0 and metrics["optimizer_steps"] == 1
+    assert all(torch.equal(p, w) for p, w in zip(params, after))
+
+
+def test_the_filled_up_last_slice_adds_nothing_to_the_diagnostics(checkpoint):
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    key = ("steps", loss.tensor_keys.sample_log_prob)
+    # old log-probs shifted by a different amount at each step: each step has its own ratio
+    shift = torch.linspace(-0.3, 0.3, NUM_TRAJ * T).reshape(NUM_TRAJ, T, *[1] * (batch.get(key).dim() - 2))
+    batch.set(key, batch.get(key) + shift)
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.0)
+    metrics = update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, micro_batch_trajectories=2,
+                            traj_mini_batch_size=2, shuffle=False, grad_clip=None)
+    # expected: each slice's token-mean ratio over its real steps, averaged with the slices' step counts
+    steps = loss.add_token_weights(executed_steps(batch))
+    with torch.no_grad():
+        ratio = torch.stack([loss(steps[j : j + 1])["ratio_mean"] for j in range(steps.batch_size[0])]).double()
+    tokens = steps["token_mask"].flatten(1).sum(-1).double()
+    slices = [range(0, 4), range(4, 8), range(8, 12), range(12, 16), range(16, 19)]  # the 19 steps by 4
+    expected = sum(len(s) / 19 * (tokens[list(s)] * ratio[list(s)]).sum() / tokens[list(s)].sum() for s in slices)
+    assert metrics["samples"] == 19
+    assert metrics["ratio_mean"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_the_update_reads_its_diagnostics_back_once_not_per_slice(checkpoint, monkeypatch):
+    # a read-back per slice would make the host wait for each backward before launching the next forward
+    reads = []
+    # every way a value comes to the host but int(), which each forward takes its prompt's width with (a shape)
+    for name in ("__float__", "item", "tolist", "__bool__"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _read=read, _name=name: reads.append(_name)
+                            or _read(self, *a))
+    reads_by_forwards = {}
+    for steps in (64, 1):  # one forward over the 19 steps, then 19 forwards of one step
+        reads.clear()
+        _, sizes = _sgd_update(checkpoint, traj_mini_batch_size=steps)
+        reads_by_forwards[len(sizes)] = sorted(reads)
+    assert reads_by_forwards[1] == reads_by_forwards[19] and reads_by_forwards[1], reads_by_forwards
+
+
+def _stale_batch(checkpoint: str) -> tuple[OpenVLAOFTPolicy, SRPOLoss, TensorDict, TensorDict]:
+    """_batch sampled, then one SGD step: the policy, its loss, the batch as stored and a copy to refresh."""
+    torch.manual_seed(0)
+    policy = OpenVLAOFTPolicy.from_pretrained(checkpoint, unnorm_key="libero_goal", dtype=torch.float32)
+    batch = _batch(policy)
+    loss = SRPOLoss(policy, clip_epsilon=(0.2, 0.28))
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.5)
+    update_policy(loss, optimizer, batch, mini_batch_trajectories=NUM_TRAJ, shuffle=False, grad_clip=None)
+    return policy, loss, batch, batch.clone()
+
+
+STALE = torch.tensor([True, False, False, True, False, True, False, False])  # 3 + 1 + 3 executed steps
+
+
+def test_recomputed_log_probs_are_the_updated_policys_on_the_stale_trajectories_only(checkpoint):
+    policy, loss, stored, batch = _stale_batch(checkpoint)
+    assert recompute_log_probs(loss, batch, STALE, slice_steps=2) == 7  # 4 forwards, the last one filled up
+    key = ("steps", loss.tensor_keys.sample_log_prob)
+    mask = batch["steps", "mask"]
+    for i in range(NUM_TRAJ):
+        steps = batch["steps"][i][mask[i]]
+        if STALE[i]:  # the updated policy's log-probs of the stored tokens, all steps in one forward
+            with torch.no_grad():
+                expected = policy.get_dist(steps).log_prob(steps["action_tokens"])
+            torch.testing.assert_close(batch.get(key)[i][mask[i]], expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(expected, stored.get(key)[i][mask[i]], atol=1e-3)  # the step moved them
+        else:
+            assert torch.equal(batch.get(key)[i], stored.get(key)[i])  # fresh rows untouched, bit for bit
+        assert torch.equal(batch.get(key)[i][~mask[i]], stored.get(key)[i][~mask[i]])  # unexecuted steps too
+    # the point: the stale trajectories' ratios start at 1 again, under the clip's real interval
+    with torch.no_grad():
+        ratio = loss(loss.add_token_weights(executed_steps(batch[STALE])))["ratio_mean"]
+        before = loss(loss.add_token_weights(executed_steps(stored[STALE])))["ratio_mean"]
+    assert abs(float(ratio) - 1.0) < 1e-5 and abs(float(before) - 1.0) > 1e-3
 
 
 @pytest.mark.gpu
-def test_one_gpu_lora_actor_is_the_plain_module_and_rolls_out_through_cuda_graphs(tmp_path):
-    # FSDP2 over one rank would shard nothing here, and its forward is never captured in a CUDA graph
-    from torch.distributed.fsdp import FSDPModule
+def test_log_probs_recomputed_on_the_gpu_land_in_the_host_batch(checkpoint):
+    _, loss, _, on_cpu = _stale_batch(checkpoint)
+    on_gpu = on_cpu.clone()
+    recompute_log_probs(loss, on_cpu, STALE, slice_steps=2)
+    loss.to("cuda")
+    assert recompute_log_probs(loss, on_gpu, STALE, slice_steps=2, device=torch.device("cuda")) == 7
+    key = ("steps", loss.tensor_keys.sample_log_prob)
+    assert on_gpu.get(key).device.type == "cpu"  # written back into the batch where it lives
+    torch.testing.assert_close(on_gpu.get(key), on_cpu.get(key), rtol=1e-4, atol=1e-4)
 
-    from srpo_rl.distributed import DistInfo
-    from srpo_rl.examples.utils_srpo import make_policy
-    from srpo_rl.lora import lora_parameters
 
-    cfg = _compose([f"model.path={tmp_path / 'policy'}", f"model.vjepa_path={tmp_path / 'vjepa'}", "device=cuda",
-                    "actor.lora_rank=4"], name="tiny")
-    policy = make_policy(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)))
-    assert not any(isinstance(m, FSDPModule) for m in policy.model.modules())
-    assert lora_parameters(policy.model) and all(p.is_cuda for p in policy.model.parameters())
-    with torch.no_grad():
-        assert policy._graphed_forward() is not None
+# ---- refusals, on a table of free logits (test_srpo_loss.py's) -------------------------------
+@pytest.mark.parametrize(
+    "sizes, got",
+    [
+        ({"mini_batch_trajectories": 0}, "got 0, 1, 16"),
+        ({"mini_batch_trajectories": 4, "micro_batch_trajectories": 0}, "got 4, 0, 16"),
+        ({"mini_batch_trajectories": 4, "traj_mini_batch_size": -2}, "got 4, 1, -2"),
+    ],
+)
+def test_update_policy_names_a_non_positive_batch_size(sizes, got):
+    actor = TokenTable(steps=3)
+    loss = SRPOLoss(actor)
+    optimizer = torch.optim.SGD(actor.parameters(), lr=1.0)
+    before = actor.logits.detach().clone()
+    steps = steps_batch(actor).unsqueeze(1)  # three one-step trajectories
+    steps["mask"] = torch.ones(3, 1, dtype=torch.bool)
+    batch = TensorDict(rollout_id=torch.arange(3), steps=steps, batch_size=[3])
+    with pytest.raises(ValueError, match="mini_batch_trajectories, micro_batch_trajectories and "
+                                         f"traj_mini_batch_size must be >= 1, {got}"):
+        update_policy(loss, optimizer, batch, **sizes)
+    assert torch.equal(actor.logits.detach(), before)  # refused before any step
 
-    code, log = _run(tmp_path / "run", 1, "device=cuda", "actor.lora_rank=4", f"model.path={tmp_path / 'policy'}",
-                     f"model.vjepa_path={tmp_path / 'vjepa'}")
-    assert code == 0, log[-3000:]
-    assert "[step 1]" in log and (tmp_path / "run" / "checkpoints" / "global_step_1" / "huggingface").exists()
+
+@pytest.mark.parametrize("option, message", [({"ppo_epochs": 0}, "ppo_epochs must be >= 1, got 0"),
+                                             ({"grad_clip": -1.0}, r"grad_clip must be > 0 \(or None / 0")])
+def test_update_policy_refuses_no_epochs_and_a_negative_clip(option, message):
+    # a negative clip would scale the gradients by a negative factor: the step would go the wrong way
+    actor = TokenTable(steps=3)
+    loss = SRPOLoss(actor)
+    optimizer = torch.optim.SGD(actor.parameters(), lr=1.0)
+    before = actor.logits.detach().clone()
+    steps = steps_batch(actor).unsqueeze(1)
+    steps["mask"] = torch.ones(3, 1, dtype=torch.bool)
+    batch = TensorDict(rollout_id=torch.arange(3), steps=steps, batch_size=[3])
+    with pytest.raises(ValueError, match=message):
+        update_policy(loss, optimizer, batch, mini_batch_trajectories=3, **option)
+    assert torch.equal(actor.logits.detach(), before)
