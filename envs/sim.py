@@ -444,7 +444,8 @@ class LiberoSim:
                 self._place(predicate, args[0], args[1], per_target[args[1]])
                 per_target[args[1]] += 1
             else:
-                raise NotImplementedError(f"cannot teleport to goal predicate {predicate!r}")
+                raise ValueError(f"cannot teleport to goal predicate {predicate!r}; teleport_to_goal knows "
+                                 f"{', '.join(['in', 'on', *_ARTICULATION_CHECKS])} (every goal of the five suites)")
         env.sim.forward()
 
     def _set_articulation(self, predicate: str, name: str) -> None:

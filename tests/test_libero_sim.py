@@ -259,6 +259,20 @@ def test_success_inside_chunk(sim, stride):
         sim.step_chunk(np.zeros((8, 7), np.float32))
 
 
+def test_teleporting_to_a_goal_predicate_it_does_not_know_is_refused(sim, monkeypatch):
+    # a custom BDDL goal beyond the five suites' (in, on and four articulations): named, nothing moved
+    sim.reset(init_state_id=0)
+    problem = dict(sim.env.env.parsed_problem)
+    _, obj, target = problem["goal_state"][0]  # the task's own goal: put obj in/on target
+    problem["goal_state"] = [["Stack", obj, target]]
+    monkeypatch.setattr(sim.env.env, "parsed_problem", problem)
+    before = sim.env.get_sim_state().copy()
+    with pytest.raises(ValueError, match="cannot teleport to goal predicate 'stack'; teleport_to_goal knows in, on, "
+                                         "open, close, turnon, turnoff"):
+        sim.teleport_to_goal()
+    assert np.array_equal(sim.env.get_sim_state(), before)
+
+
 def test_an_episode_that_starts_solved_ends_at_its_first_step(sim):
     """Success is read after steps only (as the reference rollout reads ``done``): a reset from a solved state
     reports a running episode, so a batched rollout steps it, and its first step ends it."""

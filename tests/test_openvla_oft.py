@@ -467,6 +467,27 @@ def test_unexpected_missing_and_misshapen_keys_are_listed(ckpt, tmp_path):
     )
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"model_type": "llava"}, "config.json has model_type 'llava'; expected 'openvla'"),
+    ({"use_fused_vision_backbone": False}, "not an OpenVLA-OFT of the fused DINOv2 \\+ SigLIP backbone .* got "
+                                          "use_fused_vision_backbone=False, arch_specifier='no-align\\+fused-gelu-mlp'"),
+    ({"arch_specifier": "no-align+gelu-mlp"}, "arch_specifier='no-align\\+gelu-mlp'"),
+    ({"use_proprio": True}, "use_proprio=true .* reads the discrete-token checkpoints SRPO starts from"),
+    ({"text_config": {"rope_scaling": {"type": "linear", "factor": 2.0}}},
+     "text_config.rope_scaling=\\{'type': 'linear', 'factor': 2.0\\}; OpenVLA's Llama-2 backbone has none"),
+])
+def test_configs_of_other_models_are_named(ckpt, tmp_path, edit, message):
+    # other OpenVLA variants (a single vision tower, the continuous-action OFT with its proprio token, a scaled
+    # rotary embedding) load into no module here: refused with what was read, before any weight is
+    path = _copy(ckpt, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    for key, value in edit.items():
+        config[key] = config[key] | value if isinstance(value, dict) else value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        OpenVLAOFT.from_pretrained(path)
+
+
 def test_bad_arguments_and_inputs_are_rejected(model32):
     with pytest.raises(ValueError, match="unknown attention 'full'; choose one of bidirectional, causal"):
         OpenVLAOFT(OpenVLAOFTConfig(), attention="full")

@@ -430,6 +430,12 @@ def test_an_actor_without_a_distribution_is_refused():
         SRPOLoss(torch.nn.Linear(2, 2))
 
 
+def test_a_value_estimator_is_refused_with_where_the_advantage_comes_from():
+    # torchrl's PPO losses build a GAE estimator on request; this loss has no critic to feed one
+    with pytest.raises(NotImplementedError, match=r"no critic .*srpo_rl.objectives.GroupAdvantage"):
+        SRPOLoss(TokenTable(steps=1)).make_value_estimator()
+
+
 def test_missing_inputs_are_named():
     actor = TokenTable(steps=6)
     td, ratio = make_ragged_batch(actor)

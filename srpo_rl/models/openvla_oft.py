@@ -97,7 +97,8 @@ class OpenVLAOFTConfig:
         """The Llama config with every field resolved against Llama-2 (4.40.1) defaults."""
         known = LLAMA2_TEXT_DEFAULTS | {k: v for k, v in self.text_config.items() if k in LLAMA2_TEXT_DEFAULTS}
         if known.pop("rope_scaling") is not None:
-            raise NotImplementedError(f"text_config.rope_scaling={self.text_config['rope_scaling']!r} is not supported")
+            raise ValueError(f"config.json has text_config.rope_scaling={self.text_config['rope_scaling']!r}; "
+                             "OpenVLA's Llama-2 backbone has none (null), the only value this loader reads")
         theta = known.pop("rope_theta")
         return LlamaConfig(
             **known, rope_parameters={"rope_type": "default", "rope_theta": theta}, attn_implementation="sdpa"
@@ -126,13 +127,17 @@ class OpenVLAOFTConfig:
         if not raw.get("use_fused_vision_backbone", False) or not str(raw.get("arch_specifier", "")).endswith(
             "fused-gelu-mlp"
         ):
-            raise NotImplementedError(
-                "only the fused DINOv2 + SigLIP backbone with the fused GELU MLP projector is supported; got "
+            raise ValueError(
+                "config.json is not an OpenVLA-OFT of the fused DINOv2 + SigLIP backbone with the fused GELU MLP "
+                "projector (use_fused_vision_backbone=true, arch_specifier ending in 'fused-gelu-mlp'), the only one "
+                "this loader reads; got "
                 f"use_fused_vision_backbone={raw.get('use_fused_vision_backbone')!r}, "
                 f"arch_specifier={raw.get('arch_specifier')!r}"
             )
         if raw.get("use_proprio"):
-            raise NotImplementedError("use_proprio=true (a proprio projector token) is not supported")
+            raise ValueError("config.json has use_proprio=true (a proprio token, as in OpenVLA-OFT's continuous-action "
+                             "checkpoints); this loader reads the discrete-token checkpoints SRPO starts from, "
+                             "use_proprio false")
         sizes = raw.get("image_sizes", [224, 224])
         fc1 = shapes.get("projector.fc1.weight")
         return cls(
