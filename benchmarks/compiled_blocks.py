@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: its default)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if not args.tiny and device.type != "cuda":
+        parser.exit(1, "the 7B benchmark needs a CUDA device; pass --tiny to check the script on the CPU\n")
     batches = args.batches or ([2] if args.tiny else [8, 16, 32])
     micro = args.micro or (2 if args.tiny else 16)
     repeats = args.repeats or (2 if args.tiny else 5)

@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="env steps timed per run")
     parser.add_argument("--repeats", type=int, default=5, help="alternating runs per version")
     parser.add_argument("--core", type=int, default=0, help="CPU core the child is pinned to")
-    parser.add_argument("--tiny", action="store_true", help="50 steps, 1 repeat")
+    parser.add_argument("--tiny", action="store_true", help="60 steps, 1 repeat")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

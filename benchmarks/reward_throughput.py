@@ -130,6 +130,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --rows {unknown}; choose from {', '.join(ROWS)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    if not args.tiny and args.device is None and device.type != "cuda":  # a ViT-g on the CPU takes hours
+        parser.exit(1, "the ViT-g benchmark needs a CUDA device; pass --tiny to check the script on the CPU "
+                       "(or --device cpu to time the ViT-g there anyway)\n")
     n = args.trajectories or (8 if args.tiny else 32)
     if args.tiny:
         img_size, tmp = 48, tempfile.mkdtemp()

@@ -100,11 +100,11 @@ def main() -> None:
 
     runs = {setting: run_setting(args, setting) for setting in SETTINGS}
     print(f"\nOne LiberoSim process ({args.suite}): resident MiB and seconds after each build / task change")
-    print(f"{'step':<14}" + "".join(f"{s + ' MiB':>13}{s + ' s':>11}" for s in SETTINGS))
+    print(f"{'step':<14}" + "".join(f"{s + ' MiB':>15}{s + ' s':>13}" for s in SETTINGS))
     for i, row in enumerate(runs["untrimmed"]["rows"]):
         label = f"build task {row['task']}" if i == 0 else f"-> task {row['task']}"
         cells = [runs[s]["rows"][i] for s in SETTINGS]
-        print(f"{label:<14}" + "".join(f"{c['rss_mib']:>13.0f}{c['seconds']:>11.2f}" for c in cells))
+        print(f"{label:<14}" + "".join(f"{c['rss_mib']:>15.0f}{c['seconds']:>13.2f}" for c in cells))
     last = {s: runs[s]["rows"][-1]["rss_mib"] for s in SETTINGS}
     changes = {s: sum(r["seconds"] for r in runs[s]["rows"][1:]) / args.changes for s in SETTINGS}
     for setting in ("default", "off"):
