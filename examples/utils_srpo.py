@@ -521,7 +521,8 @@ def make_reward(cfg: DictConfig, info: DistInfo) -> SRPOProgressReward:
     encoder = load_vjepa2(cfg.model.vjepa_path, img_size=emb.embedding_img_size, num_frames=emb.embedding_num_frames)
     embedder = VideoEmbedder(encoder, img_size=emb.embedding_img_size, num_frames=emb.embedding_num_frames,
                              enable_fp16=emb.embedding_enable_fp16 and info.device.type == "cuda",
-                             offload=emb.embedding_model_offload, device=info.device)
+                             offload=emb.embedding_model_offload, device=info.device,
+                             progress=info.is_main and "reward")
     if cfg.model.compile_blocks:
         embedder.compile_layers()
     return SRPOProgressReward(embedder, reward_coef=alg.reward_coef, formula=alg.progress_formula,

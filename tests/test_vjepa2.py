@@ -1,4 +1,5 @@
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -195,6 +196,22 @@ def test_empty_video_gives_zero_embedding_and_batching_is_transparent(ckpt_dir, 
     torch.testing.assert_close(offloaded(videos), emb, atol=1e-5, rtol=1e-5)
     assert next(offloaded.encoder.parameters()).device.type == "cpu"
     assert embedder([]).shape == (0, 128)
+
+
+def test_a_progress_bar_counts_the_videos_of_main_thread_calls_only(ckpt_dir, embedder, capsys):
+    videos = [torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)] * 5
+    shown = VideoEmbedder(ckpt_dir / "tiny.pt", img_size=IMG, enable_fp16=False, device="cpu", batch_size=2,
+                          progress="reward")
+    capsys.readouterr()
+    torch.testing.assert_close(shown(videos), embedder(videos))
+    bar = capsys.readouterr().err
+    assert "reward:" in bar and "/5 " in bar, bar
+    assert "embed" not in bar  # the embedder without progress showed none
+    # the reward's background embedder calls it from its own thread, beside the rollout's bar: no bar there
+    thread = threading.Thread(target=shown, args=(videos,))
+    thread.start()
+    thread.join()
+    assert capsys.readouterr().err == ""
 
 
 def test_hf_layout_gives_same_embeddings(ckpt_dir, embedder):
