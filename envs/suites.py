@@ -46,6 +46,7 @@ __all__ = [
     "default_max_steps",
     "import_libero",
     "load_init_states",
+    "rendering_backend",
     "resolve_max_steps",
     "suite_info",
 ]
