@@ -434,18 +434,19 @@ class LiberoSim:
         book in the caddy, task 5, which falls out), and samples of the other suites.
         """
         env = self.env.env
+        goals = [(predicate.lower(), *args) for predicate, *args in env.parsed_problem["goal_state"]]
+        known = ("in", "on", *_ARTICULATION_CHECKS)
+        if unknown := [goal[0] for goal in goals if goal[0] not in known]:  # checked before anything moves
+            raise ValueError(f"cannot teleport to goal predicate {unknown[0]!r}; teleport_to_goal knows "
+                             f"{', '.join(known)} (every goal of the five suites)")
         per_target = collections.Counter()
-        for predicate, *args in env.parsed_problem["goal_state"]:
-            predicate = predicate.lower()
+        for predicate, *args in goals:
             if predicate in _ARTICULATION_CHECKS:
                 self._set_articulation(predicate, args[0])
                 env.sim.forward()  # regions attached to the moved part move with it
-            elif predicate in ("in", "on"):
+            else:
                 self._place(predicate, args[0], args[1], per_target[args[1]])
                 per_target[args[1]] += 1
-            else:
-                raise ValueError(f"cannot teleport to goal predicate {predicate!r}; teleport_to_goal knows "
-                                 f"{', '.join(['in', 'on', *_ARTICULATION_CHECKS])} (every goal of the five suites)")
         env.sim.forward()
 
     def _set_articulation(self, predicate: str, name: str) -> None:

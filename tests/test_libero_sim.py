@@ -263,8 +263,8 @@ def test_teleporting_to_a_goal_predicate_it_does_not_know_is_refused(sim, monkey
     # a custom BDDL goal beyond the five suites' (in, on and four articulations): named, nothing moved
     sim.reset(init_state_id=0)
     problem = dict(sim.env.env.parsed_problem)
-    _, obj, target = problem["goal_state"][0]  # the task's own goal: put obj in/on target
-    problem["goal_state"] = [["Stack", obj, target]]
+    predicate, obj, target = problem["goal_state"][0]  # the task's own goal: put obj in/on target
+    problem["goal_state"] = [[predicate, obj, target], ["Stack", obj, target]]  # the known one is not moved either
     monkeypatch.setattr(sim.env.env, "parsed_problem", problem)
     before = sim.env.get_sim_state().copy()
     with pytest.raises(ValueError, match="cannot teleport to goal predicate 'stack'; teleport_to_goal knows in, on, "
