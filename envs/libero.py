@@ -433,10 +433,16 @@ class LiberoVecEnv(EnvBase):
         dropped are marked done: their next command must be a reset.
         """
         slots = self._workers.in_flight  # the workers' own record: also a command sent whose bookkeeping here failed
+        # a reset that completes rebuilt its worker for the task it was sent: record that task, or the next reset
+        # of the old one would be taken for a soft one (and go out in a round, where its rebuild holds up the others)
+        tasks = {slot: task for _, requests, _ in self._sent for slot, (task, _) in requests.items()}
+        tasks |= {slot: task for slot, ((task, _), _) in self._resetting.items()}
         self._sent.clear()
         self._resetting.clear()
         if slots:
-            self._workers.recv(slots)
+            for slot, result in self._workers.recv(slots).items():
+                if slot in tasks and not isinstance(result, Failure):
+                    self._workers.set_task(slot, tasks[slot])
             self._slots["done"][slots] = True
 
     @property

@@ -116,6 +116,22 @@ def test_slot_resets_with_and_without_task_change(env):
     assert out["frames_step"].flatten().tolist() == [8, 8]  # one frame a chunk, after its last step
 
 
+def test_discarded_resets_that_completed_keep_their_new_task(env):
+    # a rollout that fails part-way has the env collect and drop what is in flight (discard_pending): a reset to
+    # another task that completed did rebuild its worker, so the env records that task; else the next reset to
+    # it would be taken for a soft one and go out inside a round, its rebuild holding up the other slots
+    env.reset(_reset_td([True, True], [0, 1], [0, 0]))
+    env.reset_send(_reset_td([True, False], [4, 1], [2, 0], [-1, -1], [-1, -1]))  # on its own
+    action = torch.zeros(N, 8, 7)
+    env.step_send(TensorDict({"action": action, "_step": torch.tensor([False, False]),
+                              **_reset_td([False, True], [4, 5], [2, 3], [-1, -1], [-1, -1])}, [N]))  # in a round
+    env.discard_pending()
+    assert env.task_ids == [4, 5] and env.pending_resets == [] and env.pending_steps == 0
+    td = env.reset(_reset_td([True, True], [4, 5], [1, 1]))  # soft resets now: the workers hold those tasks
+    assert td["task_id"].flatten().tolist() == [4, 5]
+    assert td["instruction"][1] == suite_info("libero_object").instructions[5]
+
+
 def test_partial_step(env):
     env.reset(_reset_td([True, True], [0, 1], [0, 0]))
     out = _step(env, step_mask=[False, True])
