@@ -53,7 +53,7 @@ class ScheduledSuccessEnv(LiberoVecEnv):
         self.success_chunk: dict[int, int] = {}
         self.log: list[tuple[str, object]] = []
         self.hold_rebuilds = False
-        self._held: list[contextlib.ExitStack] = []
+        self._held = contextlib.ExitStack()  # the stopped workers, resumed when it closes
 
     def _log_resets(self, td) -> list[int]:
         """Logs the round's resets; returns the slots that load another task."""
@@ -99,12 +99,11 @@ class ScheduledSuccessEnv(LiberoVecEnv):
     def reset_send(self, tensordict):
         rebuilds = self._log_resets(tensordict)
         for slot in rebuilds if self.hold_rebuilds else ():
-            self._held.append(stopped(self.worker_pids[slot]))
+            self._held.enter_context(stopped(self.worker_pids[slot]))
         super().reset_send(tensordict)
 
     def release_rebuilds(self) -> None:
-        while self._held:
-            self._held.pop().close()
+        self._held.close()
 
     def discard_pending(self):
         # a rollout that raises collects the steps in flight first: a held rebuild would never answer
@@ -113,20 +112,14 @@ class ScheduledSuccessEnv(LiberoVecEnv):
 
 
 @contextlib.contextmanager
-def _stopped(pid: int):
+def stopped(pid: int):
+    """Stops process ``pid`` (SIGSTOP) for the block: what its worker was sent waits until the block ends."""
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
         with contextlib.suppress(ProcessLookupError):  # killed meanwhile (a restart): the test's own error stands
             os.kill(pid, signal.SIGCONT)
-
-
-def stopped(pid: int) -> contextlib.ExitStack:
-    """Stops process ``pid`` (SIGSTOP) until the returned stack is closed: what its worker was sent waits."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(_stopped(pid))
-    return stack
 
 
 @pytest.fixture(scope="module")
